@@ -1,0 +1,81 @@
+"""Tiny models built from configs, saved as real checkpoint directories (safetensors + tokenizer)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = ["<pad>", "<s>", "</s>", "<unk>"] + [f"w{i}" for i in range(124)]
+
+_FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM),
+    "mistral": (MistralConfig, MistralForCausalLM),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+}
+
+
+def tiny_config(family: str = "llama", **overrides):
+    """A 2-layer model config with head_dim 16 (8 rotary frequencies) and GQA (4 query heads, 2 kv heads)."""
+    config_cls, _ = _FAMILIES[family]
+    kwargs = dict(
+        vocab_size=len(VOCAB),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    if family == "mistral":
+        kwargs["sliding_window"] = None
+    kwargs.update(overrides)
+    return config_cls(**kwargs)
+
+
+def tiny_model(family: str = "llama", seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    config_cls, model_cls = _FAMILIES[family]
+    model = model_cls(tiny_config(family, **overrides)).eval()
+    # Larger-than-default weights make attention sharp, so position errors show up in the logits.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(4.0)
+    return model
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def save_tiny_model(path, family: str = "llama", seed: int = 0, tokenizer: bool = True, **overrides) -> Path:
+    """Write a tiny model checkpoint (safetensors) and, by default, a tokenizer to `path`."""
+    path = Path(path)
+    model = tiny_model(family, seed=seed, **overrides)
+    model.save_pretrained(path)
+    if tokenizer:
+        tiny_tokenizer().save_pretrained(path)
+    return path
