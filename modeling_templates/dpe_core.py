@@ -130,10 +130,8 @@ class DPEParams:
     def scale_per_frequency(self) -> torch.Tensor:
         """Long tensor [D/2]: the scale s of each rotary frequency's group."""
         b = self.dimension_groups_range
-        out = torch.empty(b[-1], dtype=torch.long)
-        for g, s in enumerate(self.scale_factors):
-            out[b[g]:b[g + 1]] = int(s)
-        return out
+        per_freq = [int(s) for g, s in enumerate(self.scale_factors) for _ in range(b[g], b[g + 1])]
+        return torch.tensor(per_freq, dtype=torch.long, device="cpu")
 
 
 def _is_int(x: Any) -> bool:
@@ -156,3 +154,527 @@ def check_supported_config(config) -> None:
             f"sliding-window attention is enabled (sliding_window={getattr(config, 'sliding_window', None)}); "
             "only full-attention models are supported yet (set sliding_window to null if the model does not use it)"
         )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rotations
+# ----------------------------------------------------------------------------------------------------------
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, n, D] by cos/sin [B, n, D] (the same arithmetic as transformers' Llama)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float, dtype: torch.dtype):
+    """cos/sin [B, n, D] for per-frequency integer positions [B, n, D/2] (or [B, n, 1] to broadcast)."""
+    freqs = positions.float() * inv_freq.to(device=positions.device, dtype=torch.float)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
+
+
+class DPERope:
+    """Scaled rotations shared by all layers of one model; theta and scaling come from its rotary embedding.
+
+    Keys are rotated at j//s, queries at i//s + w - w//s, with s the scale of each frequency's group.
+    The result is memoised for the position tensor of the current forward pass, which all layers share.
+    """
+
+    def __init__(self, decoder, params: DPEParams):
+        self._decoder = decoder
+        self.window = int(params.local_window_size)
+        self._scale_list = params.scale_per_frequency().tolist()  # a list: __init__ may run on the meta device
+        self._scale: dict = {}
+        self._memo: dict = {}
+        self._memo_key: tuple = ()
+
+    @property
+    def rotary(self):
+        return self._decoder.rotary_emb
+
+    def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """((key_cos, key_sin), (query_cos, query_sin)) for the scaled (far) rotation."""
+        rotary = self.rotary
+        key = (position_ids, rotary.inv_freq, dtype)
+        if len(self._memo_key) == 3 and all(a is b for a, b in zip(key, self._memo_key)):
+            return self._memo["value"]
+        scale = self._scale.get(position_ids.device)
+        if scale is None:
+            scale = self._scale[position_ids.device] = torch.tensor(self._scale_list, device=position_ids.device)
+        pos_k = torch.div(position_ids[..., None], scale, rounding_mode="floor")
+        pos_q = pos_k + (self.window - self.window // scale)
+        value = (
+            rotary_cos_sin(pos_k, rotary.inv_freq, rotary.attention_scaling, dtype),
+            rotary_cos_sin(pos_q, rotary.inv_freq, rotary.attention_scaling, dtype),
+        )
+        self._memo_key, self._memo = key, {"value": value}
+        return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Attention kernels that also return the log-sum-exp of each query row
+# ----------------------------------------------------------------------------------------------------------
+
+_LSE_KERNEL_FAILED: set = set()
+
+
+def attention_with_lse(q, k, v, *, scale: float, causal: bool = False, mask: Optional[torch.Tensor] = None):
+    """softmax(q k^T * scale + mask) v and its row log-sum-exp (float32), without an n x n tensor.
+
+    q [B, H, m, D]; k, v [B, Hkv, n, D] with H a multiple of Hkv; causal is top-left aligned (query t sees
+    keys 0..t); mask is additive, broadcastable to [B, H, m, n]. Uses the fused CPU flash kernel or the CUDA
+    memory-efficient kernel, and falls back to a chunked float32 computation elsewhere.
+    """
+    device = q.device.type
+    if device not in _LSE_KERNEL_FAILED:
+        try:
+            if device == "cpu":
+                m = None if mask is None else mask.to(q.dtype)
+                out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q, k, v, 0.0, causal, attn_mask=m, scale=scale
+                )[:2]
+                return out, lse
+            if device == "cuda":
+                k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // v.shape[1])
+                bias = None
+                if mask is not None:
+                    bias = mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+                out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+                    q, k, v, bias, True, 0.0, causal, scale=scale
+                )[:2]
+                return out, lse[..., : q.shape[2]]
+        except (RuntimeError, NotImplementedError) as err:  # unsupported shape/dtype on this build
+            _LSE_KERNEL_FAILED.add(device)
+            import warnings
+
+            warnings.warn(f"DPE: fused attention kernel unavailable on {device} ({err}); using chunked math")
+    return _attention_with_lse_math(q, k, v, scale=scale, causal=causal, mask=mask)
+
+
+def _attention_with_lse_math(q, k, v, *, scale, causal=False, mask=None, chunk: int = 1024):
+    rep = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+    outs, lses = [], []
+    n = k.shape[2]
+    for a in range(0, q.shape[2], chunk):
+        b = min(a + chunk, q.shape[2])
+        s = torch.matmul(q[:, :, a:b].float(), k.float().transpose(-1, -2)) * scale
+        if mask is not None:
+            s = s + mask[..., a:b, :].float() if mask.shape[-2] != 1 else s + mask.float()
+        if causal:
+            t = torch.arange(a, b, device=q.device)[:, None]
+            s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > t, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)
+        p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+        outs.append(torch.matmul(p, v.float()).to(q.dtype))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def flash_attn_with_lse(q, k, v, *, scale: float, window: Optional[int] = None):
+    """flash-attn 2 (CUDA): causal attention, optionally limited to distances < window; layout [B, H, n, D]."""
+    from flash_attn import flash_attn_func
+
+    win = (-1, -1) if window is None else (window - 1, 0)
+    out, lse, _ = flash_attn_func(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        softmax_scale=scale, causal=True, window_size=win, return_attn_probs=True,
+    )
+    return out.transpose(1, 2), lse
+
+
+def merge_by_lse(o1, lse1, o2, lse2):
+    """Combine two softmax attentions over disjoint key sets into the attention over their union."""
+    lse = torch.logaddexp(lse1, lse2)
+    w1 = torch.exp(lse1 - lse).unsqueeze(-1)
+    w2 = torch.exp(lse2 - lse).unsqueeze(-1)
+    return (o1.float() * w1 + o2.float() * w2).to(o1.dtype)
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    if n_rep == 1:
+        return x
+    b, h, n, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, n, d).reshape(b, h * n_rep, n, d)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DPE attention
+# ----------------------------------------------------------------------------------------------------------
+
+
+def far_query_key(q_plain, q_scaled, k_plain, k_scaled, selected: Optional[torch.Tensor]):
+    """Far-part query [B, H, m, D] and key [B, H or Hkv, n, D]: the scaled rotation on selected frequencies.
+
+    With a selection the key of a frequency depends on the query head, so keys are gathered per query head.
+    """
+    if selected is None:
+        return q_scaled, k_scaled
+    sel = torch.cat((selected, selected), dim=-1)[None, :, None, :]  # [1, H, 1, D]
+    rep = q_plain.shape[1] // k_plain.shape[1]
+    q = torch.where(sel, q_scaled, q_plain)
+    k = torch.where(sel, repeat_kv(k_scaled, rep), repeat_kv(k_plain, rep))
+    return q, k
+
+
+def dpe_attention(
+    q_plain: torch.Tensor,
+    q_scaled: torch.Tensor,
+    k_both: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int,
+    scale: float,
+    selected: Optional[torch.Tensor] = None,
+    key_valid: Optional[torch.Tensor] = None,
+    backend: str = "sdpa",
+) -> torch.Tensor:
+    """DPE attention of the last m of n positions.
+
+    q_plain / q_scaled [B, H, m, D]: queries rotated at i and at i//s + w - w//s.
+    k_both [B, Hkv, n, 2D]: keys rotated at j (first half) and at j//s (second half), as the cache holds them.
+    v [B, Hkv, n, D]. selected: bool [H, D/2] (None: every frequency). key_valid: bool [B, n] (None: all).
+    backend: "eager" (scores materialised a chunk of queries at a time), "sdpa", or "flash_attention_2".
+    Returns [B, H, m, D].
+    """
+    m, n, d = q_plain.shape[2], k_both.shape[2], q_plain.shape[-1]
+    if key_valid is not None and bool(key_valid.all()):
+        key_valid = None
+    if m != n or backend == "eager":
+        return _dpe_attention_materialized(q_plain, q_scaled, k_both, v, window, scale, selected, key_valid)
+    if key_valid is None:
+        return _dpe_prefill(q_plain, q_scaled, k_both, v, window, scale, selected, backend)
+    # Padded batch: run each row on its span of real tokens (left or right padding); pad rows output 0.
+    out = torch.zeros_like(q_plain)
+    for b in range(q_plain.shape[0]):
+        idx = key_valid[b].nonzero().flatten()
+        if idx.numel() == 0:
+            continue
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        if hi - lo != idx.numel():  # holes inside the row: no span to cut out
+            return _dpe_attention_materialized(q_plain, q_scaled, k_both, v, window, scale, selected, key_valid)
+        row = slice(b, b + 1)
+        args = (q_plain[row, :, lo:hi], q_scaled[row, :, lo:hi], k_both[row, :, lo:hi], v[row, :, lo:hi])
+        out[row, :, lo:hi] = _dpe_prefill(*args, window, scale, selected, backend)
+    return out
+
+
+def _dpe_prefill(q_plain, q_scaled, k_both, v, window, scale, selected, backend):
+    """Prefill without padding or cache: a local band and a far causal part, merged by log-sum-exp."""
+    n, d, w = q_plain.shape[2], q_plain.shape[-1], window
+    k_plain, k_scaled = k_both[..., :d], k_both[..., d:]
+    if n <= w:
+        return attention_with_lse(q_plain, k_plain, v, scale=scale, causal=True)[0]
+    q_far, k_far = far_query_key(q_plain[:, :, w:], q_scaled[:, :, w:], k_plain[:, :, : n - w], k_scaled[:, :, : n - w], selected)
+    if backend == "flash_attention_2" and q_plain.is_cuda:
+        o_loc, lse_loc = flash_attn_with_lse(q_plain, k_plain, v, scale=scale, window=w)
+        o_far, lse_far = flash_attn_with_lse(q_far, k_far, v[:, :, : n - w], scale=scale)
+        o_tail = merge_by_lse(o_loc[:, :, w:], lse_loc[:, :, w:], o_far, lse_far)
+        return torch.cat((o_loc[:, :, :w], o_tail), dim=2)
+    # Local part. Queries 0..w-1 see only keys at distance < w: plain causal attention.
+    o_head = attention_with_lse(q_plain[:, :, :w], k_plain[:, :, :w], v[:, :, :w], scale=scale, causal=True)[0]
+    o_loc, lse_loc = _local_band(q_plain, k_plain, v, w, scale)
+    # Far part. Query i >= w sees keys j <= i - w: causal attention of queries w.. over keys ..n-w.
+    o_far, lse_far = attention_with_lse(q_far, k_far, v[:, :, : n - w], scale=scale, causal=True)
+    return torch.cat((o_head, merge_by_lse(o_loc, lse_loc, o_far, lse_far)), dim=2)
+
+
+def _local_band(q, k, v, w: int, scale: float, block: int = 256):
+    """Attention of queries w..n-1 over keys at distance 0..w-1, in blocks of queries: ([B,H,n-w,D], lse)."""
+    bsz, h, n, d = q.shape
+    hkv = k.shape[1]
+    c = min(block, w)
+    nq = n - w
+    nb = -(-nq // c)
+    span = c + w - 1  # block b holds queries w + b*c + a (0 <= a < c) and keys b*c + 1 + e (0 <= e < span)
+    qb = F.pad(q[:, :, w:], (0, 0, 0, nb * c - nq)).view(bsz, h, nb, c, d)
+    need = nb * c + w - 1  # keys 1 .. n-1, padded at the end (pads are seen only by pad queries)
+    kp = F.pad(k[:, :, 1:], (0, 0, 0, need - (n - 1)))
+    vp = F.pad(v[:, :, 1:], (0, 0, 0, need - (n - 1)))
+    kb = kp.unfold(2, span, c).permute(0, 2, 1, 4, 3)  # [B, nb, Hkv, span, D]
+    vb = vp.unfold(2, span, c).permute(0, 2, 1, 4, 3)
+    a = torch.arange(c, device=q.device)[:, None]
+    e = torch.arange(span, device=q.device)[None, :]
+    allowed = (e >= a) & (e <= a + w - 1)  # distance (a + w - 1 - e) in [0, w)
+    mask = torch.zeros(c, span, device=q.device, dtype=q.dtype).masked_fill(~allowed, float("-inf"))
+    out, lse = attention_with_lse(
+        qb.permute(0, 2, 1, 3, 4).reshape(bsz * nb, h, c, d),
+        kb.reshape(bsz * nb, hkv, span, d),
+        vb.reshape(bsz * nb, hkv, span, d),
+        scale=scale,
+        mask=mask[None, None],
+    )
+    out = out.view(bsz, nb, h, c, d).permute(0, 2, 1, 3, 4).reshape(bsz, h, nb * c, d)[:, :, :nq]
+    lse = lse.view(bsz, nb, h, c).permute(0, 2, 1, 3).reshape(bsz, h, nb * c)[:, :, :nq]
+    return out, lse
+
+
+def _grouped_scores(q, k):
+    """q [B, H, m, E] @ k [B, Hkv, n, E]^T -> [B, H, m, n] without repeating k."""
+    bsz, h, m, e = q.shape
+    hkv = k.shape[1]
+    s = torch.matmul(q.reshape(bsz, hkv, (h // hkv) * m, e), k.transpose(-1, -2))
+    return s.view(bsz, h, m, k.shape[2])
+
+
+def _grouped_values(p, v):
+    """p [B, H, m, n] @ v [B, Hkv, n, D] -> [B, H, m, D]."""
+    bsz, h, m, n = p.shape
+    hkv = v.shape[1]
+    return torch.matmul(p.reshape(bsz, hkv, (h // hkv) * m, n), v).view(bsz, h, m, v.shape[-1])
+
+
+def _dpe_attention_materialized(q_plain, q_scaled, k_both, v, window, scale, selected, key_valid, budget=2**25):
+    """Exact DPE attention with scores materialised for a chunk of queries at a time (decode, eager, caches)."""
+    bsz, h, m, d = q_plain.shape
+    n, w = k_both.shape[2], window
+    offset = n - m  # global index of the first query
+    if selected is None:
+        q_far_all, k_far_all = q_scaled, k_both[..., d:]
+    else:  # one matmul over both rotations: [q_plain on unselected | q_scaled on selected] . [k_plain | k_scaled]
+        sel = torch.cat((selected, selected), dim=-1)[None, :, None, :]
+        zero = torch.zeros((), dtype=q_plain.dtype, device=q_plain.device)
+        q_far_all = torch.cat((torch.where(sel, zero, q_plain), torch.where(sel, q_scaled, zero)), dim=-1)
+        k_far_all = k_both
+    chunk = max(1, min(m, budget // max(1, bsz * h * n)))
+    outs = []
+    for a in range(0, m, chunk):
+        b = min(a + chunk, m)
+        i = torch.arange(offset + a, offset + b, device=q_plain.device)[:, None]
+        far_end = max(0, offset + b - w)  # keys 0..far_end-1 may be far for some query of the chunk
+        loc_start = max(0, offset + a - w + 1)  # keys loc_start..offset+b-1 may be local
+        j_loc = torch.arange(loc_start, offset + b, device=q_plain.device)[None, :]
+        s_loc = _grouped_scores(q_plain[:, :, a:b], k_both[:, :, loc_start : offset + b, :d]).float() * scale
+        ok_loc = ((i - j_loc) >= 0) & ((i - j_loc) < w)
+        ok_loc = ok_loc[None, None] if key_valid is None else ok_loc & key_valid[:, None, None, loc_start : offset + b]
+        s_loc = s_loc.masked_fill(~ok_loc, float("-inf"))
+        if far_end > 0:
+            j_far = torch.arange(0, far_end, device=q_plain.device)[None, :]
+            s_far = _grouped_scores(q_far_all[:, :, a:b], k_far_all[:, :, :far_end]).float() * scale
+            ok_far = (i - j_far) >= w
+            ok_far = ok_far[None, None] if key_valid is None else ok_far & key_valid[:, None, None, :far_end]
+            s_far = s_far.masked_fill(~ok_far, float("-inf"))
+            s = torch.cat((s_far, s_loc), dim=-1)
+        else:
+            s = s_loc
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0).to(v.dtype)  # rows with no key at all (padding) -> 0
+        o = _grouped_values(p[..., s.shape[-1] - s_loc.shape[-1] :], v[:, :, loc_start : offset + b])
+        if far_end > 0:
+            o = o + _grouped_values(p[..., :far_end], v[:, :, :far_end])
+        outs.append(o)
+    return torch.cat(outs, dim=2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# transformers integration: attention and causal-LM mixins
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _key_valid_from_mask(attention_mask: Optional[torch.Tensor], n_kv: int) -> Optional[torch.Tensor]:
+    """Which keys are real tokens, from a 2D padding mask or the last query row of a 4D mask."""
+    if attention_mask is None or attention_mask.shape[-1] != n_kv:
+        return None
+    if attention_mask.dim() == 2:
+        return attention_mask.bool()
+    if attention_mask.dim() == 4:
+        row = attention_mask[:, 0, -1, :]
+        return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
+    return None
+
+
+class DPEAttentionMixin:
+    """Mixed into a family's attention class (e.g. LlamaAttention): same projections, DPE attention."""
+
+    dpe_rope: DPERope
+    dpe_selected: Optional[torch.Tensor]
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: Optional[torch.Tensor] = None,
+        past_key_values=None,
+        **kwargs,
+    ):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        d, m = self.head_dim, q.shape[2]
+
+        past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(past, past + m, device=q.device)[None]
+        cos, sin = position_embeddings
+        (k_cos, k_sin), (q_cos, q_sin) = self.dpe_rope.cos_sin(position_ids, q.dtype)
+        q_plain = apply_rotary(q, cos, sin)
+        # Every key enters the cache with both rotations: [plain at j | scaled at j//s].
+        k_both = torch.cat((apply_rotary(k, cos, sin), apply_rotary(k, k_cos, k_sin)), dim=-1)
+        if past_key_values is not None:
+            k_both, v = past_key_values.update(k_both, v, self.layer_idx)
+        n = k_both.shape[2]
+
+        backend = self.config._attn_implementation or "eager"
+        if n <= self.dpe_rope.window:
+            # No pair is farther apart than the window: exactly the base model's attention.
+            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+            interface = ALL_ATTENTION_FUNCTIONS.get_interface(backend, _eager_attention)
+            out, _ = interface(
+                self, q_plain, k_both[..., :d].contiguous(), v, attention_mask,
+                dropout=0.0, scaling=self.scaling, **kwargs,
+            )
+        else:
+            if backend.startswith("flash_attention") and q.is_cuda:
+                _require_flash_attn()
+            key_valid = kwargs.get("dpe_key_valid")
+            if key_valid is None:
+                key_valid = _key_valid_from_mask(attention_mask, n)
+            out = dpe_attention(
+                q_plain, apply_rotary(q, q_cos, q_sin), k_both, v,
+                window=self.dpe_rope.window, scale=self.scaling, selected=self.dpe_selected,
+                key_valid=key_valid, backend=backend,
+            ).transpose(1, 2)
+        out = out.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(out), None
+
+
+def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """transformers' eager attention, for the rare backend name that has no registered interface."""
+    rep = module.num_key_value_groups
+    s = torch.matmul(query, repeat_kv(key, rep).transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            s = s.masked_fill(~attention_mask, torch.finfo(s.dtype).min)
+        else:
+            s = s + attention_mask
+    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(p, repeat_kv(value, rep)).transpose(1, 2).contiguous(), p
+
+
+def _require_flash_attn() -> None:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            "attn_implementation='flash_attention_2' needs the flash-attn package (CUDA only): "
+            "pip install flash-attn --no-build-isolation, or load with attn_implementation='sdpa'"
+        ) from err
+
+
+def install_dpe(model, params: DPEParams, attention_class: Optional[type] = None) -> None:
+    """Turn a loaded or freshly built causal LM into its DPE version, in place.
+
+    Swaps each layer's attention class to a DPE subclass (projections and weights untouched) and, when the
+    config's max_position_embeddings was raised to the target length, rebuilds the rotary embedding from the
+    pretraining length so that theta and the attention scaling stay exactly those of the base model.
+    """
+    import copy
+
+    config = model.config
+    check_supported_config(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    params.validate(head_dim)
+    decoder = model.get_decoder()
+    rotary = decoder.rotary_emb
+    if params.pretrain_length and params.pretrain_length != config.max_position_embeddings:
+        rope_config = copy.deepcopy(config)
+        rope_config.max_position_embeddings = params.pretrain_length
+        device = rotary.inv_freq.device
+        decoder.rotary_emb = type(rotary)(config=rope_config).to(device)
+    rope = DPERope(decoder, params)
+    for layer in decoder.layers:
+        attn = layer.self_attn
+        if attention_class is None:
+            attention_class = _dpe_subclass(type(attn), DPEAttentionMixin, "Attention")
+        attn.__class__ = attention_class
+        attn.__dict__["dpe_rope"] = rope  # shared, and not registered as a submodule
+        attn.dpe_selected = None
+    model.dpe_params = params
+
+
+def _dpe_subclass(base: type, mixin: type, what: str) -> type:
+    if issubclass(base, mixin):
+        return base
+    return type(f"DPE{base.__name__}", (mixin, base), {"__module__": __name__})
+
+
+def set_dpe_selection(model, selected: Optional[torch.Tensor]) -> None:
+    """Set the selected frequencies, bool [layers, query heads, D/2]; None selects every frequency."""
+    layers = model.get_decoder().layers
+    if selected is not None:
+        config = model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        expected = (config.num_hidden_layers, config.num_attention_heads, head_dim // 2)
+        if tuple(selected.shape) != expected or selected.dtype != torch.bool:
+            raise ValueError(f"selected dims must be bool {list(expected)}, got {selected.dtype} {list(selected.shape)}")
+    for idx, layer in enumerate(layers):
+        attn = layer.self_attn
+        sel = None if selected is None or bool(selected[idx].all()) else selected[idx]
+        if sel is not None:
+            sel = sel.to(attn.q_proj.weight.device)
+        attn.dpe_selected = sel
+    model.dpe_selected_dims = selected
+
+
+def apply_dpe(model, params: DPEParams, selected: Optional[torch.Tensor] = None):
+    """DPE on an already loaded base model (what dpe-export uses to calibrate and evaluate)."""
+    model.__class__ = _dpe_subclass(type(model), DPEForCausalLMMixin, "ForCausalLM")
+    install_dpe(model, params)
+    set_dpe_selection(model, selected)
+    return model
+
+
+class DPEForCausalLMMixin:
+    """Mixed into a family's causal LM class: installs DPE attention and carries its selection file."""
+
+    dpe_attention_class: Optional[type] = None
+
+    def __init__(self, config, *args, **kwargs):
+        check_transformers_version()
+        super().__init__(config, *args, **kwargs)
+        install_dpe(self, DPEParams.from_dict(config.dpe), self.dpe_attention_class)
+        self.dpe_selected_dims = None
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        name = model.config.dpe.get("selected_dims")
+        if name:
+            from safetensors.torch import load_file
+            from transformers.utils import cached_file
+
+            hub = {k: kwargs[k] for k in ("cache_dir", "force_download", "local_files_only", "token",
+                                          "revision", "subfolder") if k in kwargs}
+            path = cached_file(str(pretrained_model_name_or_path), name, **hub)
+            set_dpe_selection(model, load_file(path)["selected_dims"])
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        super().save_pretrained(save_directory, *args, **kwargs)
+        name = self.config.dpe.get("selected_dims")
+        if name and self.dpe_selected_dims is not None:
+            import os
+
+            from safetensors.torch import save_file
+
+            save_file({"selected_dims": self.dpe_selected_dims.cpu().contiguous()}, os.path.join(save_directory, name))
+
+    def forward(self, *args, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+        # DPE attention reads padding from a [batch, keys] mask. Past the window it needs nothing else, so the
+        # [batch, 1, queries, keys] mask that transformers would otherwise build is not made at all.
+        if attention_mask is not None and attention_mask.dim() == 2:
+            if not bool(attention_mask.all()):
+                kwargs["dpe_key_valid"] = attention_mask.bool()
+            if attention_mask.shape[-1] > self.dpe_params.local_window_size:
+                attention_mask = None
+        return super().forward(*args, attention_mask=attention_mask, **kwargs)
