@@ -373,16 +373,17 @@ def _dpe_prefill(q_plain, q_scaled, k_both, v, window, scale, selected, backend)
     if n <= w:
         return attention_with_lse(q_plain, k_plain, v, scale=scale, causal=True)[0]
     q_far, k_far = far_query_key(q_plain[:, :, w:], q_scaled[:, :, w:], k_plain[:, :, : n - w], k_scaled[:, :, : n - w], selected)
+    v_far = repeat_kv(v[:, :, : n - w], k_far.shape[1] // v.shape[1])  # keys per query head -> values too
     if backend == "flash_attention_2" and q_plain.is_cuda:
         o_loc, lse_loc = flash_attn_with_lse(q_plain, k_plain, v, scale=scale, window=w)
-        o_far, lse_far = flash_attn_with_lse(q_far, k_far, v[:, :, : n - w], scale=scale)
+        o_far, lse_far = flash_attn_with_lse(q_far, k_far, v_far, scale=scale)
         o_tail = merge_by_lse(o_loc[:, :, w:], lse_loc[:, :, w:], o_far, lse_far)
         return torch.cat((o_loc[:, :, :w], o_tail), dim=2)
     # Local part. Queries 0..w-1 see only keys at distance < w: plain causal attention.
     o_head = attention_with_lse(q_plain[:, :, :w], k_plain[:, :, :w], v[:, :, :w], scale=scale, causal=True)[0]
     o_loc, lse_loc = _local_band(q_plain, k_plain, v, w, scale)
     # Far part. Query i >= w sees keys j <= i - w: causal attention of queries w.. over keys ..n-w.
-    o_far, lse_far = attention_with_lse(q_far, k_far, v[:, :, : n - w], scale=scale, causal=True)
+    o_far, lse_far = attention_with_lse(q_far, k_far, v_far, scale=scale, causal=True)
     return torch.cat((o_head, merge_by_lse(o_loc, lse_loc, o_far, lse_far)), dim=2)
 
 
@@ -669,7 +670,19 @@ class DPEForCausalLMMixin:
 
             save_file({"selected_dims": self.dpe_selected_dims.cpu().contiguous()}, os.path.join(save_directory, name))
 
-    def forward(self, *args, attention_mask: Optional[torch.Tensor] = None, **kwargs):
+    # The explicit signature matters: generate() inspects it to decide whether to pass position_ids.
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        position_ids: Optional[torch.LongTensor] = None,
+        past_key_values=None,
+        inputs_embeds: Optional[torch.Tensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        logits_to_keep=0,
+        **kwargs,
+    ):
         # DPE attention reads padding from a [batch, keys] mask. Past the window it needs nothing else, so the
         # [batch, 1, queries, keys] mask that transformers would otherwise build is not made at all.
         if attention_mask is not None and attention_mask.dim() == 2:
@@ -677,4 +690,8 @@ class DPEForCausalLMMixin:
                 kwargs["dpe_key_valid"] = attention_mask.bool()
             if attention_mask.shape[-1] > self.dpe_params.local_window_size:
                 attention_mask = None
-        return super().forward(*args, attention_mask=attention_mask, **kwargs)
+        return super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+            logits_to_keep=logits_to_keep, **kwargs,
+        )

@@ -1,0 +1,263 @@
+"""DPE attention in exported checkpoints, checked against an independent dense reference of the rule."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import save_tiny_model, tiny_model
+from reference import reference_model
+
+from dpe_export.resources import load_dpe_core
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+dpe_core = load_dpe_core()
+
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+YARN_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def convert(base_dir, out_dir, window, scales, groups=None, selected=None, target=512):
+    from dpe_export.export import convert as export_convert
+
+    params = dpe_core.DPEParams(local_window_size=window, scale_factors=list(scales),
+                                dimension_groups_range=groups or dpe_core.even_group_boundaries(8, len(scales)),
+                                target_length=target)
+    return export_convert(base_dir, out_dir, params, selected)
+
+
+def load_export(path, attn="sdpa", dtype=torch.float32):
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, attn_implementation=attn,
+                                                dtype=dtype).eval()
+
+
+def random_selection(seed=0, layers=2, heads=4, k=3):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(layers, heads, 8, generator=g)
+    idx = scores.topk(k, dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+CASES = {
+    # name: (family, config overrides, window, scale factors, groups, top-K selection?)
+    "llama-all-dims": ("llama", {}, 4, [1, 2, 4, 8], None, False),
+    "llama-topk": ("llama", {}, 6, [2, 3, 4, 16], None, True),
+    "llama-llama3-rope": ("llama", {"rope_parameters": LLAMA3_ROPE}, 5, [8, 2, 4, 1], None, True),
+    "llama-yarn-rope": ("llama", {"rope_parameters": YARN_ROPE}, 4, [3, 5], [0, 3, 8], False),
+    "qwen2-topk": ("qwen2", {}, 4, [2, 8, 2, 8], None, True),
+    "mistral-mha": ("mistral", {"num_key_value_heads": 4}, 7, [4, 16, 2, 16], None, False),
+}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_export_matches_dense_reference(tmp_path, case, attn):
+    family, overrides, window, scales, groups, topk = CASES[case]
+    base = save_tiny_model(tmp_path / "base", family, **overrides)
+    selected = random_selection() if topk else None
+    out = convert(base, tmp_path / "out", window, scales, groups, selected)
+    model = load_export(out, attn)
+    groups = groups or dpe_core.even_group_boundaries(8, len(scales))
+    ref = reference_model(tiny_model(family, **overrides), window, scales, groups, selected)
+    ids = torch.randint(4, 128, (2, 72), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = model(ids).logits.double()
+        want = ref(ids).logits
+        plain = tiny_model(family, **overrides).double()(ids).logits
+    err = (got - want).abs().max().item()
+    assert err < 2e-4, f"{case}/{attn}: max |export - reference| = {err}"
+    # The check has teeth: DPE logits differ from plain RoPE far more than the tolerance.
+    assert (plain - want).abs().max().item() > 100 * max(err, 1e-6)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_below_window_is_base_model(tmp_path, family):
+    base = save_tiny_model(tmp_path / "base", family)
+    out = convert(base, tmp_path / "out", 32, [2, 4, 8, 16])
+    ids = torch.randint(4, 128, (3, 32), generator=torch.Generator().manual_seed(2))
+    for attn in ("sdpa", "eager"):
+        ref = AutoModelForCausalLM.from_pretrained(base, attn_implementation=attn).eval()
+        model = load_export(out, attn)
+        with torch.no_grad():
+            assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-6, rtol=0)
+
+
+def test_rotary_is_the_base_models_for_every_rope_type(tmp_path):
+    ropes = [None, LLAMA3_ROPE, YARN_ROPE, {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+             {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}]
+    for i, rope in enumerate(ropes):
+        overrides = {} if rope is None else {"rope_parameters": rope}
+        base = save_tiny_model(tmp_path / f"base{i}", "llama", **overrides)
+        out = convert(base, tmp_path / f"out{i}", 4, [2, 4], target=4096)
+        model = load_export(out)
+        assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 4096
+        ref = AutoModelForCausalLM.from_pretrained(base).eval()
+        got, want = model.model.rotary_emb, ref.model.rotary_emb
+        assert torch.equal(got.inv_freq, want.inv_freq), rope
+        assert got.attention_scaling == want.attention_scaling, rope
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_cached_decoding_equals_full_forward(tmp_path, attn):
+    base = save_tiny_model(tmp_path / "base", "llama")
+    out = convert(base, tmp_path / "out", 6, [2, 8, 3, 4], selected=random_selection(3))
+    model = load_export(out, attn)
+    prompt = torch.randint(4, 128, (1, 5), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=40, do_sample=False, use_cache=True)
+        uncached = model.generate(prompt, max_new_tokens=40, do_sample=False, use_cache=False)
+        assert cached.tolist() == uncached.tolist()
+        # Logits step by step through the cache equal one forward pass over the whole sequence.
+        full = model(cached).logits
+        step = model(cached[:, :3], use_cache=True)
+        past, logits = step.past_key_values, [step.logits]
+        for t in range(3, cached.shape[1]):
+            step = model(cached[:, t : t + 1], past_key_values=past, use_cache=True)
+            past = step.past_key_values
+            logits.append(step.logits)
+        assert torch.allclose(torch.cat(logits, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_padded_batch_generates_what_each_prompt_generates_alone(tmp_path):
+    base = save_tiny_model(tmp_path / "base", "llama")
+    out = convert(base, tmp_path / "out", 5, [2, 8, 4, 16], selected=random_selection(5))
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(4, 128, (n,), generator=g) for n in (30, 11, 19)]
+    for attn in ("sdpa", "eager"):
+        model = load_export(out, attn)
+        width = max(len(p) for p in prompts)
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
+        with torch.no_grad():
+            batch = model.generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+            for row, p in enumerate(prompts):
+                alone = model.generate(p[None], max_new_tokens=12, min_new_tokens=12, do_sample=False)
+                assert batch[row, width:].tolist() == alone[0, len(p):].tolist(), (attn, row)
+
+
+def test_export_loads_where_dpe_export_cannot_be_imported(tmp_path):
+    base = save_tiny_model(tmp_path / "base", "qwen2")
+    out = convert(base, tmp_path / "out", 4, [2, 4, 8, 16], selected=random_selection(7))
+    ids = torch.randint(4, 128, (1, 40), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = load_export(out)(ids).logits
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.modules["dpe_export"] = None  # any import of dpe_export now fails
+        try:
+            import dpe_export
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("dpe_export was importable")
+        import torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        ids = torch.tensor({ids.tolist()})
+        with torch.no_grad():
+            print(json.dumps(m(ids).logits[0, -5:].tolist()))
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = torch.tensor(json.loads(res.stdout.strip().splitlines()[-1]))
+    assert torch.allclose(got, want[0, -5:], atol=1e-5)
+
+
+def test_save_pretrained_of_a_loaded_export_reloads(tmp_path):
+    base = save_tiny_model(tmp_path / "base", "mistral")
+    selected = random_selection(9)
+    out = convert(base, tmp_path / "out", 4, [2, 4, 8, 16], selected=selected)
+    model = load_export(out)
+    model.save_pretrained(tmp_path / "again")
+    saved = sorted(p.name for p in (tmp_path / "again").iterdir())
+    assert {"modeling_dpe.py", "dpe_core.py", dpe_core.SELECTED_DIMS_FILENAME} <= set(saved), saved
+    again = load_export(tmp_path / "again")
+    assert torch.equal(again.dpe_selected_dims, selected)
+    ids = torch.randint(4, 128, (1, 30), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+def test_bf16_and_fp16_run_and_track_fp32(tmp_path):
+    base = save_tiny_model(tmp_path / "base", "llama")
+    out = convert(base, tmp_path / "out", 4, [2, 4, 8, 16], selected=random_selection(11))
+    ids = torch.randint(4, 128, (1, 48), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        want = load_export(out)(ids).logits
+        for dtype in (torch.bfloat16, torch.float16):
+            for attn in ("sdpa", "eager"):
+                got = load_export(out, attn, dtype)(ids).logits.float()
+                assert torch.isfinite(got).all()
+                assert (got - want).abs().max() < 0.1, (dtype, attn)
+
+
+# ---- the attention function itself: efficient path == materialised path == reference ------------------
+
+
+def _random_qkv(bsz, h, hkv, n, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(bsz, x, n, d, generator=g) * 2 for x in (h, hkv, hkv)]
+
+
+@pytest.mark.parametrize("topk", [False, True])
+def test_efficient_and_materialised_paths_agree(topk):
+    bsz, h, hkv, n, d, w = 2, 4, 2, 700, 16, 100
+    q, k, v = _random_qkv(bsz, h, hkv, n, d, 0)
+    params = dpe_core.DPEParams(w, [2, 8, 4, 16], [0, 2, 4, 6, 8])
+    rope = _rope_for(params, d)
+    pos = torch.arange(n)[None].expand(bsz, n)
+    (kc, ks), (qc, qs) = rope.cos_sin(pos, torch.float32)
+    cos, sin = dpe_core.rotary_cos_sin(pos[..., None], rope.rotary.inv_freq, 1.0, torch.float32)
+    qp, qsc = dpe_core.apply_rotary(q, cos, sin), dpe_core.apply_rotary(q, qc, qs)
+    kb = torch.cat((dpe_core.apply_rotary(k, cos, sin), dpe_core.apply_rotary(k, kc, ks)), dim=-1)
+    sel = random_selection(1, layers=1)[0] if topk else None
+    valid = torch.ones(bsz, n, dtype=torch.bool)
+    valid[1, :37] = False  # left padding in the second row
+    kw = dict(window=w, scale=d**-0.5, selected=sel, key_valid=valid)
+    fast = dpe_core.dpe_attention(qp, qsc, kb, v, backend="sdpa", **kw)
+    slow = dpe_core.dpe_attention(qp, qsc, kb, v, backend="eager", **kw)
+    keep = valid[:, None, :, None].expand_as(fast)
+    assert torch.allclose(fast[keep], slow[keep], atol=2e-5, rtol=0)
+    # The far part matters here: without it the answer is different.
+    local_only = dpe_core.dpe_attention(qp, qsc, kb, v, backend="eager", **{**kw, "window": n})
+    assert (local_only[keep] - slow[keep]).abs().max() > 1e-2
+
+
+def test_long_prefill_never_materialises_scores(monkeypatch):
+    """At 8K tokens the sdpa path runs the fused kernels only: the chunked score path is never entered."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("materialised path used for a long prefill")
+
+    monkeypatch.setattr(dpe_core, "_dpe_attention_materialized", forbidden)
+    monkeypatch.setattr(dpe_core, "_attention_with_lse_math", forbidden)
+    n, d, w = 8192, 16, 512
+    q, k, v = _random_qkv(1, 2, 1, n, d, 3)
+    kb = torch.cat((k, k), dim=-1)
+    out = dpe_core.dpe_attention(q, q, kb, v, window=w, scale=0.25, selected=random_selection(2, 1, 2)[0])
+    assert out.shape == q.shape and torch.isfinite(out).all()
+
+
+def _rope_for(params, d):
+    class Rotary(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+            self.attention_scaling = 1.0
+
+    class Decoder:
+        rotary_emb = Rotary()
+
+    return dpe_core.DPERope(Decoder(), params)
