@@ -1,0 +1,351 @@
+"""The dpe-export command line. Commands are thin: the work lives in export, presets and selection."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import click
+
+from dpe_export import __version__
+from dpe_export.errors import DPEExportError
+
+DEBUG_ENV = "DPE_EXPORT_DEBUG"  # set to 1 to see tracebacks of unexpected errors
+
+MAIN_EPILOG = """\b
+Examples:
+  dpe-export convert ./Meta-Llama-3-8B-Instruct -o ./llama3-dpe --preset meta-llama-3-8b-instruct
+  dpe-export convert ./my-llama -o ./my-llama-dpe --window 1024 --scale-factors 2,8,2,8,32,32,32,4
+  dpe-export presets
+
+The exported directory loads with
+AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True) (transformers>=5).
+DPE is Dimension-wise Positional Embeddings Manipulation, arXiv 2504.18857.
+"""
+
+CONVERT_EPILOG = """\b
+Examples:
+  # the DPE authors' settings for a model (see: dpe-export presets)
+  dpe-export convert ./Meta-Llama-3-8B-Instruct -o ./llama3-dpe --preset meta-llama-3-8b-instruct
+  # your own settings: 4 groups of rotary frequencies (boundaries default to an even split)
+  dpe-export convert ./my-llama -o ./my-llama-dpe --window 512 --scale-factors 2,4,8,16 --target-length 65536
+  # explicit group boundaries over head_dim/2 = 64 frequencies
+  dpe-export convert ./my-llama -o ./out --window 1024 --scale-factors 2,8,32 --dimension-groups 0,16,40,64
+  # apply DPE only to the 48 highest-scoring frequencies of each (layer, head)
+  dpe-export convert ./my-llama -o ./out --preset meta-llama-3-8b-instruct --dim-scores scores.safetensors --topk 48
+  # a preset with one value changed; hard-link the weights instead of copying them
+  dpe-export convert ./Qwen2.5-7B-Instruct -o ./qwen-dpe --preset qwen2.5-7b-instruct --window 2048 --link
+
+Supported families: llama, mistral (full attention only), qwen2. The weights must be safetensors
+(model.safetensors or a sharded index); pickled checkpoints are refused, never loaded.
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One-line errors
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def _print_error(message: str) -> None:
+    click.echo(f"Error: {_one_line(message)}", err=True)
+
+
+class _CLIGroup(click.Group):
+    """A click group that reports every failure as one `Error: ...` line on stderr, never a traceback.
+
+    Exit status: 0 on success, 1 for errors, 2 for usage errors (as click), 130 when interrupted.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(
+                args=args,
+                prog_name=prog_name or "dpe-export",
+                complete_var=complete_var,
+                standalone_mode=False,
+                **extra,
+            )
+            code = rv if isinstance(rv, int) else 0
+        except click.exceptions.Abort:  # click turns KeyboardInterrupt/EOF into Abort
+            _print_error("interrupted")
+            code = 130
+        except KeyboardInterrupt:
+            _print_error("interrupted")
+            code = 130
+        except click.ClickException as e:
+            message = e.format_message()
+            ctx = getattr(e, "ctx", None)
+            if isinstance(e, click.UsageError) and ctx is not None:
+                message += f" (see '{ctx.command_path} --help')"
+            _print_error(message)
+            code = e.exit_code
+        except DPEExportError as e:
+            _print_error(str(e))
+            code = 1
+        except OSError as e:
+            _print_error(str(e) or type(e).__name__)
+            code = 1
+        except Exception as e:
+            if os.environ.get(DEBUG_ENV):
+                raise
+            _print_error(f"unexpected {type(e).__name__}: {e} (set {DEBUG_ENV}=1 to see the traceback)")
+            code = 1
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+class _WarningsToStderr(logging.Handler):
+    """Shows dpe_export warnings as `Warning: ...` lines (through click, so tests can capture them)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            click.echo(f"Warning: {_one_line(record.getMessage())}", err=True)
+        except Exception:  # pragma: no cover
+            self.handleError(record)
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("dpe_export")
+    if not any(isinstance(h, _WarningsToStderr) for h in logger.handlers):
+        logger.addHandler(_WarningsToStderr(logging.WARNING))
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.WARNING)
+
+
+def _quiet_transformers() -> None:
+    """Base-model config warnings from transformers are noise here; its errors become our one-line errors.
+
+    Read by transformers when it is first imported (a TRANSFORMERS_VERBOSITY the user set wins); set
+    directly when it is already imported, as in tests. Importing it here would slow down quick failures.
+    """
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Option parsing
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _int_list(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[list[int]]:
+    if value is None:
+        return None
+    items = [x for x in value.replace(",", " ").split()]
+    if not items:
+        raise click.BadParameter("give comma-separated integers, e.g. 2,8,2,8")
+    try:
+        return [int(x) for x in items]
+    except ValueError:
+        raise click.BadParameter(f"give comma-separated integers, e.g. 2,8,2,8; got {value!r}") from None
+
+
+def _first_given(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"  # pragma: no cover
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------------
+
+
+@click.group(
+    cls=_CLIGroup,
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110},
+    epilog=MAIN_EPILOG,
+)
+@click.version_option(__version__, "-V", "--version", prog_name="dpe-export")
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Convert a RoPE LLM checkpoint into one that runs DPE attention.
+
+    DPE (Dimension-wise Positional Embeddings Manipulation) extends the usable context of a RoPE model
+    without training: attention within a local window is unchanged, and beyond it the relative positions
+    of each group of rotary frequencies are scaled by that group's factor. The export keeps the weights
+    unchanged and adds generated trust_remote_code modeling files.
+    """
+    if ctx.invoked_subcommand is None:
+        click.echo(ctx.get_help())
+
+
+@main.command("convert", epilog=CONVERT_EPILOG)
+@click.argument("model_dir", metavar="MODEL_DIR", type=click.Path(path_type=Path))
+@click.option(
+    "-o", "--output", required=True, type=click.Path(path_type=Path), metavar="OUT",
+    help="Directory to write the DPE checkpoint to. Must not exist or be empty, unless --overwrite is given.",
+)
+@click.option(
+    "--preset", metavar="NAME",
+    help="Start from the DPE authors' settings for a model (list them with: dpe-export presets). "
+    "Options given explicitly override the preset's values.",
+)
+@click.option(
+    "--window", type=int, metavar="W",
+    help="Local window size in tokens: keys closer than W keep plain RoPE positions. Required unless the "
+    "preset sets it. Example: --window 1024",
+)
+@click.option(
+    "--scale-factors", callback=_int_list, metavar="S1,...,SG",
+    help="One integer scale factor >= 1 per dimension group: beyond the window, the positions seen by a "
+    "group's rotary frequencies are divided by its factor. Required unless the preset sets them. "
+    "Example: --scale-factors 2,8,2,8,32,32,32,4",
+)
+@click.option(
+    "--dimension-groups", callback=_int_list, metavar="B0,...,BG",
+    help="Group boundaries over the head_dim/2 rotary frequencies: strictly increasing, from 0 to head_dim/2, "
+    "one more than the scale factors. Default: the preset's, else an even split into one group per scale "
+    "factor. Example for head_dim 128: --dimension-groups 0,8,16,24,32,40,48,56,64",
+)
+@click.option(
+    "--dim-scores", type=click.Path(path_type=Path), metavar="FILE",
+    help="safetensors file with a tensor 'scores' [layers, attention heads, head_dim/2] rating each rotary "
+    "frequency of each head; with --topk, DPE applies only to the top-K frequencies per (layer, head). "
+    "Default: DPE applies to every frequency.",
+)
+@click.option(
+    "--topk", type=int, metavar="K",
+    help="How many frequencies per (layer, head) to select from --dim-scores, 1 <= K <= head_dim/2. "
+    "Requires --dim-scores.",
+)
+@click.option(
+    "--target-length", type=int, metavar="T",
+    help="Context length the export is meant for; written as max_position_embeddings. Default: the "
+    "preset's, else 4 x the base model's max_position_embeddings.",
+)
+@click.option(
+    "--pretrain-length", type=int, metavar="L",
+    help="The base model's pretraining context length, recorded in the dpe config section. "
+    "Default: the base model's max_position_embeddings.",
+)
+@click.option(
+    "--base-model", metavar="REPO_ID",
+    help="Hugging Face id of the base model, for the model card (README.md). Default: taken from a Hugging "
+    "Face cache path, else the preset's.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option(
+    "--link", is_flag=True,
+    help="Hard-link the weight files instead of copying them (same file system only; falls back to copying "
+    "with a warning). Saves disk space and time; the export then shares the files with MODEL_DIR.",
+)
+def convert_command(
+    model_dir: Path,
+    output: Path,
+    preset: Optional[str],
+    window: Optional[int],
+    scale_factors: Optional[list[int]],
+    dimension_groups: Optional[list[int]],
+    dim_scores: Optional[Path],
+    topk: Optional[int],
+    target_length: Optional[int],
+    pretrain_length: Optional[int],
+    base_model: Optional[str],
+    overwrite: bool,
+    link: bool,
+) -> None:
+    """Convert the checkpoint in MODEL_DIR into a DPE checkpoint at OUT.
+
+    MODEL_DIR is a local Hugging Face checkpoint directory (config.json, safetensors weights, tokenizer).
+    OUT gets config.json (with a `dpe` section, auto_map and the target length as max_position_embeddings),
+    the unchanged weights, the tokenizer files, modeling_dpe.py and dpe_core.py, the selected-frequency file
+    when --topk is given, and a README.md model card. Nothing is written unless every check passes, and a
+    failed or interrupted export leaves nothing behind.
+    """
+    if (dim_scores is None) != (topk is None):
+        raise click.UsageError("--dim-scores and --topk go together: give both or neither")
+    _setup_logging()
+    _quiet_transformers()
+    from dpe_export import export
+    from dpe_export.presets import load_preset
+
+    chosen = load_preset(preset) if preset else None
+    window = _first_given(window, chosen and chosen.local_window_size)
+    if window is None:
+        raise click.UsageError("give --window (the local window size in tokens) or a --preset that sets it")
+    scale_factors = _first_given(scale_factors, chosen and list(chosen.scale_factors))
+    if scale_factors is None:
+        raise click.UsageError("give --scale-factors (one per dimension group) or a --preset that sets them")
+    dimension_groups = _first_given(dimension_groups, chosen and list(chosen.dimension_groups_range))
+
+    info = export.inspect_model(model_dir)
+    params = export.build_params(
+        info,
+        local_window_size=window,
+        scale_factors=scale_factors,
+        dimension_groups_range=dimension_groups,
+        target_length=_first_given(target_length, chosen and chosen.target_length),
+        pretrain_length=pretrain_length,
+    )
+    selected = None
+    if dim_scores is not None:
+        from dpe_export.selection import load_dim_scores, top_k_mask
+
+        scores = load_dim_scores(dim_scores, info.num_layers, info.num_heads, info.head_dim)
+        selected = top_k_mask(scores, topk)
+    if chosen is not None and chosen.model_type and chosen.model_type != info.architecture.model_type:
+        logging.getLogger("dpe_export").warning(
+            "preset %s was tuned for %s (%s), but %s is a %s model",
+            chosen.name, chosen.base_model, chosen.model_type, model_dir, info.architecture.model_type,
+        )
+    if base_model is None:
+        base_model = export.guess_base_model(info.model_dir)
+    if base_model is None and chosen is not None and chosen.model_type == info.architecture.model_type:
+        base_model = chosen.base_model
+
+    out = export.convert(info, output, params, selected, overwrite=overwrite, link=link, base_model=base_model)
+
+    from dpe_export.selection import describe_selection
+
+    files = export.output_summary(out)
+    click.echo(
+        f"Exported a DPE {info.architecture.display_name} checkpoint to {out} "
+        f"(window {params.local_window_size}, scale factors {','.join(map(str, params.scale_factors))}, "
+        f"groups {','.join(map(str, params.dimension_groups_range))}, {describe_selection(selected)}, "
+        f"target length {params.target_length})"
+    )
+    width = max(len(name) for name, _ in files)
+    for name, size in files:
+        click.echo(f"  {name:<{width}}  {_human_size(size):>10}")
+    click.echo(f"  {'total':<{width}}  {_human_size(sum(size for _, size in files)):>10}")
+    click.echo(f"Load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+
+
+@main.command("presets")
+@click.argument("name", required=False)
+def presets_command(name: Optional[str]) -> None:
+    """List the shipped presets, or show the settings of preset NAME.
+
+    \b
+    Examples:
+      dpe-export presets
+      dpe-export presets meta-llama-3-8b-instruct
+    """
+    from dpe_export.presets import list_presets, load_preset
+
+    for p in [load_preset(name)] if name else list_presets():
+        click.echo(f"{p.name}  ({p.base_model})")
+        click.echo(f"    {p.description}")
+        if name:
+            click.echo(f"    local window:     {p.local_window_size}")
+            click.echo(f"    scale factors:    {', '.join(map(str, p.scale_factors))}")
+            click.echo(f"    dimension groups: {', '.join(map(str, p.dimension_groups_range))}")
+            click.echo(f"    target length:    {p.target_length}")

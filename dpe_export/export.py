@@ -1,0 +1,673 @@
+"""Write a DPE checkpoint: config with a `dpe` section, unchanged weights, tokenizer, generated modeling files.
+
+Nothing is written until every input has been checked. The export is assembled in a hidden temporary
+directory beside the output and renamed into place at the end, so an interrupted or failed export leaves
+nothing behind and never a half-written output.
+"""
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from dpe_export import __version__
+from dpe_export.architectures import ARCHITECTURES, Architecture, get_architecture, supported_families
+from dpe_export.errors import DPEExportError
+from dpe_export.resources import MODELING_TEMPLATES, dpe_core_path, load_dpe_core, resource_dir
+from dpe_export.selection import SELECTED_DIMS_TENSOR, describe_selection
+
+logger = logging.getLogger("dpe_export")
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
+MODELING_TEMPLATE = "modeling_dpe.py.jinja"
+MODELING_FILE = "modeling_dpe.py"
+DPE_CORE_FILE = "dpe_core.py"
+MODEL_CARD_TEMPLATE = "model_card.md.jinja"
+MODEL_CARD_FILE = "README.md"
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+# Any one of these makes a usable tokenizer; without them the export has none.
+TOKENIZER_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+# Licence terms travel with the weights (e.g. Llama's licence asks redistributors to include it).
+LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "NOTICE.txt", "USE_POLICY.md")
+PICKLED_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
+
+_COPY_CHUNK = 16 << 20
+_HF_CACHE_SNAPSHOT = re.compile(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\][^/\\]+$")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading and checking the base model
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelInfo:
+    """What the export needs to know about a base checkpoint directory."""
+
+    model_dir: Path
+    config: Any  # transformers PretrainedConfig, as AutoConfig loaded (and standardized) it
+    architecture: Architecture
+    head_dim: int
+    num_layers: int
+    num_heads: int
+    max_position_embeddings: int
+    weight_files: list[str]  # names relative to model_dir: the index (if any) and the safetensors files
+
+    @property
+    def num_freqs(self) -> int:
+        return self.head_dim // 2
+
+
+def inspect_model(model_dir) -> ModelInfo:
+    """Check a base checkpoint directory and read what the export needs; DPEExportError when unusable."""
+    model_dir = Path(model_dir)
+    check_model_dir(model_dir)
+    weight_files = find_weight_files(model_dir)
+    config = load_base_config(model_dir)
+    architecture = get_architecture(config)
+    head_dim = head_dim_of(config)
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if not isinstance(max_pos, int) or max_pos < 1:
+        raise DPEExportError(f"{model_dir / CONFIG_FILE} has no valid max_position_embeddings (got {max_pos!r})")
+    check_weight_headers(model_dir, weight_files)
+    return ModelInfo(
+        model_dir=model_dir,
+        config=config,
+        architecture=architecture,
+        head_dim=head_dim,
+        num_layers=int(config.num_hidden_layers),
+        num_heads=int(config.num_attention_heads),
+        max_position_embeddings=max_pos,
+        weight_files=weight_files,
+    )
+
+
+def check_model_dir(model_dir: Path) -> None:
+    if not model_dir.exists():
+        raise DPEExportError(f"model directory not found: {model_dir}")
+    if not model_dir.is_dir():
+        raise DPEExportError(f"model path is not a directory: {model_dir}")
+    if not (model_dir / CONFIG_FILE).is_file():
+        raise DPEExportError(
+            f"{model_dir} has no {CONFIG_FILE}; give a Hugging Face checkpoint directory "
+            "(e.g. a local clone or a snapshot from huggingface-cli download)"
+        )
+
+
+def find_weight_files(model_dir: Path) -> list[str]:
+    """The weight files transformers would load: the index and its shards, or model.safetensors.
+
+    Pickled checkpoints (pytorch_model.bin, ...) are refused, never loaded.
+    """
+    index = model_dir / WEIGHTS_INDEX_FILE
+    if index.is_file():
+        shards = read_index_shards(index)
+        missing = [s for s in shards if not (model_dir / s).is_file()]
+        if missing:
+            raise DPEExportError(
+                f"{index} lists {len(missing)} shard(s) missing from {model_dir}, e.g. {missing[0]}; "
+                "is the download complete?"
+            )
+        files = [WEIGHTS_INDEX_FILE, *shards]
+    elif (model_dir / WEIGHTS_FILE).is_file():
+        files = [WEIGHTS_FILE]
+    else:
+        other = sorted(p.name for p in model_dir.glob("*.safetensors"))
+        if other:
+            raise DPEExportError(
+                f"{model_dir} has safetensors files ({', '.join(other[:3])}) but neither {WEIGHTS_FILE} nor "
+                f"{WEIGHTS_INDEX_FILE}, so transformers could not load it"
+            )
+        pickled = sorted({p.name for pattern in PICKLED_WEIGHT_PATTERNS for p in model_dir.glob(pattern)})
+        if pickled:
+            raise DPEExportError(
+                f"{model_dir} holds only pickled weights ({', '.join(pickled[:3])}); dpe-export reads safetensors "
+                "only and never loads pickles: convert the checkpoint to safetensors first (in a trusted "
+                "environment: model.save_pretrained(path, safe_serialization=True))"
+            )
+        raise DPEExportError(f"no safetensors weights ({WEIGHTS_FILE} or {WEIGHTS_INDEX_FILE}) in {model_dir}")
+    skipped = sorted(p.name for p in model_dir.glob("*.safetensors") if p.name not in files)
+    if skipped:
+        logger.warning(
+            "not copying %s: not part of the checkpoint that transformers loads (%s)",
+            ", ".join(skipped),
+            files[0],
+        )
+    return files
+
+
+def read_index_shards(index: Path) -> list[str]:
+    """Shard file names listed in a model.safetensors.index.json (plain file names only)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise DPEExportError(f"{index} is not a valid safetensors index: {e}") from None
+    for shard in shards:
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in (".", ".."):
+            raise DPEExportError(f"{index} lists an invalid shard name {shard!r} (must be a plain file name)")
+    if not shards:
+        raise DPEExportError(f"{index} lists no weight shards")
+    return shards
+
+
+def check_weight_headers(model_dir: Path, weight_files: Sequence[str]) -> None:
+    """Read each safetensors header (not the tensors), so truncated downloads fail before any copying."""
+    from safetensors import SafetensorError, safe_open
+
+    for name in weight_files:
+        if not name.endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(str(model_dir / name), framework="pt") as f:
+                f.keys()
+        except (SafetensorError, OSError) as e:
+            raise DPEExportError(f"{model_dir / name} is not a valid safetensors file: {e}") from None
+
+
+def load_base_config(model_dir: Path):
+    """The base config via transformers.AutoConfig (which standardizes rope_parameters); never runs remote code."""
+    path = model_dir / CONFIG_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DPEExportError(f"cannot read {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise DPEExportError(f"{path} must hold a JSON object")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as e:  # transformers raises ValueError, OSError, KeyError, ... for bad configs
+        model_type = raw.get("model_type")
+        if model_type not in ARCHITECTURES:
+            raise DPEExportError(
+                f"model type {model_type!r} is not supported; supported families: {supported_families()}"
+            ) from None
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DPEExportError(f"transformers cannot load {path}: {first_line}") from None
+    if "dpe" in raw:
+        logger.warning("%s is already a DPE export; its DPE settings will be replaced", model_dir)
+    return config
+
+
+def head_dim_of(config) -> int:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim % 2:
+        raise DPEExportError(f"head_dim {head_dim} is odd; rotary embeddings need an even head dimension")
+    return int(head_dim)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameters
+# ----------------------------------------------------------------------------------------------------------
+
+
+def default_target_length(info: ModelInfo) -> int:
+    return 4 * info.max_position_embeddings
+
+
+def build_params(
+    info: ModelInfo,
+    *,
+    local_window_size: int,
+    scale_factors: Sequence[int],
+    dimension_groups_range: Optional[Sequence[int]] = None,
+    target_length: Optional[int] = None,
+    pretrain_length: Optional[int] = None,
+):
+    """DPEParams with defaults filled in and checked against the model.
+
+    Defaults: dimension groups split head_dim/2 evenly into one group per scale factor; pretrain length is
+    the base max_position_embeddings; target length is 4 x that.
+    """
+    dpe_core = load_dpe_core()
+    if dimension_groups_range is None:
+        try:
+            dimension_groups_range = dpe_core.even_group_boundaries(info.num_freqs, len(scale_factors))
+        except ValueError as e:
+            raise DPEExportError(f"invalid DPE parameters: {e}") from None
+    params = dpe_core.DPEParams(
+        local_window_size=local_window_size,
+        scale_factors=list(scale_factors),
+        dimension_groups_range=list(dimension_groups_range),
+        target_length=target_length,
+        pretrain_length=pretrain_length,
+    )
+    return resolve_params(params, info, selected=None)
+
+
+def resolve_params(params, info: ModelInfo, selected=None):
+    """A copy of `params` with the lengths defaulted, selected_dims set from `selected`, validated.
+
+    Defaults: pretrain length = the base max_position_embeddings; target length = 4 x that.
+    """
+    dpe_core = load_dpe_core()
+    pretrain = params.pretrain_length if params.pretrain_length is not None else info.max_position_embeddings
+    resolved = dpe_core.DPEParams(
+        local_window_size=params.local_window_size,
+        scale_factors=_as_list(params.scale_factors),
+        dimension_groups_range=_as_list(params.dimension_groups_range),
+        target_length=params.target_length if params.target_length is not None else default_target_length(info),
+        pretrain_length=pretrain,
+        selected_dims=dpe_core.SELECTED_DIMS_FILENAME if selected is not None else None,
+    )
+    try:
+        resolved.validate(info.head_dim)
+    except ValueError as e:
+        raise DPEExportError(f"invalid DPE parameters: {e}") from None
+    return resolved
+
+
+def _as_list(value: Any) -> Any:
+    return list(value) if isinstance(value, (list, tuple)) else value  # anything else: validate() says why
+
+
+def check_selection(selected, info: ModelInfo) -> None:
+    import torch
+
+    expected = (info.num_layers, info.num_heads, info.num_freqs)
+    if not isinstance(selected, torch.Tensor) or selected.dtype != torch.bool:
+        raise DPEExportError("the frequency selection must be a bool tensor")
+    if tuple(selected.shape) != expected:
+        raise DPEExportError(
+            f"the frequency selection has shape {list(selected.shape)}, expected [layers, heads, head_dim/2] = "
+            f"{list(expected)}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The output directory
+# ----------------------------------------------------------------------------------------------------------
+
+
+def check_output_target(output: Path, model_dir: Path, overwrite: bool) -> None:
+    """Refuse outputs that would clobber data: an existing non-empty dir without overwrite, the model itself."""
+    if output.is_symlink():
+        raise DPEExportError(
+            f"output {output} is a symbolic link; give the path it points to ({output.resolve()}) instead"
+        )
+    if output.exists():
+        if not output.is_dir():
+            raise DPEExportError(f"output {output} exists and is not a directory")
+        if output.resolve() == model_dir.resolve():
+            raise DPEExportError(f"output {output} is the model directory itself; choose another output")
+        if overwrite and _is_within(model_dir.resolve(), output.resolve()):
+            raise DPEExportError(f"the model directory {model_dir} is inside output {output}; --overwrite would delete it")
+        if any(output.iterdir()) and not overwrite:
+            raise DPEExportError(
+                f"output directory {output} already exists and is not empty; pass --overwrite to replace it"
+            )
+    ancestor = output.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise DPEExportError(f"cannot create output {output}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise DPEExportError(f"cannot create output {output}: no write permission in {ancestor}")
+
+
+def _is_within(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """mkdir -p path's parent; return the directories created (deepest last)."""
+    created = []
+    for p in reversed(path.parents):
+        if not p.exists():
+            p.mkdir()
+            created.append(p)
+    return created
+
+
+def _sibling_name(output: Path, kind: str) -> Path:
+    return output.parent / f".{output.name}.dpe-export-{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def make_staging_dir(output: Path) -> Path:
+    """A hidden, empty directory beside `output` (same file system, so it can be renamed into place)."""
+    staging = _sibling_name(output, "tmp")
+    staging.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0700
+    return staging
+
+
+def publish(staging: Path, output: Path, overwrite: bool) -> None:
+    """Rename the finished export into place, replacing an existing output if allowed."""
+    if output.is_dir() and not output.is_symlink() and not any(output.iterdir()):
+        output.rmdir()
+    if not (output.exists() or output.is_symlink()):
+        os.rename(staging, output)
+        return
+    if not overwrite:  # it appeared while we were working
+        raise DPEExportError(f"output {output} appeared while exporting; pass --overwrite to replace it")
+    old = _sibling_name(output, "old")
+    os.rename(output, old)  # move the old output aside, so that a failure here can put it back
+    try:
+        os.rename(staging, output)
+    except BaseException:
+        os.rename(old, output)
+        raise
+    if old.is_symlink() or not old.is_dir():
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
+        if old.exists():
+            logger.warning("could not delete all of the replaced output, left at %s", old)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Writers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def write_config(info: ModelInfo, params, out_dir: Path) -> None:
+    """config.json: the base config with the DPE section, auto_map, architectures and the target length."""
+    arch = info.architecture
+    config = copy.deepcopy(info.config)
+    config.max_position_embeddings = params.target_length
+    config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{arch.dpe_causal_lm_class}"}
+    config.architectures = [arch.dpe_causal_lm_class]
+    config.dpe = params.to_dict()
+    config.save_pretrained(str(out_dir))
+    written = json.loads((out_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    if written.get("dpe") != params.to_dict():  # pragma: no cover - guards against transformers dropping keys
+        raise DPEExportError("transformers did not write the dpe section to config.json")
+
+
+def write_selected_dims(selected, out_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    dpe_core = load_dpe_core()
+    save_file(
+        {SELECTED_DIMS_TENSOR: selected.to("cpu").contiguous()},
+        str(out_dir / dpe_core.SELECTED_DIMS_FILENAME),
+        metadata={"format": "pt", "dpe_format_version": str(dpe_core.DPE_FORMAT_VERSION)},
+    )
+
+
+def modeling_template_path() -> Path:
+    return resource_dir(MODELING_TEMPLATES) / MODELING_TEMPLATE
+
+
+def model_card_template_path() -> Path:
+    return resource_dir(MODELING_TEMPLATES) / MODEL_CARD_TEMPLATE
+
+
+def render_template(path: Path, variables: dict[str, Any], filters: Optional[dict[str, Any]] = None) -> str:
+    """Render a jinja2 template file; undefined variables are errors."""
+    import jinja2
+
+    if not path.is_file():
+        raise DPEExportError(f"template {path.name} not found in {path.parent}; the dpe-export installation is incomplete")
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(path.parent)),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+        autoescape=False,
+    )
+    env.filters.update(filters or {})
+    try:
+        return env.get_template(path.name).render(**variables)
+    except jinja2.TemplateError as e:
+        raise DPEExportError(f"cannot render template {path}: {e}") from None
+
+
+def write_modeling_files(info: ModelInfo, out_dir: Path) -> None:
+    """modeling_dpe.py rendered from the template, and dpe_core.py copied verbatim."""
+    variables = dict(info.architecture.template_variables(), tool_version=__version__)
+    source = render_template(modeling_template_path(), variables)
+    try:
+        compile(source, MODELING_FILE, "exec")
+    except SyntaxError as e:
+        raise DPEExportError(f"the rendered {MODELING_FILE} is not valid Python (line {e.lineno}: {e.msg})") from None
+    (out_dir / MODELING_FILE).write_text(source, encoding="utf-8")
+    shutil.copyfile(dpe_core_path(), out_dir / DPE_CORE_FILE)
+
+
+def copy_tokenizer_files(model_dir: Path, out_dir: Path) -> list[str]:
+    """Copy the tokenizer (and generation config) files that exist; warn when there is no tokenizer."""
+    copied = _copy_present(model_dir, out_dir, TOKENIZER_FILES)
+    if not any(name in copied for name in TOKENIZER_VOCAB_FILES):
+        logger.warning(
+            "%s has no tokenizer (none of %s); the export will have none either",
+            model_dir,
+            ", ".join(TOKENIZER_VOCAB_FILES),
+        )
+    return copied
+
+
+def copy_license_files(model_dir: Path, out_dir: Path) -> list[str]:
+    return _copy_present(model_dir, out_dir, LICENSE_FILES)
+
+
+def _copy_present(model_dir: Path, out_dir: Path, names: Sequence[str]) -> list[str]:
+    copied = []
+    for name in names:
+        src = model_dir / name
+        if src.is_file():
+            shutil.copyfile(src, out_dir / name)
+            copied.append(name)
+    return copied
+
+
+def copy_weights(model_dir: Path, out_dir: Path, names: Sequence[str], link: bool = False) -> None:
+    """Copy (or hard-link) weight files unchanged, with a byte progress bar on a terminal.
+
+    Linking falls back to copying, with a warning, where the file system refuses (e.g. across devices).
+    """
+    from tqdm.auto import tqdm
+
+    sources = [(name, (model_dir / name).resolve()) for name in names]  # resolve: HF cache files are symlinks
+    total = sum(src.stat().st_size for _, src in sources)
+    with tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="Linking weights" if link else "Copying weights",
+        disable=None,  # only on a terminal
+        file=sys.stderr,
+        leave=False,
+    ) as progress:
+        for name, src in sources:
+            dst = out_dir / name
+            if link:
+                try:
+                    os.link(src, dst)
+                    progress.update(src.stat().st_size)
+                    continue
+                except OSError as e:
+                    logger.warning("cannot hard-link weights (%s); copying them instead", e.strerror or e)
+                    link = False
+            copy_file_with_progress(src, dst, progress.update)
+            if dst.stat().st_size != src.stat().st_size:  # pragma: no cover - e.g. the source changed meanwhile
+                raise DPEExportError(f"copying {src} produced a file of a different size")
+
+
+def copy_file_with_progress(src: Path, dst: Path, update) -> None:
+    """Copy bytes from src to dst (kernel-side where possible), calling update(n) as they go."""
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        use_sendfile = hasattr(os, "sendfile")
+        while True:
+            if use_sendfile:
+                try:
+                    n = os.sendfile(fout.fileno(), fin.fileno(), None, _COPY_CHUNK)
+                except OSError as e:
+                    if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) and fout.tell() == 0:
+                        use_sendfile = False
+                        continue
+                    raise
+            else:
+                chunk = fin.read(_COPY_CHUNK)
+                n = len(chunk)
+                fout.write(chunk)
+            if n == 0:
+                break
+            update(n)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model card
+# ----------------------------------------------------------------------------------------------------------
+
+
+def guess_base_model(model_dir: Path) -> Optional[str]:
+    """The Hub id of a Hugging Face cache snapshot directory (models--org--name/snapshots/<rev>), else None."""
+    m = _HF_CACHE_SNAPSHOT.search(str(model_dir.resolve()))
+    return f"{m.group(1)}/{m.group(2)}" if m else None
+
+
+def group_rows(info: ModelInfo, params) -> list[dict[str, Any]]:
+    """One row per dimension group: frequency index range, wavelength range (tokens), scale factor."""
+    rope = getattr(info.config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(info.config, "rope_theta", None)) if isinstance(rope, dict) else None
+    b = params.dimension_groups_range
+    rows = []
+    for g, scale in enumerate(params.scale_factors):
+        first, last = b[g], b[g + 1] - 1
+        row = {"index": g, "first": first, "last": last, "scale": scale, "wavelengths": None}
+        if theta:
+            wl = [2 * math.pi * float(theta) ** (2 * f / info.head_dim) for f in (first, last)]
+            row["wavelengths"] = f"{_format_tokens(wl[0])} – {_format_tokens(wl[1])}"
+        rows.append(row)
+    return rows
+
+
+def _format_tokens(x: float) -> str:
+    if x < 100:
+        return f"{x:.1f}"
+    if x < 1e7:
+        return f"{x:,.0f}"
+    return f"{x:.3g}"
+
+
+def _yaml_str(value: Any) -> str:
+    """A YAML scalar for front matter: JSON quoting is valid YAML and escapes everything that needs it."""
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def _md_cell(value: Any) -> str:
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
+def write_model_card(
+    info: ModelInfo, params, selected, out_dir: Path, base_model: Optional[str], model_name: str
+) -> None:
+    """README.md from the model card template: front matter, what DPE is, the settings, usage, citation."""
+    arch = info.architecture
+    variables = {
+        "model_name": model_name,
+        "base_model": base_model,
+        "family": arch.display_name,
+        "dpe_causal_lm_class": arch.dpe_causal_lm_class,
+        "params": params.to_dict(),
+        "groups": group_rows(info, params),
+        "head_dim": info.head_dim,
+        "num_freqs": info.num_freqs,
+        "selection": describe_selection(selected),
+        "rope_type": (getattr(info.config, "rope_parameters", None) or {}).get("rope_type", "default"),
+        "tool_version": __version__,
+    }
+    text = render_template(model_card_template_path(), variables, {"yaml_str": _yaml_str, "md": _md_cell})
+    (out_dir / MODEL_CARD_FILE).write_text(text, encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The export
+# ----------------------------------------------------------------------------------------------------------
+
+
+def convert(
+    model_dir,
+    output,
+    params,
+    selected=None,
+    overwrite: bool = False,
+    link: bool = False,
+    *,
+    base_model: Optional[str] = None,
+) -> Path:
+    """Export `model_dir` as a DPE checkpoint at `output`; return the output path.
+
+    `params` is a dpe_core.DPEParams; its missing lengths are defaulted (pretrain: the base
+    max_position_embeddings; target: 4 x that) and its selected_dims is set from `selected`, a bool
+    tensor [layers, heads, head_dim/2] or None (all frequencies). `base_model` is the Hub id named in the
+    model card (default: guessed from a Hugging Face cache path). DPEExportError for any bad input, raised
+    before anything is written.
+    `model_dir` may also be the ModelInfo that inspect_model returned for it, to skip reading it again.
+    """
+    info = model_dir if isinstance(model_dir, ModelInfo) else inspect_model(model_dir)
+    params = resolve_params(params, info, selected)
+    if selected is not None:
+        check_selection(selected, info)
+    if params.target_length < params.pretrain_length:
+        logger.warning(
+            "the target length (%d) is shorter than the pretraining length (%d)",
+            params.target_length,
+            params.pretrain_length,
+        )
+    output = Path(output)
+    check_output_target(output, info.model_dir, overwrite)
+    if base_model is None:
+        base_model = guess_base_model(info.model_dir)
+
+    created_parents = _make_parents(output)
+    staging = None
+    try:
+        staging = make_staging_dir(output)
+        write_export(info, params, selected, staging, link=link, base_model=base_model, model_name=output.name)
+        publish(staging, output, overwrite)
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        for parent in reversed(created_parents):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        raise
+    return output
+
+
+def write_export(
+    info: ModelInfo, params, selected, out_dir: Path, *, link: bool, base_model: Optional[str], model_name: str
+) -> None:
+    """Write every file of the export into `out_dir`; the weights last, as they take longest."""
+    write_config(info, params, out_dir)
+    write_modeling_files(info, out_dir)
+    if selected is not None:
+        write_selected_dims(selected, out_dir)
+    write_model_card(info, params, selected, out_dir, base_model, model_name)
+    copy_tokenizer_files(info.model_dir, out_dir)
+    copy_license_files(info.model_dir, out_dir)
+    copy_weights(info.model_dir, out_dir, info.weight_files, link=link)
+
+
+def output_summary(output: Path) -> list[tuple[str, int]]:
+    """(name, size in bytes) of each file in an export, sorted by name."""
+    return sorted((p.name, p.stat().st_size) for p in Path(output).iterdir() if p.is_file())
