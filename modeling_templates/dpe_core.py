@@ -290,14 +290,6 @@ def flash_attn_with_lse(q, k, v, *, scale: float, window: Optional[int] = None):
     return out.transpose(1, 2), lse
 
 
-def merge_by_lse(o1, lse1, o2, lse2):
-    """Combine two softmax attentions over disjoint key sets into the attention over their union."""
-    lse = torch.logaddexp(lse1, lse2)
-    w1 = torch.exp(lse1 - lse).unsqueeze(-1)
-    w2 = torch.exp(lse2 - lse).unsqueeze(-1)
-    return (o1.float() * w1 + o2.float() * w2).to(o1.dtype)
-
-
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     if n_rep == 1:
         return x
@@ -339,12 +331,13 @@ def dpe_attention(
     """DPE attention of the last m of n positions.
 
     q_plain / q_scaled [B, H, m, D]: queries rotated at i and at i//s + w - w//s.
-    k_both [B, Hkv, n, 2D]: keys rotated at j (first half) and at j//s (second half), as the cache holds them.
+    k_both [B, 2*Hkv, n, D]: keys rotated at j (heads 0..Hkv-1) and at j//s (heads Hkv..2*Hkv-1), as the cache
+    holds them (stacked on the head axis, so that each rotation is a contiguous slab per head).
     v [B, Hkv, n, D]. selected: bool [H, D/2] (None: every frequency). key_valid: bool [B, n] (None: all).
     backend: "eager" (scores materialised a chunk of queries at a time), "sdpa", or "flash_attention_2".
-    Returns [B, H, m, D].
+    Returns [B, m, H, D] (the layout the output projection wants; possibly not contiguous).
     """
-    m, n, d = q_plain.shape[2], k_both.shape[2], q_plain.shape[-1]
+    m, n = q_plain.shape[2], k_both.shape[2]
     if key_valid is not None and bool(key_valid.all()):
         key_valid = None
     if m != n or backend == "eager":
@@ -352,7 +345,7 @@ def dpe_attention(
     if key_valid is None:
         return _dpe_prefill(q_plain, q_scaled, k_both, v, window, scale, selected, backend)
     # Padded batch: run each row on its span of real tokens (left or right padding); pad rows output 0.
-    out = torch.zeros_like(q_plain)
+    out = q_plain.new_zeros(q_plain.shape[0], q_plain.shape[2], q_plain.shape[1], q_plain.shape[3])
     for b in range(q_plain.shape[0]):
         idx = key_valid[b].nonzero().flatten()
         if idx.numel() == 0:
@@ -362,59 +355,75 @@ def dpe_attention(
             return _dpe_attention_materialized(q_plain, q_scaled, k_both, v, window, scale, selected, key_valid)
         row = slice(b, b + 1)
         args = (q_plain[row, :, lo:hi], q_scaled[row, :, lo:hi], k_both[row, :, lo:hi], v[row, :, lo:hi])
-        out[row, :, lo:hi] = _dpe_prefill(*args, window, scale, selected, backend)
+        out[row, lo:hi] = _dpe_prefill(*args, window, scale, selected, backend)
     return out
 
 
 def _dpe_prefill(q_plain, q_scaled, k_both, v, window, scale, selected, backend):
-    """Prefill without padding or cache: a local band and a far causal part, merged by log-sum-exp."""
-    n, d, w = q_plain.shape[2], q_plain.shape[-1], window
-    k_plain, k_scaled = k_both[..., :d], k_both[..., d:]
+    """Prefill without padding or cache: local and far parts merged by log-sum-exp. Returns [B, n, H, D]."""
+    bsz, h, n, d = q_plain.shape
+    w, hkv = window, v.shape[1]
+    k_plain, k_scaled = k_both[:, :hkv], k_both[:, hkv:]
     if n <= w:
-        return attention_with_lse(q_plain, k_plain, v, scale=scale, causal=True)[0]
-    q_far, k_far = far_query_key(q_plain[:, :, w:], q_scaled[:, :, w:], k_plain[:, :, : n - w], k_scaled[:, :, : n - w], selected)
-    v_far = repeat_kv(v[:, :, : n - w], k_far.shape[1] // v.shape[1])  # keys per query head -> values too
+        return attention_with_lse(q_plain, k_plain, v, scale=scale, causal=True)[0].transpose(1, 2)
     if backend == "flash_attention_2" and q_plain.is_cuda:
-        o_loc, lse_loc = flash_attn_with_lse(q_plain, k_plain, v, scale=scale, window=w)
+        q_far, k_far = far_query_key(q_plain[:, :, w:], q_scaled[:, :, w:], k_plain[:, :, : n - w],
+                                     k_scaled[:, :, : n - w], selected)
+        v_far = repeat_kv(v[:, :, : n - w], k_far.shape[1] // hkv)
+        o_loc, lse_loc = flash_attn_with_lse(q_plain, k_plain, v, scale=scale, window=w)  # [B, n, H, D]
         o_far, lse_far = flash_attn_with_lse(q_far, k_far, v_far, scale=scale)
-        o_tail = merge_by_lse(o_loc[:, :, w:], lse_loc[:, :, w:], o_far, lse_far)
-        return torch.cat((o_loc[:, :, :w], o_tail), dim=2)
-    # Local part. Queries 0..w-1 see only keys at distance < w: plain causal attention.
-    o_head = attention_with_lse(q_plain[:, :, :w], k_plain[:, :, :w], v[:, :, :w], scale=scale, causal=True)[0]
-    o_loc, lse_loc = _local_band(q_plain, k_plain, v, w, scale)
-    # Far part. Query i >= w sees keys j <= i - w: causal attention of queries w.. over keys ..n-w.
-    o_far, lse_far = attention_with_lse(q_far, k_far, v_far, scale=scale, causal=True)
-    return torch.cat((o_head, merge_by_lse(o_loc, lse_loc, o_far, lse_far)), dim=2)
+        tail, lse_tail = o_loc[:, w:], lse_loc[:, :, w:].transpose(1, 2)
+        lse = torch.logaddexp(lse_tail, lse_far.transpose(1, 2))
+        tail.mul_(torch.exp(lse_tail - lse)[..., None])
+        tail.addcmul_(o_far, torch.exp(lse_far.transpose(1, 2) - lse)[..., None])
+        return o_loc
+
+    # Work on nb blocks of w positions; trailing pad queries are dropped at the end and pad keys are seen
+    # by pad queries only (everything below is causal).
+    nb = -(-n // w)
+    pad = nb * w - n
+    if pad:
+        q_plain, q_scaled, k_plain, k_scaled, v = (F.pad(x, (0, 0, 0, pad)) for x in (q_plain, q_scaled, k_plain, k_scaled, v))
+    o, lse_a, o_b, lse_b = local_band_blocks(q_plain, k_plain, v, w, scale)  # [B, nb, H, w, D], [B, nb, H, w]
+    # Far part: query i >= w sees keys j <= i - w, a causal attention of queries w.. over keys ..N-w.
+    m = nb * w - w
+    q_far, k_far = far_query_key(q_plain[:, :, w:], q_scaled[:, :, w:], k_plain[:, :, :m], k_scaled[:, :, :m], selected)
+    o_f, lse_f = attention_with_lse(q_far, k_far, repeat_kv(v[:, :, :m], k_far.shape[1] // hkv), scale=scale, causal=True)
+    o_f = o_f.view(bsz, h, nb - 1, w, d).transpose(1, 2)  # block layout views
+    lse_f = lse_f.view(bsz, h, nb - 1, w).transpose(1, 2)
+    # Merge, for blocks 1..: (A) own block, (B) previous block (none for the last query of a block), far.
+    la = lse_a[:, 1:]
+    lb = F.pad(lse_b, (0, 1), value=float("-inf"))
+    lse = torch.logsumexp(torch.stack((la, lb, lse_f)), dim=0)
+    tail = o[:, 1:]
+    tail.mul_(torch.exp(la - lse).unsqueeze(-1).to(o.dtype))
+    tail[..., : w - 1, :].addcmul_(o_b, torch.exp(lb - lse)[..., : w - 1].unsqueeze(-1).to(o.dtype))
+    tail.addcmul_(o_f, torch.exp(lse_f - lse).unsqueeze(-1).to(o.dtype))
+    return o.permute(0, 1, 3, 2, 4).reshape(bsz, nb * w, h, d)[:, :n]
 
 
-def _local_band(q, k, v, w: int, scale: float, block: int = 256):
-    """Attention of queries w..n-1 over keys at distance 0..w-1, in blocks of queries: ([B,H,n-w,D], lse)."""
+def local_band_blocks(q, k, v, w: int, scale: float):
+    """Causal attention limited to distances < w, as two maskless causal attentions on blocks of w.
+
+    q [B, H, N, D], k/v [B, Hkv, N, D], N a multiple of w. Query a of block b sees (A) keys 0..a of its own
+    block and (B) keys a+1..w-1 of block b-1. (A) is causal attention within each block; (B) is strictly upper
+    triangular, and with queries and keys both reversed it is causal too. Work: N*w score pairs, no mask.
+    Returns (A) out/lse [B, nb, H, w, D] / [B, nb, H, w] and (B) out/lse [B, nb-1, H, w-1, D] for queries
+    0..w-2 of blocks 1.. (query w-1 has no key in the previous block).
+    """
     bsz, h, n, d = q.shape
-    hkv = k.shape[1]
-    c = min(block, w)
-    nq = n - w
-    nb = -(-nq // c)
-    span = c + w - 1  # block b holds queries w + b*c + a (0 <= a < c) and keys b*c + 1 + e (0 <= e < span)
-    qb = F.pad(q[:, :, w:], (0, 0, 0, nb * c - nq)).view(bsz, h, nb, c, d)
-    need = nb * c + w - 1  # keys 1 .. n-1, padded at the end (pads are seen only by pad queries)
-    kp = F.pad(k[:, :, 1:], (0, 0, 0, need - (n - 1)))
-    vp = F.pad(v[:, :, 1:], (0, 0, 0, need - (n - 1)))
-    kb = kp.unfold(2, span, c).permute(0, 2, 1, 4, 3)  # [B, nb, Hkv, span, D]
-    vb = vp.unfold(2, span, c).permute(0, 2, 1, 4, 3)
-    a = torch.arange(c, device=q.device)[:, None]
-    e = torch.arange(span, device=q.device)[None, :]
-    allowed = (e >= a) & (e <= a + w - 1)  # distance (a + w - 1 - e) in [0, w)
-    mask = torch.zeros(c, span, device=q.device, dtype=q.dtype).masked_fill(~allowed, float("-inf"))
-    out, lse = attention_with_lse(
-        qb.permute(0, 2, 1, 3, 4).reshape(bsz * nb, h, c, d),
-        kb.reshape(bsz * nb, hkv, span, d),
-        vb.reshape(bsz * nb, hkv, span, d),
-        scale=scale,
-        mask=mask[None, None],
-    )
-    out = out.view(bsz, nb, h, c, d).permute(0, 2, 1, 3, 4).reshape(bsz, h, nb * c, d)[:, :, :nq]
-    lse = lse.view(bsz, nb, h, c).permute(0, 2, 1, 3).reshape(bsz, h, nb * c)[:, :, :nq]
-    return out, lse
+    hkv, nb = k.shape[1], n // w
+    qb, kb, vb = (x.view(bsz, x.shape[1], nb, w, d).transpose(1, 2) for x in (q, k, v))  # [B, nb, X, w, D]
+    o_a, lse_a = attention_with_lse(qb.reshape(bsz * nb, h, w, d), kb.reshape(bsz * nb, hkv, w, d),
+                                    vb.reshape(bsz * nb, hkv, w, d), scale=scale, causal=True)
+    o_a, lse_a = o_a.view(bsz, nb, h, w, d), lse_a.view(bsz, nb, h, w)
+    if nb == 1 or w == 1:
+        return o_a, lse_a, o_a[:, 1:, :, :0], lse_a[:, 1:, :, :0]
+    qr = qb[:, 1:, :, : w - 1].flip(3).reshape(bsz * (nb - 1), h, w - 1, d)
+    kr = kb[:, :-1, :, 1:].flip(3).reshape(bsz * (nb - 1), hkv, w - 1, d)
+    vr = vb[:, :-1, :, 1:].flip(3).reshape(bsz * (nb - 1), hkv, w - 1, d)
+    o_b, lse_b = attention_with_lse(qr, kr, vr, scale=scale, causal=True)
+    return o_a, lse_a, o_b.view(bsz, nb - 1, h, w - 1, d).flip(3), lse_b.view(bsz, nb - 1, h, w - 1).flip(3)
 
 
 def _grouped_scores(q, k):
@@ -435,15 +444,13 @@ def _grouped_values(p, v):
 def _dpe_attention_materialized(q_plain, q_scaled, k_both, v, window, scale, selected, key_valid, budget=2**25):
     """Exact DPE attention with scores materialised for a chunk of queries at a time (decode, eager, caches)."""
     bsz, h, m, d = q_plain.shape
-    n, w = k_both.shape[2], window
+    n, w, hkv = k_both.shape[2], window, v.shape[1]
     offset = n - m  # global index of the first query
-    if selected is None:
-        q_far_all, k_far_all = q_scaled, k_both[..., d:]
-    else:  # one matmul over both rotations: [q_plain on unselected | q_scaled on selected] . [k_plain | k_scaled]
+    k_plain, k_scaled = k_both[:, :hkv], k_both[:, hkv:]
+    if selected is not None:  # far scores = (q_plain on unselected) . k_plain + (q_scaled on selected) . k_scaled
         sel = torch.cat((selected, selected), dim=-1)[None, :, None, :]
         zero = torch.zeros((), dtype=q_plain.dtype, device=q_plain.device)
-        q_far_all = torch.cat((torch.where(sel, zero, q_plain), torch.where(sel, q_scaled, zero)), dim=-1)
-        k_far_all = k_both
+        q_far_plain, q_far_scaled = torch.where(sel, zero, q_plain), torch.where(sel, q_scaled, zero)
     chunk = max(1, min(m, budget // max(1, bsz * h * n)))
     outs = []
     for a in range(0, m, chunk):
@@ -452,13 +459,18 @@ def _dpe_attention_materialized(q_plain, q_scaled, k_both, v, window, scale, sel
         far_end = max(0, offset + b - w)  # keys 0..far_end-1 may be far for some query of the chunk
         loc_start = max(0, offset + a - w + 1)  # keys loc_start..offset+b-1 may be local
         j_loc = torch.arange(loc_start, offset + b, device=q_plain.device)[None, :]
-        s_loc = _grouped_scores(q_plain[:, :, a:b], k_both[:, :, loc_start : offset + b, :d]).float() * scale
+        s_loc = _grouped_scores(q_plain[:, :, a:b], k_plain[:, :, loc_start : offset + b]).float() * scale
         ok_loc = ((i - j_loc) >= 0) & ((i - j_loc) < w)
         ok_loc = ok_loc[None, None] if key_valid is None else ok_loc & key_valid[:, None, None, loc_start : offset + b]
         s_loc = s_loc.masked_fill(~ok_loc, float("-inf"))
         if far_end > 0:
             j_far = torch.arange(0, far_end, device=q_plain.device)[None, :]
-            s_far = _grouped_scores(q_far_all[:, :, a:b], k_far_all[:, :, :far_end]).float() * scale
+            if selected is None:
+                s_far = _grouped_scores(q_scaled[:, :, a:b], k_scaled[:, :, :far_end])
+            else:
+                s_far = _grouped_scores(q_far_plain[:, :, a:b], k_plain[:, :, :far_end])
+                s_far += _grouped_scores(q_far_scaled[:, :, a:b], k_scaled[:, :, :far_end])
+            s_far = s_far.float() * scale
             ok_far = (i - j_far) >= w
             ok_far = ok_far[None, None] if key_valid is None else ok_far & key_valid[:, None, None, :far_end]
             s_far = s_far.masked_fill(~ok_far, float("-inf"))
@@ -470,7 +482,7 @@ def _dpe_attention_materialized(q_plain, q_scaled, k_both, v, window, scale, sel
         if far_end > 0:
             o = o + _grouped_values(p[..., :far_end], v[:, :, :far_end])
         outs.append(o)
-    return torch.cat(outs, dim=2)
+    return torch.cat(outs, dim=2).transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -509,7 +521,7 @@ class DPEAttentionMixin:
         q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        d, m = self.head_dim, q.shape[2]
+        m = q.shape[2]
 
         past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
         position_ids = kwargs.get("position_ids")
@@ -518,8 +530,9 @@ class DPEAttentionMixin:
         cos, sin = position_embeddings
         (k_cos, k_sin), (q_cos, q_sin) = self.dpe_rope.cos_sin(position_ids, q.dtype)
         q_plain = apply_rotary(q, cos, sin)
-        # Every key enters the cache with both rotations: [plain at j | scaled at j//s].
-        k_both = torch.cat((apply_rotary(k, cos, sin), apply_rotary(k, k_cos, k_sin)), dim=-1)
+        # Every key enters the cache with both rotations, stacked on the head axis: [plain at j ; scaled at j//s].
+        hkv = k.shape[1]
+        k_both = torch.cat((apply_rotary(k, cos, sin), apply_rotary(k, k_cos, k_sin)), dim=1)
         if past_key_values is not None:
             k_both, v = past_key_values.update(k_both, v, self.layer_idx)
         n = k_both.shape[2]
@@ -531,7 +544,7 @@ class DPEAttentionMixin:
 
             interface = ALL_ATTENTION_FUNCTIONS.get_interface(backend, _eager_attention)
             out, _ = interface(
-                self, q_plain, k_both[..., :d].contiguous(), v, attention_mask,
+                self, q_plain, k_both[:, :hkv], v, attention_mask,
                 dropout=0.0, scaling=self.scaling, **kwargs,
             )
         else:
@@ -544,7 +557,7 @@ class DPEAttentionMixin:
                 q_plain, apply_rotary(q, q_cos, q_sin), k_both, v,
                 window=self.dpe_rope.window, scale=self.scaling, selected=self.dpe_selected,
                 key_valid=key_valid, backend=backend,
-            ).transpose(1, 2)
+            )
         out = out.reshape(*input_shape, -1).contiguous()
         return self.o_proj(out), None
 

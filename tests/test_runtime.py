@@ -222,14 +222,14 @@ def test_efficient_and_materialised_paths_agree(topk):
     (kc, ks), (qc, qs) = rope.cos_sin(pos, torch.float32)
     cos, sin = dpe_core.rotary_cos_sin(pos[..., None], rope.rotary.inv_freq, 1.0, torch.float32)
     qp, qsc = dpe_core.apply_rotary(q, cos, sin), dpe_core.apply_rotary(q, qc, qs)
-    kb = torch.cat((dpe_core.apply_rotary(k, cos, sin), dpe_core.apply_rotary(k, kc, ks)), dim=-1)
+    kb = torch.cat((dpe_core.apply_rotary(k, cos, sin), dpe_core.apply_rotary(k, kc, ks)), dim=1)
     sel = random_selection(1, layers=1)[0] if topk else None
     valid = torch.ones(bsz, n, dtype=torch.bool)
     valid[1, :37] = False  # left padding in the second row
     kw = dict(window=w, scale=d**-0.5, selected=sel, key_valid=valid)
     fast = dpe_core.dpe_attention(qp, qsc, kb, v, backend="sdpa", **kw)
     slow = dpe_core.dpe_attention(qp, qsc, kb, v, backend="eager", **kw)
-    keep = valid[:, None, :, None].expand_as(fast)
+    keep = valid[:, :, None, None].expand_as(fast)
     assert torch.allclose(fast[keep], slow[keep], atol=2e-5, rtol=0)
     # The far part matters here: without it the answer is different.
     local_only = dpe_core.dpe_attention(qp, qsc, kb, v, backend="eager", **{**kw, "window": n})
@@ -245,9 +245,9 @@ def test_long_prefill_never_materialises_scores(monkeypatch):
     monkeypatch.setattr(dpe_core, "_attention_with_lse_math", forbidden)
     n, d, w = 8192, 16, 512
     q, k, v = _random_qkv(1, 2, 1, n, d, 3)
-    kb = torch.cat((k, k), dim=-1)
+    kb = torch.cat((k, k), dim=1)
     out = dpe_core.dpe_attention(q, q, kb, v, window=w, scale=0.25, selected=random_selection(2, 1, 2)[0])
-    assert out.shape == q.shape and torch.isfinite(out).all()
+    assert out.shape == q.transpose(1, 2).shape and torch.isfinite(out).all()
 
 
 def _rope_for(params, d):
