@@ -24,7 +24,7 @@ from dpe_export import __version__
 from dpe_export.architectures import ARCHITECTURES, Architecture, get_architecture, supported_families
 from dpe_export.errors import DPEExportError
 from dpe_export.resources import MODELING_TEMPLATES, dpe_core_path, load_dpe_core, resource_dir
-from dpe_export.selection import SELECTED_DIMS_TENSOR, describe_selection
+from dpe_export.selection import describe_selection
 
 logger = logging.getLogger("dpe_export")
 
@@ -404,7 +404,7 @@ def write_selected_dims(selected, out_dir: Path) -> None:
 
     dpe_core = load_dpe_core()
     save_file(
-        {SELECTED_DIMS_TENSOR: selected.to("cpu").contiguous()},
+        {dpe_core.SELECTED_DIMS_TENSOR: selected.to("cpu").contiguous()},
         str(out_dir / dpe_core.SELECTED_DIMS_FILENAME),
         metadata={"format": "pt", "dpe_format_version": str(dpe_core.DPE_FORMAT_VERSION)},
     )

@@ -16,7 +16,6 @@ if TYPE_CHECKING:
     import torch
 
 SCORES_TENSOR = "scores"
-SELECTED_DIMS_TENSOR = "selected_dims"  # tensor name inside dpe_core.SELECTED_DIMS_FILENAME
 
 _PICKLE_HINT = (
     " (it looks like a pickled torch file; dpe-export never loads pickles: in a trusted environment run "

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 DPE_FORMAT_VERSION = 1
 SELECTED_DIMS_FILENAME = "dpe_selected_dims.safetensors"
+SELECTED_DIMS_TENSOR = "selected_dims"  # bool [num_hidden_layers, num_attention_heads, head_dim/2]
 MIN_TRANSFORMERS_VERSION = "5.0.0"
 
 
@@ -78,7 +79,9 @@ class DPEParams:
         missing = {"local_window_size", "scale_factors", "dimension_groups_range"} - set(d)
         if missing:
             raise ValueError(f"the dpe config section lacks {', '.join(sorted(missing))}")
-        version = int(d.get("version", DPE_FORMAT_VERSION))
+        version = d.get("version", DPE_FORMAT_VERSION)
+        if not _is_int(version):
+            raise ValueError(f"the dpe format version must be an integer, got {version!r}")
         if version > DPE_FORMAT_VERSION:
             raise ValueError(f"dpe format version {version} is newer than this code ({DPE_FORMAT_VERSION})")
         return cls(**{k: v for k, v in d.items() if k in known})
@@ -123,6 +126,9 @@ class DPEParams:
             v = getattr(self, name)
             if v is not None and (not _is_int(v) or v < 1):
                 raise ValueError(f"{name.replace('_', ' ')} must be a positive integer, got {v!r}")
+        sel = self.selected_dims
+        if sel is not None and (not isinstance(sel, str) or not sel or "/" in sel or "\\" in sel or sel.startswith(".")):
+            raise ValueError(f"selected_dims must be a file name beside config.json, got {sel!r}")
         if self.target_length is not None and self.target_length <= w:
             raise ValueError(f"the target length ({self.target_length}) must exceed the local window ({w})")
         return self
@@ -670,7 +676,7 @@ class DPEForCausalLMMixin:
             hub = {k: kwargs[k] for k in ("cache_dir", "force_download", "local_files_only", "token",
                                           "revision", "subfolder") if k in kwargs}
             path = cached_file(str(pretrained_model_name_or_path), name, **hub)
-            set_dpe_selection(model, load_file(path)["selected_dims"])
+            set_dpe_selection(model, load_file(path)[SELECTED_DIMS_TENSOR])
         return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -681,7 +687,7 @@ class DPEForCausalLMMixin:
 
             from safetensors.torch import save_file
 
-            save_file({"selected_dims": self.dpe_selected_dims.cpu().contiguous()}, os.path.join(save_directory, name))
+            save_file({SELECTED_DIMS_TENSOR: self.dpe_selected_dims.cpu().contiguous()}, os.path.join(save_directory, name))
 
     # The explicit signature matters: generate() inspects it to decide whether to pass position_ids.
     def forward(
