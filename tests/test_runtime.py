@@ -261,3 +261,26 @@ def _rope_for(params, d):
         rotary_emb = Rotary()
 
     return dpe_core.DPERope(Decoder(), params)
+
+
+def test_flash_attention_without_the_package_is_a_clear_error(tmp_path):
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("flash-attn is installed here")
+    base = save_tiny_model(tmp_path / "base", "llama")
+    out = convert(base, tmp_path / "out", 4, [2, 4])
+    with pytest.raises(ImportError, match="FlashAttention2|flash-attn"):
+        load_export(out, "flash_attention_2")
+    with pytest.raises(ImportError, match="pip install flash-attn"):
+        dpe_core._require_flash_attn()
+
+
+def test_generated_code_refuses_transformers_4_with_a_clear_message(monkeypatch):
+    import transformers
+
+    monkeypatch.setattr(transformers, "__version__", "4.57.1")
+    with pytest.raises(ImportError, match=r"needs transformers>=5.0.0, but transformers 4.57.1 is installed"):
+        dpe_core.check_transformers_version()
