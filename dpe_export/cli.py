@@ -1,4 +1,4 @@
-"""The dpe-export command line. Commands are thin: the work lives in export, presets and selection."""
+"""The dpe-export command line. Commands are thin: the work lives in export, presets, selection, evaluate."""
 from __future__ import annotations
 
 import logging
@@ -19,6 +19,7 @@ Examples:
   dpe-export convert ./Meta-Llama-3-8B-Instruct -o ./llama3-dpe --preset meta-llama-3-8b-instruct
   dpe-export convert ./my-llama -o ./my-llama-dpe --window 1024 --scale-factors 2,8,2,8,32,32,32,4
   dpe-export presets
+  dpe-export eval ./my-llama-dpe --task passkey --lengths 4096,8192 --json scores.json
 
 The exported directory loads with
 AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True) (transformers>=5).
@@ -349,3 +350,129 @@ def presets_command(name: Optional[str]) -> None:
             click.echo(f"    scale factors:    {', '.join(map(str, p.scale_factors))}")
             click.echo(f"    dimension groups: {', '.join(map(str, p.dimension_groups_range))}")
             click.echo(f"    target length:    {p.target_length}")
+
+
+EVAL_EPILOG = """\b
+Examples:
+  # pass-key retrieval of a base model at and beyond its training length, 10 prompts per depth
+  dpe-export eval ./my-llama --task passkey --lengths 4096,8192,16384 --json base.json --plot base.png
+  # the same prompts with baselines applied on the fly (nothing is written)
+  dpe-export eval ./my-llama --task passkey --lengths 4096,8192,16384 --method yarn:4
+  dpe-export eval ./my-llama --task passkey --lengths 4096,8192,16384 --method self-extend:1024,8
+  # a DPE export (its own settings; no --method)
+  dpe-export eval ./my-llama-dpe --task niah --lengths 16k,32k --needles 4 --batch-size 4 --device cuda
+  # perplexity of held-out text at several lengths
+  dpe-export eval ./my-llama-dpe --task ppl --lengths 2048,8192 --samples 4
+
+\b
+Methods (--method, base models only):
+  none               the model as it is (default)
+  linear:F           position interpolation: positions divided by F
+  dynamic:F          dynamic NTK scaling with factor F
+  yarn:F             YaRN with factor F (original length = the model's max_position_embeddings)
+  self-extend:W,G    SelfExtend: plain RoPE within W tokens, positions grouped by G beyond
+  dpe:W,S1,...,SG    DPE, window W, one integer scale per group (an even split of head_dim/2)
+"""
+
+
+def _length_list(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[list[int]]:
+    if value is None:
+        return None
+    out = []
+    for item in value.replace(",", " ").split():
+        text = item.lower()
+        mult = 1024 if text.endswith("k") else 1
+        try:
+            n = int(text[:-1] if mult > 1 else text) * mult
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise click.BadParameter(f"give comma-separated positive token counts, e.g. 1024,2048 or 4k,8k; got {value!r}")
+        out.append(n)
+    if not out:
+        raise click.BadParameter("give comma-separated positive token counts, e.g. 1024,2048 or 4k,8k")
+    return list(dict.fromkeys(out))
+
+
+def _depth_list(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[list[float]]:
+    if value is None:
+        return None
+    try:
+        out = [float(x) for x in value.replace(",", " ").split()]
+    except ValueError:
+        out = []
+    if not out or not all(0.0 <= d <= 1.0 for d in out):
+        raise click.BadParameter(f"give comma-separated depths between 0 and 1, e.g. 0,0.5,1; got {value!r}")
+    return list(dict.fromkeys(out))
+
+
+@main.command("eval", epilog=EVAL_EPILOG)
+@click.argument("model_dir", metavar="MODEL", type=click.Path(path_type=Path))
+@click.option("--task", type=click.Choice(["passkey", "niah", "ppl"]), default="passkey", show_default=True,
+              help="passkey: one 5-digit pass key hidden in filler; niah: several 6-digit needles per context, "
+              "each asked for in turn (score: fraction retrieved); ppl: perplexity of held-out text.")
+@click.option("--lengths", required=True, callback=_length_list, metavar="N1,N2,...",
+              help="Prompt lengths in tokens (exact), e.g. 1024,2048,4096 or 4k,8k.")
+@click.option("--samples", type=click.IntRange(min=1), default=10, show_default=True, metavar="N",
+              help="passkey: prompts per (length, depth); niah: needles asked per (length, depth); "
+              "ppl: text windows per length.")
+@click.option("--depths", callback=_depth_list, metavar="D1,D2,...",
+              help="Needle depths, 0 = right after the instructions, 1 = right before the question "
+              "[default: 0,0.25,0.5,0.75,1]. niah: each context puts its needles at different depths of this "
+              "grid, in turn, so every depth gets --samples needles. Not used by ppl.")
+@click.option("--needles", type=click.IntRange(min=1), metavar="K",
+              help="niah only: needles per context (each queried once)  [default: 4]")
+@click.option("--method", default="none", show_default=True, metavar="SPEC",
+              help="Baseline applied to a base model when it is loaded, without writing anything: none, "
+              "linear:F, dynamic:F, yarn:F, self-extend:W,G or dpe:W,S1,...,SG (see below).")
+@click.option("--haystack", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="FILE",
+              help="Text file to use as filler (passkey/niah) or as the text (ppl) instead of the generated "
+              "haystack; repeated if too short.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), metavar="OUT.json",
+              help="Write the results: one record per (length, depth) with accuracy and sample count.")
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), metavar="OUT.png",
+              help="Save a depth x length accuracy heatmap (ppl: perplexity by length). Needs matplotlib.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Fixes prompts, needles and text; the same command gives the same numbers.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, metavar="B",
+              help="Prompts run together (all prompts of a length have the same length: no padding).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto: cuda when available.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, help="auto: float32 on CPU, bfloat16 on CUDA.")
+@click.option("--attn", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True,
+              help="Attention implementation.")
+@click.option("--no-progress", is_flag=True, help="Do not show the progress bar (stderr).")
+def eval_command(
+    model_dir: Path, task: str, lengths: list[int], samples: int, depths: Optional[list[float]],
+    needles: Optional[int], method: str, haystack: Optional[Path], json_out: Optional[Path],
+    plot_out: Optional[Path], seed: int, batch_size: int, device: str, dtype: str, attn: str, no_progress: bool,
+) -> None:
+    """Evaluate MODEL on pass-key retrieval, multi-needle NIAH or perplexity at the given lengths.
+
+    MODEL is a base checkpoint directory or a DPE export (loaded with trust_remote_code=True). Prompts are
+    exactly the requested number of tokens. Prints a table (per length and depth: accuracy and sample count,
+    plus an `all` row per length); --json and --plot save the results. Generation is greedy.
+    """
+    if task == "ppl" and depths is not None:
+        raise click.UsageError("--depths applies to passkey and niah, not to ppl")
+    if task != "niah" and needles is not None:
+        raise click.UsageError("--needles applies to --task niah only")
+    _setup_logging()
+    _quiet_transformers()
+    from dpe_export import evaluate, report
+    from dpe_export.methods import parse_method
+
+    spec = parse_method(method)
+    if plot_out is not None:
+        report.require_matplotlib()
+    result = evaluate.run_eval(
+        model_dir, task, lengths, samples=samples, depths=depths,
+        needles=evaluate.DEFAULT_NEEDLES if needles is None else needles, method=spec, haystack=haystack,
+        seed=seed, batch_size=batch_size, device=device, dtype=dtype, attn=attn, progress=not no_progress,
+    )
+    click.echo(report.format_table(result))
+    if json_out is not None:
+        click.echo(f"Wrote {report.write_json(result, json_out)}")
+    if plot_out is not None:
+        click.echo(f"Wrote {report.plot_result(result, plot_out)}")
