@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +20,7 @@ Examples:
   dpe-export convert ./Meta-Llama-3-8B-Instruct -o ./llama3-dpe --preset meta-llama-3-8b-instruct
   dpe-export convert ./my-llama -o ./my-llama-dpe --window 1024 --scale-factors 2,8,2,8,32,32,32,4
   dpe-export presets
+  dpe-export push ./my-llama-dpe --repo-id my-org/my-llama-dpe
   dpe-export eval ./my-llama-dpe --task passkey --lengths 4096,8192 --json scores.json
 
 The exported directory loads with
@@ -38,6 +40,9 @@ Examples:
   dpe-export convert ./my-llama -o ./out --preset meta-llama-3-8b-instruct --dim-scores scores.safetensors --topk 48
   # a preset with one value changed; hard-link the weights instead of copying them
   dpe-export convert ./Qwen2.5-7B-Instruct -o ./qwen-dpe --preset qwen2.5-7b-instruct --window 2048 --link
+  # calibration grid (and eval*.json beside it) in the model card, then publish to the Hub
+  dpe-export convert ./my-llama -o ./out --preset meta-llama-3-8b-instruct --calibration runs/calibration.json \\
+      --push --repo-id my-org/my-llama-dpe
 
 Supported families: llama, mistral (full attention only), qwen2. The weights must be safetensors
 (model.safetensors or a sharded index); pickled checkpoints are refused, never loaded.
@@ -248,6 +253,30 @@ def main(ctx: click.Context) -> None:
     help="Hard-link the weight files instead of copying them (same file system only; falls back to copying "
     "with a warning). Saves disk space and time; the export then shares the files with MODEL_DIR.",
 )
+@click.option(
+    "--calibration", "calibration_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+    help="calibration.json with the (group, scale) score grid, shown in the model card as a table and a "
+    "heatmap; see dpe_export/card.py for its shape. eval*.json files beside it are shown too.",
+)
+@click.option(
+    "--eval-json", "eval_json", multiple=True, type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
+    help="Results of dpe-export eval --json (base model and DPE) for the model card's evaluation table; "
+    "repeat for several runs.",
+)
+@click.option(
+    "--push", is_flag=True, help="After exporting, publish OUT to the Hub repo --repo-id (as dpe-export push)."
+)
+@click.option("--repo-id", metavar="ORG/NAME", help="Hub repo to publish to with --push; also named in the model card.")
+@click.option(
+    "--private", is_flag=True, help="With --push: create the repo private (an existing repo keeps its visibility)."
+)
+@click.option(
+    "--revision", metavar="BRANCH", help="With --push: the branch to commit to (created if needed). Default: main."
+)
+@click.option("--commit-message", metavar="MSG", help="With --push: the commit message.")
+@click.option(
+    "--dry-run", is_flag=True, help="With --push: export, then list what would be uploaded, without uploading."
+)
 def convert_command(
     model_dir: Path,
     output: Path,
@@ -262,6 +291,14 @@ def convert_command(
     base_model: Optional[str],
     overwrite: bool,
     link: bool,
+    calibration_file: Optional[Path] = None,
+    eval_json: tuple[Path, ...] = (),
+    push: bool = False,
+    repo_id: Optional[str] = None,
+    private: bool = False,
+    revision: Optional[str] = None,
+    commit_message: Optional[str] = None,
+    dry_run: bool = False,
 ) -> None:
     """Convert the checkpoint in MODEL_DIR into a DPE checkpoint at OUT.
 
@@ -273,7 +310,20 @@ def convert_command(
     """
     if (dim_scores is None) != (topk is None):
         raise click.UsageError("--dim-scores and --topk go together: give both or neither")
+    push_only = [name for name, given in (("--private", private), ("--revision", revision is not None),
+                 ("--commit-message", commit_message is not None), ("--dry-run", dry_run)) if given]
+    if push_only and not push:
+        raise click.UsageError(f"{push_only[0]} needs --push")
+    if push and not repo_id:
+        raise click.UsageError("--push needs --repo-id ORG/NAME")
     _setup_logging()
+    card_inputs = _card_inputs(calibration_file, eval_json)
+    if repo_id is not None:
+        from dpe_export import publish
+
+        publish.check_repo_id(repo_id)
+        if push:
+            publish.check_push_ready(repo_id, dry_run=dry_run)
     _quiet_transformers()
     from dpe_export import export
     from dpe_export.presets import load_preset
@@ -312,7 +362,10 @@ def convert_command(
     if base_model is None and chosen is not None and chosen.model_type == info.architecture.model_type:
         base_model = chosen.base_model
 
-    out = export.convert(info, output, params, selected, overwrite=overwrite, link=link, base_model=base_model)
+    out = export.convert(
+        info, output, params, selected, overwrite=overwrite, link=link, base_model=base_model, repo_id=repo_id,
+        **card_inputs,
+    )
 
     from dpe_export.selection import describe_selection
 
@@ -328,6 +381,59 @@ def convert_command(
         click.echo(f"  {name:<{width}}  {_human_size(size):>10}")
     click.echo(f"  {'total':<{width}}  {_human_size(sum(size for _, size in files)):>10}")
     click.echo(f"Load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    if push:
+        _push(out, repo_id, private=private, revision=revision, commit_message=commit_message, dry_run=dry_run,
+              after_convert=True)
+
+
+def _card_inputs(calibration_file: Optional[Path], eval_json) -> dict[str, Any]:
+    """calibration and eval_records for export.convert, read (and checked) before anything is written."""
+    from dpe_export import card
+
+    calibration = card.load_calibration(calibration_file) if calibration_file is not None else None
+    eval_files = list(eval_json)
+    if not eval_files and calibration_file is not None:
+        eval_files = card.find_eval_files(calibration_file)
+    eval_records = card.load_eval_records(eval_files) if eval_files else None
+    return {"calibration": calibration, "eval_records": eval_records}
+
+
+def _push(out: Path, repo_id: str, *, private: bool, revision: Optional[str], commit_message: Optional[str],
+          dry_run: bool, after_convert: bool = False) -> None:
+    from dpe_export import publish
+
+    hint = None
+    if after_convert:  # running convert again would stop at the existing output: say how to finish instead
+        hint = "the export is complete; finish the upload with: "
+        hint += f"dpe-export push {shlex.quote(str(out))} --repo-id {repo_id}"
+        hint += f" --revision {shlex.quote(revision)}" if revision else ""
+        hint += " --private" if private else ""
+    publish.push(out, repo_id, private=private, revision=revision, commit_message=commit_message, dry_run=dry_run,
+                 echo=click.echo, retry_hint=hint)
+
+
+@main.command("push")
+@click.argument("out", metavar="OUT", type=click.Path(path_type=Path))
+@click.option("--repo-id", required=True, metavar="ORG/NAME", help="The Hub repo to publish to (created if needed).")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing repo keeps its visibility).")
+@click.option("--revision", metavar="BRANCH", help="The branch to commit to (created if needed). Default: main.")
+@click.option("--commit-message", metavar="MSG", help="The commit message.")
+@click.option("--dry-run", is_flag=True, help="List the files that would be uploaded, with sizes, and upload nothing.")
+def push_command(out: Path, repo_id: str, private: bool, revision: Optional[str], commit_message: Optional[str],
+                 dry_run: bool) -> None:
+    """Publish the DPE export in OUT to the Hugging Face Hub repo ORG/NAME.
+
+    huggingface_hub does the upload: the token comes from HF_TOKEN or the stored login (hf auth login), the
+    repo is created if it does not exist, and the new and changed files go up in one commit; files the repo
+    already has are not uploaded again, so re-running a push that failed finishes it. OUT is only read.
+
+    \b
+    Examples:
+      dpe-export push ./llama3-dpe --repo-id my-org/Llama-3-8B-Instruct-DPE --dry-run
+      dpe-export push ./llama3-dpe --repo-id my-org/Llama-3-8B-Instruct-DPE --private
+    """
+    _setup_logging()
+    _push(out, repo_id, private=private, revision=revision, commit_message=commit_message, dry_run=dry_run)
 
 
 @main.command("presets")

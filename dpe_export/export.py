@@ -10,7 +10,6 @@ import copy
 import errno
 import json
 import logging
-import math
 import os
 import re
 import secrets
@@ -24,7 +23,6 @@ from dpe_export import __version__
 from dpe_export.architectures import ARCHITECTURES, Architecture, get_architecture, supported_families
 from dpe_export.errors import DPEExportError
 from dpe_export.resources import MODELING_TEMPLATES, dpe_core_path, load_dpe_core, resource_dir
-from dpe_export.selection import describe_selection
 
 logger = logging.getLogger("dpe_export")
 
@@ -542,59 +540,29 @@ def guess_base_model(model_dir: Path) -> Optional[str]:
     return f"{m.group(1)}/{m.group(2)}" if m else None
 
 
-def group_rows(info: ModelInfo, params) -> list[dict[str, Any]]:
-    """One row per dimension group: frequency index range, wavelength range (tokens), scale factor."""
-    rope = getattr(info.config, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(info.config, "rope_theta", None)) if isinstance(rope, dict) else None
-    b = params.dimension_groups_range
-    rows = []
-    for g, scale in enumerate(params.scale_factors):
-        first, last = b[g], b[g + 1] - 1
-        row = {"index": g, "first": first, "last": last, "scale": scale, "wavelengths": None}
-        if theta:
-            wl = [2 * math.pi * float(theta) ** (2 * f / info.head_dim) for f in (first, last)]
-            row["wavelengths"] = f"{_format_tokens(wl[0])} – {_format_tokens(wl[1])}"
-        rows.append(row)
-    return rows
-
-
-def _format_tokens(x: float) -> str:
-    if x < 100:
-        return f"{x:.1f}"
-    if x < 1e7:
-        return f"{x:,.0f}"
-    return f"{x:.3g}"
-
-
-def _yaml_str(value: Any) -> str:
-    """A YAML scalar for front matter: JSON quoting is valid YAML and escapes everything that needs it."""
-    return json.dumps(str(value), ensure_ascii=False)
-
-
-def _md_cell(value: Any) -> str:
-    return " ".join(str(value).split()).replace("|", "\\|")
-
-
 def write_model_card(
-    info: ModelInfo, params, selected, out_dir: Path, base_model: Optional[str], model_name: str
+    info: ModelInfo,
+    params,
+    selected,
+    out_dir: Path,
+    base_model: Optional[str],
+    model_name: str,
+    *,
+    repo_id: Optional[str] = None,
+    calibration: Optional[dict[str, Any]] = None,
+    eval_records: Optional[Sequence[dict[str, Any]]] = None,
+    export_dir: Optional[Path] = None,
 ) -> None:
-    """README.md from the model card template: front matter, what DPE is, the settings, usage, citation."""
-    arch = info.architecture
-    variables = {
-        "model_name": model_name,
-        "base_model": base_model,
-        "family": arch.display_name,
-        "dpe_causal_lm_class": arch.dpe_causal_lm_class,
-        "params": params.to_dict(),
-        "groups": group_rows(info, params),
-        "head_dim": info.head_dim,
-        "num_freqs": info.num_freqs,
-        "selection": describe_selection(selected),
-        "rope_type": (getattr(info.config, "rope_parameters", None) or {}).get("rope_type", "default"),
-        "tool_version": __version__,
-    }
-    text = render_template(model_card_template_path(), variables, {"yaml_str": _yaml_str, "md": _md_cell})
-    (out_dir / MODEL_CARD_FILE).write_text(text, encoding="utf-8")
+    """README.md (and its PNG images) from the model card template; see dpe_export.card.
+
+    `export_dir` is where the export ends up (out_dir may be a staging directory).
+    """
+    from dpe_export import card
+
+    card.write_model_card(
+        info, params, selected, out_dir, base_model=base_model, model_name=model_name, repo_id=repo_id,
+        calibration=calibration, eval_records=eval_records, export_dir=export_dir or out_dir,
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -611,14 +579,18 @@ def convert(
     link: bool = False,
     *,
     base_model: Optional[str] = None,
+    repo_id: Optional[str] = None,
+    calibration: Optional[dict[str, Any]] = None,
+    eval_records: Optional[Sequence[dict[str, Any]]] = None,
 ) -> Path:
     """Export `model_dir` as a DPE checkpoint at `output`; return the output path.
 
     `params` is a dpe_core.DPEParams; its missing lengths are defaulted (pretrain: the base
     max_position_embeddings; target: 4 x that) and its selected_dims is set from `selected`, a bool
     tensor [layers, heads, head_dim/2] or None (all frequencies). `base_model` is the Hub id named in the
-    model card (default: guessed from a Hugging Face cache path). DPEExportError for any bad input, raised
-    before anything is written.
+    model card (default: guessed from a Hugging Face cache path); `repo_id` the Hub repo the card names (default:
+    the output directory's name); `calibration` and `eval_records` optional card sections (see dpe_export.card).
+    DPEExportError for any bad input, raised before anything is written.
     `model_dir` may also be the ModelInfo that inspect_model returned for it, to skip reading it again.
     """
     info = model_dir if isinstance(model_dir, ModelInfo) else inspect_model(model_dir)
@@ -635,12 +607,22 @@ def convert(
     check_output_target(output, info.model_dir, overwrite)
     if base_model is None:
         base_model = guess_base_model(info.model_dir)
+    if calibration is not None:
+        from dpe_export.card import normalize_calibration
+
+        try:
+            calibration = normalize_calibration(calibration, info.num_freqs)
+        except ValueError as e:
+            raise DPEExportError(f"invalid calibration: {e}") from None
 
     created_parents = _make_parents(output)
     staging = None
     try:
         staging = make_staging_dir(output)
-        write_export(info, params, selected, staging, link=link, base_model=base_model, model_name=output.name)
+        write_export(
+            info, params, selected, staging, link=link, base_model=base_model, model_name=output.name,
+            repo_id=repo_id, calibration=calibration, eval_records=eval_records, export_dir=output,
+        )
         publish(staging, output, overwrite)
     except BaseException:
         if staging is not None:
@@ -655,14 +637,28 @@ def convert(
 
 
 def write_export(
-    info: ModelInfo, params, selected, out_dir: Path, *, link: bool, base_model: Optional[str], model_name: str
+    info: ModelInfo,
+    params,
+    selected,
+    out_dir: Path,
+    *,
+    link: bool,
+    base_model: Optional[str],
+    model_name: str,
+    repo_id: Optional[str] = None,
+    calibration: Optional[dict[str, Any]] = None,
+    eval_records: Optional[Sequence[dict[str, Any]]] = None,
+    export_dir: Optional[Path] = None,
 ) -> None:
     """Write every file of the export into `out_dir`; the weights last, as they take longest."""
     write_config(info, params, out_dir)
     write_modeling_files(info, out_dir)
     if selected is not None:
         write_selected_dims(selected, out_dir)
-    write_model_card(info, params, selected, out_dir, base_model, model_name)
+    write_model_card(
+        info, params, selected, out_dir, base_model, model_name,
+        repo_id=repo_id, calibration=calibration, eval_records=eval_records, export_dir=export_dir,
+    )
     copy_tokenizer_files(info.model_dir, out_dir)
     copy_license_files(info.model_dir, out_dir)
     copy_weights(info.model_dir, out_dir, info.weight_files, link=link)

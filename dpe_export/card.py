@@ -1,0 +1,678 @@
+"""The model card (README.md) of an export, and the values, tables and images that go into it.
+
+The card is rendered from ``modeling_templates/model_card.md.jinja``. Every value that comes from the user or
+from the base model's files (model and repo names, the base model id, its license, the run labels of evaluation
+results) passes through one of the escaping filters below, so that no such value can break the YAML front
+matter, the Markdown, or the Python snippet of the card. The generated modeling files never see these values:
+their only template variables come from the architecture registry (``architectures.py``).
+
+Calibration (optional; ``convert --calibration FILE``). A JSON object::
+
+    {
+      "groups": [[0, 8], [8, 16], ...],   # one [first, end) range of rotary frequencies per dimension group,
+                                          # or the boundary list [0, 8, 16, ..., head_dim/2]
+      "scales": [1, 2, 4, 8, 16, 32],     # the candidate scale factors tried (grid columns)
+      "grid":   [[0.25, 0.5, ...], ...],  # one score per scale, one row per group (null: not measured)
+      "chosen": [2, 8, ...],              # optional: the scale picked for each group
+      "metric": "passkey accuracy",       # optional: what the scores are
+      "higher_is_better": true,           # optional, default true
+      "length": 32768, "window": 1024     # optional: the context length and window the grid was measured at
+    }
+
+It is drawn as a heatmap (``dpe_calibration.png``) and also written as a Markdown table.
+
+Evaluation results (optional; ``convert --eval-json FILE``, repeatable, or the ``eval*.json`` files beside the
+calibration file): the JSON that ``dpe-export eval --json`` writes (an object with a ``records`` list), a bare
+list of records, or a list of such objects. A record is one (length, depth) cell of one run::
+
+    {"task": "passkey", "model": "./llama", "method": "none", "length": 4096, "depth": 0.5,
+     "accuracy": 0.9, "samples": 10}                       # retrieval tasks
+    {"task": "ppl", "model": "./llama-dpe", "method": "none", "length": 4096, "perplexity": 7.1,
+     "samples": 4, "tokens": 16380, "nll": 32140.2}        # perplexity
+
+Records are grouped by task, by run (model and method) and by length; the card shows one table per task, one
+row per length and one column per run, the base model's runs first (accuracy weighted by samples; perplexity
+from the summed negative log-likelihood when records carry it).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+from dpe_export.errors import DPEExportError
+
+logger = logging.getLogger("dpe_export")
+
+CALIBRATION_FILE = "calibration.json"
+CALIBRATION_IMAGE = "dpe_calibration.png"
+SELECTION_IMAGE = "dpe_selected_dims.png"
+EVAL_FILE_GLOB = "eval*.json"
+MATPLOTLIB_MISSING = (
+    "matplotlib is not installed, so the model card has no images (pip install matplotlib, "
+    "or: pip install 'dpe-export[plot]')"
+)
+
+DPE_PAPER = "arXiv 2504.18857"
+POSITIONAL_HEADS_PAPER = "arXiv 2410.08703"
+
+# A Hub repo id (optionally namespaced) and a Hub license id: only such values become links / license ids.
+_HUB_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,95})(?:/[A-Za-z0-9](?:[A-Za-z0-9._-]{0,95}))?$")
+_LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]{0,63}$")
+_SAFE_LINK = re.compile(r"^(?:https?://[A-Za-z0-9._~:/?#@!$&'()*+,;=%-]{1,400}|[A-Za-z0-9._-]{1,100})$")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Escaping
+# ----------------------------------------------------------------------------------------------------------
+
+# Characters YAML does not accept raw in a stream, or reads as line breaks (NEL, LS, PS), and the BOM;
+# JSON leaves them unescaped with ensure_ascii=False. Lone surrogates cannot be encoded at all.
+_YAML_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff\ud800-\udfff]")
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\ufeff\ud800-\udfff]")
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]#|~$])")
+
+
+def yaml_str(value: Any) -> str:
+    """A double-quoted YAML scalar: JSON string syntax, which YAML reads, with every risky character escaped."""
+    return _YAML_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", json.dumps(str(value), ensure_ascii=False))
+
+
+def md_text(value: Any) -> str:
+    """Inline Markdown text (also a table cell): one line, Markdown syntax backslash-escaped, no raw HTML."""
+    text = " ".join(_CONTROL.sub(" ", str(value)).split())
+    text = _MD_SPECIAL.sub(r"\\\1", text)
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def py_str(value: Any) -> str:
+    """A Python string literal that is safe inside a Markdown code fence (ASCII, no backticks, no HTML)."""
+    text = json.dumps(str(value), ensure_ascii=True)
+    return text.replace("`", "\\u0060").replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
+def hub_id_or_none(value: Optional[str]) -> Optional[str]:
+    """`value` if it has the form of a Hub repo id (so it can be linked), else None."""
+    return value if isinstance(value, str) and _HUB_ID.match(value) and ".." not in value else None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The base model's license
+# ----------------------------------------------------------------------------------------------------------
+
+
+def read_base_license(model_dir: Path, raw_config: Optional[dict] = None) -> dict[str, str]:
+    """The base model's license from its README.md front matter (else config.json): {} when it says none.
+
+    Returns {"license": id} with a Hub-style id, plus license_name / license_link when the card gives them in a
+    safe form. A license string that is not a plain id becomes {"license": "other", "license_text": <it>}: the
+    front matter keeps a valid id and the card body shows the original text (escaped).
+    """
+    meta: dict[str, Any] = {}
+    readme = Path(model_dir) / "README.md"
+    if readme.is_file():
+        try:
+            meta = _front_matter(readme.read_text(encoding="utf-8", errors="replace"))
+        except Exception as e:  # a broken card is the base model's problem, not a reason to fail the export
+            logger.warning("cannot read the front matter of %s (%s); the card will not name a license", readme, e)
+            meta = {}
+    value = meta.get("license")
+    if value is None and isinstance(raw_config, dict):
+        value = raw_config.get("license")
+    if isinstance(value, list) and value:
+        value = value[0]
+    if not isinstance(value, str) or not value.strip():
+        return {}
+    value = value.strip()
+    out: dict[str, str] = {}
+    if _LICENSE_ID.match(value):
+        out["license"] = value
+    else:
+        out["license"] = "other"
+        out["license_text"] = value
+    for key in ("license_name", "license_link"):
+        v = meta.get(key)
+        if isinstance(v, str) and v.strip():
+            v = v.strip()
+            ok = _LICENSE_ID.match(v) if key == "license_name" else _SAFE_LINK.match(v)
+            if ok:
+                out[key] = v
+    return out
+
+
+def _front_matter(text: str) -> dict[str, Any]:
+    """The YAML front matter of a model card as a dict ({} when there is none), with huggingface_hub's parser."""
+    from huggingface_hub import ModelCard
+
+    data = ModelCard(text, ignore_metadata_errors=True).data.to_dict()
+    return data if isinstance(data, dict) else {}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameter table
+# ----------------------------------------------------------------------------------------------------------
+
+
+def effective_distance(window: int, scale: float, pretrain_length: int) -> int:
+    """The largest query-key distance a group with `scale` sees within its pretraining range: w + s * (L - w).
+
+    Beyond the window a distance d is seen as about w + (d - w) / s, which stays below the pretraining length L
+    up to d = w + s * (L - w). With scale 1 this is L itself.
+    """
+    return int(window + scale * (pretrain_length - window))
+
+
+def group_rows(params: dict[str, Any], head_dim: int, theta: Optional[float], selected=None) -> list[dict[str, Any]]:
+    """One row per dimension group: frequencies, wavelengths, scale, effective distance, share selected."""
+    b = params["dimension_groups_range"]
+    w, pre, target = params["local_window_size"], params["pretrain_length"], params["target_length"]
+    rows = []
+    for g, scale in enumerate(params["scale_factors"]):
+        first, last = b[g], b[g + 1] - 1
+        eff = effective_distance(w, scale, pre)
+        row = {
+            "index": g,
+            "first": first,
+            "last": last,
+            "scale": scale,
+            "wavelengths": None,
+            "effective": f"{eff:,}",
+            "covers_target": target is not None and eff >= target,
+            "selected": None,
+        }
+        if theta:
+            wl = [2 * math.pi * float(theta) ** (2 * f / head_dim) for f in (first, last)]
+            row["wavelengths"] = f"{format_tokens(wl[0])} – {format_tokens(wl[1])}"
+        if selected is not None:
+            part = selected[..., first : last + 1]
+            row["selected"] = f"{100.0 * float(part.float().mean()):.0f}%"
+        rows.append(row)
+    return rows
+
+
+def format_tokens(x: float) -> str:
+    if x < 100:
+        return f"{x:.1f}"
+    if x < 1e7:
+        return f"{x:,.0f}"
+    return f"{x:.3g}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Calibration
+# ----------------------------------------------------------------------------------------------------------
+
+
+def load_calibration(path) -> dict[str, Any]:
+    """Read and check a calibration JSON file (shape in the module docstring); DPEExportError when invalid."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DPEExportError(f"cannot read calibration file {path}: {e}") from None
+    try:
+        return normalize_calibration(data)
+    except ValueError as e:
+        raise DPEExportError(f"calibration file {path}: {e}") from None
+
+
+def normalize_calibration(data: Any, num_freqs: Optional[int] = None) -> dict[str, Any]:
+    """Check a calibration dict and return it with groups as [first, end) pairs; ValueError with the reason."""
+    if not isinstance(data, dict):
+        raise ValueError("must be a JSON object with groups, scales and grid")
+    groups, scales, grid = data.get("groups"), data.get("scales"), data.get("grid")
+    if not isinstance(groups, list) or not groups:
+        raise ValueError("'groups' must be a non-empty list")
+    if all(_is_int(x) for x in groups):  # boundary list
+        if len(groups) < 2 or any(a >= b for a, b in zip(groups, groups[1:])):
+            raise ValueError("'groups' as boundaries must be at least two strictly increasing integers")
+        pairs = [[int(a), int(b)] for a, b in zip(groups, groups[1:])]
+    elif all(isinstance(p, list) and len(p) == 2 and all(_is_int(x) for x in p) and p[0] < p[1] for p in groups):
+        pairs = [[int(p[0]), int(p[1])] for p in groups]
+    else:
+        raise ValueError("'groups' must be [first, end) pairs or a list of boundaries")
+    if num_freqs is not None and pairs[-1][1] > num_freqs:
+        raise ValueError(f"'groups' go up to frequency {pairs[-1][1]}, but the model has {num_freqs}")
+    if not isinstance(scales, list) or not scales or not all(_is_number(s) and s > 0 for s in scales):
+        raise ValueError("'scales' must be a non-empty list of positive numbers")
+    if not isinstance(grid, list) or len(grid) != len(pairs):
+        raise ValueError(f"'grid' must have one row per group ({len(pairs)})")
+    rows = []
+    for i, row in enumerate(grid):
+        if not isinstance(row, list) or len(row) != len(scales):
+            raise ValueError(f"'grid' row {i} must have one score per scale ({len(scales)})")
+        if not all(x is None or _is_number(x) for x in row):
+            raise ValueError(f"'grid' row {i} must hold numbers (or null)")
+        rows.append([None if x is None or not math.isfinite(float(x)) else float(x) for x in row])
+    chosen = data.get("chosen")
+    if chosen is not None:
+        if not isinstance(chosen, list) or len(chosen) != len(pairs) or not all(_is_number(c) for c in chosen):
+            raise ValueError(f"'chosen' must be one number per group ({len(pairs)})")
+    metric = data.get("metric", "score")
+    out = {
+        "groups": pairs,
+        "scales": [_num(s) for s in scales],
+        "grid": rows,
+        "chosen": [_num(c) for c in chosen] if chosen is not None else None,
+        "metric": str(metric) if metric is not None else "score",
+        "higher_is_better": bool(data.get("higher_is_better", True)),
+        "length": int(data["length"]) if _is_int(data.get("length")) else None,
+        "window": int(data["window"]) if _is_int(data.get("window")) else None,
+    }
+    return out
+
+
+def calibration_table(calibration: dict[str, Any]) -> dict[str, Any]:
+    """The grid as Markdown-ready rows: header scales, one row per group, the chosen cell in bold."""
+    scales = calibration["scales"]
+    rows = []
+    for g, ((first, end), scores) in enumerate(zip(calibration["groups"], calibration["grid"])):
+        chosen = calibration["chosen"][g] if calibration["chosen"] else None
+        cells = []
+        for s, v in zip(scales, scores):
+            text = "–" if v is None else _fmt_score(v)
+            cells.append(f"**{text}**" if chosen is not None and s == chosen else text)
+        rows.append({"index": g, "first": first, "last": end - 1, "cells": cells})
+    return {"scales": [_fmt_num(s) for s in scales], "rows": rows}
+
+
+def _fmt_score(v: float) -> str:
+    return f"{v:.3g}"
+
+
+def _fmt_num(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation results
+# ----------------------------------------------------------------------------------------------------------
+
+
+def find_eval_files(calibration_path) -> list[Path]:
+    """The eval*.json files beside a calibration file, sorted by name."""
+    parent = Path(calibration_path).parent
+    return sorted(p for p in parent.glob(EVAL_FILE_GLOB) if p.is_file())
+
+
+def load_eval_records(paths: Iterable) -> list[dict[str, Any]]:
+    """All records of the given eval JSON files (any shape in the module docstring); DPEExportError when unusable."""
+    records: list[dict[str, Any]] = []
+    for path in paths:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise DPEExportError(f"cannot read evaluation results {path}: {e}") from None
+        found = eval_records(data)
+        if not found:
+            raise DPEExportError(f"{path} holds no evaluation records (expected the JSON of dpe-export eval --json)")
+        records.extend(found)
+    return records
+
+
+def eval_records(data: Any) -> list[dict[str, Any]]:
+    """Records from an eval result object, a list of records, or a list of result objects (tolerant)."""
+    out: list[dict[str, Any]] = []
+    if isinstance(data, dict):
+        head = {k: data[k] for k in ("task", "model", "method") if k in data}
+        recs = data.get("records")
+        if isinstance(recs, list):
+            out.extend({**head, **r} for r in recs if isinstance(r, dict))
+        elif "length" in data:
+            out.append(data)
+    elif isinstance(data, list):
+        for item in data:
+            if isinstance(item, dict) and isinstance(item.get("records"), list):
+                out.extend(eval_records(item))
+            elif isinstance(item, dict):
+                out.append(item)
+    return [r for r in out if _is_int(r.get("length"))]
+
+
+@dataclass
+class _Cell:
+    samples: float = 0.0
+    correct: float = 0.0
+    nll: float = 0.0
+    tokens: float = 0.0
+    ppls: list = field(default_factory=list)
+
+    def accuracy(self) -> Optional[float]:
+        return self.correct / self.samples if self.samples else None
+
+    def perplexity(self) -> Optional[float]:
+        if self.tokens:
+            return math.exp(self.nll / self.tokens)
+        return sum(self.ppls) / len(self.ppls) if self.ppls else None
+
+
+def eval_tables(records: Sequence[dict[str, Any]], base_dir=None, export_dir=None) -> list[dict[str, Any]]:
+    """One table per task: columns are runs (base model first, then DPE), rows lengths; cells formatted strings.
+
+    `base_dir` / `export_dir` help tell the base model's runs from the export's (see run_kind).
+    """
+    tasks: dict[str, dict[tuple[str, str], dict[int, _Cell]]] = {}
+    for r in records:
+        task = str(r.get("task") or "eval")
+        run = (str(r.get("model") or "?"), str(r.get("method") or "none"))
+        cell = tasks.setdefault(task, {}).setdefault(run, {}).setdefault(int(r["length"]), _Cell())
+        samples = r.get("samples") if _is_number(r.get("samples")) and r.get("samples") > 0 else 1
+        if _is_number(r.get("accuracy")):
+            cell.samples += samples
+            cell.correct += float(r["accuracy"]) * samples
+        if _is_number(r.get("perplexity")):
+            if _is_number(r.get("nll")) and _is_number(r.get("tokens")) and r["tokens"] > 0:
+                cell.nll += float(r["nll"])
+                cell.tokens += float(r["tokens"])
+            else:
+                cell.ppls.append(float(r["perplexity"]))
+    tables = []
+    for task, runs in tasks.items():
+        is_ppl = task == "ppl" or all(c.samples == 0 for cells in runs.values() for c in cells.values())
+        rank = {"base": 0, "dpe": 1, "other": 2}
+        kinds = {run: run_kind(*run, base_dir=base_dir, export_dir=export_dir) for run in runs}
+        order = sorted(runs, key=lambda run: rank[kinds[run]])
+        labels = _run_labels(order, [kinds[run] for run in order])
+        lengths = sorted({n for cells in runs.values() for n in cells})
+        rows = []
+        for n in lengths:
+            cells = []
+            for run in order:
+                c = runs[run].get(n)
+                v = None if c is None else (c.perplexity() if is_ppl else c.accuracy())
+                cells.append("–" if v is None else (_fmt_ppl(v) if is_ppl else f"{100 * v:.1f}%"))
+            rows.append({"length": f"{n:,}", "cells": cells})
+        tables.append({
+            "task": task,
+            "metric": "perplexity (lower is better)" if is_ppl else "accuracy",
+            "columns": labels,
+            "runs": [
+                {"label": lab, "model": m, "name": Path(m).name or m, "method": meth}
+                for lab, (m, meth) in zip(labels, order)
+            ],
+            "rows": rows,
+        })
+    return tables
+
+
+def run_kind(model: str, method: str, base_dir=None, export_dir=None) -> str:
+    """'base' for the base model as it is, 'dpe' for DPE (an export, or dpe:/self-extend on the fly), else 'other'.
+
+    `base_dir` / `export_dir`: the base model's and the export's directories, when known.
+    """
+    if method.startswith(("dpe", "self-extend")):
+        return "dpe"
+    if method not in ("none", "", "base"):
+        return "other"
+    if export_dir is not None and _same_path(model, export_dir):
+        return "dpe"
+    if base_dir is not None and _same_path(model, base_dir):
+        return "base"
+    return "dpe" if _is_dpe_export(model) else "base"
+
+
+def _same_path(a, b) -> bool:
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):
+        return False
+
+
+def _is_dpe_export(model: str) -> bool:
+    try:
+        config = Path(model) / "config.json"
+        if config.is_file():
+            return "dpe" in json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        pass
+    return "dpe" in Path(model).name.lower()
+
+
+def _run_labels(runs: Sequence[tuple[str, str]], kinds: Sequence[str]) -> list[str]:
+    """'base', 'DPE', or the method; the model's name is added where two runs would share a label."""
+    short = []
+    for (model, method), kind in zip(runs, kinds):
+        short.append("base" if kind == "base" else "DPE" if method in ("none", "", "base") else method)
+    labels = []
+    for (model, _), label in zip(runs, short):
+        if short.count(label) > 1:
+            label = f"{label} ({Path(model).name or model})"
+        labels.append(label)
+    return labels
+
+
+def _fmt_ppl(v: float) -> str:
+    return f"{v:.3g}" if v < 1e4 else f"{v:.3e}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------------------
+
+
+def render_images(out_dir: Path, params: dict[str, Any], calibration=None, selected=None) -> dict[str, str]:
+    """Draw the calibration heatmap and the selected-dimension map into out_dir; {kind: file name}.
+
+    Without matplotlib nothing is drawn and a warning says so (the card then has the tables only).
+    """
+    if calibration is None and selected is None:
+        return {}
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+    except ImportError:
+        logger.warning(MATPLOTLIB_MISSING)
+        return {}
+    images = {}
+    if calibration is not None:
+        plot_calibration(calibration, Path(out_dir) / CALIBRATION_IMAGE)
+        images["calibration"] = CALIBRATION_IMAGE
+    if selected is not None:
+        plot_selection(selected, params["dimension_groups_range"], Path(out_dir) / SELECTION_IMAGE)
+        images["selection"] = SELECTION_IMAGE
+    return images
+
+
+_PNG_METADATA = {"Software": None}  # no version string: the same inputs give the same bytes
+
+
+def plot_calibration(calibration: dict[str, Any], path: Path) -> None:
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Rectangle
+
+    grid = np.array([[np.nan if v is None else v for v in row] for row in calibration["grid"]], dtype=float)
+    scales, groups = calibration["scales"], calibration["groups"]
+    fig, ax = plt.subplots(figsize=(2.5 + 0.7 * len(scales), 2.0 + 0.45 * len(groups)), dpi=100)
+    cmap = "viridis" if calibration["higher_is_better"] else "viridis_r"
+    im = ax.imshow(grid, cmap=cmap, aspect="auto")
+    finite = grid[np.isfinite(grid)]
+    mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+    for g in range(grid.shape[0]):
+        for s in range(grid.shape[1]):
+            v = grid[g, s]
+            if np.isfinite(v):
+                good = (v > mid) == calibration["higher_is_better"]
+                ax.text(s, g, f"{v:.2g}", ha="center", va="center", fontsize=8, color="black" if good else "white")
+    if calibration["chosen"]:
+        for g, c in enumerate(calibration["chosen"]):
+            if c in scales:
+                s = scales.index(c)
+                ax.add_patch(Rectangle((s - 0.5, g - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+    ax.set_xticks(range(len(scales)), [_fmt_num(s) for s in scales])
+    ax.set_yticks(range(len(groups)), [f"g{g}: {a}–{b - 1}" for g, (a, b) in enumerate(groups)])
+    ax.set_xlabel("scale factor")
+    ax.set_ylabel("group: frequencies")
+    metric = " ".join(_CONTROL.sub(" ", calibration["metric"]).split())[:60]
+    title = f"Calibration: {metric}"
+    if calibration["length"]:
+        title += f" at {calibration['length']:,} tokens"
+    ax.set_title(title, fontsize=9, usetex=False, parse_math=False)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, metadata=_PNG_METADATA)
+    plt.close(fig)
+
+
+def plot_selection(selected, boundaries: Sequence[int], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    mask = selected.to("cpu").bool()
+    layers, heads, freqs = mask.shape
+    flat = mask.reshape(layers * heads, freqs).float().numpy()
+    fig, (top, bottom) = plt.subplots(
+        2, 1, figsize=(7, 3.0 + min(6.0, 0.02 * layers * heads)), dpi=100,
+        gridspec_kw={"height_ratios": [3, 1]}, sharex=True,
+    )
+    top.imshow(flat, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1)
+    for b in boundaries[1:-1]:
+        top.axvline(b - 0.5, color="tab:red", linewidth=0.8)
+        bottom.axvline(b - 0.5, color="tab:red", linewidth=0.8)
+    if layers <= 64:
+        for layer in range(1, layers):
+            top.axhline(layer * heads - 0.5, color="tab:blue", linewidth=0.4)
+    step = max(1, layers // 16)
+    ticks = range(0, layers, step)
+    top.set_yticks([layer * heads + (heads - 1) / 2 for layer in ticks], [str(layer) for layer in ticks])
+    top.set_ylabel("layer (rows: heads)")
+    top.set_title("Frequencies with DPE per (layer, head) (black: selected)", fontsize=9)
+    bottom.bar(range(freqs), mask.float().mean(dim=(0, 1)).numpy(), color="black", width=0.9)
+    bottom.set_ylim(0, 1)
+    bottom.set_ylabel("share")
+    bottom.set_xlabel("rotary frequency index (group boundaries in red)")
+    fig.tight_layout()
+    fig.savefig(path, metadata=_PNG_METADATA)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def _num(x: Any):
+    return int(x) if float(x).is_integer() else float(x)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The card
+# ----------------------------------------------------------------------------------------------------------
+
+CARD_FILTERS = {"yaml": yaml_str, "md": md_text, "py": py_str}
+
+
+def card_variables(
+    info,
+    params: dict[str, Any],
+    selected=None,
+    *,
+    base_model: Optional[str],
+    model_name: str,
+    repo_id: Optional[str] = None,
+    calibration: Optional[dict[str, Any]] = None,
+    eval_records: Optional[Sequence[dict[str, Any]]] = None,
+    images: Optional[dict[str, str]] = None,
+    export_dir=None,
+) -> dict[str, Any]:
+    """The template variables of the card of an export of `info` (an export.ModelInfo) with `params`.
+
+    `export_dir`: where the export will live (to recognise its evaluation runs).
+    """
+    from dpe_export import __version__
+    from dpe_export.export import LICENSE_FILES
+    from dpe_export.selection import describe_selection
+
+    config = info.config
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", None)) if isinstance(rope, dict) else None
+    raw_config = None
+    try:
+        raw_config = json.loads((Path(info.model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        pass
+    tables = eval_tables(eval_records, info.model_dir, export_dir) if eval_records else []
+    return {
+        "model_name": repo_id or model_name,
+        "repo_ref": repo_id or model_name,
+        "base_model": base_model,
+        "base_model_link": hub_id_or_none(base_model),
+        "license": read_base_license(info.model_dir, raw_config),
+        "license_files": [n for n in LICENSE_FILES if (Path(info.model_dir) / n).is_file()],
+        "family": info.architecture.display_name,
+        "dpe_causal_lm_class": info.architecture.dpe_causal_lm_class,
+        "params": params,
+        "groups": group_rows(params, info.head_dim, theta, selected),
+        "has_selection": selected is not None,
+        "head_dim": info.head_dim,
+        "num_freqs": info.num_freqs,
+        "selection": describe_selection(selected),
+        "rope_type": rope.get("rope_type", "default") if isinstance(rope, dict) else "default",
+        "calibration": calibration,
+        "calibration_table": calibration_table(calibration) if calibration else None,
+        "eval_tables": tables,
+        "eval_runs": _unique_runs(tables),
+        "images": images or {},
+        "tool_version": __version__,
+    }
+
+
+def _unique_runs(tables: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen, out = set(), []
+    for t in tables:
+        for r in t["runs"]:
+            key = (r["label"], r["model"], r["method"])
+            if key not in seen:
+                seen.add(key)
+                out.append(r)
+    return out
+
+
+def write_model_card(
+    info,
+    params,
+    selected,
+    out_dir: Path,
+    *,
+    base_model: Optional[str],
+    model_name: str,
+    repo_id: Optional[str] = None,
+    calibration: Optional[dict[str, Any]] = None,
+    eval_records: Optional[Sequence[dict[str, Any]]] = None,
+    export_dir=None,
+) -> str:
+    """Write README.md (and its images) into out_dir; return the card text.
+
+    `params` is a DPEParams (or its dict); `calibration` a dict of the documented shape (checked here against the
+    model); `eval_records` records as eval_records() returns them.
+    """
+    from dpe_export.export import MODEL_CARD_FILE, model_card_template_path, render_template
+
+    params = params.to_dict() if hasattr(params, "to_dict") else dict(params)
+    if calibration is not None:
+        try:
+            calibration = normalize_calibration(calibration, info.num_freqs)
+        except ValueError as e:
+            raise DPEExportError(f"invalid calibration: {e}") from None
+    images = render_images(out_dir, params, calibration, selected)
+    variables = card_variables(
+        info, params, selected, base_model=base_model, model_name=model_name, repo_id=repo_id,
+        calibration=calibration, eval_records=eval_records, images=images, export_dir=export_dir,
+    )
+    text = render_template(model_card_template_path(), variables, CARD_FILTERS)
+    (Path(out_dir) / MODEL_CARD_FILE).write_text(text, encoding="utf-8")
+    return text
