@@ -115,6 +115,8 @@ class PromptBuilder:
         at the very start of a document (not ``leading_space``)."""
         key = (text, leading_space)
         if key not in self._cache:
+            if len(self._cache) > 4096:
+                self._cache.clear()
             self._cache[key] = self._encode_many([text], leading_space)[0]
         return self._cache[key]
 
@@ -156,7 +158,10 @@ class PromptBuilder:
     # -- assembly ----------------------------------------------------------------------------------------
 
     def _assemble(self, length: int, intro: str, needles: list[str], depths: list[float], query: str,
-                  rng: random.Random) -> tuple[list[int], list[int]]:
+                  rng: random.Random, longest_query: Optional[int] = None) -> tuple[list[int], list[int]]:
+        """Prefix, intro, filler with the needles at their depths, query. With ``longest_query`` (tokens),
+        needles are placed as if the query were that long and the spare filler goes right before the
+        query, so that prompts with different queries share their needle positions."""
         intro_ids = self.encode_piece(intro, leading_space=False)
         needle_ids = [self.encode_piece(n) for n in needles]
         query_ids = self.encode_piece(query)
@@ -165,9 +170,11 @@ class PromptBuilder:
         if n_fill < 0:
             raise ValueError(f"length {length} is too short: the prompt without filler has {fixed} tokens")
         fill, bounds = self.filler(n_fill, rng)
-        # Each needle goes to the sentence boundary nearest to depth * n_fill, in depth order.
+        span = n_fill if longest_query is None else max(0, n_fill - (longest_query - len(query_ids)))
+        bounds = [b for b in bounds if b <= span] + [span]
+        # Each needle goes to the sentence boundary nearest to depth * span, in depth order.
         order = sorted(range(len(needles)), key=lambda k: depths[k])
-        cuts = {k: min(bounds, key=lambda b: (abs(b - depths[k] * n_fill), b)) for k in order}
+        cuts = {k: min(bounds, key=lambda b: (abs(b - depths[k] * span), b)) for k in order}
         ids = list(self.prefix_ids) + list(intro_ids)
         positions = [0] * len(needles)
         prev = 0
@@ -196,14 +203,16 @@ class PromptBuilder:
         return TaskPrompt(ids, passkey, "passkey", [depth], pos, self.encode_piece(passkey),
                           {"seed": seed})
 
-    def niah_queries(self, length: int, num_needles: int = 4, seed: int = 0,
-                     depths: Optional[Sequence[float]] = None, num_digits: int = 6,
-                     query_indices: Optional[Sequence[int]] = None) -> list[TaskPrompt]:
-        """Multi-needle NIAH: ``num_needles`` (key, number) needles spread over the context; one prompt per
-        queried needle (all of them by default), each exactly ``length`` tokens with the same needles,
-        depths and filler order. Score with :func:`score_niah` (fraction of needles retrieved)."""
+    @staticmethod
+    def niah_spec(num_needles: int = 4, seed: int = 0, depths: Optional[Sequence[float]] = None,
+                  num_digits: int = 6) -> dict[str, Any]:
+        """The needles of NIAH sample ``seed``: distinct keys and values, depths, and the filler seed."""
         rng = random.Random(f"niah-{seed}")
-        keys = rng.sample(NIAH_KEYS, num_needles)
+        if num_needles <= min(len(_KEY_ADJ), len(_KEY_NOUN)):
+            # Keys of one sample share neither word, so a needle is identified by either word of its key.
+            keys = [f"{a}-{n}" for a, n in zip(rng.sample(_KEY_ADJ, num_needles), rng.sample(_KEY_NOUN, num_needles))]
+        else:
+            keys = rng.sample(NIAH_KEYS, num_needles)
         values: list[str] = []
         while len(values) < num_needles:
             v = str(rng.randint(10 ** (num_digits - 1), 10 ** num_digits - 1))
@@ -214,12 +223,22 @@ class PromptBuilder:
         depths = [float(d) for d in depths]
         if len(depths) != num_needles or not all(0.0 <= d <= 1.0 for d in depths):
             raise ValueError("depths must be num_needles values in [0, 1]")
+        return {"keys": keys, "values": values, "depths": depths, "filler_seed": rng.random()}
+
+    def niah_queries(self, length: int, num_needles: int = 4, seed: int = 0,
+                     depths: Optional[Sequence[float]] = None, num_digits: int = 6,
+                     query_indices: Optional[Sequence[int]] = None) -> list[TaskPrompt]:
+        """Multi-needle NIAH: ``num_needles`` (key, number) needles spread over the context; one prompt per
+        queried needle (all of them by default), each exactly ``length`` tokens with the same needles at
+        the same token positions (the filler is extended right before a shorter question). Score with :func:`score_niah` (fraction of needles retrieved)."""
+        spec = self.niah_spec(num_needles, seed, depths, num_digits)
+        keys, values, depths = spec["keys"], spec["values"], spec["depths"]
         needles = [NIAH_NEEDLE.format(key=k, value=v) for k, v in zip(keys, values)]
-        filler_seed = rng.random()
+        longest = max(len(self.encode_piece(NIAH_QUERY.format(key=k))) for k in keys)
         out = []
         for q in (range(num_needles) if query_indices is None else query_indices):
             ids, pos = self._assemble(length, NIAH_INTRO, needles, depths, NIAH_QUERY.format(key=keys[q]),
-                                      random.Random(filler_seed))
+                                      random.Random(spec["filler_seed"]), longest_query=longest)
             out.append(TaskPrompt(ids, values[q], "niah", depths, pos, self.encode_piece(values[q]),
                                   {"seed": seed, "key": keys[q], "query_index": q, "keys": keys,
                                    "values": values}))

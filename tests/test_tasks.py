@@ -276,3 +276,43 @@ def test_scorer():
     assert extract_number("abc") is None
     assert score_niah([" 123456", " 1", "x", " 654321"], ["123456", "1", "2", "654321"]) == 0.75
     assert score_niah([], []) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trained testbed checkpoints (tests/fixtures/testbed-*, made by scripts/train_testbed.py)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _greedy(model, ids, n):
+    import torch
+
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(n):
+            x = torch.cat([x, model(input_ids=x).logits[:, -1:].argmax(-1)], 1)
+    return x[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("path", _testbed_dirs(), ids=lambda p: p.name)
+def test_testbed_checkpoint_retrieves_at_training_length(path):
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(1)
+    assert sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) <= 10 * 1024 * 1024
+    assert (path / "model.safetensors").exists() and (path / "README.md").exists()
+    log = json.loads((path / "train_log.json").read_text())
+    L = log["args"]["train_len"]
+    assert log["accuracy"][str(L)]["passkey"] >= 0.95 and log["accuracy"][str(L)]["niah"] >= 0.95
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.convert_ids_to_tokens(tok("pass key 71432", add_special_tokens=False)["input_ids"])[-5:] == list("71432")
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert model.config.max_position_embeddings == L
+    assert getattr(model.config, "sliding_window", None) is None
+    b = PromptBuilder(tok, haystack_seed=1)
+    prompts = [b.passkey(L, depth=d, seed=10_000 + i) for i, d in enumerate((0.1, 0.5, 0.9))]
+    prompts += b.niah_queries(L, num_needles=4, seed=10_000)[:2]
+    ok = [score_answer(tok.decode(_greedy(model, p.input_ids, len(p.answer_ids) + 1)), p.answer) for p in prompts]
+    assert sum(ok) >= len(ok) - 1, ok
