@@ -474,7 +474,7 @@ Examples:
 Methods (--method, base models only):
   none               the model as it is (default)
   linear:F           position interpolation: positions divided by F
-  dynamic:F          dynamic NTK scaling with factor F
+  dynamic:F          dynamic NTK scaling with factor F (theta for prompt + answer length)
   yarn:F             YaRN with factor F (original length = the model's max_position_embeddings)
   self-extend:W,G    SelfExtend: plain RoPE within W tokens, positions grouped by G beyond
   dpe:W,S1,...,SG    DPE, window W, one integer scale per group (an even split of head_dim/2)

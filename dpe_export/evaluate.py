@@ -52,6 +52,7 @@ __all__ = [
     "evaluate_niah",
     "aggregate",
     "reset_rope_state",
+    "fixed_rope_for_length",
     "greedy_generate",
     "make_generate_fn",
     "max_new_tokens_for",
@@ -282,6 +283,30 @@ def reset_rope_state(model) -> None:
         rotary.max_seq_len_cached = base_len
 
 
+@contextlib.contextmanager
+def fixed_rope_for_length(model, total_length: int):
+    """Inside, a dynamic-RoPE model uses the frequencies of a ``total_length``-token sequence for every
+    position and does not update them: a prompt and the tokens generated after it (through the KV cache)
+    then share one rotation, as a full recompute at the final length would. Other models are untouched."""
+    import torch
+
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    rotary = getattr(decoder, "rotary_emb", None)
+    rope_type = getattr(rotary, "rope_type", None)
+    if rotary is None or "dynamic" not in str(rope_type):
+        yield
+        return
+    reset_rope_state(model)
+    x = torch.zeros(1, 1, dtype=torch.float32, device=rotary.inv_freq.device)
+    rotary(x, torch.tensor([[total_length - 1]], device=x.device))  # transformers' own dynamic update
+    rotary.rope_type = "default"  # the decorator only updates rotary types named dynamic
+    try:
+        yield
+    finally:
+        rotary.rope_type = rope_type
+        reset_rope_state(model)
+
+
 def greedy_generate(model, batch: Sequence[Sequence[int]], max_new_tokens: int,
                     eos_token_id: Optional[Any] = None) -> list[list[int]]:
     """Greedy continuation of equal-length prompts (no padding: an attention mask of ones) with a KV cache.
@@ -300,8 +325,7 @@ def greedy_generate(model, batch: Sequence[Sequence[int]], max_new_tokens: int,
     mask = torch.ones_like(ids)
     new: list[torch.Tensor] = []
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-    reset_rope_state(model)
-    with torch.inference_mode():
+    with fixed_rope_for_length(model, ids.shape[1] + max_new_tokens), torch.inference_mode():
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
         for step in range(max_new_tokens):
             nxt = out.logits[:, -1].argmax(-1)
@@ -419,8 +443,7 @@ def sequence_nll(model, input_ids, chunk_size: Optional[int] = None):
     if chunk_size is None:
         chunk_size = max(16, LOGITS_BUDGET // max(1, batch * vocab))
     total = torch.zeros(batch, dtype=torch.float64, device=input_ids.device)
-    reset_rope_state(model)
-    with torch.inference_mode():
+    with fixed_rope_for_length(model, n), torch.inference_mode():
         hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
         targets = input_ids[:, 1:]
         for s in range(0, n - 1, chunk_size):

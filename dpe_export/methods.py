@@ -4,7 +4,9 @@ A method spec (``--method``) is one of::
 
     none                 the model as it is (a base model, or a DPE export with its own settings)
     linear:F             position interpolation: RoPE positions divided by F
-    dynamic:F            dynamic NTK scaling with factor F (theta grows once a sequence exceeds the base length)
+    dynamic:F            dynamic NTK scaling with factor F (theta grows once a sequence exceeds the base length;
+                         evaluate.py fixes it at the length of prompt + answer while generating, so the
+                         KV cache and the new tokens share one rotation)
     yarn:F               YaRN with factor F (original_max_position_embeddings = the base max_position_embeddings)
     self-extend:W,G      SelfExtend: plain RoPE within W tokens, beyond it positions grouped by G, for every
                          rotary frequency (DPE with one scale G over all frequencies)

@@ -101,7 +101,9 @@ def plot_result(result, path) -> Path:
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_xlabel("context length (tokens)")
         ax.set_ylabel("perplexity")
-        ax.set_yscale("log")
+        values = [v for v in ppl.values() if v and math.isfinite(v)]
+        if values and max(values) / min(values) > 10:
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
     else:
         import numpy as np

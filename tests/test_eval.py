@@ -193,6 +193,14 @@ def test_plot_writes_png(passkey_result, tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_ppl_plot_writes_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    recs = [{"length": n, "depth": None, "accuracy": None, "samples": 1, "perplexity": p, "tokens": n - 1}
+            for n, p in ((64, 12.0), (128, 15.0), (256, 900.0))]
+    path = report.plot_result(EvalResult("ppl", "m", "none", 0, recs), tmp_path / "ppl.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+
+
 def test_missing_matplotlib_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(DPEExportError, match=r"pip install"):
@@ -302,6 +310,28 @@ def test_dynamic_rope_scores_do_not_depend_on_earlier_longer_prompts(llama_dir):
     torch.testing.assert_close(evaluate.sequence_nll(model, ids[:, :80]), fresh, rtol=0, atol=0)
     evaluate.greedy_generate(model, ids.tolist(), 2)
     assert evaluate.greedy_generate(model, ids[:, :80].tolist(), 4) == fresh_gen
+
+
+def test_dynamic_rope_greedy_keeps_one_rotation_across_prompt_and_generation(llama_dir):
+    """A prompt just below the base length (64) whose generation crosses it: every forward (prefill and each
+    cached step) must rotate with the frequencies of the final length, so cached decoding equals a full
+    recompute at that length (transformers alone would switch frequencies mid-generation)."""
+    model = load_model(llama_dir, parse_method("dynamic:4"), device="cpu").model
+    rotary = model.get_decoder().rotary_emb
+    used = []
+    hook = rotary.register_forward_hook(lambda module, args, out: used.append(module.inv_freq.clone()))
+    prompts = torch.randint(4, 128, (2, 60), generator=torch.Generator().manual_seed(5))
+    got = evaluate.greedy_generate(model, prompts.tolist(), 8)
+    hook.remove()
+    assert len(used) == 1 + 1 + 7 and all(torch.equal(u, used[0]) for u in used)  # set-up, prefill, 7 steps
+    assert not torch.equal(used[0], rotary.original_inv_freq)  # the 68-token frequencies, not the base ones
+    ids = prompts
+    with evaluate.fixed_rope_for_length(model, 68), torch.no_grad():
+        assert torch.equal(rotary.inv_freq, used[0])
+        for _ in range(8):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert got == ids[:, 60:].tolist()
+    assert rotary.rope_type == "dynamic" and torch.equal(rotary.inv_freq, rotary.original_inv_freq)
 
 
 def test_run_eval_is_reproducible_and_batch_invariant(llama_dir):
