@@ -152,9 +152,12 @@ def minimum_prompt_length(builder, task: str, needles: int = DEFAULT_NEEDLES) ->
     if task == "passkey":
         pieces = [PASSKEY_NEEDLE.format(key="9" * PASSKEY_DIGITS), PASSKEY_QUERY]
         intro = PASSKEY_INTRO
-    else:
-        pieces = [NIAH_NEEDLE.format(key="ancient-pyramid", value="9" * NIAH_DIGITS)] * needles
-        pieces.append(NIAH_QUERY.format(key="ancient-pyramid"))
+    else:  # the key that tokenizes longest, in every needle and the question: an upper bound
+        from dpe_export.tasks import NIAH_KEYS
+
+        key = max(NIAH_KEYS, key=lambda k: len(builder.encode_piece(NIAH_QUERY.format(key=k))))
+        pieces = [NIAH_NEEDLE.format(key=key, value="9" * NIAH_DIGITS)] * needles
+        pieces.append(NIAH_QUERY.format(key=key))
         intro = NIAH_INTRO
     n = len(builder.prefix_ids) + len(builder.encode_piece(intro, leading_space=False))
     return n + sum(len(builder.encode_piece(p)) for p in pieces)
@@ -181,6 +184,19 @@ def _progress(total: int, desc: str, enabled: bool):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _checked(items: Iterable[_Item], task: str, length: int) -> Iterator[_Item]:
+    """The prompt builder's ValueErrors (a length too short for a prompt) as one-line errors."""
+    it = iter(items)
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        except ValueError as e:
+            raise DPEExportError(f"cannot build a {task} prompt of {length} tokens: {e}") from None
+        yield item
+
+
 def _run_retrieval(task: str, items_for: Callable[[int], Iterable[_Item]], generate_fn: GenerateFn,
                    lengths: Sequence[int], total: int, batch_size: int, progress: bool) -> list[dict[str, Any]]:
     from dpe_export.tasks import score_answer
@@ -191,7 +207,7 @@ def _run_retrieval(task: str, items_for: Callable[[int], Iterable[_Item]], gener
     with _progress(total, task, progress) as bar:
         for length in lengths:
             bar.set_postfix(length=length)
-            for batch in _batches(items_for(length), batch_size):
+            for batch in _batches(_checked(items_for(length), task, length), batch_size):
                 ids = [list(item.prompt.input_ids) for item in batch]
                 bad = [len(x) for x in ids if len(x) != length]
                 if bad:  # pragma: no cover - the prompt builder guarantees exact lengths

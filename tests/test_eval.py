@@ -135,6 +135,17 @@ def test_niah_partial_score_is_fraction_of_needles(chars, builder):
     assert recs[0]["accuracy"] == 0.75
 
 
+def test_minimum_prompt_length_is_buildable_and_shorter_is_a_clear_error(builder):
+    for task, items in (("passkey", lambda n: evaluate.passkey_prompts(builder, n, [0, 1], 2, 0)),
+                        ("niah", lambda n: evaluate.niah_prompts(builder, n, [0, 0.5, 1], 4, 4, 0))):
+        n = evaluate.minimum_prompt_length(builder, task, 4)  # exact for passkey, an upper bound for niah
+        assert {len(item.prompt.input_ids) for item in items(n)} == {n}
+        short = n - 1 if task == "passkey" else n // 2
+        with pytest.raises(DPEExportError, match=f"cannot build a {task} prompt of {short} tokens"):
+            evaluate.evaluate_passkey(builder, wrong_fn, [short]) if task == "passkey" else \
+                evaluate.evaluate_niah(builder, wrong_fn, [short])
+
+
 def test_niah_needle_depth_plan_balances_depths():
     plan = evaluate.niah_needle_depths([0, 0.5, 1], samples=5, needles=4)
     queried = [d for depths, q in plan for k, d in enumerate(depths) if k in q]
