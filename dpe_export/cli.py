@@ -255,8 +255,18 @@ def main(ctx: click.Context) -> None:
 )
 @click.option(
     "--calibration", "calibration_file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
-    help="calibration.json with the (group, scale) score grid, shown in the model card as a table and a "
-    "heatmap; see dpe_export/card.py for its shape. eval*.json files beside it are shown too.",
+    help="calibration.json from `dpe-export calibrate`: its chosen scale factors, groups, window, target "
+    "length and top-K selection are used unless given explicitly (it must come from this model), and its grid "
+    "goes into the model card. eval*.json files beside it are shown too.",
+)
+@click.option(
+    "--calibration-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+    help="Without --scale-factors, --preset or --calibration, convert calibrates first (give --target-length); "
+    "its results go here. Default: OUT.calibration beside OUT (a re-run resumes from it).",
+)
+@click.option(
+    "--calibration-samples", type=click.IntRange(min=1), default=8, show_default=True, metavar="N",
+    help="When convert calibrates: NIAH contexts per (group, scale) cell (see dpe-export calibrate --help).",
 )
 @click.option(
     "--eval-json", "eval_json", multiple=True, type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
@@ -292,6 +302,8 @@ def convert_command(
     overwrite: bool,
     link: bool,
     calibration_file: Optional[Path] = None,
+    calibration_dir: Optional[Path] = None,
+    calibration_samples: int = 8,
     eval_json: tuple[Path, ...] = (),
     push: bool = False,
     repo_id: Optional[str] = None,
@@ -308,8 +320,8 @@ def convert_command(
     when --topk is given, and a README.md model card. Nothing is written unless every check passes, and a
     failed or interrupted export leaves nothing behind.
     """
-    if (dim_scores is None) != (topk is None):
-        raise click.UsageError("--dim-scores and --topk go together: give both or neither")
+    if dim_scores is not None and topk is None:
+        raise click.UsageError("--dim-scores needs --topk K")
     push_only = [name for name, given in (("--private", private), ("--revision", revision is not None),
                  ("--commit-message", commit_message is not None), ("--dry-run", dry_run)) if given]
     if push_only and not push:
@@ -329,6 +341,33 @@ def convert_command(
     from dpe_export.presets import load_preset
 
     chosen = load_preset(preset) if preset else None
+    calibration, calibration_from = None, None
+    if calibration_file is not None:
+        calibration, calibration_from = _read_own_calibration(calibration_file, model_dir), calibration_file.parent
+    elif scale_factors is None and chosen is None:
+        if target_length is None:
+            raise click.UsageError("give --scale-factors, a --preset or a --calibration file, or --target-length "
+                                   "to calibrate the model first")
+        export.check_output_target(Path(output), Path(model_dir), overwrite)  # before minutes of calibration
+        calibration_from = calibration_dir or output.parent / f"{output.name}.calibration"
+        calibration = _run_calibration(
+            model_dir, calibration_from, target_length=target_length, window=window, num_groups=None,
+            dimension_groups=dimension_groups, top_k=topk if dim_scores is None else None,
+            pretrain_length=pretrain_length, samples=calibration_samples, shard=None)
+        _print_calibration_summary(calibration, calibration_from)
+        card_inputs["calibration"] = calibration
+    selected = None
+    if calibration is not None and scale_factors is None:
+        from dpe_export.calibrate import selection_from
+
+        scale_factors, dimension_groups = calibration["chosen"], calibration["dimension_groups_range"]
+        window = _first_given(window, calibration["window"])
+        target_length = _first_given(target_length, calibration["target_length"])
+        pretrain_length = _first_given(pretrain_length, calibration["pretrain_length"])
+        if dim_scores is None:
+            selected = selection_from(calibration, calibration_from)
+    if topk is not None and dim_scores is None and selected is None:
+        raise click.UsageError("--topk needs --dim-scores FILE (or a calibration that computes them)")
     window = _first_given(window, chosen and chosen.local_window_size)
     if window is None:
         raise click.UsageError("give --window (the local window size in tokens) or a --preset that sets it")
@@ -346,7 +385,6 @@ def convert_command(
         target_length=_first_given(target_length, chosen and chosen.target_length),
         pretrain_length=pretrain_length,
     )
-    selected = None
     if dim_scores is not None:
         from dpe_export.selection import load_dim_scores, top_k_mask
 
@@ -384,6 +422,23 @@ def convert_command(
     if push:
         _push(out, repo_id, private=private, revision=revision, commit_message=commit_message, dry_run=dry_run,
               after_convert=True)
+
+
+def _read_own_calibration(path: Path, model_dir: Path) -> Optional[dict[str, Any]]:
+    """A calibration.json written by `dpe-export calibrate` (checked against the model), else None."""
+    import json
+
+    from dpe_export import calibrate
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DPEExportError(f"cannot read calibration file {path}: {e}") from None
+    if not isinstance(data, dict) or "schema_version" not in data:
+        return None  # a hand-made grid for the card only
+    if Path(model_dir).joinpath("config.json").is_file():
+        calibrate.check_calibration_for(data, model_dir)
+    return data
 
 
 def _card_inputs(calibration_file: Optional[Path], eval_json) -> dict[str, Any]:
@@ -582,3 +637,105 @@ def eval_command(
         click.echo(f"Wrote {report.write_json(result, json_out)}")
     if plot_out is not None:
         click.echo(f"Wrote {report.plot_result(result, plot_out)}")
+
+
+CALIBRATE_EPILOG = """\b
+Examples:
+  # calibrate a model trained at 8K for 128K: grid of 8 groups x scales 1..128, 4-needle NIAH at 128K
+  dpe-export calibrate ./Meta-Llama-3-8B-Instruct --target-length 131072 --window 1024 -d runs/llama3
+  # with the top-48 key frequencies per head (2-norm attention contribution), as the final model will use
+  dpe-export calibrate ./my-llama --target-length 32768 --window 1024 --topk 48 -d runs/llama
+  # split the grid over 4 processes or machines (e.g. a Slurm array), then join the shards
+  dpe-export calibrate ./my-llama --target-length 32768 --window 1024 -d runs/llama --shard $I/4
+  dpe-export calibrate --merge -d runs/llama
+  # then export with the chosen factors (the card shows the grid)
+  dpe-export convert ./my-llama -o ./my-llama-dpe --calibration runs/llama/calibration.json
+
+A killed run resumes where it stopped: every finished (group, scale) cell is already on disk.
+"""
+
+
+@main.command("calibrate", epilog=CALIBRATE_EPILOG)
+@click.argument("model_dir", metavar="MODEL_DIR", type=click.Path(path_type=Path), required=False)
+@click.option("-d", "--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Where the plan, the per-cell results (cells*.jsonl), dim_scores.safetensors and "
+              "calibration.json go. Re-running with the same settings resumes.")
+@click.option("--target-length", type=click.IntRange(min=2), metavar="T",
+              help="The context length to calibrate for (NIAH prompts are this long).")
+@click.option("--window", type=click.IntRange(min=1), metavar="W",
+              help="Local window size in tokens. Default: the pretraining length / 8.")
+@click.option("--groups", "num_groups", type=click.IntRange(min=1), metavar="G",
+              help="Split the head_dim/2 rotary frequencies evenly into G groups. Default: 8 (or fewer when "
+              "there are fewer frequencies).")
+@click.option("--dimension-groups", callback=_int_list, metavar="B0,...,BG",
+              help="Explicit group boundaries, from 0 to head_dim/2 (instead of --groups).")
+@click.option("--topk", type=click.IntRange(min=1), metavar="K",
+              help="Scale only the top-K frequencies per (layer, head) by 2-norm attention contribution "
+              "(computed first, saved as dim_scores.safetensors). Default: all frequencies.")
+@click.option("--pretrain-length", type=click.IntRange(min=1), metavar="L",
+              help="The base model's pretraining length. Default: its max_position_embeddings.")
+@click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True, metavar="N",
+              help="NIAH contexts per (group, scale) cell (each asked about every needle).")
+@click.option("--needles", type=click.IntRange(min=1), default=4, show_default=True, metavar="K",
+              help="Needles per NIAH context.")
+@click.option("--seed", type=int, default=1234, show_default=True,
+              help="Seed of the calibration prompts (eval defaults to seed 0, so its samples are held out).")
+@click.option("--shard", metavar="I/N", help="Run only every N-th cell starting at I (0 <= I < N).")
+@click.option("--merge", is_flag=True, help="Join the shards' results in --output-dir into calibration.json.")
+@click.option("--haystack", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="FILE",
+              help="Filler text for the prompts instead of the generated haystack.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, metavar="B")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True)
+def calibrate_command(model_dir, output_dir, target_length, window, num_groups, dimension_groups, topk,
+                      pretrain_length, samples, needles, seed, shard, merge, haystack, batch_size, device, dtype):
+    """Find each frequency group's scale factor on the model itself.
+
+    Stage 1 (with --topk): score every (layer, head, frequency) by its 2-norm attention contribution on
+    haystack text at lengths doubling from max(W, L/4) to L. Stage 2: at the target length T, each group in
+    turn tries the scales 1, 2, 4, ..., T/W while the others use the scale nearest 2T/L, scored by 4-needle
+    NIAH; each group gets its best scale (ties: the one nearest 2T/L, then the smaller). Writes
+    calibration.json, which `dpe-export convert --calibration` uses.
+    """
+    from dpe_export import calibrate
+
+    _setup_logging()
+    if merge:
+        result = calibrate.merge(output_dir)
+    else:
+        if model_dir is None or target_length is None:
+            raise click.UsageError("give MODEL_DIR and --target-length (or --merge to join shards)")
+        _quiet_transformers()
+        result = _run_calibration(model_dir, output_dir, target_length=target_length, window=window,
+                                  num_groups=num_groups, dimension_groups=dimension_groups, top_k=topk,
+                                  pretrain_length=pretrain_length, samples=samples, needles=needles, seed=seed,
+                                  shard=calibrate.parse_shard(shard), haystack=haystack, batch_size=batch_size,
+                                  device=device, dtype=dtype)
+        if result is None:
+            click.echo(f"Shard {shard} done; join the shards with: dpe-export calibrate --merge -d {output_dir}")
+            return
+    _print_calibration_summary(result, output_dir)
+
+
+def _run_calibration(model_dir: Path, output_dir: Path, *, window: Optional[int], pretrain_length=None, **kw):
+    from dpe_export import calibrate
+    from dpe_export.export import load_base_config
+
+    if window is None:
+        length = pretrain_length or load_base_config(Path(model_dir)).max_position_embeddings
+        window = max(1, length // 8)
+    return calibrate.calibrate(model_dir, output_dir, window=window, pretrain_length=pretrain_length, **kw)
+
+
+def _print_calibration_summary(result: dict[str, Any], output_dir: Path) -> None:
+    scales = result["scales"]
+    click.echo(f"\nCalibration at {result['target_length']} tokens, window {result['window']}, "
+               f"{result['metric']} ({result['samples_per_cell']} queries per cell):")
+    click.echo("  group   freqs  " + " ".join(f"{'s=' + str(s):>6}" for s in scales) + "  chosen")
+    for g, (rng, row, pick) in enumerate(zip(result["groups"], result["grid"], result["chosen"])):
+        cells = " ".join(f"{v:6.2f}" for v in row)
+        click.echo(f"  {g:>5}  {rng[0]:>3}-{rng[1] - 1:<3} {cells}  {pick:>6}")
+    click.echo(f"Chosen scale factors: {','.join(map(str, result['chosen']))}")
+    click.echo(f"Wrote {Path(output_dir) / 'calibration.json'}; export with: dpe-export convert MODEL -o OUT "
+               f"--calibration {Path(output_dir) / 'calibration.json'}")

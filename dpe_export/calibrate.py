@@ -1,0 +1,449 @@
+"""Calibration: each frequency group's effective scale, found on the model itself (the DPE authors' procedure).
+
+Two stages, both automated:
+
+1. Key dimensions (only with ``top_k``): the 2-norm attention contribution of every (layer, head, frequency)
+   on haystack text at lengths doubling from max(W, L/4) to L (dpe_export.dim_scores); the top K frequencies
+   per head are the ones DPE scales, in calibration as in the final model.
+2. Effective distance per group (multi-needle detection): at the target length T, with 4-needle NIAH, each
+   group g in turn tries s_g in {1, 2, 4, ..., T/W} while every other group uses the reference scale, the
+   candidate nearest to 2T/L (it maps T to about half the pretraining length). Each (group, scale) cell is
+   scored by the fraction of needles retrieved.
+
+Choice per group: the best score; ties go to the scale nearest the reference (in log2 distance), then to
+the smaller scale.
+
+Every finished cell is appended (and flushed) as one JSON line to ``cells.jsonl`` (``cells.shard-I-of-N.jsonl``
+with ``--shard I/N``), tagged with the hash of the plan it belongs to: a killed run resumes where it stopped and
+recomputes nothing, shards split the grid across processes or machines, and ``merge`` joins them into
+``calibration.json``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from dpe_export import __version__
+from dpe_export.errors import DPEExportError
+
+CALIBRATION_SCHEMA_VERSION = 1
+CALIBRATION_FILE = "calibration.json"
+DIM_SCORES_FILE = "dim_scores.safetensors"
+CELLS_GLOB = "cells*.jsonl"
+DEFAULT_SAMPLES = 8  # NIAH contexts per cell (x needles queries)
+DEFAULT_NEEDLES = 4
+DEFAULT_SEED = 1234  # calibration seeds; `dpe-export eval` defaults to seed 0, so its samples are held out
+TIE_RULE = "highest score; ties go to the scale nearest the reference scale (log2 distance), then the smaller"
+
+Scorer = Callable[[Any], dict]  # DPEParams -> {"score": float, "samples": int}
+
+
+def scale_candidates(target_length: int, window: int) -> list[int]:
+    """1, 2, 4, ... up to T/W."""
+    if target_length <= window:
+        raise DPEExportError(f"the target length ({target_length}) must exceed the local window ({window})")
+    top = target_length // window
+    return [2**i for i in range(int(math.log2(top)) + 1)]
+
+
+def reference_scale(target_length: int, pretrain_length: int, candidates: Sequence[int]) -> int:
+    """The candidate nearest 2T/L in log2 distance (the smaller on a tie)."""
+    want = math.log2(max(2 * target_length / pretrain_length, 1))
+    return min(candidates, key=lambda s: (abs(math.log2(s) - want), s))
+
+
+def config_hash(model_dir: Path) -> str:
+    """sha256 of the base model's config.json: a calibration belongs to one model."""
+    return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()
+
+
+@dataclass
+class CalibrationPlan:
+    """Everything that determines a calibration's results; its hash tags every cell."""
+
+    model: str
+    config_sha256: str
+    pretrain_length: int
+    target_length: int
+    window: int
+    dimension_groups_range: list[int]
+    scales: list[int]
+    reference_scale: int
+    top_k: Optional[int] = None
+    samples: int = DEFAULT_SAMPLES
+    needles: int = DEFAULT_NEEDLES
+    seed: int = DEFAULT_SEED
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.dimension_groups_range) - 1
+
+    def key(self) -> str:
+        fields = asdict(self)
+        fields.pop("model")  # the same model may be calibrated from another path
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+    def cells(self) -> list[tuple[int, int]]:
+        """(group, scale) in a fixed order, group-major."""
+        return [(g, s) for g in range(self.num_groups) for s in self.scales]
+
+    def factors_for(self, group: int, scale: int) -> list[int]:
+        factors = [self.reference_scale] * self.num_groups
+        factors[group] = scale
+        return factors
+
+    def params_for(self, group: int, scale: int):
+        from dpe_export.resources import load_dpe_core
+
+        return load_dpe_core().DPEParams(
+            local_window_size=self.window, scale_factors=self.factors_for(group, scale),
+            dimension_groups_range=list(self.dimension_groups_range), target_length=self.target_length,
+            pretrain_length=self.pretrain_length,
+        )
+
+
+def make_plan(model_dir, *, target_length: int, window: int, num_freqs: int, pretrain_length: int,
+              dimension_groups: Optional[Sequence[int]] = None, num_groups: Optional[int] = None,
+              top_k: Optional[int] = None, samples: int = DEFAULT_SAMPLES, needles: int = DEFAULT_NEEDLES,
+              seed: int = DEFAULT_SEED) -> CalibrationPlan:
+    from dpe_export.resources import load_dpe_core
+
+    dpe_core = load_dpe_core()
+    if window < 1:
+        raise DPEExportError(f"the local window must be >= 1, got {window}")
+    candidates = scale_candidates(target_length, window)
+    if dimension_groups is None:
+        groups = num_groups or min(8, num_freqs)
+        dimension_groups = dpe_core.even_group_boundaries(num_freqs, groups)
+    bounds = list(dimension_groups)
+    try:
+        dpe_core.DPEParams(window, [1] * (len(bounds) - 1), bounds, target_length, pretrain_length).validate(2 * num_freqs)
+    except ValueError as e:
+        raise DPEExportError(str(e)) from None
+    if top_k is not None and not 1 <= top_k <= num_freqs:
+        raise DPEExportError(f"top-K must be between 1 and head_dim/2 = {num_freqs}, got {top_k}")
+    if samples < 1:
+        raise DPEExportError("the number of samples must be >= 1")
+    return CalibrationPlan(
+        model=str(model_dir), config_sha256=config_hash(model_dir), pretrain_length=pretrain_length,
+        target_length=target_length, window=window, dimension_groups_range=bounds, scales=candidates,
+        reference_scale=reference_scale(target_length, pretrain_length, candidates), top_k=top_k,
+        samples=samples, needles=needles, seed=seed,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The results file: one JSON line per finished cell
+# ----------------------------------------------------------------------------------------------------------
+
+
+def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
+    """'I/N' (0 <= I < N) -> (I, N)."""
+    if text is None:
+        return None
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise DPEExportError(f"--shard takes I/N, e.g. 0/4; got {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise DPEExportError(f"--shard I/N needs 0 <= I < N, got {text!r}")
+    return i, n
+
+
+def cells_path(out_dir: Path, shard: Optional[tuple[int, int]]) -> Path:
+    return out_dir / ("cells.jsonl" if shard is None else f"cells.shard-{shard[0]}-of-{shard[1]}.jsonl")
+
+
+def read_cells(out_dir: Path, plan: CalibrationPlan) -> dict[tuple[int, int], dict]:
+    """Finished cells of this plan from every results file in out_dir (a cut-off last line is ignored)."""
+    done: dict[tuple[int, int], dict] = {}
+    key = plan.key()
+    for path in sorted(Path(out_dir).glob(CELLS_GLOB)):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                cell = json.loads(line)
+            except ValueError:
+                continue  # a line cut off by a killed run
+            if not isinstance(cell, dict) or cell.get("plan") != key:
+                if isinstance(cell, dict) and "plan" in cell:
+                    raise DPEExportError(
+                        f"{path} holds results of a different calibration (other model or settings); "
+                        "use another --output-dir")
+                continue
+            done[(int(cell["group"]), int(cell["scale"]))] = cell
+    return done
+
+
+def append_cell(path: Path, cell: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(cell) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def run_grid(plan: CalibrationPlan, scorer: Scorer, out_dir: Path, shard: Optional[tuple[int, int]] = None,
+             progress: bool = True) -> dict[tuple[int, int], dict]:
+    """Score the cells of this shard that are not done yet, appending each as it finishes."""
+    from tqdm.auto import tqdm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = read_cells(out_dir, plan)
+    mine = [c for i, c in enumerate(plan.cells()) if shard is None or i % shard[1] == shard[0]]
+    todo = [c for c in mine if c not in done]
+    path = cells_path(out_dir, shard)
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="calibration grid", unit="cell",
+               disable=not progress)
+    try:
+        for group, scale in todo:
+            bar.set_postfix_str(f"group {group} scale {scale}")
+            t0 = time.perf_counter()
+            result = scorer(plan.params_for(group, scale))
+            cell = {"plan": plan.key(), "group": group, "scale": scale, "factors": plan.factors_for(group, scale),
+                    "score": float(result["score"]), "samples": int(result["samples"]),
+                    "seconds": round(time.perf_counter() - t0, 3)}
+            append_cell(path, cell)
+            done[(group, scale)] = cell
+            bar.update(1)
+    finally:
+        bar.close()
+    return done
+
+
+def choose_scales(plan: CalibrationPlan, cells: dict[tuple[int, int], dict]) -> list[int]:
+    """Per group the best scale (TIE_RULE)."""
+    ref = math.log2(plan.reference_scale)
+    chosen = []
+    for g in range(plan.num_groups):
+        row = [(cells[(g, s)]["score"], s) for s in plan.scales]
+        chosen.append(min(row, key=lambda x: (-x[0], abs(math.log2(x[1]) - ref), x[1]))[1])
+    return chosen
+
+
+def build_calibration(plan: CalibrationPlan, cells: dict[tuple[int, int], dict],
+                      timings: Optional[dict] = None) -> dict:
+    """calibration.json: the plan, the whole grid with sample counts, the chosen factors, timings, versions.
+
+    Its ``groups``/``scales``/``grid``/``chosen`` keys are what the model card draws (dpe_export.card).
+    """
+    missing = [c for c in plan.cells() if c not in cells]
+    if missing:
+        raise DPEExportError(
+            f"{len(missing)} of {len(plan.cells())} calibration cells are not done yet "
+            f"(e.g. group {missing[0][0]} scale {missing[0][1]}); run the remaining shards first")
+    b = plan.dimension_groups_range
+    return {
+        "schema_version": CALIBRATION_SCHEMA_VERSION,
+        "tool": f"dpe-export {__version__}",
+        "base_model": {"path": plan.model, "config_sha256": plan.config_sha256},
+        "pretrain_length": plan.pretrain_length,
+        "target_length": plan.target_length,
+        "length": plan.target_length,
+        "window": plan.window,
+        "dimension_groups_range": b,
+        "groups": [[b[g], b[g + 1]] for g in range(plan.num_groups)],
+        "scales": plan.scales,
+        "reference_scale": plan.reference_scale,
+        "top_k": plan.top_k,
+        "dim_scores": DIM_SCORES_FILE if plan.top_k else None,
+        "metric": f"{plan.needles}-needle NIAH accuracy",
+        "higher_is_better": True,
+        "samples_per_cell": plan.samples * plan.needles,
+        "seed": plan.seed,
+        "tie_rule": TIE_RULE,
+        "grid": [[cells[(g, s)]["score"] for s in plan.scales] for g in range(plan.num_groups)],
+        "cells": [cells[c] for c in plan.cells()],
+        "chosen": choose_scales(plan, cells),
+        "timings": timings or {"grid_seconds": round(sum(c["seconds"] for c in cells.values()), 1)},
+        "plan_key": plan.key(),
+    }
+
+
+def check_calibration_for(calibration: dict, model_dir) -> None:
+    """Refuse a calibration made on another model, naming the mismatch."""
+    if calibration.get("schema_version") != CALIBRATION_SCHEMA_VERSION:
+        raise DPEExportError(f"unsupported calibration schema version {calibration.get('schema_version')!r}")
+    base = calibration.get("base_model") or {}
+    if base.get("config_sha256") != config_hash(model_dir):
+        raise DPEExportError(
+            f"the calibration was made for {base.get('path')!r}, whose config.json differs from {model_dir}'s "
+            "(config sha256 mismatch); calibrate this model instead")
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Running it on a model
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Calibrator:
+    """A loaded base model, its tokenizer and the plan; scores DPE settings on it in place."""
+
+    model: Any
+    tokenizer: Any
+    plan: CalibrationPlan
+    haystack: Optional[Path] = None
+    batch_size: int = 1
+    selected: Any = None
+    _builder: Any = field(default=None, repr=False)
+
+    def compute_selection(self, out_dir: Path, progress: bool = True):
+        """Stage 1: dim scores (reused from out_dir when present) and the top-K mask."""
+        import torch
+        from safetensors.torch import load_file
+        from tqdm.auto import tqdm
+
+        from dpe_export import dim_scores, selection
+
+        path = out_dir / DIM_SCORES_FILE
+        if path.is_file():
+            scores = load_file(str(path))[dim_scores.SCORES_TENSOR]
+        else:
+            lengths = dim_scores.scoring_lengths(self.plan.window, self.plan.pretrain_length)
+            stream = self._token_stream(sum(lengths) * self.plan.samples + 16)
+            batches, pos = [], 0
+            for n in lengths:
+                for _ in range(self.plan.samples):
+                    batches.append(torch.tensor([stream[pos:pos + n]]))
+                    pos += n
+            with tqdm(total=len(batches), desc="key dimensions", unit="sample", disable=not progress) as bar:
+                scores = dim_scores.compute_dim_scores(self.model, batches, progress=bar)
+            tmp = out_dir / f".{DIM_SCORES_FILE}.tmp-{os.getpid()}"
+            dim_scores.save_dim_scores(scores, tmp, {"lengths": lengths, "samples": self.plan.samples})
+            os.replace(tmp, path)
+        self.selected = selection.top_k_mask(scores, self.plan.top_k)
+        return self.selected
+
+    def _token_stream(self, num_tokens: int) -> list[int]:
+        from dpe_export.evaluate import ppl_token_stream
+
+        return ppl_token_stream(self.tokenizer, num_tokens, seed=self.plan.seed, haystack=self.haystack)
+
+    def score(self, params) -> dict:
+        """4-needle NIAH accuracy at the target length with these DPE parameters applied in place."""
+        from dpe_export import evaluate
+        from dpe_export.resources import load_dpe_core
+        from dpe_export.tasks import PromptBuilder
+
+        load_dpe_core().apply_dpe(self.model, params, self.selected)
+        if self._builder is None:
+            self._builder = PromptBuilder(self.tokenizer, haystack_path=self.haystack,
+                                          haystack_seed=evaluate.task_haystack_seed(self.plan.seed))
+        generate_fn = evaluate.make_generate_fn(self.model, self.tokenizer, evaluate.max_new_tokens_for("niah"))
+        # About `samples` contexts of `needles` needles, spread over the default depth grid.
+        depths = list(evaluate.DEFAULT_DEPTHS)
+        per_depth = -(-self.plan.samples * self.plan.needles // len(depths))
+        records = evaluate.evaluate_niah(self._builder, generate_fn, [self.plan.target_length], depths,
+                                         samples=per_depth, needles=self.plan.needles, seed=self.plan.seed,
+                                         batch_size=self.batch_size)
+        correct = sum(r["accuracy"] * r["samples"] for r in records)
+        total = sum(r["samples"] for r in records)
+        return {"score": correct / total, "samples": total}
+
+
+PLAN_FILE = "plan.json"
+
+
+def save_plan(out_dir: Path, plan: CalibrationPlan) -> None:
+    """plan.json in out_dir; every shard must agree with the one already there."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / PLAN_FILE
+    if path.is_file():
+        old = load_plan(out_dir)
+        if old.key() != plan.key():
+            raise DPEExportError(
+                f"{out_dir} holds a calibration with other settings (see {path}); use another --output-dir")
+        return
+    write_json_atomic(path, asdict(plan))
+
+
+def load_plan(out_dir: Path) -> CalibrationPlan:
+    path = Path(out_dir) / PLAN_FILE
+    try:
+        return CalibrationPlan(**json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        raise DPEExportError(f"no calibration in {out_dir} ({PLAN_FILE} is missing)") from None
+    except (ValueError, TypeError) as e:
+        raise DPEExportError(f"cannot read {path}: {e}") from None
+
+
+def merge(out_dir) -> dict:
+    """Join the shards' cells in out_dir into calibration.json (all cells must be done)."""
+    out_dir = Path(out_dir)
+    plan = load_plan(out_dir)
+    calibration = build_calibration(plan, read_cells(out_dir, plan))
+    write_json_atomic(out_dir / CALIBRATION_FILE, calibration)
+    return calibration
+
+
+def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_groups=None,
+              num_groups: Optional[int] = None, top_k: Optional[int] = None, samples: int = DEFAULT_SAMPLES,
+              needles: int = DEFAULT_NEEDLES, seed: int = DEFAULT_SEED, pretrain_length: Optional[int] = None,
+              shard: Optional[tuple[int, int]] = None, haystack: Optional[Path] = None, device=None, dtype=None,
+              batch_size: int = 1, progress: bool = True) -> Optional[dict]:
+    """Run (or resume) a calibration into out_dir. Returns calibration.json's content, or None for a shard
+    (join the shards with :func:`merge`)."""
+    import random
+
+    import torch
+
+    from dpe_export import methods
+    from dpe_export.export import head_dim_of, load_base_config
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    raw, is_export = methods.check_eval_model(model_dir)
+    if is_export:
+        raise DPEExportError(f"{model_dir} is already a DPE export; calibrate its base model")
+    config = load_base_config(model_dir)
+    from dpe_export.architectures import get_architecture
+
+    get_architecture(config)
+    L = pretrain_length or config.max_position_embeddings
+    plan = make_plan(model_dir, target_length=target_length, window=window, num_freqs=head_dim_of(config) // 2,
+                     pretrain_length=L, dimension_groups=dimension_groups, num_groups=num_groups, top_k=top_k,
+                     samples=samples, needles=needles, seed=seed)
+    tokenizer = methods.load_tokenizer(model_dir)  # before the weights: a model without one fails fast
+    save_plan(out_dir, plan)
+    t0 = time.perf_counter()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    loaded = methods.load_model(model_dir, methods.MethodSpec("none"), device=device, dtype=dtype,
+                                tokenizer=tokenizer, target_length=target_length)
+    calibrator = Calibrator(loaded.model, tokenizer, plan, haystack=haystack, batch_size=batch_size)
+    if top_k:
+        calibrator.compute_selection(out_dir, progress)
+    t1 = time.perf_counter()
+    cells = run_grid(plan, calibrator.score, out_dir, shard, progress)
+    if shard is not None and shard[1] > 1:
+        return None
+    timings = {"load_and_dim_scores_seconds": round(t1 - t0, 1),
+               "grid_seconds_this_run": round(time.perf_counter() - t1, 1),
+               "grid_seconds_all_cells": round(sum(c["seconds"] for c in cells.values()), 1)}
+    calibration = build_calibration(plan, cells, timings)
+    write_json_atomic(out_dir / CALIBRATION_FILE, calibration)
+    return calibration
+
+
+def selection_from(calibration: dict, calibration_dir: Path):
+    """The top-K mask a calibration used (None when it scaled every frequency)."""
+    if not calibration.get("top_k"):
+        return None
+    from safetensors.torch import load_file
+
+    from dpe_export import dim_scores, selection
+
+    path = Path(calibration_dir) / (calibration.get("dim_scores") or DIM_SCORES_FILE)
+    if not path.is_file():
+        raise DPEExportError(f"the calibration used top-{calibration['top_k']} dimensions, but {path} is missing")
+    return selection.top_k_mask(load_file(str(path))[dim_scores.SCORES_TENSOR], int(calibration["top_k"]))
