@@ -189,14 +189,14 @@ def test_topk_out_of_range(run_cli, llama_dir, tmp_path, k):
 def test_topk_without_scores(run_cli, llama_dir, tmp_path):
     out = tmp_path / "out"
     r = run_cli("convert", llama_dir, "-o", out, *W, *S, "--topk", "4")
-    assert_clean_failure(r, out, "--dim-scores and --topk", exit_code=2)
+    assert_clean_failure(r, out, "--topk needs --dim-scores", exit_code=2)
 
 
 def test_scores_without_topk(run_cli, llama_dir, tmp_path):
     out = tmp_path / "out"
     scores = write_scores(tmp_path / "scores.safetensors")
     r = run_cli("convert", llama_dir, "-o", out, *W, *S, "--dim-scores", scores)
-    assert_clean_failure(r, out, "--dim-scores and --topk", exit_code=2)
+    assert_clean_failure(r, out, "--dim-scores needs --topk", exit_code=2)
 
 
 def test_missing_scores_file(run_cli, llama_dir, tmp_path):
