@@ -187,15 +187,22 @@ def check_weight_headers(model_dir: Path, weight_files: Sequence[str]) -> None:
             raise DPEExportError(f"{model_dir / name} is not a valid safetensors file: {e}") from None
 
 
-def load_base_config(model_dir: Path):
-    """The base config via transformers.AutoConfig (which standardizes rope_parameters); never runs remote code."""
-    path = model_dir / CONFIG_FILE
+def read_config_json(model_dir: Path) -> dict[str, Any]:
+    """config.json as a dict; DPEExportError when it cannot be read or is not a JSON object."""
+    path = Path(model_dir) / CONFIG_FILE
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DPEExportError(f"cannot read {path}: {e}") from None
     if not isinstance(raw, dict):
         raise DPEExportError(f"{path} must hold a JSON object")
+    return raw
+
+
+def load_base_config(model_dir: Path):
+    """The base config via transformers.AutoConfig (which standardizes rope_parameters); never runs remote code."""
+    path = model_dir / CONFIG_FILE
+    raw = read_config_json(model_dir)
     from transformers import AutoConfig
 
     try:

@@ -19,7 +19,6 @@ self-extend/dpe through ``dpe_core.apply_dpe`` on the loaded base model. Nothing
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -260,17 +259,10 @@ def resolve_dtype(dtype: Optional[str], device):
 
 
 def _read_raw_config(model_dir: Path) -> dict[str, Any]:
-    from dpe_export.export import CONFIG_FILE, check_model_dir
+    from dpe_export.export import check_model_dir, read_config_json
 
     check_model_dir(model_dir)
-    path = model_dir / CONFIG_FILE
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DPEExportError(f"cannot read {path}: {e}") from None
-    if not isinstance(raw, dict):
-        raise DPEExportError(f"{path} must hold a JSON object")
-    return raw
+    return read_config_json(model_dir)
 
 
 def _check_weights(model_dir: Path) -> None:

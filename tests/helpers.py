@@ -79,3 +79,16 @@ def save_tiny_model(path, family: str = "llama", seed: int = 0, tokenizer: bool 
     if tokenizer:
         tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per byte (byte-level BPE without merges): decode(encode(text)) == text, vocab 260."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")

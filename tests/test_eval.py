@@ -12,6 +12,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from helpers import byte_tokenizer  # noqa: E402
+
 from dpe_export import evaluate, report  # noqa: E402
 from dpe_export.errors import DPEExportError  # noqa: E402
 from dpe_export.evaluate import EvalResult, evaluate_niah, evaluate_passkey  # noqa: E402
@@ -35,18 +37,7 @@ def _one_thread():
 # ----------------------------------------------------------------------------------------------------------
 
 
-def char_tokenizer():
-    """One token per byte (byte-level BPE without merges): decode(encode(text)) == text."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {t: i for i, t in enumerate(["<pad>", "<s>", "</s>", "<unk>"] + alphabet)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+char_tokenizer = byte_tokenizer
 
 
 @pytest.fixture(scope="module")
