@@ -400,10 +400,14 @@ def convert_command(
     if base_model is None and chosen is not None and chosen.model_type == info.architecture.model_type:
         base_model = chosen.base_model
 
-    out = export.convert(
-        info, output, params, selected, overwrite=overwrite, link=link, base_model=base_model, repo_id=repo_id,
-        **card_inputs,
-    )
+    if push and not overwrite and export.holds_same_export(output, info, params, selected):
+        click.echo(f"{output} already holds this export (an earlier run's upload did not finish); pushing it")
+        out = Path(output)
+    else:
+        out = export.convert(
+            info, output, params, selected, overwrite=overwrite, link=link, base_model=base_model,
+            repo_id=repo_id, **card_inputs,
+        )
 
     from dpe_export.selection import describe_selection
 

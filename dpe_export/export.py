@@ -643,6 +643,35 @@ def convert(
     return output
 
 
+def holds_same_export(output, info: ModelInfo, params, selected=None) -> bool:
+    """Whether `output` already is a finished export of this model with these parameters, so that re-running
+    `convert --push` after a failed upload can push it instead of stopping at the existing directory."""
+    output = Path(output)
+    try:
+        raw = read_config_json(output)
+        params = resolve_params(params, info, selected)
+    except DPEExportError:
+        return False
+    if raw.get("dpe") != params.to_dict():
+        return False
+    for name in info.weight_files + [DPE_CORE_FILE, "modeling_dpe.py"]:
+        src = info.model_dir / name if name in info.weight_files else None
+        dst = output / name
+        if not dst.is_file() or (src is not None and src.stat().st_size != dst.stat().st_size):
+            return False
+    if selected is not None:
+        from safetensors.torch import load_file
+
+        path = output / load_dpe_core().SELECTED_DIMS_FILENAME
+        if not path.is_file():
+            return False
+        import torch
+
+        if not torch.equal(load_file(str(path))[load_dpe_core().SELECTED_DIMS_TENSOR], selected.cpu()):
+            return False
+    return (output / "dpe_core.py").read_bytes() == dpe_core_path().read_bytes()
+
+
 def write_export(
     info: ModelInfo,
     params,

@@ -213,6 +213,26 @@ def test_convert_push_exports_and_publishes_and_says_how_to_finish_a_failed_push
     assert digests(out) == before
 
 
+def test_rerunning_the_same_convert_push_completes_a_failed_push(hub, tiny_dirs, tmp_path):
+    out = tmp_path / "llama-dpe"
+    command = ("convert", tiny_dirs("llama"), "-o", out, "--window", "8", "--scale-factors", "2,4",
+               "--push", "--repo-id", "my-org/llama-dpe")
+    hub.fail_commits = 1
+    assert_one_error_line(run_dpe_export(hub, *command, tmp_home=tmp_path, timeout=300))
+    before = digests(out)
+    again = run_dpe_export(hub, *command, tmp_home=tmp_path, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "already holds this export" in again.stdout
+    remote = hub.files("my-org/llama-dpe", "main")
+    for name, data in local_files(out).items():
+        assert remote[name] == data, name
+    assert digests(out) == before  # pushed as it was, not exported again
+    # Other parameters are a different export: the existing directory is refused as before.
+    other = run_dpe_export(hub, *command[:7], "2,8", *command[8:], tmp_home=tmp_path, timeout=300)
+    assert str(out) in assert_one_error_line(other)
+    assert digests(out) == before
+
+
 def test_convert_push_options_need_push_and_repo_id(run_cli, llama_dir, tmp_path):
     out = tmp_path / "out"
     base = ("convert", llama_dir, "-o", out, "--window", "8", "--scale-factors", "2,4")
