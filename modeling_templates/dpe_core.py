@@ -285,7 +285,10 @@ def _attention_with_lse_math(q, k, v, *, scale, causal=False, mask=None, chunk: 
 
 
 def flash_attn_with_lse(q, k, v, *, scale: float, window: Optional[int] = None):
-    """flash-attn 2 (CUDA): causal attention, optionally limited to distances < window; layout [B, H, n, D]."""
+    """flash-attn 2 (CUDA): causal attention, optionally limited to distances < window.
+
+    q [B, H, n, D], k/v [B, Hkv, n, D] -> out [B, n, H, D] (flash-attn's own layout) and lse [B, H, n].
+    """
     from flash_attn import flash_attn_func
 
     win = (-1, -1) if window is None else (window - 1, 0)
@@ -293,7 +296,7 @@ def flash_attn_with_lse(q, k, v, *, scale: float, window: Optional[int] = None):
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
         softmax_scale=scale, causal=True, window_size=win, return_attn_probs=True,
     )
-    return out.transpose(1, 2), lse
+    return out, lse
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -372,7 +375,7 @@ def _dpe_prefill(q_plain, q_scaled, k_both, v, window, scale, selected, backend)
     k_plain, k_scaled = k_both[:, :hkv], k_both[:, hkv:]
     if n <= w:
         return attention_with_lse(q_plain, k_plain, v, scale=scale, causal=True)[0].transpose(1, 2)
-    if backend == "flash_attention_2" and q_plain.is_cuda:
+    if backend == "flash_attention_2":
         q_far, k_far = far_query_key(q_plain[:, :, w:], q_scaled[:, :, w:], k_plain[:, :, : n - w],
                                      k_scaled[:, :, : n - w], selected)
         v_far = repeat_kv(v[:, :, : n - w], k_far.shape[1] // hkv)
@@ -554,7 +557,7 @@ class DPEAttentionMixin:
                 dropout=0.0, scaling=self.scaling, **kwargs,
             )
         else:
-            if backend.startswith("flash_attention") and q.is_cuda:
+            if backend.startswith("flash_attention"):
                 _require_flash_attn()
             key_valid = kwargs.get("dpe_key_valid")
             if key_valid is None:

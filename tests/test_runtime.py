@@ -284,3 +284,40 @@ def test_generated_code_refuses_transformers_4_with_a_clear_message(monkeypatch)
     monkeypatch.setattr(transformers, "__version__", "4.57.1")
     with pytest.raises(ImportError, match=r"needs transformers>=5.0.0, but transformers 4.57.1 is installed"):
         dpe_core.check_transformers_version()
+
+
+def _fake_flash_attn_func(q, k, v, softmax_scale, causal, window_size, return_attn_probs):
+    """flash-attn 2's flash_attn_func contract in plain torch: [B, n, H, D] in and out, lse [B, H, n],
+    causal aligned to the bottom right, window_size=(left, right) limiting j to [i - left, i + right]."""
+    q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    s = q @ k.transpose(-1, -2) * softmax_scale
+    i = torch.arange(q.shape[2])[:, None] + (k.shape[2] - q.shape[2])
+    j = torch.arange(k.shape[2])[None, :]
+    ok = (j <= i) if causal else torch.ones_like(j - i, dtype=torch.bool)
+    if window_size[0] >= 0:
+        ok = ok & (j >= i - window_size[0])
+    s = s.masked_fill(~ok, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    out = torch.softmax(s, dim=-1) @ v
+    return out.transpose(1, 2), lse, None
+
+
+@pytest.mark.parametrize("topk", [False, True])
+def test_flash_attention_glue_matches_sdpa(monkeypatch, topk):
+    """The flash-attn path's layouts, window and log-sum-exp merge, checked against a stand-in kernel with
+    flash-attn 2's documented contract (no GPU here; the real kernel is exercised on CUDA only)."""
+    import types
+
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=_fake_flash_attn_func))
+    bsz, h, hkv, n, d, w = 1, 4, 2, 300, 16, 64
+    q, k, v = _random_qkv(bsz, h, hkv, n, d, 5)
+    q2 = torch.randn_like(q)
+    kb = torch.cat((k, torch.randn_like(k)), dim=1)
+    sel = random_selection(4, layers=1)[0] if topk else None
+    kw = dict(window=w, scale=d**-0.5, selected=sel)
+    flash = dpe_core.dpe_attention(q, q2, kb, v, backend="flash_attention_2", **kw)
+    sdpa = dpe_core.dpe_attention(q, q2, kb, v, backend="sdpa", **kw)
+    assert flash.shape == sdpa.shape == (bsz, n, h, d)
+    assert torch.allclose(flash, sdpa, atol=2e-5, rtol=0)
