@@ -231,40 +231,36 @@ class DPERope:
 _LSE_KERNEL_FAILED: set = set()
 
 
-def attention_with_lse(q, k, v, *, scale: float, causal: bool = False, mask: Optional[torch.Tensor] = None):
-    """softmax(q k^T * scale + mask) v and its row log-sum-exp (float32), without an n x n tensor.
+def attention_with_lse(q, k, v, *, scale: float, causal: bool = False):
+    """softmax(q k^T * scale) v and its row log-sum-exp (float32), without an n x n tensor.
 
-    q [B, H, m, D]; k, v [B, Hkv, n, D] with H a multiple of Hkv; causal is top-left aligned (query t sees
-    keys 0..t); mask is additive, broadcastable to [B, H, m, n]. Uses the fused CPU flash kernel or the CUDA
-    memory-efficient kernel, and falls back to a chunked float32 computation elsewhere.
+    q [B, H, m, D]; k, v [B, Hkv, n, D] with H a multiple of Hkv; with causal, m == n and query t sees keys
+    0..t. Uses the fused CPU flash kernel or the CUDA memory-efficient kernel, and falls back to a chunked
+    float32 computation elsewhere (or where the fused kernel refuses the shape or dtype).
     """
     device = q.device.type
     if device not in _LSE_KERNEL_FAILED:
         try:
             if device == "cpu":
-                m = None if mask is None else mask.to(q.dtype)
                 out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    q, k, v, 0.0, causal, attn_mask=m, scale=scale
+                    q, k, v, 0.0, causal, scale=scale
                 )[:2]
                 return out, lse
             if device == "cuda":
                 k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // v.shape[1])
-                bias = None
-                if mask is not None:
-                    bias = mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
                 out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-                    q, k, v, bias, True, 0.0, causal, scale=scale
+                    q, k, v, None, True, 0.0, causal, scale=scale
                 )[:2]
-                return out, lse[..., : q.shape[2]]
+                return out, lse[..., : q.shape[2]]  # some builds pad the lse rows to a multiple of 32
         except (RuntimeError, NotImplementedError) as err:  # unsupported shape/dtype on this build
             _LSE_KERNEL_FAILED.add(device)
             import warnings
 
             warnings.warn(f"DPE: fused attention kernel unavailable on {device} ({err}); using chunked math")
-    return _attention_with_lse_math(q, k, v, scale=scale, causal=causal, mask=mask)
+    return _attention_with_lse_math(q, k, v, scale=scale, causal=causal)
 
 
-def _attention_with_lse_math(q, k, v, *, scale, causal=False, mask=None, chunk: int = 1024):
+def _attention_with_lse_math(q, k, v, *, scale, causal=False, chunk: int = 1024):
     rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, rep), repeat_kv(v, rep)
     outs, lses = [], []
@@ -272,13 +268,11 @@ def _attention_with_lse_math(q, k, v, *, scale, causal=False, mask=None, chunk: 
     for a in range(0, q.shape[2], chunk):
         b = min(a + chunk, q.shape[2])
         s = torch.matmul(q[:, :, a:b].float(), k.float().transpose(-1, -2)) * scale
-        if mask is not None:
-            s = s + mask[..., a:b, :].float() if mask.shape[-2] != 1 else s + mask.float()
         if causal:
             t = torch.arange(a, b, device=q.device)[:, None]
             s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > t, float("-inf"))
         lse = torch.logsumexp(s, dim=-1)
-        p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+        p = torch.exp(s - lse[..., None])
         outs.append(torch.matmul(p, v.float()).to(q.dtype))
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)

@@ -321,3 +321,21 @@ def test_flash_attention_glue_matches_sdpa(monkeypatch, topk):
     sdpa = dpe_core.dpe_attention(q, q2, kb, v, backend="sdpa", **kw)
     assert flash.shape == sdpa.shape == (bsz, n, h, d)
     assert torch.allclose(flash, sdpa, atol=2e-5, rtol=0)
+
+
+def test_chunked_math_fallback_equals_the_fused_kernel():
+    q, k, v = _random_qkv(2, 4, 2, 300, 16, 9)
+    for causal in (True, False):
+        fused = dpe_core.attention_with_lse(q, k, v, scale=0.25, causal=causal)
+        math = dpe_core._attention_with_lse_math(q, k, v, scale=0.25, causal=causal, chunk=128)
+        assert torch.allclose(fused[0], math[0], atol=1e-5) and torch.allclose(fused[1], math[1], atol=1e-5)
+
+
+def test_prefill_through_the_fallback_equals_the_fused_path(monkeypatch):
+    q, k, v = _random_qkv(1, 4, 2, 400, 16, 10)
+    q_scaled, kb = torch.randn_like(q), torch.cat((k, torch.randn_like(k)), dim=1)
+    kw = dict(window=48, scale=0.25, selected=random_selection(6, layers=1)[0])
+    fused = dpe_core.dpe_attention(q, q_scaled, kb, v, **kw)
+    monkeypatch.setattr(dpe_core, "_LSE_KERNEL_FAILED", {"cpu"})  # as if the fused kernel had refused
+    fallback = dpe_core.dpe_attention(q, q_scaled, kb, v, **kw)
+    assert torch.allclose(fused, fallback, atol=1e-5)
