@@ -547,31 +547,6 @@ def guess_base_model(model_dir: Path) -> Optional[str]:
     return f"{m.group(1)}/{m.group(2)}" if m else None
 
 
-def write_model_card(
-    info: ModelInfo,
-    params,
-    selected,
-    out_dir: Path,
-    base_model: Optional[str],
-    model_name: str,
-    *,
-    repo_id: Optional[str] = None,
-    calibration: Optional[dict[str, Any]] = None,
-    eval_records: Optional[Sequence[dict[str, Any]]] = None,
-    export_dir: Optional[Path] = None,
-) -> None:
-    """README.md (and its PNG images) from the model card template; see dpe_export.card.
-
-    `export_dir` is where the export ends up (out_dir may be a staging directory).
-    """
-    from dpe_export import card
-
-    card.write_model_card(
-        info, params, selected, out_dir, base_model=base_model, model_name=model_name, repo_id=repo_id,
-        calibration=calibration, eval_records=eval_records, export_dir=export_dir or out_dir,
-    )
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The export
 # ----------------------------------------------------------------------------------------------------------
@@ -691,9 +666,11 @@ def write_export(
     write_modeling_files(info, out_dir)
     if selected is not None:
         write_selected_dims(selected, out_dir)
-    write_model_card(
-        info, params, selected, out_dir, base_model, model_name,
-        repo_id=repo_id, calibration=calibration, eval_records=eval_records, export_dir=export_dir,
+    from dpe_export import card
+
+    card.write_model_card(
+        info, params, selected, out_dir, base_model=base_model, model_name=model_name, repo_id=repo_id,
+        calibration=calibration, eval_records=eval_records, export_dir=export_dir or out_dir,
     )
     copy_tokenizer_files(info.model_dir, out_dir)
     copy_license_files(info.model_dir, out_dir)
