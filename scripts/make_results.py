@@ -410,8 +410,8 @@ def render(results: Sequence[dict[str, Any]], out_dir: Path, missing: Sequence[s
                   f"* Machine: {m['machine']} CPU ({m['cpu']}), {m['cpu_count']} cores shared with other jobs, "
                   f"torch threads = {m['torch_threads']}, float32, sdpa attention; Python {m['python']}, "
                   f"torch {m['torch']}, transformers {m['transformers']}.",
-                  f"* Command: `{results[0].get('command', '')}`",
-                  "* Wall time: " + ", ".join(f"{r['model']} {r['wall_s'] / 60:.1f} min" for r in results) + ".",
+                  "* Commands and wall times: " + "; ".join(
+                      f"{r['model']}: `{r.get('command', '')}` ({r['wall_s'] / 60:.1f} min)" for r in results) + ".",
                   "* Lengths: 1x, 2x, 4x, 8x, 16x the training length L (= `max_position_embeddings`). "
                   "Greedy decoding, exact-length prompts from `dpe_export.tasks` on generated haystack text, "
                   f"seed {results[0]['settings']['seed']} (the same prompts for every method).",
@@ -469,13 +469,20 @@ def write_results_md(out_dir: Path, results: Sequence[dict[str, Any]], missing: 
     return path
 
 
+def load_results(out_dir: Path) -> list[dict[str, Any]]:
+    """The per-model result files in ``out_dir/results`` (the testbed fixtures first)."""
+    results = [json.loads(f.read_text()) for f in sorted((out_dir / "results").glob("*.json"))]
+    results = [r for r in results if isinstance(r, dict) and "methods" in r and "settings" in r]
+    return sorted(results, key=lambda r: (not r["model"].startswith("testbed-"), r["model"]))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", type=Path, help="model dirs (default: tests/fixtures/testbed-*)")
     p.add_argument("--samples", type=int, default=50, help="pass-key prompts / NIAH needles per length (>= 50)")
     p.add_argument("--ppl-windows", type=int, default=4, help="perplexity windows per length")
-    p.add_argument("--search-samples", type=int, default=10, help="pass-key prompts per length in the searches")
+    p.add_argument("--search-samples", type=int, default=20, help="pass-key prompts per length in the searches")
     p.add_argument("--search-seed", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=5)
     p.add_argument("--out", type=Path, default=REPO / "benchmarks")
@@ -506,8 +513,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     notes = dict(n.split("=", 1) for n in args.note)
 
     if args.render_only:
-        results = [json.loads(f.read_text()) for f in sorted((out_dir / "results").glob("*.json"))]
-        results = [r for r in results if isinstance(r, dict) and "methods" in r and "settings" in r]
+        results = load_results(out_dir)
     else:
         if not models:
             p.error("no tests/fixtures/testbed-* model found; give --models DIR ...")
@@ -518,6 +524,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 data["note"] = notes[m.name]
                 (out_dir / "results" / f"{m.name}.json").write_text(json.dumps(data, indent=1) + "\n")
             results.append(data)
+        if not args.quick:  # models measured by earlier runs stay in RESULTS.md, after these
+            done = {r["model"] for r in results}
+            results += [r for r in load_results(out_dir) if r["model"] not in done and not r["settings"]["quick"]]
     path = write_results_md(out_dir, results, missing)
     log(f"wrote {path}")
     return 0
