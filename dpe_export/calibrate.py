@@ -36,6 +36,7 @@ CALIBRATION_SCHEMA_VERSION = 1
 CALIBRATION_FILE = "calibration.json"
 DIM_SCORES_FILE = "dim_scores.safetensors"
 CELLS_GLOB = "cells*.jsonl"
+METRICS = ("niah", "passkey")
 DEFAULT_SAMPLES = 8  # NIAH contexts per cell (x needles queries)
 DEFAULT_NEEDLES = 4
 DEFAULT_SEED = 1234  # calibration seeds; `dpe-export eval` defaults to seed 0, so its samples are held out
@@ -79,6 +80,7 @@ class CalibrationPlan:
     samples: int = DEFAULT_SAMPLES
     needles: int = DEFAULT_NEEDLES
     seed: int = DEFAULT_SEED
+    metric: str = "niah"  # or "passkey", for models whose multi-needle retrieval is weak even at L
 
     @property
     def num_groups(self) -> int:
@@ -111,7 +113,7 @@ class CalibrationPlan:
 def make_plan(model_dir, *, target_length: int, window: int, num_freqs: int, pretrain_length: int,
               dimension_groups: Optional[Sequence[int]] = None, num_groups: Optional[int] = None,
               top_k: Optional[int] = None, samples: int = DEFAULT_SAMPLES, needles: int = DEFAULT_NEEDLES,
-              seed: int = DEFAULT_SEED) -> CalibrationPlan:
+              seed: int = DEFAULT_SEED, metric: str = "niah") -> CalibrationPlan:
     from dpe_export.resources import load_dpe_core
 
     dpe_core = load_dpe_core()
@@ -130,11 +132,13 @@ def make_plan(model_dir, *, target_length: int, window: int, num_freqs: int, pre
         raise DPEExportError(f"top-K must be between 1 and head_dim/2 = {num_freqs}, got {top_k}")
     if samples < 1:
         raise DPEExportError("the number of samples must be >= 1")
+    if metric not in METRICS:
+        raise DPEExportError(f"unknown calibration metric {metric!r}; use {' or '.join(METRICS)}")
     return CalibrationPlan(
         model=str(model_dir), config_sha256=config_hash(model_dir), pretrain_length=pretrain_length,
         target_length=target_length, window=window, dimension_groups_range=bounds, scales=candidates,
         reference_scale=reference_scale(target_length, pretrain_length, candidates), top_k=top_k,
-        samples=samples, needles=needles, seed=seed,
+        samples=samples, needles=needles, seed=seed, metric=metric,
     )
 
 
@@ -251,7 +255,7 @@ def build_calibration(plan: CalibrationPlan, cells: dict[tuple[int, int], dict],
         "reference_scale": plan.reference_scale,
         "top_k": plan.top_k,
         "dim_scores": DIM_SCORES_FILE if plan.top_k else None,
-        "metric": f"{plan.needles}-needle NIAH accuracy",
+        "metric": f"{plan.needles}-needle NIAH accuracy" if plan.metric == "niah" else "pass-key accuracy",
         "higher_is_better": True,
         "samples_per_cell": plan.samples * plan.needles,
         "seed": plan.seed,
@@ -331,7 +335,9 @@ class Calibrator:
         return ppl_token_stream(self.tokenizer, num_tokens, seed=self.plan.seed, haystack=self.haystack)
 
     def score(self, params) -> dict:
-        """4-needle NIAH accuracy at the target length with these DPE parameters applied in place."""
+        """NIAH (or pass-key) accuracy at the target length with these DPE parameters applied in place.
+
+        Both use samples x needles queries per cell, spread over the default depth grid."""
         from dpe_export import evaluate
         from dpe_export.resources import load_dpe_core
         from dpe_export.tasks import PromptBuilder
@@ -340,13 +346,14 @@ class Calibrator:
         if self._builder is None:
             self._builder = PromptBuilder(self.tokenizer, haystack_path=self.haystack,
                                           haystack_seed=evaluate.task_haystack_seed(self.plan.seed))
-        generate_fn = evaluate.make_generate_fn(self.model, self.tokenizer, evaluate.max_new_tokens_for("niah"))
-        # About `samples` contexts of `needles` needles, spread over the default depth grid.
+        generate_fn = evaluate.make_generate_fn(self.model, self.tokenizer,
+                                                evaluate.max_new_tokens_for(self.plan.metric))
         depths = list(evaluate.DEFAULT_DEPTHS)
         per_depth = -(-self.plan.samples * self.plan.needles // len(depths))
-        records = evaluate.evaluate_niah(self._builder, generate_fn, [self.plan.target_length], depths,
-                                         samples=per_depth, needles=self.plan.needles, seed=self.plan.seed,
-                                         batch_size=self.batch_size)
+        kwargs = {"needles": self.plan.needles} if self.plan.metric == "niah" else {}
+        run = evaluate.evaluate_niah if self.plan.metric == "niah" else evaluate.evaluate_passkey
+        records = run(self._builder, generate_fn, [self.plan.target_length], depths, samples=per_depth,
+                      seed=self.plan.seed, batch_size=self.batch_size, **kwargs)
         correct = sum(r["accuracy"] * r["samples"] for r in records)
         total = sum(r["samples"] for r in records)
         return {"score": correct / total, "samples": total}
@@ -389,7 +396,8 @@ def merge(out_dir) -> dict:
 
 def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_groups=None,
               num_groups: Optional[int] = None, top_k: Optional[int] = None, samples: int = DEFAULT_SAMPLES,
-              needles: int = DEFAULT_NEEDLES, seed: int = DEFAULT_SEED, pretrain_length: Optional[int] = None,
+              needles: int = DEFAULT_NEEDLES, seed: int = DEFAULT_SEED, metric: str = "niah",
+              pretrain_length: Optional[int] = None,
               shard: Optional[tuple[int, int]] = None, haystack: Optional[Path] = None, device=None, dtype=None,
               batch_size: int = 1, progress: bool = True) -> Optional[dict]:
     """Run (or resume) a calibration into out_dir. Returns calibration.json's content, or None for a shard
@@ -412,7 +420,7 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
     L = pretrain_length or config.max_position_embeddings
     plan = make_plan(model_dir, target_length=target_length, window=window, num_freqs=head_dim_of(config) // 2,
                      pretrain_length=L, dimension_groups=dimension_groups, num_groups=num_groups, top_k=top_k,
-                     samples=samples, needles=needles, seed=seed)
+                     samples=samples, needles=needles, seed=seed, metric=metric)
     tokenizer = methods.load_tokenizer(model_dir)  # before the weights: a model without one fails fast
     save_plan(out_dir, plan)
     t0 = time.perf_counter()

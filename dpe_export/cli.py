@@ -682,6 +682,10 @@ A killed run resumes where it stopped: every finished (group, scale) cell is alr
               help="NIAH contexts per (group, scale) cell (each asked about every needle).")
 @click.option("--needles", type=click.IntRange(min=1), default=4, show_default=True, metavar="K",
               help="Needles per NIAH context.")
+@click.option("--metric", type=click.Choice(["niah", "passkey"]), default="niah", show_default=True,
+              help="What scores a cell: K-needle NIAH (the authors' choice), or pass-key retrieval for models "
+              "whose multi-needle retrieval is weak even at their pretraining length (samples x needles "
+              "prompts per cell either way).")
 @click.option("--seed", type=int, default=1234, show_default=True,
               help="Seed of the calibration prompts (eval defaults to seed 0, so its samples are held out).")
 @click.option("--shard", metavar="I/N", help="Run only every N-th cell starting at I (0 <= I < N).")
@@ -693,7 +697,8 @@ A killed run resumes where it stopped: every finished (group, scale) cell is alr
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True)
 def calibrate_command(model_dir, output_dir, target_length, window, num_groups, dimension_groups, topk,
-                      pretrain_length, samples, needles, seed, shard, merge, haystack, batch_size, device, dtype):
+                      pretrain_length, samples, needles, metric, seed, shard, merge, haystack, batch_size, device,
+                      dtype):
     """Find each frequency group's scale factor on the model itself.
 
     Stage 1 (with --topk): score every (layer, head, frequency) by its 2-norm attention contribution on
@@ -713,7 +718,8 @@ def calibrate_command(model_dir, output_dir, target_length, window, num_groups, 
         _quiet_transformers()
         result = _run_calibration(model_dir, output_dir, target_length=target_length, window=window,
                                   num_groups=num_groups, dimension_groups=dimension_groups, top_k=topk,
-                                  pretrain_length=pretrain_length, samples=samples, needles=needles, seed=seed,
+                                  pretrain_length=pretrain_length, samples=samples, needles=needles, metric=metric,
+                                  seed=seed,
                                   shard=calibrate.parse_shard(shard), haystack=haystack, batch_size=batch_size,
                                   device=device, dtype=dtype)
         if result is None:

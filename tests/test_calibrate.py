@@ -176,3 +176,16 @@ def test_a_model_without_tokenizer_is_refused_before_loading(tmp_path, run_cli):
     base = save_tiny_model(tmp_path / "base", "llama", tokenizer=False)
     res = run_cli("calibrate", str(base), "-d", str(tmp_path / "cal"), "--target-length", "512", "--window", "64")
     assert res.exit_code == 1 and "tokenizer" in (res.stdout + res.stderr)
+
+
+def test_passkey_metric(byte_model, tmp_path, run_cli):
+    cal = tmp_path / "cal"
+    res = run_cli("calibrate", str(byte_model), "-d", str(cal), "--target-length", "512", "--window", "256",
+                  "--groups", "1", "--samples", "1", "--metric", "passkey", "--device", "cpu")
+    assert res.exit_code == 0, res.stdout + res.stderr
+    data = json.loads((cal / "calibration.json").read_text())
+    assert data["metric"] == "pass-key accuracy" and data["scales"] == [1, 2]
+    assert all(c["samples"] == 5 for c in data["cells"])  # samples x needles prompts, over 5 depths
+    with pytest.raises(DPEExportError, match="unknown calibration metric"):
+        calibrate.make_plan(byte_model, target_length=512, window=64, num_freqs=8, pretrain_length=64,
+                            metric="bogus")
