@@ -10,7 +10,7 @@ What it does, deterministically (fixed seeds, one CPU thread by default):
 1. trains a byte-level BPE tokenizer (digits always single-character tokens) on generated haystack text
    plus the task phrasings, and saves it as tokenizer.json + tokenizer_config.json;
 2. trains a Llama / Qwen2 / Mistral model from scratch on rows of at most L tokens: pass-key rows,
-   multi-needle NIAH rows (1-5 needles, one or two questions with their answers) and plain haystack
+   multi-needle NIAH rows (1-5 needles, one to five questions with their answers) and plain haystack
    text, with the language-model loss on every token plus an extra loss on the answer tokens;
 3. every --eval-every steps measures greedy pass-key and NIAH accuracy at L on held-out seeds (and a
    different haystack seed), and stops once both reach --target;
@@ -155,30 +155,34 @@ class RowMaker:
 
     def niah(self):
         r = self.rng
+        b = self.b
         k = r.choices([1, 2, 3, 4, 5], weights=[1, 1, 2, 4, 2])[0]
-        nq = 2 if (k > 1 and r.random() < 0.6) else 1
-        while k > 1 and 40 + 15 * k + 35 * nq > self.L:  # short rows early in the curriculum
-            k, nq = k - 1, 1
-        q = r.sample(range(k), nq)
-        # A question is ~25 tokens, an answer 7, a needle ~15, the intro ~25.
-        total = self._length(40 + 15 * k + 35 * nq)
         seed = r.randrange(EVAL_SEED_BASE)
-        spec = self.b.niah_spec(k, seed)
+        spec = b.niah_spec(k, seed)
         keys, values = spec["keys"], spec["values"]
-        extra_ids, extra_flags = [], []
-        for j in q[1:]:
-            qi = self.b.encode_piece(NIAH_QUERY.format(key=keys[j]))
-            ai = self.b.encode_piece(values[j])
-            extra_ids += qi + ai + self.dot
-            extra_flags += [0] * len(qi) + [1] * len(ai) + [0] * len(self.dot)
-        ans = self.b.encode_piece(values[q[0]])
-        plen = total - len(ans) - len(self.dot) - len(extra_ids)
-        try:
-            p = self.b.niah_queries(plen, num_needles=k, seed=seed, query_indices=q[:1])[0]
-        except ValueError:
+        # Several questions per row (each needle asked at most once, in random order): more key look-ups
+        # per row than one question would give.
+        nq = k if r.random() < 0.5 else r.randint(1, k)
+        q = r.sample(range(k), nq)
+        needles = sum(len(b.encode_piece(NIAH_NEEDLE.format(key=kk, value=v))) for kk, v in zip(keys, values))
+        qa = [b.encode_piece(NIAH_QUERY.format(key=keys[j])) + b.encode_piece(values[j]) + self.dot for j in q]
+        fixed = len(b.prefix_ids) + len(b.encode_piece(NIAH_INTRO, leading_space=False)) + needles
+        while len(qa) > 1 and fixed + sum(map(len, qa)) + 8 > self.L:  # short rows early in the curriculum
+            qa.pop()
+            q.pop()
+        if fixed + sum(map(len, qa)) + 8 > self.L:
             return self.passkey()
-        ids = p.input_ids + ans + self.dot + extra_ids
-        flags = [0] * len(p.input_ids) + [1] * len(ans) + [0] * len(self.dot) + extra_flags
+        total = self._length(fixed + sum(map(len, qa)) + 8)
+        ans = b.encode_piece(values[q[0]])
+        plen = total - sum(map(len, qa[1:])) - len(ans) - len(self.dot)
+        p = b.niah_queries(plen, num_needles=k, seed=seed, query_indices=q[:1])[0]
+        assert p.answer == values[q[0]]
+        ids = p.input_ids + ans + self.dot
+        flags = [0] * len(p.input_ids) + [1] * len(ans) + [0] * len(self.dot)
+        for j, piece in zip(q[1:], qa[1:]):
+            na = len(b.encode_piece(values[j])) + len(self.dot)
+            ids += piece
+            flags += [0] * (len(piece) - na) + [1] * (na - len(self.dot)) + [0] * len(self.dot)
         return ids[:self.L], flags[:self.L]
 
     def plain(self):
@@ -282,7 +286,7 @@ def parse_args(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--answer-weight", type=float, default=3.0,
                     help="loss = mean CE over all tokens + answer_weight * mean CE over answer tokens")
-    ap.add_argument("--mix", type=float, nargs=3, default=[0.25, 0.65, 0.10],
+    ap.add_argument("--mix", type=float, nargs=3, default=[0.45, 0.45, 0.10],
                     metavar=("PASSKEY", "NIAH", "PLAIN"))
     ap.add_argument("--curriculum-steps", type=int, default=800,
                     help="grow the maximum row length linearly from --start-len to --train-len over these steps")
@@ -370,7 +374,7 @@ def main(argv=None):
     model.save_pretrained(args.out, safe_serialization=True)
     tokenizer.save_pretrained(args.out)
     result = {
-        "family": args.family, "params": n_params, "steps": step, "train_time_s": round(train_time, 1),
+        "family": args.family, "params": n_params, "vocab_size": len(tokenizer), "steps": step, "train_time_s": round(train_time, 1),
         "total_time_s": round(time.time() - t0, 1), "final_lm_loss": round(ema, 4),
         "final_answer_loss": round(ema_ans, 4), "threads": args.threads, "device": args.device,
         "accuracy": {f"{m * args.train_len}": v for m, v in final.items()},
@@ -381,10 +385,16 @@ def main(argv=None):
     print(json.dumps({k: v for k, v in result.items() if k not in ("log", "args")}), flush=True)
 
 
-def write_card(args, result, argv):
+def write_card(args, result, argv=None):
     cmd = "python scripts/train_testbed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     L = args.train_len
     acc = result["accuracy"]
+    at_l = acc[str(L)]
+    missed = [k for k in ("passkey", "niah") if at_l[k] < args.target]
+    status = (f"meets the target (>= {args.target} at {L}) for passkey and NIAH." if not missed else
+              f"below the target of {args.target} at {L} for {' and '.join(missed)} "
+              f"(training stopped at the step limit); use it for {'passkey' if 'passkey' not in missed else 'nothing'} "
+              f"checks only until retrained.")
     rows = "\n".join(f"| {n} ({int(n) // L}L) | {v['passkey']:.3f} | {v['niah']:.3f} |" for n, v in acc.items())
     card = f"""# testbed-{args.family}
 
@@ -397,12 +407,12 @@ and is expected to fail beyond it. Not a useful language model.
   {args.heads} query heads / {args.kv_heads} kv heads, head_dim {args.head_dim} ({args.head_dim // 2} rotary
   frequencies), rope_theta {args.rope_theta:g}, max_position_embeddings {L}, tied embeddings,
   {result['params'] / 1e6:.2f}M parameters.
-* Tokenizer: byte-level BPE, {args.vocab_size} tokens, trained by the script on generated haystack text
+* Tokenizer: byte-level BPE, {result.get('vocab_size', args.vocab_size)} tokens (asked for {args.vocab_size}), trained by the script on generated haystack text
   (`dpe_export.haystack`, seeds 100-103) plus the task phrasings; digits are always single tokens.
 * Data: rows of at most {L} tokens (half of the maximum length, half of random length; the maximum length
   grows linearly from {args.start_len} to {L} over the first {args.curriculum_steps} steps), mix passkey / NIAH / plain
   text = {args.mix[0]} / {args.mix[1]} / {args.mix[2]}; pass-key prompts (5 digits, random depth) and NIAH
-  prompts (1-5 needles of 6 digits, one or two questions) from `dpe_export.tasks` on haystack seed 0.
+  prompts (1-5 needles of 6 digits, up to one question per needle) from `dpe_export.tasks` on haystack seed 0.
   Loss: mean cross-entropy over all tokens + {args.answer_weight} x mean cross-entropy over answer tokens.
 * Optimiser: AdamW lr {args.lr}, betas (0.9, 0.95), weight decay {args.weight_decay}, {args.warmup} warmup
   steps then cosine to 0.1 x lr over {args.steps} steps, batch {args.batch} x {L} tokens, grad clip 1.0,
@@ -411,6 +421,8 @@ and is expected to fail beyond it. Not a useful language model.
 * Trained {result['steps']} steps in {result['train_time_s'] / 60:.1f} min on {args.device} with
   {args.threads} thread(s); final train loss (EMA) {result['final_lm_loss']:.3f} (all tokens),
   {result['final_answer_loss']:.3f} (answer tokens).
+
+**Status:** {status}
 
 ## Measured accuracy (plain RoPE)
 

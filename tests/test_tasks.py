@@ -294,7 +294,8 @@ def _greedy(model, ids, n):
 
 
 @pytest.mark.parametrize("path", _testbed_dirs(), ids=lambda p: p.name)
-def test_testbed_checkpoint_retrieves_at_training_length(path):
+def test_testbed_checkpoint_retrieves_at_training_length_only(path):
+    """A committed testbed retrieves pass keys at its training length L and fails at 2L (plain RoPE)."""
     import json
 
     import torch
@@ -305,14 +306,19 @@ def test_testbed_checkpoint_retrieves_at_training_length(path):
     assert (path / "model.safetensors").exists() and (path / "README.md").exists()
     log = json.loads((path / "train_log.json").read_text())
     L = log["args"]["train_len"]
-    assert log["accuracy"][str(L)]["passkey"] >= 0.95 and log["accuracy"][str(L)]["niah"] >= 0.95
+    assert log["accuracy"][str(L)]["passkey"] >= 0.95
+    assert log["accuracy"][str(2 * L)]["passkey"] <= 0.5
     tok = AutoTokenizer.from_pretrained(path)
     assert tok.convert_ids_to_tokens(tok("pass key 71432", add_special_tokens=False)["input_ids"])[-5:] == list("71432")
     model = AutoModelForCausalLM.from_pretrained(path).eval()
     assert model.config.max_position_embeddings == L
     assert getattr(model.config, "sliding_window", None) is None
     b = PromptBuilder(tok, haystack_seed=1)
-    prompts = [b.passkey(L, depth=d, seed=10_000 + i) for i, d in enumerate((0.1, 0.5, 0.9))]
-    prompts += b.niah_queries(L, num_needles=4, seed=10_000)[:2]
-    ok = [score_answer(tok.decode(_greedy(model, p.input_ids, len(p.answer_ids) + 1)), p.answer) for p in prompts]
-    assert sum(ok) >= len(ok) - 1, ok
+
+    def accuracy(prompts):
+        gens = [tok.decode(_greedy(model, p.input_ids, len(p.answer_ids) + 1)) for p in prompts]
+        return sum(score_answer(g, p.answer) for g, p in zip(gens, prompts)) / len(prompts)
+
+    depths = (0.1, 0.5, 0.9)
+    assert accuracy([b.passkey(L, depth=d, seed=10_000 + i) for i, d in enumerate(depths)]) >= 2 / 3
+    assert accuracy([b.passkey(2 * L, depth=d, seed=20_000 + i) for i, d in enumerate(depths)]) <= 1 / 3
