@@ -51,7 +51,7 @@ NEEDLES = 4
 SEED = 0
 EXTENSION_FACTOR = 16
 SE_GROUPS = (2, 4, 8, 16, 32)
-DPE_CANDIDATES = ((2, 4, 8, 16), (4, 8, 16, 32), (2, 8, 32, 32))
+DPE_CANDIDATES = ((2, 4, 8, 16), (4, 8, 16, 32), (2, 8, 32, 32), (8, 16, 32, 64))
 TASK_ORDER = ("passkey", "niah", "ppl")
 METHOD_LABELS = {"none": "plain RoPE", "linear": "linear (PI)", "dynamic": "dynamic NTK", "yarn": "YaRN",
                  "self-extend": "SelfExtend", "dpe": "DPE (hand-set)"}
@@ -291,6 +291,13 @@ def _overall(task_dict: dict[str, Any]) -> dict[int, dict[str, Any]]:
     return {int(o["length"]): o for o in task_dict["overall"]}
 
 
+def _rel(path: str) -> str:
+    try:
+        return Path(path).resolve().relative_to(REPO).as_posix()
+    except ValueError:
+        return path
+
+
 def _label(method: str) -> str:
     kind = method.split(":", 1)[0]
     return f"{METHOD_LABELS.get(kind, kind)} `{method}`"
@@ -421,12 +428,13 @@ def render(results: Sequence[dict[str, Any]], out_dir: Path, missing: Sequence[s
                   "what a deployed checkpoint has. Dynamic NTK only changes RoPE once a sequence exceeds L.",
                   "* SelfExtend and DPE use window W = L/8; SelfExtend's group size and DPE's per-group scales "
                   "(4 groups over the head_dim/2 rotary frequencies, group 1 = highest frequencies) were picked "
-                  "by the held-out search below, not tuned on the reported prompts.", ""]
+                  "by the held-out search below (seed 1; a model's note says where that was not blind to the "
+                  "reported prompts).", ""]
     for data in results:
         L = data["pretrain_length"]
         title = data["model"]
         lines += [f"## {title}", "",
-                  f"`{data['model_dir']}`, L = {L}, head_dim {data['head_dim']} "
+                  f"`{_rel(data['model_dir'])}`, L = {L}, head_dim {data['head_dim']} "
                   f"({data['head_dim'] // 2} rotary frequencies). Wall time {data['wall_s'] / 60:.1f} min.", ""]
         if data.get("note"):
             lines += [data["note"], ""]
