@@ -198,8 +198,8 @@ class DPERope:
         self.window = int(params.local_window_size)
         self._scale_list = params.scale_per_frequency().tolist()  # a list: __init__ may run on the meta device
         self._scale: dict = {}
-        self._memo: dict = {}
         self._memo_key: tuple = ()
+        self._memo_value = None
 
     @property
     def rotary(self):
@@ -210,7 +210,7 @@ class DPERope:
         rotary = self.rotary
         key = (position_ids, rotary.inv_freq, dtype)
         if len(self._memo_key) == 3 and all(a is b for a, b in zip(key, self._memo_key)):
-            return self._memo["value"]
+            return self._memo_value
         scale = self._scale.get(position_ids.device)
         if scale is None:
             scale = self._scale[position_ids.device] = torch.tensor(self._scale_list, device=position_ids.device)
@@ -220,7 +220,7 @@ class DPERope:
             rotary_cos_sin(pos_k, rotary.inv_freq, rotary.attention_scaling, dtype),
             rotary_cos_sin(pos_q, rotary.inv_freq, rotary.attention_scaling, dtype),
         )
-        self._memo_key, self._memo = key, {"value": value}
+        self._memo_key, self._memo_value = key, value
         return value
 
 
@@ -612,14 +612,14 @@ def install_dpe(model, params: DPEParams, attention_class: Optional[type] = None
     for layer in decoder.layers:
         attn = layer.self_attn
         if attention_class is None:
-            attention_class = _dpe_subclass(type(attn), DPEAttentionMixin, "Attention")
+            attention_class = _dpe_subclass(type(attn), DPEAttentionMixin)
         attn.__class__ = attention_class
         attn.__dict__["dpe_rope"] = rope  # shared, and not registered as a submodule
         attn.dpe_selected = None
     model.dpe_params = params
 
 
-def _dpe_subclass(base: type, mixin: type, what: str) -> type:
+def _dpe_subclass(base: type, mixin: type) -> type:
     if issubclass(base, mixin):
         return base
     return type(f"DPE{base.__name__}", (mixin, base), {"__module__": __name__})
@@ -645,7 +645,7 @@ def set_dpe_selection(model, selected: Optional[torch.Tensor]) -> None:
 
 def apply_dpe(model, params: DPEParams, selected: Optional[torch.Tensor] = None):
     """DPE on an already loaded base model (what dpe-export uses to calibrate and evaluate)."""
-    model.__class__ = _dpe_subclass(type(model), DPEForCausalLMMixin, "ForCausalLM")
+    model.__class__ = _dpe_subclass(type(model), DPEForCausalLMMixin)
     install_dpe(model, params)
     set_dpe_selection(model, selected)
     return model
