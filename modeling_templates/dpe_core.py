@@ -21,8 +21,10 @@
 # plain rotation, so a far key depends on the query head: it is gathered per head from the two rotations.
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -526,9 +528,9 @@ class DPEAttentionMixin:
         v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         m = q.shape[2]
 
-        past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
+            past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
             position_ids = torch.arange(past, past + m, device=q.device)[None]
         cos, sin = position_embeddings
         (k_cos, k_sin), (q_cos, q_sin) = self.dpe_rope.cos_sin(position_ids, q.dtype)
@@ -545,7 +547,7 @@ class DPEAttentionMixin:
             # No pair is farther apart than the window: exactly the base model's attention.
             from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-            interface = ALL_ATTENTION_FUNCTIONS.get_interface(backend, _eager_attention)
+            interface = ALL_ATTENTION_FUNCTIONS.get_interface(backend, _family_eager_attention(type(self)))
             out, _ = interface(
                 self, q_plain, k_both[:, :hkv], v, attention_mask,
                 dropout=0.0, scaling=self.scaling, **kwargs,
@@ -565,17 +567,15 @@ class DPEAttentionMixin:
         return self.o_proj(out), None
 
 
-def _eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    """transformers' eager attention, for the rare backend name that has no registered interface."""
-    rep = module.num_key_value_groups
-    s = torch.matmul(query, repeat_kv(key, rep).transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            s = s.masked_fill(~attention_mask, torch.finfo(s.dtype).min)
-        else:
-            s = s + attention_mask
-    p = torch.softmax(s, dim=-1, dtype=torch.float32).to(query.dtype)
-    return torch.matmul(p, repeat_kv(value, rep)).transpose(1, 2).contiguous(), p
+@functools.lru_cache(maxsize=None)
+def _family_eager_attention(attention_class: type):
+    """The eager attention function of the family's own modeling module (transformers registers no "eager"
+    interface: each modeling file carries its own), so the base path below the window is the base model's."""
+    for cls in attention_class.__mro__:
+        fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
+        if fn is not None:
+            return fn
+    raise TypeError(f"no eager_attention_forward beside any base class of {attention_class.__name__}")
 
 
 def _require_flash_attn() -> None:
