@@ -399,7 +399,7 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
               needles: int = DEFAULT_NEEDLES, seed: int = DEFAULT_SEED, metric: str = "niah",
               pretrain_length: Optional[int] = None,
               shard: Optional[tuple[int, int]] = None, haystack: Optional[Path] = None, device=None, dtype=None,
-              batch_size: int = 1, progress: bool = True) -> Optional[dict]:
+              batch_size: int = 1, progress: bool = True, device_map: Optional[str] = None) -> Optional[dict]:
     """Run (or resume) a calibration into out_dir. Returns calibration.json's content, or None for a shard
     (join the shards with :func:`merge`)."""
     import random
@@ -413,6 +413,7 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
     raw, is_export = methods.check_eval_model(model_dir)
     if is_export:
         raise DPEExportError(f"{model_dir} is already a DPE export; calibrate its base model")
+    methods.check_device_map(device_map, device)
     config = load_base_config(model_dir)
     from dpe_export.architectures import get_architecture
 
@@ -427,7 +428,7 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
     random.seed(seed)
     torch.manual_seed(seed)
     loaded = methods.load_model(model_dir, methods.MethodSpec("none"), device=device, dtype=dtype,
-                                tokenizer=tokenizer, target_length=target_length)
+                                tokenizer=tokenizer, target_length=target_length, device_map=device_map)
     calibrator = Calibrator(loaded.model, tokenizer, plan, haystack=haystack, batch_size=batch_size)
     if top_k:
         calibrator.compute_selection(out_dir, progress)

@@ -607,11 +607,15 @@ def _depth_list(ctx: click.Context, param: click.Parameter, value: Optional[str]
               show_default=True, help="auto: float32 on CPU, bfloat16 on CUDA.")
 @click.option("--attn", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True,
               help="Attention implementation.")
+@click.option("--device-map", type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
+              metavar="MAP", help="For models larger than one GPU: spread the layers over every visible GPU "
+              "(then CPU RAM) with accelerate (auto, balanced, balanced_low_0 or sequential). Replaces --device.")
 @click.option("--no-progress", is_flag=True, help="Do not show the progress bar (stderr).")
 def eval_command(
     model_dir: Path, task: str, lengths: list[int], samples: int, depths: Optional[list[float]],
     needles: Optional[int], method: str, haystack: Optional[Path], json_out: Optional[Path],
-    plot_out: Optional[Path], seed: int, batch_size: int, device: str, dtype: str, attn: str, no_progress: bool,
+    plot_out: Optional[Path], seed: int, batch_size: int, device: str, dtype: str, attn: str, device_map: Optional[str],
+    no_progress: bool,
 ) -> None:
     """Evaluate MODEL on pass-key retrieval, multi-needle NIAH or perplexity at the given lengths.
 
@@ -635,6 +639,7 @@ def eval_command(
         model_dir, task, lengths, samples=samples, depths=depths,
         needles=evaluate.DEFAULT_NEEDLES if needles is None else needles, method=spec, haystack=haystack,
         seed=seed, batch_size=batch_size, device=device, dtype=dtype, attn=attn, progress=not no_progress,
+        device_map=device_map,
     )
     click.echo(report.format_table(result))
     if json_out is not None:
@@ -696,9 +701,12 @@ A killed run resumes where it stopped: every finished (group, scale) cell is alr
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True)
+@click.option("--device-map", type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
+              metavar="MAP", help="For models larger than one GPU: spread the layers over every visible GPU "
+              "(then CPU RAM) with accelerate (auto, balanced, balanced_low_0 or sequential). Replaces --device.")
 def calibrate_command(model_dir, output_dir, target_length, window, num_groups, dimension_groups, topk,
                       pretrain_length, samples, needles, metric, seed, shard, merge, haystack, batch_size, device,
-                      dtype):
+                      dtype, device_map):
     """Find each frequency group's scale factor on the model itself.
 
     Stage 1 (with --topk): score every (layer, head, frequency) by its 2-norm attention contribution on
@@ -721,7 +729,7 @@ def calibrate_command(model_dir, output_dir, target_length, window, num_groups, 
                                   pretrain_length=pretrain_length, samples=samples, needles=needles, metric=metric,
                                   seed=seed,
                                   shard=calibrate.parse_shard(shard), haystack=haystack, batch_size=batch_size,
-                                  device=device, dtype=dtype)
+                                  device=device, dtype=dtype, device_map=device_map)
         if result is None:
             click.echo(f"Shard {shard} done; join the shards with: dpe-export calibrate --merge -d {output_dir}")
             return

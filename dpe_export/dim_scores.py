@@ -58,7 +58,9 @@ class DimScoreAccumulator:
     def add(self, input_ids: torch.Tensor) -> None:
         """Run one batch of equal-length samples [B, n] and fold its mean norms into the scores."""
         self._q.clear(), self._k.clear()
-        device = next(self.model.parameters()).device
+        from dpe_export.methods import input_device
+
+        device = input_device(self.model)
         self.model(input_ids.to(device), use_cache=False, logits_to_keep=1)
         rep = self.heads // self.kv_heads
         layers = sorted(self._q)

@@ -278,8 +278,10 @@ def evaluate_niah(builder, generate_fn: GenerateFn, lengths: Sequence[int],
 
 def _model_device(model):
     try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):  # pragma: no cover - parameterless scripted modules
+        from dpe_export.methods import input_device
+
+        return input_device(model)
+    except (StopIteration, AttributeError):  # scripted test models without input embeddings
         import torch
 
         return torch.device("cpu")
@@ -584,7 +586,7 @@ def run_eval(model_dir, task: str, lengths: Sequence[int], *, samples: int = DEF
              depths: Optional[Sequence[float]] = None, needles: int = DEFAULT_NEEDLES, method: Any = None,
              haystack: Optional[Path] = None, seed: int = 0, batch_size: int = 1, device: Optional[str] = None,
              dtype: Optional[str] = None, attn: str = "sdpa", progress: bool = False,
-             chunk_size: Optional[int] = None) -> EvalResult:
+             chunk_size: Optional[int] = None, device_map: Optional[str] = None) -> EvalResult:
     """Load ``model_dir`` (with ``method`` applied), run ``task`` at ``lengths`` and return the scores.
 
     Fast checks (directory, weights, method, prompt lengths) run before the weights are loaded.
@@ -612,6 +614,7 @@ def run_eval(model_dir, task: str, lengths: Sequence[int], *, samples: int = DEF
         raise DPEExportError(f"haystack file not found: {haystack}")
 
     methods.check_eval_model(model_dir, spec)
+    methods.check_device_map(device_map, device)
     import random
 
     import torch
@@ -632,11 +635,11 @@ def run_eval(model_dir, task: str, lengths: Sequence[int], *, samples: int = DEF
                     f"(needs at least {shortest} tokens)")
         with _hf_progress_bars(progress):
             loaded = methods.load_model(model_dir, spec, device=device, dtype=dtype, attn=attn,
-                                        target_length=max(lengths), tokenizer=tokenizer)
+                                        target_length=max(lengths), tokenizer=tokenizer, device_map=device_map)
         settings = {
             "lengths": lengths, "samples": samples, "depths": None if task == "ppl" else [float(d) for d in depths],
             "needles": needles if task == "niah" else None, "haystack": str(haystack) if haystack else None,
-            "batch_size": batch_size, "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""),
+            "batch_size": batch_size, "device": str(loaded.device), "device_map": device_map, "dtype": str(loaded.dtype).replace("torch.", ""),
             "attn": attn, "model_kind": loaded.describe(), "pretrain_length": loaded.pretrain_length,
         }
         details: list[dict[str, Any]] = []

@@ -43,6 +43,9 @@ __all__ = [
     "load_tokenizer",
     "load_model",
     "resolve_device",
+    "input_device",
+    "check_device_map",
+    "DEVICE_MAPS",
     "resolve_dtype",
 ]
 
@@ -334,20 +337,64 @@ def load_tokenizer(model_dir):
     return tokenizer
 
 
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map: Optional[str], device: Optional[str] = None) -> None:
+    """A device map needs accelerate and replaces --device; DPEExportError otherwise."""
+    if device_map is None:
+        return
+    if device_map not in DEVICE_MAPS:
+        raise DPEExportError(f"unknown device map {device_map!r}; use one of {', '.join(DEVICE_MAPS)}")
+    if device not in (None, "", "auto"):
+        raise DPEExportError("give --device or --device-map, not both (a device map places the layers itself)")
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise DPEExportError("--device-map needs the accelerate package: pip install accelerate") from None
+
+
+def input_device(model):
+    """Where input ids go: the device of the input embeddings (the first device of a device map). Weights
+    that a device map offloaded sit on the meta device; accelerate's hooks then move the inputs, so CPU."""
+    import torch
+
+    try:
+        dev = model.get_input_embeddings().weight.device
+    except AttributeError:  # pragma: no cover - models without input embeddings
+        dev = next(model.parameters()).device
+    return torch.device("cpu") if dev.type == "meta" else dev
+
+
+def _rebind_dispatch_hooks(model) -> None:
+    """accelerate's dispatch hooks call the forward a module's class had when the model was dispatched;
+    point them at the DPE classes that apply_dpe swapped in afterwards."""
+    import types
+
+    for module in model.modules():
+        if hasattr(module, "_hf_hook") and hasattr(module, "_old_forward"):
+            module._old_forward = types.MethodType(type(module).forward, module)
+
+
 def load_model(model_dir, method: Optional[MethodSpec] = None, *, device=None, dtype=None, attn: str = "sdpa",
-               target_length: Optional[int] = None, tokenizer=None) -> LoadedModel:
+               target_length: Optional[int] = None, tokenizer=None, device_map: Optional[str] = None,
+               **load_kwargs) -> LoadedModel:
     """Load a base checkpoint (with ``method`` applied) or a DPE export (``trust_remote_code=True``).
 
     Weights are read from safetensors only. A method other than ``none`` on a DPE export is an error.
     ``target_length`` (the longest evaluated length) is recorded in the DPE parameters of self-extend/dpe.
     ``tokenizer``: reuse one already loaded (else it is loaded from ``model_dir``).
+    ``device_map`` ("auto", "balanced", ...): spread the layers over every visible GPU (then CPU RAM) with
+    accelerate, for models larger than one GPU; ``load_kwargs`` (e.g. ``max_memory``, ``offload_folder``)
+    go to ``from_pretrained`` with it.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     model_dir = Path(model_dir)
     method = method or MethodSpec("none")
     raw, is_export = check_eval_model(model_dir, method)
-    dev = device if hasattr(device, "type") else resolve_device(device)
+    check_device_map(device_map, None if hasattr(device, "type") else device)
+    dev = device if hasattr(device, "type") else resolve_device(None if device_map else device)
     torch_dtype = dtype if hasattr(dtype, "is_floating_point") else resolve_dtype(dtype, dev)
     if attn not in ("sdpa", "eager", "flash_attention_2"):
         raise DPEExportError(f"unknown attention implementation {attn!r}; use sdpa or eager")
@@ -380,6 +427,7 @@ def load_model(model_dir, method: Optional[MethodSpec] = None, *, device=None, d
         model = AutoModelForCausalLM.from_pretrained(
             str(model_dir), config=config, dtype=torch_dtype, attn_implementation=attn,
             trust_remote_code=is_export, use_safetensors=True,
+            **({"device_map": device_map, **load_kwargs} if device_map else load_kwargs),
         )
     except (ImportError, ValueError, OSError, RuntimeError, KeyError, TypeError, AttributeError) as e:
         raise DPEExportError(f"cannot load the model in {model_dir}: {_first_line(e)}") from None
@@ -391,7 +439,13 @@ def load_model(model_dir, method: Optional[MethodSpec] = None, *, device=None, d
             load_dpe_core().apply_dpe(model, params)
         except ValueError as e:
             raise DPEExportError(f"cannot apply {method}: {e}") from None
-    model.to(dev).eval()
+    if device_map:
+        if method.is_dpe:
+            _rebind_dispatch_hooks(model)
+        model.eval()
+        dev = input_device(model)
+    else:
+        model.to(dev).eval()
     max_pos = (raw.get("dpe") or {}).get("pretrain_length") if is_export else raw.get("max_position_embeddings")
     return LoadedModel(model, tokenizer, model_dir, method, is_export, dev, torch_dtype,
                        max_pos if isinstance(max_pos, int) else None)

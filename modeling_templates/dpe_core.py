@@ -558,9 +558,12 @@ class DPEAttentionMixin:
             key_valid = kwargs.get("dpe_key_valid")
             if key_valid is None:
                 key_valid = _key_valid_from_mask(attention_mask, n)
+            selected = self.dpe_selected
+            if selected is not None and selected.device != q.device:  # layers placed by a device map
+                selected = self.dpe_selected = selected.to(q.device)
             out = dpe_attention(
                 q_plain, apply_rotary(q, q_cos, q_sin), k_both, v,
-                window=self.dpe_rope.window, scale=self.scaling, selected=self.dpe_selected,
+                window=self.dpe_rope.window, scale=self.scaling, selected=selected,
                 key_valid=key_valid, backend=backend,
             )
         out = out.reshape(*input_shape, -1).contiguous()
@@ -637,7 +640,7 @@ def set_dpe_selection(model, selected: Optional[torch.Tensor]) -> None:
     for idx, layer in enumerate(layers):
         attn = layer.self_attn
         sel = None if selected is None or bool(selected[idx].all()) else selected[idx]
-        if sel is not None:
+        if sel is not None and attn.q_proj.weight.device.type != "meta":  # meta: offloaded by a device map
             sel = sel.to(attn.q_proj.weight.device)
         attn.dpe_selected = sel
     model.dpe_selected_dims = selected
