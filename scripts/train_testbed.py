@@ -132,7 +132,9 @@ def make_model(family: str, tokenizer, args):
 class RowMaker:
     """Training rows: (input_ids, is_answer flags), each of at most train_len tokens."""
 
-    def __init__(self, tokenizer, train_len: int, seed: int, mix: tuple[float, float, float]):
+    def __init__(self, tokenizer, train_len: int, seed: int, mix: tuple[float, float, float],
+                 all_questions: bool = True):
+        self.all_questions = all_questions
         self.b = PromptBuilder(tokenizer, haystack_seed=0)
         self.L = train_len
         self.rng = random.Random(seed)
@@ -161,8 +163,9 @@ class RowMaker:
         spec = b.niah_spec(k, seed)
         keys, values = spec["keys"], spec["values"]
         # Several questions per row (each needle asked at most once, in random order): more key look-ups
-        # per row than one question would give.
-        nq = k if r.random() < 0.5 else r.randint(1, k)
+        # per row than one question would give. Key look-up (which needle answers the question) is what a
+        # small model learns last; copying the digits comes early.
+        nq = k if (self.all_questions or r.random() < 0.5) else r.randint(1, k)
         q = r.sample(range(k), nq)
         needles = sum(len(b.encode_piece(NIAH_NEEDLE.format(key=kk, value=v))) for kk, v in zip(keys, values))
         qa = [b.encode_piece(NIAH_QUERY.format(key=keys[j])) + b.encode_piece(values[j]) + self.dot for j in q]
@@ -286,14 +289,17 @@ def parse_args(argv=None):
     ap.add_argument("--weight-decay", type=float, default=0.1)
     ap.add_argument("--answer-weight", type=float, default=3.0,
                     help="loss = mean CE over all tokens + answer_weight * mean CE over answer tokens")
-    ap.add_argument("--mix", type=float, nargs=3, default=[0.45, 0.45, 0.10],
+    ap.add_argument("--mix", type=float, nargs=3, default=[0.25, 0.65, 0.10],
                     metavar=("PASSKEY", "NIAH", "PLAIN"))
+    ap.add_argument("--some-questions", action="store_true",
+                    help="ask a random number of the needles in half of the NIAH rows (default: every needle)")
     ap.add_argument("--curriculum-steps", type=int, default=800,
                     help="grow the maximum row length linearly from --start-len to --train-len over these steps")
     ap.add_argument("--start-len", type=int, default=80)
     ap.add_argument("--eval-every", type=int, default=100)
     ap.add_argument("--eval-n", type=int, default=20)
     ap.add_argument("--target", type=float, default=0.95, help="stop when passkey and NIAH accuracy at L >= this")
+    ap.add_argument("--patience", type=int, default=2, help="... at this many evaluations in a row")
     ap.add_argument("--final-eval-n", type=int, default=40)
     return ap.parse_args(argv)
 
@@ -311,7 +317,7 @@ def main(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.family}: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}", flush=True)
 
-    rows = RowMaker(tokenizer, args.train_len, args.seed, tuple(args.mix))
+    rows = RowMaker(tokenizer, args.train_len, args.seed, tuple(args.mix), all_questions=not args.some_questions)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -324,7 +330,7 @@ def main(argv=None):
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, prog))))
 
     eval_builder = PromptBuilder(tokenizer, haystack_seed=EVAL_HAYSTACK_SEED)
-    log, ema, ema_ans = [], None, None
+    log, ema, ema_ans, hits = [], None, None, 0
     step = 0
     model.train()
     t_train = time.time()
@@ -359,7 +365,8 @@ def main(argv=None):
                      "time_s": round(time.time() - t_train, 1), **{f"{k}@L": v for k, v in acc.items()}}
             log.append(entry)
             print("eval", json.dumps(entry), flush=True)
-            if step >= args.min_steps and min(acc.values()) >= args.target:
+            hits = hits + 1 if min(acc.values()) >= args.target else 0
+            if step >= args.min_steps and hits >= args.patience:
                 break
     train_time = time.time() - t_train
 
@@ -412,12 +419,12 @@ and is expected to fail beyond it. Not a useful language model.
 * Data: rows of at most {L} tokens (half of the maximum length, half of random length; the maximum length
   grows linearly from {args.start_len} to {L} over the first {args.curriculum_steps} steps), mix passkey / NIAH / plain
   text = {args.mix[0]} / {args.mix[1]} / {args.mix[2]}; pass-key prompts (5 digits, random depth) and NIAH
-  prompts (1-5 needles of 6 digits, up to one question per needle) from `dpe_export.tasks` on haystack seed 0.
+  prompts (1-5 needles of 6 digits, {"one question per needle" if not args.some_questions else "up to one question per needle"}) from `dpe_export.tasks` on haystack seed 0.
   Loss: mean cross-entropy over all tokens + {args.answer_weight} x mean cross-entropy over answer tokens.
 * Optimiser: AdamW lr {args.lr}, betas (0.9, 0.95), weight decay {args.weight_decay}, {args.warmup} warmup
   steps then cosine to 0.1 x lr over {args.steps} steps, batch {args.batch} x {L} tokens, grad clip 1.0,
   seed {args.seed}, stop once passkey and NIAH accuracy at {L} (greedy, {args.eval_n} held-out samples each)
-  reach {args.target}.
+  reach {args.target} at {args.patience} evaluations in a row (one every {args.eval_every} steps).
 * Trained {result['steps']} steps in {result['train_time_s'] / 60:.1f} min on {args.device} with
   {args.threads} thread(s); final train loss (EMA) {result['final_lm_loss']:.3f} (all tokens),
   {result['final_answer_loss']:.3f} (answer tokens).
