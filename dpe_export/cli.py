@@ -269,6 +269,12 @@ def main(ctx: click.Context) -> None:
     help="When convert calibrates: NIAH contexts per (group, scale) cell (see dpe-export calibrate --help).",
 )
 @click.option(
+    "--calibration-device-map", "calibration_device_map",
+    type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]), metavar="MAP",
+    help="When convert calibrates a model larger than one GPU: spread its layers with accelerate "
+    "(as calibrate --device-map).",
+)
+@click.option(
     "--eval-json", "eval_json", multiple=True, type=click.Path(dir_okay=False, path_type=Path), metavar="FILE",
     help="Results of dpe-export eval --json (base model and DPE) for the model card's evaluation table; "
     "repeat for several runs.",
@@ -304,6 +310,7 @@ def convert_command(
     calibration_file: Optional[Path] = None,
     calibration_dir: Optional[Path] = None,
     calibration_samples: int = 8,
+    calibration_device_map: Optional[str] = None,
     eval_json: tuple[Path, ...] = (),
     push: bool = False,
     repo_id: Optional[str] = None,
@@ -342,6 +349,9 @@ def convert_command(
 
     chosen = load_preset(preset) if preset else None
     calibration, calibration_from = None, None
+    if calibration_device_map and (calibration_file is not None or scale_factors is not None or chosen is not None):
+        raise click.UsageError("--calibration-device-map applies only when convert calibrates (no --scale-factors, "
+                               "--preset or --calibration)")
     if calibration_file is not None:
         calibration, calibration_from = _read_own_calibration(calibration_file, model_dir), calibration_file.parent
     elif scale_factors is None and chosen is None:
@@ -353,7 +363,8 @@ def convert_command(
         calibration = _run_calibration(
             model_dir, calibration_from, target_length=target_length, window=window, num_groups=None,
             dimension_groups=dimension_groups, top_k=topk if dim_scores is None else None,
-            pretrain_length=pretrain_length, samples=calibration_samples, shard=None)
+            pretrain_length=pretrain_length, samples=calibration_samples, shard=None,
+            device_map=calibration_device_map)
         _print_calibration_summary(calibration, calibration_from)
         card_inputs["calibration"] = calibration
     selected = None

@@ -81,3 +81,10 @@ def test_device_map_errors(run_cli, llama_dir, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "accelerate", None)  # as if it were not installed
     with pytest.raises(DPEExportError, match="pip install accelerate"):
         methods.load_model(llama_dir, None, device_map="auto")
+
+
+def test_convert_calibration_device_map_only_when_convert_calibrates(run_cli, llama_dir, tmp_path):
+    r = run_cli("convert", llama_dir, "-o", tmp_path / "out", "--window", "8", "--scale-factors", "2,4",
+                "--calibration-device-map", "auto")
+    assert r.exit_code != 0 and "only when convert calibrates" in r.stderr
+    assert not (tmp_path / "out").exists()
