@@ -301,6 +301,9 @@ def parse_args(argv=None):
     ap.add_argument("--target", type=float, default=0.95, help="stop when passkey and NIAH accuracy at L >= this")
     ap.add_argument("--patience", type=int, default=2, help="... at this many evaluations in a row")
     ap.add_argument("--final-eval-n", type=int, default=40)
+    ap.add_argument("--init-from", type=Path, default=None, metavar="DIR",
+                    help="continue training a checkpoint this script wrote (a second stage, e.g. at a lower "
+                    "learning rate); the model and tokenizer options are taken from it")
     return ap.parse_args(argv)
 
 
@@ -312,8 +315,20 @@ def main(argv=None):
     device = torch.device(args.device)
     t0 = time.time()
 
-    tokenizer = train_tokenizer(args.vocab_size)
-    model = make_model(args.family, tokenizer, args).to(device)
+    previous = None
+    if args.init_from is not None:  # a second stage: continue from a checkpoint this script wrote
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        previous = json.loads((args.init_from / "train_log.json").read_text())
+        if previous["family"] != args.family:
+            raise SystemExit(f"--init-from holds a {previous['family']} model, not {args.family}")
+        tokenizer = AutoTokenizer.from_pretrained(args.init_from)
+        model = AutoModelForCausalLM.from_pretrained(args.init_from, dtype=torch.float32).to(device)
+        for name in ("layers", "heads", "kv_heads", "head_dim", "hidden", "intermediate", "rope_theta", "vocab_size"):
+            setattr(args, name, previous["args"][name])  # the card describes the model that was trained
+    else:
+        tokenizer = train_tokenizer(args.vocab_size)
+        model = make_model(args.family, tokenizer, args).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{args.family}: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}", flush=True)
 
@@ -367,7 +382,14 @@ def main(argv=None):
             print("eval", json.dumps(entry), flush=True)
             hits = hits + 1 if min(acc.values()) >= args.target else 0
             if step >= args.min_steps and hits >= args.patience:
-                break
+                # Confirm on the larger final evaluation set before stopping: 20 samples are noisy.
+                confirm = quick_eval(model, tokenizer, args.train_len, n=args.final_eval_n, device=device,
+                                     builder=eval_builder)
+                entry["confirm@L"] = confirm
+                print("confirm", json.dumps(confirm), flush=True)
+                if min(confirm.values()) >= args.target:
+                    break
+                hits = 0
     train_time = time.time() - t_train
 
     model.eval()
@@ -388,12 +410,24 @@ def main(argv=None):
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "log": log,
     }
     (args.out / "train_log.json").write_text(json.dumps(result, indent=1) + "\n")
+    if previous is not None:
+        result["previous_stages"] = previous.get("previous_stages", []) + [
+            {k: previous[k] for k in ("steps", "train_time_s", "command", "args", "accuracy") if k in previous}]
+    result["command"] = "python scripts/train_testbed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    (args.out / "train_log.json").write_text(json.dumps(result, indent=1) + "\n")
     write_card(args, result, argv)
     print(json.dumps({k: v for k, v in result.items() if k not in ("log", "args")}), flush=True)
 
 
 def write_card(args, result, argv=None):
-    cmd = "python scripts/train_testbed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    stages = result.get("previous_stages", [])
+    cmds = [st.get("command") or "(command not recorded)" for st in stages] + [result["command"]]
+    cmd = "` then `nice -n 10 ".join(cmds)
+    total_steps = sum(st["steps"] for st in stages) + result["steps"]
+    total_min = (sum(st["train_time_s"] for st in stages) + result["train_time_s"]) / 60
+    stage_note = (f" ({len(stages) + 1} stages: {' + '.join(str(st['steps']) for st in stages)} + {result['steps']} "
+                  f"steps; the last stage's settings are listed here, see train_log.json for the earlier ones)"
+                  if stages else "")
     L = args.train_len
     acc = result["accuracy"]
     at_l = acc[str(L)]
@@ -425,7 +459,7 @@ and is expected to fail beyond it. Not a useful language model.
   steps then cosine to 0.1 x lr over {args.steps} steps, batch {args.batch} x {L} tokens, grad clip 1.0,
   seed {args.seed}, stop once passkey and NIAH accuracy at {L} (greedy, {args.eval_n} held-out samples each)
   reach {args.target} at {args.patience} evaluations in a row (one every {args.eval_every} steps).
-* Trained {result['steps']} steps in {result['train_time_s'] / 60:.1f} min on {args.device} with
+* Trained {total_steps} steps{stage_note} in {total_min:.1f} min on {args.device} with
   {args.threads} thread(s); final train loss (EMA) {result['final_lm_loss']:.3f} (all tokens),
   {result['final_answer_loss']:.3f} (answer tokens).
 
