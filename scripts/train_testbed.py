@@ -437,6 +437,8 @@ def write_card(args, result, argv=None):
               f"(training stopped at the step limit); use it for {'passkey' if 'passkey' not in missed else 'nothing'} "
               f"checks only until retrained.")
     rows = "\n".join(f"| {n} ({int(n) // L}L) | {v['passkey']:.3f} | {v['niah']:.3f} |" for n, v in acc.items())
+    curriculum = (f"; the maximum length grows linearly from {args.start_len} to {L} over the first "
+                  f"{args.curriculum_steps} steps" if args.curriculum_steps else "")
     card = f"""# testbed-{args.family}
 
 A tiny {args.family} model trained **from scratch** at a context of **{L} tokens** by
@@ -450,8 +452,7 @@ and is expected to fail beyond it. Not a useful language model.
   {result['params'] / 1e6:.2f}M parameters.
 * Tokenizer: byte-level BPE, {result.get('vocab_size', args.vocab_size)} tokens (asked for {args.vocab_size}), trained by the script on generated haystack text
   (`dpe_export.haystack`, seeds 100-103) plus the task phrasings; digits are always single tokens.
-* Data: rows of at most {L} tokens (half of the maximum length, half of random length; the maximum length
-  grows linearly from {args.start_len} to {L} over the first {args.curriculum_steps} steps), mix passkey / NIAH / plain
+* Data: rows of at most {L} tokens (half of the maximum length, half of random length{curriculum}), mix passkey / NIAH / plain
   text = {args.mix[0]} / {args.mix[1]} / {args.mix[2]}; pass-key prompts (5 digits, random depth) and NIAH
   prompts (1-5 needles of 6 digits, {"one question per needle" if not args.some_questions else "up to one question per needle"}) from `dpe_export.tasks` on haystack seed 0.
   Loss: mean cross-entropy over all tokens + {args.answer_weight} x mean cross-entropy over answer tokens.
@@ -461,7 +462,8 @@ and is expected to fail beyond it. Not a useful language model.
   reach {args.target} at {args.patience} evaluations in a row (one every {args.eval_every} steps).
 * Trained {total_steps} steps{stage_note} in {total_min:.1f} min on {args.device} with
   {args.threads} thread(s); final train loss (EMA) {result['final_lm_loss']:.3f} (all tokens),
-  {result['final_answer_loss']:.3f} (answer tokens).
+  {result['final_answer_loss']:.3f} (answer tokens). Wall times are from a 2-core machine that ran other
+  jobs at the same time (three trainings at once, each on one thread).
 
 **Status:** {status}
 

@@ -21,7 +21,6 @@ from dpe_export.methods import MethodSpec, load_model, parse_method  # noqa: E40
 from dpe_export.tasks import PromptBuilder  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
-TESTBED_LLAMA = FIXTURES / "testbed-llama"
 
 
 @pytest.fixture(autouse=True)
@@ -491,11 +490,13 @@ def _has_matplotlib() -> bool:
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not (TESTBED_LLAMA / "config.json").is_file() or not (TESTBED_LLAMA / "model.safetensors").is_file(),
-                    reason="tests/fixtures/testbed-llama is not there (train it with scripts/train_testbed.py)")
-def test_testbed_llama_retrieves_pass_keys_at_its_training_length():
-    length = json.loads((TESTBED_LLAMA / "config.json").read_text())["max_position_embeddings"]
-    result = evaluate.run_eval(TESTBED_LLAMA, "passkey", [length], samples=2, seed=0, batch_size=5, device="cpu")
+TESTBEDS = sorted(p for p in FIXTURES.glob("testbed-*") if (p / "model.safetensors").is_file())
+
+
+@pytest.mark.parametrize("testbed", TESTBEDS, ids=lambda p: p.name)
+def test_testbed_retrieves_pass_keys_at_its_training_length(testbed):
+    length = json.loads((testbed / "config.json").read_text())["max_position_embeddings"]
+    result = evaluate.run_eval(testbed, "passkey", [length], samples=2, seed=0, batch_size=5, device="cpu")
     overall = result.overall()[0]
     assert overall["samples"] == 10
     assert overall["accuracy"] >= 0.9, report.format_table(result)
