@@ -148,6 +148,8 @@ def _front_matter(text: str) -> dict[str, Any]:
     """The YAML front matter of a model card as a dict ({} when there is none), with huggingface_hub's parser."""
     from huggingface_hub import ModelCard
 
+    if not text.lstrip().startswith("---"):  # no front matter (huggingface_hub would say so on stderr)
+        return {}
     data = ModelCard(text, ignore_metadata_errors=True).data.to_dict()
     return data if isinstance(data, dict) else {}
 

@@ -1,5 +1,6 @@
-"""End to end on the shipped testbed (trained at 256 tokens): the DPE export retrieves pass keys at 4x the
-training length, where the base model fails, through nothing but transformers' trust_remote_code loading."""
+"""End to end on the shipped testbeds (trained at 256 tokens): a DPE export of each retrieves pass keys at 4x
+the training length, where its base model mostly fails, through nothing but transformers' trust_remote_code
+loading."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,8 @@ from dpe_export.export import convert
 from dpe_export.resources import load_dpe_core
 from dpe_export.tasks import PromptBuilder
 
-TESTBED = Path(__file__).resolve().parent / "fixtures" / "testbed-llama"
-pytestmark = pytest.mark.skipif(not TESTBED.is_dir(), reason="tests/fixtures/testbed-llama is not there")
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+TESTBEDS = sorted(p for p in FIXTURES.glob("testbed-*") if (p / "model.safetensors").is_file())
 
 
 def passkey_accuracy(model, tokenizer, length: int, samples: int = 2) -> float:
@@ -23,17 +24,18 @@ def passkey_accuracy(model, tokenizer, length: int, samples: int = 2) -> float:
     return sum(r["accuracy"] * r["samples"] for r in records) / sum(r["samples"] for r in records)
 
 
-def test_dpe_export_retrieves_where_the_base_model_fails(tmp_path):
+@pytest.mark.parametrize("testbed", TESTBEDS, ids=lambda p: p.name)
+def test_dpe_export_retrieves_where_the_base_model_fails(tmp_path, testbed):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(1)
     dpe_core = load_dpe_core()
-    params = dpe_core.DPEParams(32, [4, 8, 16, 32], [0, 4, 8, 12, 16], target_length=4096)
-    out = convert(TESTBED, tmp_path / "dpe", params)
-    tokenizer = AutoTokenizer.from_pretrained(TESTBED)
-    base = AutoModelForCausalLM.from_pretrained(TESTBED).eval()
+    params = dpe_core.DPEParams(32, [8, 16, 32, 32], [0, 4, 8, 12, 16], target_length=4096)
+    out = convert(testbed, tmp_path / "dpe", params)
+    tokenizer = AutoTokenizer.from_pretrained(testbed)
+    base = AutoModelForCausalLM.from_pretrained(testbed).eval()
     dpe = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     with torch.no_grad():
         assert passkey_accuracy(base, tokenizer, 256) >= 0.9  # it was trained for this length
-        assert passkey_accuracy(base, tokenizer, 1024) <= 0.2
-        assert passkey_accuracy(dpe, tokenizer, 1024) >= 0.8
+        base_far, dpe_far = passkey_accuracy(base, tokenizer, 1024), passkey_accuracy(dpe, tokenizer, 1024)
+    assert base_far <= 0.4 and dpe_far >= 0.8 and dpe_far - base_far >= 0.5, (base_far, dpe_far)
