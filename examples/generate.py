@@ -1,6 +1,6 @@
 """Load a DPE export with plain transformers and ask it for a pass key hidden far past its training length.
 
-    python examples/generate.py out/testbed-llama-dpe [--length 1024] [--base tests/fixtures/testbed-llama]
+    python examples/generate.py out/testbed-llama-dpe [--length 2048] [--base tests/fixtures/testbed-llama]
 
 Loading needs only torch and transformers (trust_remote_code); dpe_export is used here only to build the
 pass-key prompt at an exact token length.
@@ -33,7 +33,7 @@ def answer(model, tokenizer, input_ids) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("export", type=Path, help="directory written by dpe-export convert")
-    ap.add_argument("--length", type=int, help="prompt length in tokens (default: 4 x the pretraining length)")
+    ap.add_argument("--length", type=int, help="prompt length in tokens (default: 8 x the pretraining length)")
     ap.add_argument("--base", type=Path, help="the base model directory, to compare with plain RoPE")
     ap.add_argument("--samples", type=int, default=3)
     args = ap.parse_args()
@@ -41,7 +41,7 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(args.export, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.export)
     dpe = model.config.dpe
-    length = args.length or 4 * dpe["pretrain_length"]
+    length = args.length or 8 * dpe["pretrain_length"]
     print(f"{type(model).__name__}: window {dpe['local_window_size']}, scale factors {dpe['scale_factors']}, "
           f"pretrained at {dpe['pretrain_length']} tokens; pass-key prompts of {length} tokens")
     models = {"DPE export": model}

@@ -428,7 +428,7 @@ def render(results: Sequence[dict[str, Any]], out_dir: Path, missing: Sequence[s
                   "lengths a smaller factor would do better for linear/YaRN; one factor for all lengths is "
                   "what a deployed checkpoint has. Dynamic NTK only changes RoPE once a sequence exceeds L.",
                   "* SelfExtend and DPE use window W = L/8; SelfExtend's group size and DPE's per-group scales "
-                  "(4 groups over the head_dim/2 rotary frequencies, group 1 = highest frequencies) were picked "
+                  "(4 groups over the head_dim/2 rotary frequencies, the first group = the highest frequencies) were picked "
                   "by the held-out search below (seed 1; a model's note says where that was not blind to the "
                   "reported prompts).", ""]
     for data in results:
