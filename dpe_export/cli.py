@@ -12,6 +12,7 @@ import click
 
 from dpe_export import __version__
 from dpe_export.errors import DPEExportError
+from dpe_export.methods import DEVICE_MAPS
 
 DEBUG_ENV = "DPE_EXPORT_DEBUG"  # set to 1 to see tracebacks of unexpected errors
 
@@ -143,6 +144,13 @@ def _quiet_transformers() -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+_device_map_option = click.option(
+    "--device-map", type=click.Choice(DEVICE_MAPS), metavar="MAP",
+    help="For models larger than one GPU: spread the layers over every visible GPU (then CPU RAM) with "
+    f"accelerate ({', '.join(DEVICE_MAPS)}). Replaces --device.",
+)
+
+
 def _int_list(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[list[int]]:
     if value is None:
         return None
@@ -270,7 +278,7 @@ def main(ctx: click.Context) -> None:
 )
 @click.option(
     "--calibration-device-map", "calibration_device_map",
-    type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]), metavar="MAP",
+    type=click.Choice(DEVICE_MAPS), metavar="MAP",
     help="When convert calibrates a model larger than one GPU: spread its layers with accelerate "
     "(as calibrate --device-map).",
 )
@@ -618,9 +626,7 @@ def _depth_list(ctx: click.Context, param: click.Parameter, value: Optional[str]
               show_default=True, help="auto: float32 on CPU, bfloat16 on CUDA.")
 @click.option("--attn", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True,
               help="Attention implementation.")
-@click.option("--device-map", type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
-              metavar="MAP", help="For models larger than one GPU: spread the layers over every visible GPU "
-              "(then CPU RAM) with accelerate (auto, balanced, balanced_low_0 or sequential). Replaces --device.")
+@_device_map_option
 @click.option("--no-progress", is_flag=True, help="Do not show the progress bar (stderr).")
 def eval_command(
     model_dir: Path, task: str, lengths: list[int], samples: int, depths: Optional[list[float]],
@@ -712,9 +718,7 @@ A killed run resumes where it stopped: every finished (group, scale) cell is alr
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True)
-@click.option("--device-map", type=click.Choice(["auto", "balanced", "balanced_low_0", "sequential"]),
-              metavar="MAP", help="For models larger than one GPU: spread the layers over every visible GPU "
-              "(then CPU RAM) with accelerate (auto, balanced, balanced_low_0 or sequential). Replaces --device.")
+@_device_map_option
 def calibrate_command(model_dir, output_dir, target_length, window, num_groups, dimension_groups, topk,
                       pretrain_length, samples, needles, metric, seed, shard, merge, haystack, batch_size, device,
                       dtype, device_map):
