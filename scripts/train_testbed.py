@@ -409,7 +409,6 @@ def main(argv=None):
         "accuracy": {f"{m * args.train_len}": v for m, v in final.items()},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "log": log,
     }
-    (args.out / "train_log.json").write_text(json.dumps(result, indent=1) + "\n")
     if previous is not None:
         result["previous_stages"] = previous.get("previous_stages", []) + [
             {k: previous[k] for k in ("steps", "train_time_s", "command", "args", "accuracy") if k in previous}]
@@ -462,8 +461,8 @@ and is expected to fail beyond it. Not a useful language model.
   reach {args.target} at {args.patience} evaluations in a row (one every {args.eval_every} steps).
 * Trained {total_steps} steps{stage_note} in {total_min:.1f} min on {args.device} with
   {args.threads} thread(s); final train loss (EMA) {result['final_lm_loss']:.3f} (all tokens),
-  {result['final_answer_loss']:.3f} (answer tokens). Wall times are from a 2-core machine that ran other
-  jobs at the same time (three trainings at once, each on one thread).
+  {result['final_answer_loss']:.3f} (answer tokens). Wall time on a {os.cpu_count()}-core machine; other jobs may
+  have shared it.
 
 **Status:** {status}
 
