@@ -59,15 +59,17 @@ def time_prefill(model, ids, repeats, device):
 def time_decode(model, ids, steps, device):
     with torch.no_grad():
         out = model(ids, use_cache=True, logits_to_keep=1)
-        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        core = dpe_core
+        cache_name = core.cache_argument(model)
+        past, tok = core.output_cache(out), out.logits[:, -1:].argmax(-1)
         times = []
         for _ in range(steps):
             sync(device)
             t0 = time.perf_counter()
-            out = model(tok, past_key_values=past, use_cache=True)
+            out = model(tok, use_cache=True, **{cache_name: past})
             sync(device)
             times.append(time.perf_counter() - t0)
-            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            past, tok = core.output_cache(out), out.logits[:, -1:].argmax(-1)
     return statistics.median(times)
 
 

@@ -20,7 +20,7 @@ class Architecture:
     display_name: str  # for messages and model cards
     transformers_module: str  # module that defines the classes below
     causal_lm_class: str  # e.g. LlamaForCausalLM
-    attention_class: str  # e.g. LlamaAttention
+    model_class: str  # the base model, e.g. LlamaModel
     dpe_prefix: str  # generated classes: <dpe_prefix>ForCausalLM, <dpe_prefix>Attention, ...
 
     @property
@@ -43,7 +43,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             display_name="Llama",
             transformers_module="transformers.models.llama.modeling_llama",
             causal_lm_class="LlamaForCausalLM",
-            attention_class="LlamaAttention",
+            model_class="LlamaModel",
             dpe_prefix="DPELlama",
         ),
         Architecture(
@@ -51,7 +51,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             display_name="Mistral",
             transformers_module="transformers.models.mistral.modeling_mistral",
             causal_lm_class="MistralForCausalLM",
-            attention_class="MistralAttention",
+            model_class="MistralModel",
             dpe_prefix="DPEMistral",
         ),
         Architecture(
@@ -59,7 +59,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             display_name="Qwen2",
             transformers_module="transformers.models.qwen2.modeling_qwen2",
             causal_lm_class="Qwen2ForCausalLM",
-            attention_class="Qwen2Attention",
+            model_class="Qwen2Model",
             dpe_prefix="DPEQwen2",
         ),
     )

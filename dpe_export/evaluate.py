@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from dpe_export.errors import DPEExportError
+from dpe_export.resources import load_dpe_core
 
 logger = logging.getLogger("dpe_export")
 
@@ -343,6 +344,8 @@ def greedy_generate(model, batch: Sequence[Sequence[int]], max_new_tokens: int,
     mask = torch.ones_like(ids)
     new: list[torch.Tensor] = []
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    core = load_dpe_core()
+    cache_name = core.cache_argument(model)  # "past_key_values" before transformers 5.24, "cache" from it on
     with fixed_rope_for_length(model, ids.shape[1] + max_new_tokens), torch.inference_mode():
         out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
         for step in range(max_new_tokens):
@@ -353,8 +356,8 @@ def greedy_generate(model, batch: Sequence[Sequence[int]], max_new_tokens: int,
             if step == max_new_tokens - 1 or bool(done.all()):
                 break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            out = model(input_ids=nxt[:, None], attention_mask=mask, past_key_values=out.past_key_values,
-                        use_cache=True)
+            out = model(input_ids=nxt[:, None], attention_mask=mask, use_cache=True,
+                        **{cache_name: core.output_cache(out)})
     rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in batch]
     result = []
     for row in rows:

@@ -398,6 +398,7 @@ def write_config(info: ModelInfo, params, out_dir: Path) -> None:
     config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{arch.dpe_causal_lm_class}"}
     config.architectures = [arch.dpe_causal_lm_class]
     config.dpe = params.to_dict()
+    config.dpe_export_version = __version__  # which dpe-export wrote this export (`dpe-export upgrade` rewrites it)
     config.save_pretrained(str(out_dir))
     written = json.loads((out_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     if written.get("dpe") != params.to_dict():  # pragma: no cover - guards against transformers dropping keys
@@ -444,7 +445,9 @@ def render_template(path: Path, variables: dict[str, Any], filters: Optional[dic
 
 def write_modeling_files(info: ModelInfo, out_dir: Path) -> None:
     """modeling_dpe.py rendered from the template, and dpe_core.py copied verbatim."""
-    variables = dict(info.architecture.template_variables(), tool_version=__version__)
+    dpe_core = load_dpe_core()
+    variables = dict(info.architecture.template_variables(), tool_version=__version__,
+                     min_transformers=dpe_core.MIN_TRANSFORMERS_VERSION, max_transformers=dpe_core.MAX_TRANSFORMERS_VERSION)
     source = render_template(modeling_template_path(), variables)
     try:
         compile(source, MODELING_FILE, "exec")

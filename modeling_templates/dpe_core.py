@@ -6,24 +6,50 @@
 # calibration and evaluation. It depends on torch and transformers (>= 5) only.
 #
 # The rule. Query at position i, key at j <= i, distance d = i - j, rotary frequency index f
-# (0 <= f < D/2, pairing x[f] with x[f + D/2]) in group g(f) with scale s, local window w:
+# (0 <= f < R/2 over the rotary dims R, pairing x[f] with x[f + R/2]) in group g(f) with scale s, window w:
 #   d <  w                        -> angle d * theta_f                              (plain RoPE)
 #   d >= w and f selected         -> angle (i//s - j//s + w - w//s) * theta_f       (scaled)
 #   d >= w and f not selected     -> angle d * theta_f                              (plain RoPE)
 # All f are selected when no selection is given; a selection is per (layer, query head, f).
 #
-# How it runs. Every key is rotated twice when it enters the cache: at its plain position j, and per
-# frequency at its scaled position j//s. Neither depends on the query, so decoding never re-rotates the
-# cache. Queries are rotated at i (local part) and at i//s + w - w//s (far part). Attention is computed as
-# a local part (keys with d < w, plain rotation) and a far part (keys with d >= w, scaled rotation for the
-# selected frequencies), each as a memory-efficient attention returning its log-sum-exp, and the two are
-# merged exactly. With a top-K selection the far query/key of head h use, per frequency, the scaled or the
-# plain rotation, so a far key depends on the query head: it is gathered per head from the two rotations.
+# How it runs. DPE is an attention function registered with transformers' AttentionInterface under the name
+# "dpe". The family's own attention forward runs unchanged (projections, q/k norms, its own RoPE, its KV
+# cache) and calls it with queries and keys already rotated at their plain positions. Rotations compose, so
+# the scaled rotation is one more rotation: keys by (j//s - j) * theta_f, queries by (i//s + w - w//s - i) *
+# theta_f. Attention is a local part (d < w, plain rotation) and a far part (d >= w, scaled rotation on the
+# selected frequencies), each a memory-efficient attention returning its log-sum-exp, merged exactly.
+# Layers that are not full attention (sliding windows) keep the base model's attention untouched.
+#
+# The KV cache. With any cache transformers offers (dynamic, static, offloaded, one the user built) the cache
+# holds the family's plain keys and DPE rotates them on the fly: exact, and slower past the window. When the
+# model's forward gets a fresh DynamicCache it turns its full-attention layers into DPE layers (a subclass of
+# DynamicLayer) that hold every key in its scaled rotation (what the far part reads) plus the plain keys of
+# the last w - 1 positions (what the local part reads): about the base model's cache size, and decoding never
+# re-rotates the cache. With a top-K selection the layer holds both rotations of every key.
+#
+# What this file relies on in transformers, and why (checked on every 5.x release by scripts/compat_matrix.py):
+# - AttentionInterface.register("dpe", fn) and ALL_ATTENTION_FUNCTIONS[name]: public, the documented way to
+#   plug in an attention function; the family's attention calls it as (module, q, k, v, mask, dropout=,
+#   scaling=, **kwargs) with position_ids in kwargs. Each DPE layer's `config` attribute is a view of the
+#   model config whose `_attn_implementation` reads "dpe": that attribute is where every family's attention
+#   looks the function up. The view changes nothing else, and the base model's choice ("sdpa", "eager",
+#   "flash_attention_2") still decides the mask transformers builds and the kernels DPE uses.
+# - The family module's own `eager_attention_forward` (transformers registers no "eager" function): below
+#   the window, eager DPE layers call it, so they are the base model bit for bit.
+# - Cache, DynamicCache, DynamicLayer (`keys`, `values`, `is_initialized`, `update(k, v, *args, **kwargs)`),
+#   `cache.layers`: public. DPE layers subclass DynamicLayer; any other layer type is read as plain keys.
+# - The base model's forward takes the cache as `past_key_values` (5.0-5.23) or `cache` (5.24+); the name is
+#   read from its signature, and a Cache under any other name is an error, never ignored.
+# Every assumption about what arrives is checked where it is used (positions present and consistent with the
+# keys, the keys being the cache's) and a broken one raises DPERuntimeError naming the transformers version.
 from __future__ import annotations
 
+import copy
 import functools
-import math
+import inspect
 import sys
+import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -32,22 +58,42 @@ import torch.nn.functional as F
 
 DPE_FORMAT_VERSION = 1
 SELECTED_DIMS_FILENAME = "dpe_selected_dims.safetensors"
-SELECTED_DIMS_TENSOR = "selected_dims"  # bool [num_hidden_layers, num_attention_heads, head_dim/2]
+SELECTED_DIMS_TENSOR = "selected_dims"  # bool [num_hidden_layers, num_attention_heads, rotary_dim/2]
+DPE_ATTENTION = "dpe"  # the name DPE is registered under in transformers' AttentionInterface
+# The transformers releases this file is checked on (scripts/compat_matrix.py); setup.cfg states the same range.
 MIN_TRANSFORMERS_VERSION = "5.0.0"
+MAX_TRANSFORMERS_VERSION = "6"  # exclusive
+CACHE_ARGUMENT_NAMES = ("past_key_values", "cache")  # 5.0-5.23, 5.24+
+
+
+class DPERuntimeError(RuntimeError):
+    """Something transformers handed to DPE attention is not what DPE needs; never answered with a guess."""
+
+    def __init__(self, message: str):
+        super().__init__(f"DPE: {message} (transformers {_transformers_version()}; the export supports "
+                         f"transformers>={MIN_TRANSFORMERS_VERSION},<{MAX_TRANSFORMERS_VERSION})")
+
+
+def _transformers_version() -> str:
+    try:
+        import transformers
+
+        return transformers.__version__
+    except Exception:  # pragma: no cover
+        return "?"
 
 
 def check_transformers_version() -> None:
-    """Fail early, and clearly, on a transformers older than the one this code was written for."""
-    import transformers
+    """Fail early, and in one line, on a transformers outside the range this code supports."""
     from packaging import version
 
-    if version.parse(transformers.__version__) < version.parse(MIN_TRANSFORMERS_VERSION):
+    have = version.parse(_transformers_version())
+    if have < version.parse(MIN_TRANSFORMERS_VERSION) or have >= version.parse(MAX_TRANSFORMERS_VERSION):
         raise ImportError(
-            f"This DPE checkpoint needs transformers>={MIN_TRANSFORMERS_VERSION}, but transformers "
-            f"{transformers.__version__} is installed. Upgrade with: pip install -U 'transformers>=5'"
+            f"This DPE checkpoint needs transformers>={MIN_TRANSFORMERS_VERSION},<{MAX_TRANSFORMERS_VERSION}, but "
+            f"transformers {_transformers_version()} is installed. Install a supported release with: "
+            f"pip install -U 'transformers>={MIN_TRANSFORMERS_VERSION},<{MAX_TRANSFORMERS_VERSION}'"
         )
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Parameters
 # ----------------------------------------------------------------------------------------------------------
@@ -164,6 +210,10 @@ def check_supported_config(config) -> None:
         )
 
 
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Rotations
 # ----------------------------------------------------------------------------------------------------------
@@ -188,42 +238,34 @@ def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_sc
     return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
 
 
-class DPERope:
-    """Scaled rotations shared by all layers of one model; theta and scaling come from its rotary embedding.
+def dpe_delta_positions(positions: torch.Tensor, scale: torch.Tensor, window: int, query: bool) -> torch.Tensor:
+    """Per-frequency position shift [B, n, R/2] that turns the plain rotation at p into DPE's scaled one.
 
-    Keys are rotated at j//s, queries at i//s + w - w//s, with s the scale of each frequency's group.
-    The result is memoised for the position tensor of the current forward pass, which all layers share.
+    Keys: j//s - j. Queries: i//s + w - w//s - i. `scale` is the long tensor [R/2] of each frequency's scale.
     """
+    p = positions[..., None]
+    shift = torch.div(p, scale, rounding_mode="floor") - p
+    if query:
+        shift = shift + (window - torch.div(torch.full_like(scale, window), scale, rounding_mode="floor"))
+    return shift
 
-    def __init__(self, decoder, params: DPEParams):
-        self._decoder = decoder
-        self.window = int(params.local_window_size)
-        self._scale_list = params.scale_per_frequency().tolist()  # a list: __init__ may run on the meta device
-        self._scale: dict = {}
-        self._memo_key: tuple = ()
-        self._memo_value = None
 
-    @property
-    def rotary(self):
-        return self._decoder.rotary_emb
+def rotate_by(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """Rotate x [B, H, n, D] further by shift [B, n, R/2] * inv_freq (a pure rotation, no attention scaling).
 
-    def cos_sin(self, position_ids: torch.Tensor, dtype: torch.dtype):
-        """((key_cos, key_sin), (query_cos, query_sin)) for the scaled (far) rotation."""
-        rotary = self.rotary
-        key = (position_ids, rotary.inv_freq, dtype)
-        if len(self._memo_key) == 3 and all(a is b for a, b in zip(key, self._memo_key)):
-            return self._memo_value
-        scale = self._scale.get(position_ids.device)
-        if scale is None:
-            scale = self._scale[position_ids.device] = torch.tensor(self._scale_list, device=position_ids.device)
-        pos_k = torch.div(position_ids[..., None], scale, rounding_mode="floor")
-        pos_q = pos_k + (self.window - self.window // scale)
-        value = (
-            rotary_cos_sin(pos_k, rotary.inv_freq, rotary.attention_scaling, dtype),
-            rotary_cos_sin(pos_q, rotary.inv_freq, rotary.attention_scaling, dtype),
-        )
-        self._memo_key, self._memo_value = key, value
-        return value
+    Pairs x[f] with x[f + R/2] over the first R = rotary_dim dims, as transformers' rotate_half does; the other
+    dims are left alone. Angles are formed in float64 (float32 where the device has none) and the rotation is
+    done in float32, so composing it with the family's own rotation adds no more than float rounding.
+    """
+    wide = torch.float32 if x.device.type == "mps" else torch.float64
+    angle = shift.to(wide) * inv_freq.to(device=x.device, dtype=wide)
+    cos, sin = angle.cos().float()[:, None], angle.sin().float()[:, None]  # [B, 1, n, R/2]
+    h = rotary_dim // 2
+    x1, x2 = x[..., :h].float(), x[..., h:rotary_dim].float()
+    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    if rotary_dim < x.shape[-1]:
+        parts.append(x[..., rotary_dim:].float())
+    return torch.cat(parts, dim=-1).to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -307,6 +349,15 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _selection_mask(selected: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """bool [1, H, 1, D]: which dims of each query head take the scaled rotation (non-rotary dims never)."""
+    parts = [selected, selected]
+    rest = head_dim - 2 * selected.shape[-1]
+    if rest:
+        parts.append(selected.new_zeros(selected.shape[0], rest))
+    return torch.cat(parts, dim=-1)[None, :, None, :]
+
+
 def far_query_key(q_plain, q_scaled, k_plain, k_scaled, selected: Optional[torch.Tensor]):
     """Far-part query [B, H, m, D] and key [B, H or Hkv, n, D]: the scaled rotation on selected frequencies.
 
@@ -314,7 +365,7 @@ def far_query_key(q_plain, q_scaled, k_plain, k_scaled, selected: Optional[torch
     """
     if selected is None:
         return q_scaled, k_scaled
-    sel = torch.cat((selected, selected), dim=-1)[None, :, None, :]  # [1, H, 1, D]
+    sel = _selection_mask(selected, q_plain.shape[-1])
     rep = q_plain.shape[1] // k_plain.shape[1]
     q = torch.where(sel, q_scaled, q_plain)
     k = torch.where(sel, repeat_kv(k_scaled, rep), repeat_kv(k_plain, rep))
@@ -324,31 +375,44 @@ def far_query_key(q_plain, q_scaled, k_plain, k_scaled, selected: Optional[torch
 def dpe_attention(
     q_plain: torch.Tensor,
     q_scaled: torch.Tensor,
-    k_both: torch.Tensor,
+    k_local: torch.Tensor,
+    k_far: torch.Tensor,
     v: torch.Tensor,
     *,
     window: int,
     scale: float,
     selected: Optional[torch.Tensor] = None,
+    k_far_plain: Optional[torch.Tensor] = None,
+    local_start: int = 0,
     key_valid: Optional[torch.Tensor] = None,
     backend: str = "sdpa",
+    softcap: Optional[float] = None,
+    dropout: float = 0.0,
 ) -> torch.Tensor:
-    """DPE attention of the last m of n positions.
+    """DPE attention of the last m of n positions (the queries are the last m keys).
 
     q_plain / q_scaled [B, H, m, D]: queries rotated at i and at i//s + w - w//s.
-    k_both [B, 2*Hkv, n, D]: keys rotated at j (heads 0..Hkv-1) and at j//s (heads Hkv..2*Hkv-1), as the cache
-    holds them (stacked on the head axis, so that each rotation is a contiguous slab per head).
-    v [B, Hkv, n, D]. selected: bool [H, D/2] (None: every frequency). key_valid: bool [B, n] (None: all).
+    k_local [B, Hkv, L, D]: plain keys (rotated at j) of positions local_start..n-1, which must cover every
+    key within the window of a query. k_far [B, Hkv, n, D]: keys in their scaled rotation (at j//s).
+    k_far_plain [B, Hkv, n, D]: plain keys of every position, needed with a selection only.
+    v [B, Hkv, n, D]. selected: bool [H, R/2] (None: every frequency). key_valid: bool [B, n] (None: all).
     backend: "eager" (scores materialised a chunk of queries at a time), "sdpa", or "flash_attention_2".
     Returns [B, m, H, D] (the layout the output projection wants; possibly not contiguous).
     """
-    m, n = q_plain.shape[2], k_both.shape[2]
+    m, n = q_plain.shape[2], v.shape[2]
+    if selected is not None and k_far_plain is None:
+        if local_start != 0:
+            raise ValueError("a selection needs the plain rotation of every key (k_far_plain)")
+        k_far_plain = k_local
     if key_valid is not None and bool(key_valid.all()):
         key_valid = None
-    if m != n or backend == "eager":
-        return _dpe_attention_materialized(q_plain, q_scaled, k_both, v, window, scale, selected, key_valid)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_plain, q_scaled, k_local, k_far, v))
+    fused = backend != "eager" and softcap is None and not dropout and not needs_grad
+    if m != n or not fused:
+        return _dpe_attention_materialized(q_plain, q_scaled, k_local, local_start, k_far, k_far_plain, v, window,
+                                           scale, selected, key_valid, softcap=softcap, dropout=dropout)
     if key_valid is None:
-        return _dpe_prefill(q_plain, q_scaled, k_both, v, window, scale, selected, backend)
+        return _dpe_prefill(q_plain, q_scaled, k_local, k_far, k_far_plain, v, window, scale, selected, backend)
     # Padded batch: run each row on its span of real tokens (left or right padding); pad rows output 0.
     out = q_plain.new_zeros(q_plain.shape[0], q_plain.shape[2], q_plain.shape[1], q_plain.shape[3])
     for b in range(q_plain.shape[0]):
@@ -357,22 +421,25 @@ def dpe_attention(
             continue
         lo, hi = int(idx[0]), int(idx[-1]) + 1
         if hi - lo != idx.numel():  # holes inside the row: no span to cut out
-            return _dpe_attention_materialized(q_plain, q_scaled, k_both, v, window, scale, selected, key_valid)
-        row = slice(b, b + 1)
-        args = (q_plain[row, :, lo:hi], q_scaled[row, :, lo:hi], k_both[row, :, lo:hi], v[row, :, lo:hi])
-        out[row, lo:hi] = _dpe_prefill(*args, window, scale, selected, backend)
+            return _dpe_attention_materialized(q_plain, q_scaled, k_local, 0, k_far, k_far_plain, v, window, scale,
+                                               selected, key_valid)
+        row, span = slice(b, b + 1), slice(lo, hi)
+        plain = None if k_far_plain is None else k_far_plain[row, :, span]
+        out[row, lo:hi] = _dpe_prefill(q_plain[row, :, span], q_scaled[row, :, span], k_local[row, :, span],
+                                       k_far[row, :, span], plain, v[row, :, span], window, scale, selected, backend)
     return out
 
 
-def _dpe_prefill(q_plain, q_scaled, k_both, v, window, scale, selected, backend):
+def _dpe_prefill(q_plain, q_scaled, k_plain, k_scaled, k_far_plain, v, window, scale, selected, backend):
     """Prefill without padding or cache: local and far parts merged by log-sum-exp. Returns [B, n, H, D]."""
     bsz, h, n, d = q_plain.shape
     w, hkv = window, v.shape[1]
-    k_plain, k_scaled = k_both[:, :hkv], k_both[:, hkv:]
+    if k_far_plain is None:
+        k_far_plain = k_plain
     if n <= w:
         return attention_with_lse(q_plain, k_plain, v, scale=scale, causal=True)[0].transpose(1, 2)
-    if backend == "flash_attention_2":
-        q_far, k_far = far_query_key(q_plain[:, :, w:], q_scaled[:, :, w:], k_plain[:, :, : n - w],
+    if backend.startswith("flash_attention"):
+        q_far, k_far = far_query_key(q_plain[:, :, w:], q_scaled[:, :, w:], k_far_plain[:, :, : n - w],
                                      k_scaled[:, :, : n - w], selected)
         v_far = repeat_kv(v[:, :, : n - w], k_far.shape[1] // hkv)
         o_loc, lse_loc = flash_attn_with_lse(q_plain, k_plain, v, scale=scale, window=w)  # [B, n, H, D]
@@ -388,11 +455,13 @@ def _dpe_prefill(q_plain, q_scaled, k_both, v, window, scale, selected, backend)
     nb = -(-n // w)
     pad = nb * w - n
     if pad:
-        q_plain, q_scaled, k_plain, k_scaled, v = (F.pad(x, (0, 0, 0, pad)) for x in (q_plain, q_scaled, k_plain, k_scaled, v))
+        q_plain, q_scaled, k_plain, k_scaled, k_far_plain, v = (
+            F.pad(x, (0, 0, 0, pad)) for x in (q_plain, q_scaled, k_plain, k_scaled, k_far_plain, v))
     o, lse_a, o_b, lse_b = local_band_blocks(q_plain, k_plain, v, w, scale)  # [B, nb, H, w, D], [B, nb, H, w]
     # Far part: query i >= w sees keys j <= i - w, a causal attention of queries w.. over keys ..N-w.
     m = nb * w - w
-    q_far, k_far = far_query_key(q_plain[:, :, w:], q_scaled[:, :, w:], k_plain[:, :, :m], k_scaled[:, :, :m], selected)
+    q_far, k_far = far_query_key(q_plain[:, :, w:], q_scaled[:, :, w:], k_far_plain[:, :, :m], k_scaled[:, :, :m],
+                                 selected)
     o_f, lse_f = attention_with_lse(q_far, k_far, repeat_kv(v[:, :, :m], k_far.shape[1] // hkv), scale=scale, causal=True)
     o_f = o_f.view(bsz, h, nb - 1, w, d).transpose(1, 2)  # block layout views
     lse_f = lse_f.view(bsz, h, nb - 1, w).transpose(1, 2)
@@ -446,14 +515,17 @@ def _grouped_values(p, v):
     return torch.matmul(p.reshape(bsz, hkv, (h // hkv) * m, n), v).view(bsz, h, m, v.shape[-1])
 
 
-def _dpe_attention_materialized(q_plain, q_scaled, k_both, v, window, scale, selected, key_valid, budget=2**25):
-    """Exact DPE attention with scores materialised for a chunk of queries at a time (decode, eager, caches)."""
+def _dpe_attention_materialized(q_plain, q_scaled, k_local, local_start, k_far, k_far_plain, v, window, scale,
+                                selected, key_valid, softcap=None, dropout=0.0, budget=2**25):
+    """Exact DPE attention with scores materialised for a chunk of queries at a time (decode, eager, training).
+
+    Differentiable (no in-place update of anything autograd saw); softcap (Gemma 2) and dropout as eager does.
+    """
     bsz, h, m, d = q_plain.shape
-    n, w, hkv = k_both.shape[2], window, v.shape[1]
+    n, w = v.shape[2], window
     offset = n - m  # global index of the first query
-    k_plain, k_scaled = k_both[:, :hkv], k_both[:, hkv:]
     if selected is not None:  # far scores = (q_plain on unselected) . k_plain + (q_scaled on selected) . k_scaled
-        sel = torch.cat((selected, selected), dim=-1)[None, :, None, :]
+        sel = _selection_mask(selected, d)
         zero = torch.zeros((), dtype=q_plain.dtype, device=q_plain.device)
         q_far_plain, q_far_scaled = torch.where(sel, zero, q_plain), torch.where(sel, q_scaled, zero)
     chunk = max(1, min(m, budget // max(1, bsz * h * n)))
@@ -463,19 +535,26 @@ def _dpe_attention_materialized(q_plain, q_scaled, k_both, v, window, scale, sel
         i = torch.arange(offset + a, offset + b, device=q_plain.device)[:, None]
         far_end = max(0, offset + b - w)  # keys 0..far_end-1 may be far for some query of the chunk
         loc_start = max(0, offset + a - w + 1)  # keys loc_start..offset+b-1 may be local
+        if loc_start < local_start:
+            raise ValueError(f"local keys start at {local_start}, but a query needs key {loc_start}")
         j_loc = torch.arange(loc_start, offset + b, device=q_plain.device)[None, :]
-        s_loc = _grouped_scores(q_plain[:, :, a:b], k_plain[:, :, loc_start : offset + b]).float() * scale
+        k_loc = k_local[:, :, loc_start - local_start : offset + b - local_start]
+        s_loc = _grouped_scores(q_plain[:, :, a:b], k_loc).float() * scale
         ok_loc = ((i - j_loc) >= 0) & ((i - j_loc) < w)
         ok_loc = ok_loc[None, None] if key_valid is None else ok_loc & key_valid[:, None, None, loc_start : offset + b]
+        if softcap is not None:
+            s_loc = torch.tanh(s_loc / softcap) * softcap
         s_loc = s_loc.masked_fill(~ok_loc, float("-inf"))
         if far_end > 0:
             j_far = torch.arange(0, far_end, device=q_plain.device)[None, :]
             if selected is None:
-                s_far = _grouped_scores(q_scaled[:, :, a:b], k_scaled[:, :, :far_end])
+                s_far = _grouped_scores(q_scaled[:, :, a:b], k_far[:, :, :far_end])
             else:
-                s_far = _grouped_scores(q_far_plain[:, :, a:b], k_plain[:, :, :far_end])
-                s_far += _grouped_scores(q_far_scaled[:, :, a:b], k_scaled[:, :, :far_end])
+                s_far = (_grouped_scores(q_far_plain[:, :, a:b], k_far_plain[:, :, :far_end])
+                         + _grouped_scores(q_far_scaled[:, :, a:b], k_far[:, :, :far_end]))
             s_far = s_far.float() * scale
+            if softcap is not None:
+                s_far = torch.tanh(s_far / softcap) * softcap
             ok_far = (i - j_far) >= w
             ok_far = ok_far[None, None] if key_valid is None else ok_far & key_valid[:, None, None, :far_end]
             s_far = s_far.masked_fill(~ok_far, float("-inf"))
@@ -483,6 +562,8 @@ def _dpe_attention_materialized(q_plain, q_scaled, k_both, v, window, scale, sel
         else:
             s = s_loc
         p = torch.softmax(s, dim=-1).nan_to_num(0.0).to(v.dtype)  # rows with no key at all (padding) -> 0
+        if dropout:
+            p = F.dropout(p, p=dropout, training=True)
         o = _grouped_values(p[..., s.shape[-1] - s_loc.shape[-1] :], v[:, :, loc_start : offset + b])
         if far_end > 0:
             o = o + _grouped_values(p[..., :far_end], v[:, :, :far_end])
@@ -491,83 +572,133 @@ def _dpe_attention_materialized(q_plain, q_scaled, k_both, v, window, scale, sel
 
 
 # ----------------------------------------------------------------------------------------------------------
-# transformers integration: attention and causal-LM mixins
+# transformers integration: the attention function, the cache layer, the model mixins
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _key_valid_from_mask(attention_mask: Optional[torch.Tensor], n_kv: int) -> Optional[torch.Tensor]:
-    """Which keys are real tokens, from a 2D padding mask or the last query row of a 4D mask."""
-    if attention_mask is None or attention_mask.shape[-1] != n_kv:
+class DPELayerState:
+    """What one DPE attention layer needs at run time; its DPE cache layers point at it too."""
+
+    def __init__(self, params: DPEParams, decoder, layer_idx: int, rotary_dim: int, first: bool):
+        self.window = int(params.local_window_size)
+        self.scale_list = params.scale_per_frequency().tolist()  # a list: this may run on the meta device
+        self.layer_idx = layer_idx
+        self.rotary_dim = rotary_dim
+        self.first = first  # the first DPE layer checks what every layer receives (positions, cache lengths)
+        self.selected: Optional[torch.Tensor] = None  # bool [H, R/2], or None for every frequency
+        self._decoder = weakref.ref(decoder)
+        self._scale: dict = {}
+        self._local = threading.local()
+
+    @property
+    def layout(self) -> str:
+        """How DPE cache layers of this layer store keys: scaled only, or [plain | scaled] on the last axis."""
+        return "scaled" if self.selected is None else "both"
+
+    def scale(self, device) -> torch.Tensor:
+        s = self._scale.get(device)
+        if s is None:
+            s = self._scale[device] = torch.tensor(self.scale_list, dtype=torch.long, device=device)
+        return s
+
+    def inv_freq(self) -> torch.Tensor:
+        """The inverse frequencies the family's rotary embedding is using now (dynamic RoPE updates them)."""
+        decoder = self._decoder()
+        rotary = getattr(decoder, "rotary_emb", None)
+        inv = getattr(rotary, "inv_freq", None)
+        if inv is None:
+            raise DPERuntimeError("the model's rotary embedding (rotary_emb.inv_freq) is gone")
+        return inv
+
+    def base_implementation(self) -> str:
+        return self._decoder().config._attn_implementation or "eager"
+
+    def set_pending(self, layer) -> None:
+        self._local.pending = weakref.ref(layer)
+
+    def take_pending(self):
+        pending = getattr(self._local, "pending", None)
+        self._local.pending = None
+        return None if pending is None else pending()
+
+    def __deepcopy__(self, memo):
+        new = copy.copy(self)
+        decoder = self._decoder()
+        new._decoder = weakref.ref(memo.get(id(decoder), decoder))
+        new._scale, new._local = {}, threading.local()
+        new.selected = copy.deepcopy(self.selected, memo)
+        return new
+
+    def __getstate__(self):
+        raise TypeError("DPE layer state is not picklable; save the model with save_pretrained")
+
+
+class _Shared:
+    """Holds a reference that copies of its holder share (a cache layer copied with deepcopy keeps its layer)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value):
+        self.value = value
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class DPEAttentionConfig:
+    """The model config as a DPE attention layer sees it: all of it, except that attention dispatches to DPE.
+
+    Every family's attention looks its function up by `self.config._attn_implementation`; this view answers
+    "dpe" there and forwards everything else (reads and writes) to the model's config, so the base model's
+    choice of implementation stays in one place.
+    """
+
+    __slots__ = ("_dpe_config",)
+
+    def __init__(self, config):
+        object.__setattr__(self, "_dpe_config", config)
+
+    @property
+    def _attn_implementation(self) -> str:
+        return DPE_ATTENTION
+
+    def __getattr__(self, name):
+        if name == "_dpe_config":
+            raise AttributeError(name)
+        return getattr(object.__getattribute__(self, "_dpe_config"), name)
+
+    def __setattr__(self, name, value):
+        setattr(object.__getattribute__(self, "_dpe_config"), name, value)
+
+    def __reduce__(self):
+        return (DPEAttentionConfig, (self._dpe_config,))
+
+    def __repr__(self):
+        return f"DPEAttentionConfig({self._dpe_config!r})"
+
+
+def _is_cache(value) -> bool:
+    try:
+        from transformers.cache_utils import Cache
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(value, Cache)
+
+
+def _key_valid_from_mask(attention_mask, n_kv: int) -> Optional[torch.Tensor]:
+    """Which keys are real tokens (bool [B, n]), from a 2D padding mask or the last query row of a 4D mask."""
+    if attention_mask is None:
         return None
+    if not isinstance(attention_mask, torch.Tensor):
+        raise DPERuntimeError(f"unexpected attention mask of type {type(attention_mask).__name__}")
+    if attention_mask.shape[-1] != n_kv or attention_mask.dim() not in (2, 4):
+        raise DPERuntimeError(f"attention mask of shape {list(attention_mask.shape)} for {n_kv} keys")
+    row = attention_mask if attention_mask.dim() == 2 else attention_mask[:, 0, -1, :]
+    if row.dtype == torch.bool:
+        return row
     if attention_mask.dim() == 2:
-        return attention_mask.bool()
-    if attention_mask.dim() == 4:
-        row = attention_mask[:, 0, -1, :]
-        return row if row.dtype == torch.bool else row > torch.finfo(row.dtype).min / 2
-    return None
-
-
-class DPEAttentionMixin:
-    """Mixed into a family's attention class (e.g. LlamaAttention): same projections, DPE attention."""
-
-    dpe_rope: DPERope
-    dpe_selected: Optional[torch.Tensor]
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: Optional[torch.Tensor] = None,
-        past_key_values=None,
-        **kwargs,
-    ):
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        m = q.shape[2]
-
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:
-            past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
-            position_ids = torch.arange(past, past + m, device=q.device)[None]
-        cos, sin = position_embeddings
-        (k_cos, k_sin), (q_cos, q_sin) = self.dpe_rope.cos_sin(position_ids, q.dtype)
-        q_plain = apply_rotary(q, cos, sin)
-        # Every key enters the cache with both rotations, stacked on the head axis: [plain at j ; scaled at j//s].
-        hkv = k.shape[1]
-        k_both = torch.cat((apply_rotary(k, cos, sin), apply_rotary(k, k_cos, k_sin)), dim=1)
-        if past_key_values is not None:
-            k_both, v = past_key_values.update(k_both, v, self.layer_idx)
-        n = k_both.shape[2]
-
-        backend = self.config._attn_implementation or "eager"
-        if n <= self.dpe_rope.window:
-            # No pair is farther apart than the window: exactly the base model's attention.
-            from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-            interface = ALL_ATTENTION_FUNCTIONS.get_interface(backend, _family_eager_attention(type(self)))
-            out, _ = interface(
-                self, q_plain, k_both[:, :hkv], v, attention_mask,
-                dropout=0.0, scaling=self.scaling, **kwargs,
-            )
-        else:
-            if backend.startswith("flash_attention"):
-                _require_flash_attn()
-            key_valid = kwargs.get("dpe_key_valid")
-            if key_valid is None:
-                key_valid = _key_valid_from_mask(attention_mask, n)
-            selected = self.dpe_selected
-            if selected is not None and selected.device != q.device:  # layers placed by a device map
-                selected = self.dpe_selected = selected.to(q.device)
-            out = dpe_attention(
-                q_plain, apply_rotary(q, q_cos, q_sin), k_both, v,
-                window=self.dpe_rope.window, scale=self.scaling, selected=selected,
-                key_valid=key_valid, backend=backend,
-            )
-        out = out.reshape(*input_shape, -1).contiguous()
-        return self.o_proj(out), None
+        return row != 0
+    return row > torch.finfo(row.dtype).min / 2
 
 
 @functools.lru_cache(maxsize=None)
@@ -578,7 +709,24 @@ def _family_eager_attention(attention_class: type):
         fn = getattr(sys.modules.get(cls.__module__), "eager_attention_forward", None)
         if fn is not None:
             return fn
-    raise TypeError(f"no eager_attention_forward beside any base class of {attention_class.__name__}")
+    raise DPERuntimeError(f"no eager_attention_forward beside any base class of {attention_class.__name__}")
+
+
+def _base_attention_function(module, implementation: str):
+    if implementation == "eager":
+        return _family_eager_attention(type(module))
+    if implementation == DPE_ATTENTION:
+        raise DPERuntimeError("the model's attn_implementation is 'dpe' itself; choose sdpa, eager or flash_attention_2")
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    try:
+        return ALL_ATTENTION_FUNCTIONS[implementation]
+    except KeyError:
+        raise DPERuntimeError(f"attn_implementation {implementation!r} is not a registered attention function") from None
+
+
+_DPE_BACKENDS = {"sdpa": "sdpa", "eager": "eager", "flash_attention_2": "flash_attention_2",
+                 "flash_attention_3": "flash_attention_2", "flex_attention": "sdpa"}
 
 
 def _require_flash_attn() -> None:
@@ -591,35 +739,287 @@ def _require_flash_attn() -> None:
         ) from err
 
 
-def install_dpe(model, params: DPEParams, attention_class: Optional[type] = None) -> None:
-    """Turn a loaded or freshly built causal LM into its DPE version, in place.
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
-    Swaps each layer's attention class to a DPE subclass (projections and weights untouched) and, when the
-    config's max_position_embeddings was raised to the target length, rebuilds the rotary embedding from the
-    pretraining length so that theta and the attention scaling stay exactly those of the base model.
+
+def _check_positions(pos, key_pos, key_valid, n: int) -> None:
+    """Positions and keys must describe one sequence per row; anything else is an error, not an answer."""
+    m = pos.shape[1]
+    slot0_valid = torch.ones_like(key_pos[:, 0], dtype=torch.bool) if key_valid is None else key_valid[:, 0]
+    early = (key_pos[:, 0] > 0) & slot0_valid
+    if bool(early.any()):
+        b = int(early.nonzero()[0])
+        raise DPERuntimeError(
+            f"the positions say {int(key_pos[b, 0])} tokens came before the {n} keys this attention layer received "
+            f"(row {b}): the KV cache did not reach the attention"
+        )
+    if key_valid is None:
+        first = key_pos[:, 0]
+        has = torch.ones_like(first, dtype=torch.bool)
+    else:
+        has = key_valid.any(dim=1)
+        first = key_pos.gather(1, key_valid.to(torch.int8).argmax(dim=1, keepdim=True))[:, 0]
+    late = (first < 0) & has
+    if bool(late.any()):
+        b = int(late.nonzero()[0])
+        raise DPERuntimeError(
+            f"the attention layer received {n} keys but the positions account for only {n + int(first[b])} "
+            f"(row {b}): the KV cache holds tokens of another sequence (reset it between prompts)"
+        )
+    if m > 1:
+        step = pos[:, 1:] - pos[:, :-1]
+        both = torch.ones_like(step, dtype=torch.bool) if key_valid is None else (
+            key_valid[:, n - m + 1 :] & key_valid[:, n - m : n - 1])
+        if bool(((step != 1) & both).any()):
+            raise DPERuntimeError("position ids are not consecutive within a sequence (packed sequences are not "
+                                  "supported by DPE attention)")
+
+
+def dpe_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """DPE attention with transformers' attention-function contract (registered as "dpe").
+
+    query [B, H, m, D] and key/value [B, Hkv, n, D] as the family's attention hands them over: rotated at their
+    plain positions, after the cache update. Returns ([B, m, H, D], None).
     """
-    import copy
+    state = module.__dict__.get("dpe")
+    if state is None:
+        raise DPERuntimeError(f"{type(module).__name__} dispatched to DPE attention without DPE parameters")
+    for name, val in kwargs.items():
+        if _is_cache(val):
+            raise DPERuntimeError(f"a KV cache reached the attention function as {name!r}, which DPE does not know")
+    if kwargs.get("s_aux") is not None:
+        raise DPERuntimeError("attention sinks (s_aux) are not supported by DPE attention")
+    if kwargs.get("sliding_window") is not None:
+        raise DPERuntimeError(f"layer {state.layer_idx} is a sliding-window layer; DPE applies to full attention only")
+    implementation = state.base_implementation()
+    backend = _DPE_BACKENDS.get(implementation)
+    if backend is None and implementation != DPE_ATTENTION:
+        raise DPERuntimeError(f"DPE attention cannot run under attn_implementation={implementation!r}; "
+                              f"use one of {', '.join(_DPE_BACKENDS)}")
+    softcap = kwargs.get("softcap")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    bsz, _, m, d = query.shape
+    w, rdim = state.window, state.rotary_dim
 
-    config = model.config
-    check_supported_config(config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    params.validate(head_dim)
-    decoder = model.get_decoder()
-    rotary = decoder.rotary_emb
-    if params.pretrain_length and params.pretrain_length != config.max_position_embeddings:
-        rope_config = copy.deepcopy(config)
-        rope_config.max_position_embeddings = params.pretrain_length
-        device = rotary.inv_freq.device
-        decoder.rotary_emb = type(rotary)(config=rope_config).to(device)
-    rope = DPERope(decoder, params)
-    for layer in decoder.layers:
-        attn = layer.self_attn
-        if attention_class is None:
-            attention_class = _dpe_subclass(type(attn), DPEAttentionMixin)
-        attn.__class__ = attention_class
-        attn.__dict__["dpe_rope"] = rope  # shared, and not registered as a submodule
-        attn.dpe_selected = None
-    model.dpe_params = params
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        raise DPERuntimeError("position_ids did not reach the attention function")
+    if position_ids.shape[-1] != m:
+        raise DPERuntimeError(f"{position_ids.shape[-1]} position ids for {m} queries")
+    pos = position_ids.to(query.device).reshape(-1, m).expand(bsz, m)
+
+    layer = state.take_pending()
+    if layer is not None:
+        if getattr(layer, "keys", None) is not key or layer._dpe_pending != m:
+            raise DPERuntimeError("the keys reaching DPE attention are not the ones its cache layer just stored")
+        if layer._dpe_layout != state.layout:
+            raise DPERuntimeError("the top-K selection changed while a KV cache was in use; start a new cache")
+    elif getattr(key, "shape", (0, 0, 0, d))[-1] != d:
+        raise DPERuntimeError(f"keys of width {key.shape[-1]} for queries of width {d}")
+
+    full_key, full_value, full_mask = key, value, attention_mask
+    n = key.shape[2]
+    key_valid = _key_valid_from_mask(attention_mask, n)
+    if n > m and key_valid is not None and layer is None:
+        # Static caches hand over their whole buffer: keep the slots up to the queries' own.
+        end = int(key_valid.nonzero()[:, 1].max()) + 1 if bool(key_valid.any()) else n
+        if end < n:
+            key, value, key_valid, n = key[:, :, :end], value[:, :, :end], key_valid[:, :end], end
+    if n < m:
+        raise DPERuntimeError(f"{n} keys for {m} queries")
+    # Keys are consecutive positions ending at the last query's (checked below on the first DPE layer).
+    key_pos = pos if n == m else pos[:, -1:] - torch.arange(n - 1, -1, -1, device=pos.device)
+    if state.first and not _compiling():
+        _check_positions(pos, key_pos, key_valid, n)
+
+    scale_f = state.scale(query.device)
+    inv_freq = state.inv_freq()
+    k_far_plain = None
+    if layer is not None:  # a DPE cache layer: store the new keys in their scaled rotation
+        new_plain = key[:, :, n - m :, :d]
+        new_scaled = rotate_by(new_plain, dpe_delta_positions(pos, scale_f, w, query=False), inv_freq, rdim)
+        if layer._dpe_layout == "both":
+            key[:, :, n - m :, d:].copy_(new_scaled)
+            k_local, local_start, k_far, k_far_plain = key[..., :d], 0, key[..., d:], key[..., :d]
+        else:
+            tail = layer._dpe_tail
+            keep = min(n - m, max(w - 1, 0))
+            if keep and (tail is None or tail.shape[2] < keep or tail.shape[0] != bsz):
+                lo = n - m - keep  # rebuild the plain keys of the window from their scaled rotation
+                shift = dpe_delta_positions(key_pos[:, lo : n - m], scale_f, w, query=False)
+                tail = rotate_by(key[:, :, lo : n - m], -shift, inv_freq, rdim)
+            parts = ([tail[:, :, tail.shape[2] - keep :]] if keep else []) + [new_plain]
+            k_local = torch.cat(parts, dim=2) if len(parts) > 1 else new_plain.clone()
+            local_start = n - k_local.shape[2]
+            key[:, :, n - m :].copy_(new_scaled)
+            k_far = key
+            layer._dpe_tail = k_local[:, :, k_local.shape[2] - min(k_local.shape[2], max(w - 1, 0)) :].clone()
+        layer._dpe_pending = 0
+        layer._dpe_seen = weakref.ref(key)
+        if n <= w:
+            base = _base_attention_function(module, implementation)
+            return base(module, query, k_local, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    else:
+        if n <= w:  # no pair is as far apart as the window: exactly the base model's attention
+            base = _base_attention_function(module, implementation)
+            return base(module, query, full_key, full_value, full_mask, dropout=dropout, scaling=scaling, **kwargs)
+        k_local, local_start = key, 0
+        k_far = rotate_by(key, dpe_delta_positions(key_pos, scale_f, w, query=False), inv_freq, rdim)
+        k_far_plain = key if state.selected is not None else None
+
+    if backend == "flash_attention_2":
+        _require_flash_attn()
+    selected = state.selected
+    if selected is not None and selected.device != query.device:  # layers placed by a device map
+        selected = state.selected = selected.to(query.device)
+    q_scaled = rotate_by(query, dpe_delta_positions(pos, scale_f, w, query=True), inv_freq, rdim)
+    out = dpe_attention(
+        query, q_scaled, k_local, k_far, value, window=w, scale=scale, selected=selected, k_far_plain=k_far_plain,
+        local_start=local_start, key_valid=key_valid, backend=backend or "sdpa", softcap=softcap, dropout=dropout,
+    )
+    return out, None
+
+
+def register_dpe_attention() -> None:
+    """Register dpe_attention_forward with transformers' AttentionInterface (idempotent)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(DPE_ATTENTION, dpe_attention_forward)
+
+
+class DPECacheLayerMixin:
+    """Mixed into transformers' DynamicLayer: keys are kept in DPE's scaled rotation (see the header).
+
+    `update` stores the family's plain keys as they come; the DPE attention that runs right after it (it has
+    the positions) rotates them in place and keeps the plain keys of the last w - 1 positions. Anything that
+    replaces `keys` in between (crop, reorder, offload, deepcopy) is noticed, and the window's plain keys are
+    rebuilt from the scaled ones.
+    """
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        shared = self.__dict__.get("_dpe_shared")
+        if shared is None:
+            raise DPERuntimeError("a DPE cache layer lost its attention layer")
+        state = shared.value
+        if self._dpe_pending:
+            raise DPERuntimeError("the keys of the previous cache update never reached DPE attention")
+        seen = self._dpe_seen
+        if seen is None or seen() is not getattr(self, "keys", None):
+            self._dpe_tail = None
+        if self._dpe_layout == "both":
+            key_states = torch.cat((key_states, key_states), dim=-1)  # [plain | scaled], the latter filled later
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        self._dpe_pending = key_states.shape[-2]
+        state.set_pending(self)
+        return keys, values
+
+
+_DPE_LAYER_CLASSES: dict = {}
+
+
+def _dpe_cache_layer(layer, state: DPELayerState):
+    """A DPE cache layer with the (empty) state of `layer`, to take its place in the cache."""
+    base = type(layer)
+    cls = _DPE_LAYER_CLASSES.get(base)
+    if cls is None:
+        cls = _DPE_LAYER_CLASSES[base] = type(f"DPE{base.__name__}", (DPECacheLayerMixin, base), {"__module__": __name__})
+    new = cls.__new__(cls)
+    new.__dict__.update(layer.__dict__)
+    layer = new
+    layer._dpe_shared = _Shared(state)
+    layer._dpe_pending = 0
+    layer._dpe_tail = None
+    layer._dpe_seen = None
+    layer._dpe_layout = state.layout
+    return layer
+
+
+def prepare_cache(cache, states: dict) -> None:
+    """Turn the empty full-attention layers of a DynamicCache into DPE cache layers; leave anything else."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:  # pragma: no cover
+        return
+    layers = getattr(cache, "layers", None)
+    if not isinstance(layers, list) or not states:
+        return
+    if not layers and getattr(cache, "layer_class_to_replicate", None) is DynamicLayer:
+        layers.extend(DynamicLayer() for _ in range(max(states) + 1))  # what the cache would append lazily
+    for idx, state in states.items():
+        if idx < len(layers) and type(layers[idx]) is DynamicLayer and not getattr(layers[idx], "is_initialized", True):
+            layers[idx] = _dpe_cache_layer(layers[idx], state)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_parameters(cls: type) -> tuple:
+    """Parameter names (without self) of the first forward after DPEModelMixin in cls's MRO."""
+    mro = cls.__mro__
+    for klass in mro[mro.index(DPEModelMixin) + 1 :]:
+        fn = klass.__dict__.get("forward")
+        if fn is not None:
+            return tuple(inspect.signature(fn).parameters)[1:]
+    raise TypeError(f"{cls.__name__} has no forward")
+
+
+class DPEModelMixin:
+    """Mixed into a family's base model (e.g. LlamaModel): a fresh DynamicCache gets DPE cache layers."""
+
+    def forward(self, *args, **kwargs):
+        params = _forward_parameters(type(self))
+        name = next((p for p in CACHE_ARGUMENT_NAMES if p in params), None)
+        for key, value in kwargs.items():
+            if key != name and _is_cache(value):
+                raise DPERuntimeError(f"{type(self).__name__}.forward got a KV cache as {key!r}; this transformers "
+                                      f"release takes it as {name!r}")
+        if name is None:
+            raise DPERuntimeError(f"{type(self).__name__}.forward takes no KV cache argument DPE knows "
+                                  f"({', '.join(CACHE_ARGUMENT_NAMES)})")
+        idx = params.index(name)
+        cache = args[idx] if len(args) > idx else kwargs.get(name)
+        if cache is None:
+            u = params.index("use_cache") if "use_cache" in params else None
+            use_cache = args[u] if u is not None and len(args) > u else kwargs.get("use_cache")
+            if use_cache is None:
+                use_cache = getattr(self.config, "use_cache", False)
+            if getattr(self, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+                use_cache = False
+            if use_cache:
+                from transformers import DynamicCache
+
+                cache = DynamicCache(config=self.config)
+                if len(args) > idx:
+                    args = (*args[:idx], cache, *args[idx + 1 :])
+                else:
+                    kwargs[name] = cache
+        if cache is not None:
+            prepare_cache(cache, self.__dict__.get("_dpe_states", {}))
+        return super().forward(*args, **kwargs)
+
+
+def cache_argument(model) -> str:
+    """The name this transformers release's model forward takes the KV cache under ("past_key_values"/"cache")."""
+    params = inspect.signature(type(model).forward).parameters
+    for name in reversed(CACHE_ARGUMENT_NAMES):
+        if name in params:
+            return name
+    raise DPERuntimeError(f"{type(model).__name__}.forward takes no KV cache argument DPE knows")
+
+
+def output_cache(outputs):
+    """The KV cache a model output carries, under whichever name this transformers release gives it."""
+    for name in reversed(CACHE_ARGUMENT_NAMES):
+        if name in outputs:
+            return outputs[name]
+    return None
+
+
+def _is_full_attention_layer(config, idx: int) -> bool:
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return layer_types[idx] == "full_attention"
+    return getattr(config, "sliding_window", None) is None or getattr(config, "use_sliding_window", True) is False
 
 
 def _dpe_subclass(base: type, mixin: type) -> type:
@@ -628,41 +1028,90 @@ def _dpe_subclass(base: type, mixin: type) -> type:
     return type(f"DPE{base.__name__}", (mixin, base), {"__module__": __name__})
 
 
+def install_dpe(model, params: DPEParams, model_class: Optional[type] = None) -> None:
+    """Turn a loaded or freshly built model (causal LM or base model) into its DPE version, in place.
+
+    Points each full-attention layer's attention at DPE (weights, projections and norms untouched), gives the
+    base model DPE's cache handling and, when the config's max_position_embeddings was raised to the target
+    length, rebuilds the rotary embedding from the pretraining length so that theta and the attention scaling
+    stay exactly those of the base model.
+    """
+    register_dpe_attention()
+    config = model.config
+    check_supported_config(config)
+    head_dim = head_dim_of(config)
+    params.validate(head_dim)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    rotary = decoder.rotary_emb
+    if params.pretrain_length and params.pretrain_length != config.max_position_embeddings:
+        rope_config = copy.deepcopy(config)
+        rope_config.max_position_embeddings = params.pretrain_length
+        device = rotary.inv_freq.device
+        decoder.rotary_emb = type(rotary)(config=rope_config).to(device)
+    decoder.__class__ = model_class if model_class is not None else _dpe_subclass(type(decoder), DPEModelMixin)
+    states: dict = {}
+    for idx, layer in enumerate(decoder.layers):
+        if not _is_full_attention_layer(config, idx):
+            continue
+        attn = layer.self_attn
+        if not hasattr(attn, "config"):
+            raise ValueError(f"{type(attn).__name__} does not dispatch attention through its config")
+        state = DPELayerState(params, decoder, idx, head_dim, first=not states)
+        attn.__dict__["dpe"] = state
+        if not isinstance(attn.config, DPEAttentionConfig):
+            attn.config = DPEAttentionConfig(attn.config)
+        states[idx] = state
+    decoder.__dict__["_dpe_states"] = states
+    model.dpe_params = params
+
+
 def set_dpe_selection(model, selected: Optional[torch.Tensor]) -> None:
-    """Set the selected frequencies, bool [layers, query heads, D/2]; None selects every frequency."""
-    layers = model.get_decoder().layers
+    """Set the selected frequencies, bool [layers, query heads, R/2]; None selects every frequency."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    states = decoder.__dict__.get("_dpe_states", {})
     if selected is not None:
         config = model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        expected = (config.num_hidden_layers, config.num_attention_heads, head_dim // 2)
+        expected = (config.num_hidden_layers, config.num_attention_heads, head_dim_of(config) // 2)
         if tuple(selected.shape) != expected or selected.dtype != torch.bool:
             raise ValueError(f"selected dims must be bool {list(expected)}, got {selected.dtype} {list(selected.shape)}")
-    for idx, layer in enumerate(layers):
-        attn = layer.self_attn
+    for idx, state in states.items():
         sel = None if selected is None or bool(selected[idx].all()) else selected[idx]
-        if sel is not None and attn.q_proj.weight.device.type != "meta":  # meta: offloaded by a device map
-            sel = sel.to(attn.q_proj.weight.device)
-        attn.dpe_selected = sel
+        attn = decoder.layers[idx].self_attn
+        weight = next(attn.parameters(), None)
+        if sel is not None and weight is not None and weight.device.type != "meta":  # meta: offloaded
+            sel = sel.to(weight.device)
+        state.selected = sel
     model.dpe_selected_dims = selected
 
 
 def apply_dpe(model, params: DPEParams, selected: Optional[torch.Tensor] = None):
     """DPE on an already loaded base model (what dpe-export uses to calibrate and evaluate)."""
-    model.__class__ = _dpe_subclass(type(model), DPEForCausalLMMixin)
     install_dpe(model, params)
     set_dpe_selection(model, selected)
     return model
 
 
-class DPEForCausalLMMixin:
-    """Mixed into a family's causal LM class: installs DPE attention and carries its selection file."""
+def _copy_code_files(model, save_directory) -> None:
+    """Put this file and the model's modeling file beside a saved export (transformers 5.0 does not)."""
+    import os
+    import shutil
 
-    dpe_attention_class: Optional[type] = None
+    for path in (__file__, getattr(sys.modules.get(type(model).__module__), "__file__", None)):
+        if path and os.path.isfile(path):
+            target = os.path.join(save_directory, os.path.basename(path))
+            if not os.path.exists(target):
+                shutil.copyfile(path, target)
+
+
+class DPEForCausalLMMixin:
+    """Mixed into a family's causal LM class: installs DPE and carries its selection file."""
+
+    dpe_model_class: Optional[type] = None
 
     def __init__(self, config, *args, **kwargs):
         check_transformers_version()
         super().__init__(config, *args, **kwargs)
-        install_dpe(self, DPEParams.from_dict(config.dpe), self.dpe_attention_class)
+        install_dpe(self, DPEParams.from_dict(config.dpe), self.dpe_model_class)
         self.dpe_selected_dims = None
 
     @classmethod
@@ -681,36 +1130,13 @@ class DPEForCausalLMMixin:
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)
+        import os
+
+        if not os.path.isdir(save_directory):
+            return
+        _copy_code_files(self, save_directory)
         name = self.config.dpe.get("selected_dims")
         if name and self.dpe_selected_dims is not None:
-            import os
-
             from safetensors.torch import save_file
 
             save_file({SELECTED_DIMS_TENSOR: self.dpe_selected_dims.cpu().contiguous()}, os.path.join(save_directory, name))
-
-    # The explicit signature matters: generate() inspects it to decide whether to pass position_ids.
-    def forward(
-        self,
-        input_ids: Optional[torch.LongTensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.LongTensor] = None,
-        past_key_values=None,
-        inputs_embeds: Optional[torch.Tensor] = None,
-        labels: Optional[torch.LongTensor] = None,
-        use_cache: Optional[bool] = None,
-        logits_to_keep=0,
-        **kwargs,
-    ):
-        # DPE attention reads padding from a [batch, keys] mask. Past the window it needs nothing else, so the
-        # [batch, 1, queries, keys] mask that transformers would otherwise build is not made at all.
-        if attention_mask is not None and attention_mask.dim() == 2:
-            if not bool(attention_mask.all()):
-                kwargs["dpe_key_valid"] = attention_mask.bool()
-            if attention_mask.shape[-1] > self.dpe_params.local_window_size:
-                attention_mask = None
-        return super().forward(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
-            logits_to_keep=logits_to_keep, **kwargs,
-        )

@@ -40,6 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from dpe_export.haystack import generate_haystack  # noqa: E402
+from dpe_export.resources import load_dpe_core  # noqa: E402
 from dpe_export.tasks import (  # noqa: E402
     NIAH_INTRO,
     NIAH_KEYS,
@@ -224,14 +225,16 @@ def greedy(model, input_ids: list[list[int]], max_new_tokens: int, device) -> li
     """Greedy continuation of equal-length prompts (no padding needed)."""
     x = torch.tensor(input_ids, device=device)
     out = model(input_ids=x, use_cache=True)
-    past, new = out.past_key_values, []
+    core = load_dpe_core()
+    cache_name = core.cache_argument(model)  # "past_key_values" before transformers 5.24, "cache" from it on
+    past, new = core.output_cache(out), []
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(max_new_tokens):
         new.append(nxt)
         if len(new) == max_new_tokens:
             break
-        out = model(input_ids=nxt, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=nxt, use_cache=True, **{cache_name: past})
+        past = core.output_cache(out)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     return torch.cat(new, 1).tolist()
 

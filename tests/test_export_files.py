@@ -246,7 +246,7 @@ def test_stub_template_is_rendered_with_the_architecture_variables(llama_dir, tm
     stub = tmp_path / "templates" / "modeling_dpe.py.jinja"
     stub.parent.mkdir()
     stub.write_text("# {{ tool_version }} {{ family }}\nfrom {{ transformers_module }} import {{ causal_lm_class }}, "
-                    "{{ attention_class }}\n\n\nclass {{ dpe_prefix }}ForCausalLM({{ causal_lm_class }}):\n    pass\n")
+                    "{{ model_class }}\n\n\nclass {{ dpe_prefix }}ForCausalLM({{ causal_lm_class }}):\n    pass\n")
     monkeypatch.setattr(export, "modeling_template_path", lambda: stub)
     params = dpe_core.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
     out = export.convert(llama_dir, tmp_path / "export", params)
@@ -378,7 +378,7 @@ def test_architecture_registry_names_real_classes():
     assert set(ARCHITECTURES) == {"llama", "mistral", "qwen2"}
     for arch in ARCHITECTURES.values():
         module = importlib.import_module(arch.transformers_module)
-        assert hasattr(module, arch.causal_lm_class) and hasattr(module, arch.attention_class)
+        assert hasattr(module, arch.causal_lm_class) and hasattr(module, arch.model_class)
         assert arch.dpe_causal_lm_class == f"{arch.dpe_prefix}ForCausalLM"
 
 

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -212,28 +211,41 @@ def _random_qkv(bsz, h, hkv, n, d, seed):
     return [torch.randn(bsz, x, n, d, generator=g) * 2 for x in (h, hkv, hkv)]
 
 
+def _rotated(q, k, w, scales, groups, positions):
+    """Plain and scaled rotations of q and k at `positions`, built the way the export builds them."""
+    params = dpe_core.DPEParams(w, scales, groups)
+    d = q.shape[-1]
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    cos, sin = dpe_core.rotary_cos_sin(positions[..., None], inv_freq, 1.0, torch.float32)
+    qp, kp = dpe_core.apply_rotary(q, cos, sin), dpe_core.apply_rotary(k, cos, sin)
+    scale = params.scale_per_frequency()
+    qs = dpe_core.rotate_by(qp, dpe_core.dpe_delta_positions(positions, scale, w, query=True), inv_freq, d)
+    ks = dpe_core.rotate_by(kp, dpe_core.dpe_delta_positions(positions, scale, w, query=False), inv_freq, d)
+    return qp, qs, kp, ks
+
+
 @pytest.mark.parametrize("topk", [False, True])
 def test_efficient_and_materialised_paths_agree(topk):
     bsz, h, hkv, n, d, w = 2, 4, 2, 700, 16, 100
     q, k, v = _random_qkv(bsz, h, hkv, n, d, 0)
-    params = dpe_core.DPEParams(w, [2, 8, 4, 16], [0, 2, 4, 6, 8])
-    rope = _rope_for(params, d)
     pos = torch.arange(n)[None].expand(bsz, n)
-    (kc, ks), (qc, qs) = rope.cos_sin(pos, torch.float32)
-    cos, sin = dpe_core.rotary_cos_sin(pos[..., None], rope.rotary.inv_freq, 1.0, torch.float32)
-    qp, qsc = dpe_core.apply_rotary(q, cos, sin), dpe_core.apply_rotary(q, qc, qs)
-    kb = torch.cat((dpe_core.apply_rotary(k, cos, sin), dpe_core.apply_rotary(k, kc, ks)), dim=1)
+    qp, qsc, kp, ks = _rotated(q, k, w, [2, 8, 4, 16], [0, 2, 4, 6, 8], pos)
     sel = random_selection(1, layers=1)[0] if topk else None
     valid = torch.ones(bsz, n, dtype=torch.bool)
     valid[1, :37] = False  # left padding in the second row
-    kw = dict(window=w, scale=d**-0.5, selected=sel, key_valid=valid)
-    fast = dpe_core.dpe_attention(qp, qsc, kb, v, backend="sdpa", **kw)
-    slow = dpe_core.dpe_attention(qp, qsc, kb, v, backend="eager", **kw)
+    kw = dict(window=w, scale=d**-0.5, selected=sel, key_valid=valid, k_far_plain=kp)
+    fast = dpe_core.dpe_attention(qp, qsc, kp, ks, v, backend="sdpa", **kw)
+    slow = dpe_core.dpe_attention(qp, qsc, kp, ks, v, backend="eager", **kw)
     keep = valid[:, :, None, None].expand_as(fast)
     assert torch.allclose(fast[keep], slow[keep], atol=2e-5, rtol=0)
     # The far part matters here: without it the answer is different.
-    local_only = dpe_core.dpe_attention(qp, qsc, kb, v, backend="eager", **{**kw, "window": n})
+    local_only = dpe_core.dpe_attention(qp, qsc, kp, ks, v, backend="eager", **{**kw, "window": n})
     assert (local_only[keep] - slow[keep]).abs().max() > 1e-2
+    # Local keys given only for the window of the last queries (as the DPE cache layer keeps them) agree too.
+    m = 3
+    tail = dpe_core.dpe_attention(qp[:, :, -m:], qsc[:, :, -m:], kp[:, :, n - m - w + 1 :], ks, v, backend="eager",
+                                  **{**kw, "local_start": n - m - w + 1, "k_far_plain": kp})
+    assert torch.allclose(tail, slow[:, -m:], atol=2e-5, rtol=0)
 
 
 def test_long_prefill_never_materialises_scores(monkeypatch):
@@ -245,22 +257,8 @@ def test_long_prefill_never_materialises_scores(monkeypatch):
     monkeypatch.setattr(dpe_core, "_attention_with_lse_math", forbidden)
     n, d, w = 8192, 16, 512
     q, k, v = _random_qkv(1, 2, 1, n, d, 3)
-    kb = torch.cat((k, k), dim=1)
-    out = dpe_core.dpe_attention(q, q, kb, v, window=w, scale=0.25, selected=random_selection(2, 1, 2)[0])
+    out = dpe_core.dpe_attention(q, q, k, k, v, window=w, scale=0.25, selected=random_selection(2, 1, 2)[0])
     assert out.shape == q.transpose(1, 2).shape and torch.isfinite(out).all()
-
-
-def _rope_for(params, d):
-    class Rotary(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
-            self.attention_scaling = 1.0
-
-    class Decoder:
-        rotary_emb = Rotary()
-
-    return dpe_core.DPERope(Decoder(), params)
 
 
 def test_flash_attention_without_the_package_is_a_clear_error(tmp_path):
@@ -282,7 +280,7 @@ def test_generated_code_refuses_transformers_4_with_a_clear_message(monkeypatch)
     import transformers
 
     monkeypatch.setattr(transformers, "__version__", "4.57.1")
-    with pytest.raises(ImportError, match=r"needs transformers>=5.0.0, but transformers 4.57.1 is installed"):
+    with pytest.raises(ImportError, match=r"needs transformers>=5.0.0,<6, but transformers 4.57.1 is installed"):
         dpe_core.check_transformers_version()
 
 
@@ -314,11 +312,11 @@ def test_flash_attention_glue_matches_sdpa(monkeypatch, topk):
     bsz, h, hkv, n, d, w = 1, 4, 2, 300, 16, 64
     q, k, v = _random_qkv(bsz, h, hkv, n, d, 5)
     q2 = torch.randn_like(q)
-    kb = torch.cat((k, torch.randn_like(k)), dim=1)
+    k2 = torch.randn_like(k)
     sel = random_selection(4, layers=1)[0] if topk else None
     kw = dict(window=w, scale=d**-0.5, selected=sel)
-    flash = dpe_core.dpe_attention(q, q2, kb, v, backend="flash_attention_2", **kw)
-    sdpa = dpe_core.dpe_attention(q, q2, kb, v, backend="sdpa", **kw)
+    flash = dpe_core.dpe_attention(q, q2, k, k2, v, backend="flash_attention_2", **kw)
+    sdpa = dpe_core.dpe_attention(q, q2, k, k2, v, backend="sdpa", **kw)
     assert flash.shape == sdpa.shape == (bsz, n, h, d)
     assert torch.allclose(flash, sdpa, atol=2e-5, rtol=0)
 
@@ -333,9 +331,9 @@ def test_chunked_math_fallback_equals_the_fused_kernel():
 
 def test_prefill_through_the_fallback_equals_the_fused_path(monkeypatch):
     q, k, v = _random_qkv(1, 4, 2, 400, 16, 10)
-    q_scaled, kb = torch.randn_like(q), torch.cat((k, torch.randn_like(k)), dim=1)
+    q_scaled, k_scaled = torch.randn_like(q), torch.randn_like(k)
     kw = dict(window=48, scale=0.25, selected=random_selection(6, layers=1)[0])
-    fused = dpe_core.dpe_attention(q, q_scaled, kb, v, **kw)
+    fused = dpe_core.dpe_attention(q, q_scaled, k, k_scaled, v, **kw)
     monkeypatch.setattr(dpe_core, "_LSE_KERNEL_FAILED", {"cpu"})  # as if the fused kernel had refused
-    fallback = dpe_core.dpe_attention(q, q_scaled, kb, v, **kw)
+    fallback = dpe_core.dpe_attention(q, q_scaled, k, k_scaled, v, **kw)
     assert torch.allclose(fused, fallback, atol=1e-5)
