@@ -252,7 +252,7 @@ def test_stub_template_is_rendered_with_the_architecture_variables(llama_dir, tm
     out = export.convert(llama_dir, tmp_path / "export", params)
     assert (out / "modeling_dpe.py").read_text() == (
         f"# {__version__} llama\nfrom transformers.models.llama.modeling_llama import LlamaForCausalLM, "
-        "LlamaAttention\n\n\nclass DPELlamaForCausalLM(LlamaForCausalLM):\n    pass\n"
+        "LlamaModel\n\n\nclass DPELlamaForCausalLM(LlamaForCausalLM):\n    pass\n"
     )
 
 
