@@ -3,7 +3,8 @@
     python examples/generate.py out/testbed-llama-dpe [--length 2048] [--base tests/fixtures/testbed-llama]
 
 Loading needs only torch and transformers (trust_remote_code); dpe_export is used here only to build the
-pass-key prompt at an exact token length.
+pass-key prompt at an exact token length. Exits with status 1 when the DPE export misses a pass key (CI runs
+this as the README's main job).
 """
 from __future__ import annotations
 
@@ -48,14 +49,18 @@ def main():
     if args.base:
         models["base model"] = AutoModelForCausalLM.from_pretrained(args.base).eval()
     builder = PromptBuilder(tokenizer)
+    missed = 0
     for seed in range(args.samples):
         prompt = builder.passkey(length, depth=(seed + 0.5) / args.samples, seed=1000 + seed)
         for name, m in models.items():
             t0 = time.perf_counter()
             got = extract_number(answer(m, tokenizer, prompt.input_ids))
             mark = "ok" if got == prompt.answer else "wrong"
+            missed += name == "DPE export" and mark == "wrong"
             print(f"  sample {seed}: pass key {prompt.answer} | {name}: {got} ({mark}, {time.perf_counter() - t0:.1f} s)")
+    print(f"DPE export found {args.samples - missed} of {args.samples} pass keys")
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -819,14 +819,21 @@ def dpe_attention_forward(module, query, key, value, attention_mask, dropout: fl
     elif getattr(key, "shape", (0, 0, 0, d))[-1] != d:
         raise DPERuntimeError(f"keys of width {key.shape[-1]} for queries of width {d}")
 
+    past = kwargs.pop("dpe_past_length", None)  # tokens in the cache before this forward (DPEModelMixin)
     full_key, full_value, full_mask = key, value, attention_mask
     n = key.shape[2]
     key_valid = _key_valid_from_mask(attention_mask, n)
-    if n > m and key_valid is not None and layer is None:
+    if n > m and layer is None:
         # Static caches hand over their whole buffer: keep the slots up to the queries' own.
-        end = int(key_valid.nonzero()[:, 1].max()) + 1 if bool(key_valid.any()) else n
+        if past is not None:
+            end = past + m
+        elif key_valid is not None and bool(key_valid.any()):
+            end = int(key_valid.nonzero()[:, 1].max()) + 1
+        else:
+            end = n
         if end < n:
-            key, value, key_valid, n = key[:, :, :end], value[:, :, :end], key_valid[:, :end], end
+            key, value, n = key[:, :, :end], value[:, :, :end], end
+            key_valid = None if key_valid is None else key_valid[:, :end]
     if n < m:
         raise DPERuntimeError(f"{n} keys for {m} queries")
     # Keys are consecutive positions ending at the last query's (checked below on the first DPE layer).
@@ -904,7 +911,8 @@ class DPECacheLayerMixin:
             raise DPERuntimeError("a DPE cache layer lost its attention layer")
         state = shared.value
         if self._dpe_pending:
-            raise DPERuntimeError("the keys of the previous cache update never reached DPE attention")
+            raise DPERuntimeError("the keys of the previous cache update never reached DPE attention (did an earlier "
+                                  "forward fail?); start a new cache")
         seen = self._dpe_seen
         if seen is None or seen() is not getattr(self, "keys", None):
             self._dpe_tail = None
@@ -995,6 +1003,7 @@ class DPEModelMixin:
                     kwargs[name] = cache
         if cache is not None:
             prepare_cache(cache, self.__dict__.get("_dpe_states", {}))
+            kwargs["dpe_past_length"] = int(cache.get_seq_length())  # where this forward's keys start in the cache
         return super().forward(*args, **kwargs)
 
 

@@ -1,0 +1,244 @@
+"""What the runtime takes from transformers, checked on whatever release is installed (scripts/compat_matrix.py
+runs this file under every 5.x release): decoding through each kind of KV cache equals the dense reference
+step by step, and what DPE cannot trust (a cache under a name it does not know, positions that disagree with
+the keys) raises instead of answering."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import save_tiny_model, tiny_model
+from reference import reference_model
+
+from dpe_export.resources import load_dpe_core
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+dpe_core = load_dpe_core()
+
+import transformers  # noqa: E402
+from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
+
+WINDOW, SCALES = 6, [2, 8, 3, 4]
+
+
+def _selection(seed=3):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.rand(2, 4, 8, generator=g).topk(3, dim=-1).indices
+    return torch.zeros(2, 4, 8, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["all-dims", "topk"])
+def export(request, tmp_path_factory):
+    from dpe_export.export import convert
+
+    tmp = tmp_path_factory.mktemp("compat")
+    base = save_tiny_model(tmp / "base", "llama")
+    selected = _selection() if request.param else None
+    params = dpe_core.DPEParams(WINDOW, SCALES, dpe_core.even_group_boundaries(8, 4), target_length=512)
+    out = convert(base, tmp / "out", params, selected)
+    ref = reference_model(tiny_model("llama"), WINDOW, SCALES, dpe_core.even_group_boundaries(8, 4), selected)
+    return out, ref
+
+
+def _load(path, attn="sdpa"):
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, attn_implementation=attn).eval()
+
+
+def _step_logits(model, ids, cache, prefill=3):
+    """Logits of every position, from a prefill of `prefill` tokens and then one token at a time."""
+    name = dpe_core.cache_argument(model)
+    out = model(ids[:, :prefill], use_cache=True, **{name: cache})
+    logits, cache = [out.logits], dpe_core.output_cache(out)
+    for t in range(prefill, ids.shape[1]):
+        out = model(ids[:, t : t + 1], use_cache=True, **{name: cache})
+        logits.append(out.logits)
+        cache = dpe_core.output_cache(out)
+    return torch.cat(logits, dim=1), cache
+
+
+def _static_cache(model, length):
+    from transformers import StaticCache
+
+    try:
+        return StaticCache(config=model.config, max_cache_len=length)
+    except TypeError:  # pragma: no cover - older signature
+        return StaticCache(config=model.config, max_batch_size=1, max_cache_len=length)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("kind", ["dpe-layers", "plain-dynamic", "static"])
+def test_cached_decoding_equals_the_dense_reference_step_by_step(export, attn, kind, monkeypatch):
+    out, ref = export
+    model = _load(out, attn)
+    ids = torch.randint(4, 128, (1, 40), generator=torch.Generator().manual_seed(4))
+    if kind == "plain-dynamic":  # a cache DPE does not touch: plain keys, rotated on the fly
+        monkeypatch.setattr(dpe_core, "prepare_cache", lambda cache, states: None)
+        for mod in list(sys_modules_with("dpe_core")):
+            monkeypatch.setattr(mod, "prepare_cache", lambda cache, states: None)
+    cache = _static_cache(model, 48) if kind == "static" else DynamicCache()
+    with torch.no_grad():
+        got, cache = _step_logits(model, ids, cache)
+        want = ref(ids).logits
+    if kind == "dpe-layers":
+        assert any(type(layer).__name__.startswith("DPE") for layer in cache.layers)
+    elif kind == "plain-dynamic":
+        assert not any(type(layer).__name__.startswith("DPE") for layer in cache.layers)
+    err = (got.double() - want).abs().max().item()
+    assert err < 2e-4, f"{kind}/{attn}: max |cached - reference| = {err}"
+
+
+def sys_modules_with(name):
+    import sys
+
+    return [m for k, m in list(sys.modules.items()) if k.endswith("." + name) and m is not None]
+
+
+def test_generate_with_a_static_cache_equals_dynamic(export):
+    out, _ = export
+    model = _load(out)
+    prompt = torch.randint(4, 128, (1, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        dynamic = model.generate(prompt, max_new_tokens=30, do_sample=False)
+        static = model.generate(prompt, max_new_tokens=30, do_sample=False, cache_implementation="static")
+        uncached = model.generate(prompt, max_new_tokens=30, do_sample=False, use_cache=False)
+    assert dynamic.tolist() == static.tolist() == uncached.tolist()
+
+
+def test_beam_search_and_a_cropped_cache_stay_exact(export):
+    out, _ = export
+    model = _load(out)
+    prompt = torch.randint(4, 128, (2, 9), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        beams = model.generate(prompt, max_new_tokens=20, num_beams=3, do_sample=False)
+        beams_uncached = model.generate(prompt, max_new_tokens=20, num_beams=3, do_sample=False, use_cache=False)
+        assert beams.tolist() == beams_uncached.tolist()
+        ids = torch.randint(4, 128, (1, 30), generator=torch.Generator().manual_seed(7))
+        full = model(ids).logits
+        name = dpe_core.cache_argument(model)
+        cache = dpe_core.output_cache(model(ids[:, :25], use_cache=True))
+        cache.crop(-5)  # drop the last 5, as assisted decoding does: the window's plain keys are rebuilt from the scaled ones
+        again = model(ids[:, 20:], use_cache=True, **{name: cache}).logits
+    assert torch.allclose(again, full[:, 20:], atol=1e-5, rtol=0)
+
+
+def _renamed_cache(monkeypatch, new_name, drop=False):
+    """Simulate a future transformers that hands the cache to the attention under another name (or not at all)."""
+    from transformers.models.llama import modeling_llama
+
+    layer_cls = modeling_llama.LlamaDecoderLayer
+    forward = layer_cls.forward
+
+    def renamed(self, *args, **kwargs):
+        cache = None
+        for old in dpe_core.CACHE_ARGUMENT_NAMES:
+            cache = kwargs.pop(old, cache)
+        if not drop:
+            kwargs[new_name] = cache
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(layer_cls, "forward", renamed)
+
+
+@pytest.mark.parametrize("drop", [False, True], ids=["renamed", "dropped"])
+def test_a_cache_that_does_not_reach_the_attention_raises(export, monkeypatch, drop):
+    out, _ = export
+    model = _load(out)
+    _renamed_cache(monkeypatch, "kv_store", drop=drop)
+    prompt = torch.randint(4, 128, (1, 12), generator=torch.Generator().manual_seed(8))
+    with pytest.raises(dpe_core.DPERuntimeError if not isinstance(dpe_core.DPERuntimeError, type) else Exception,
+                       match=rf"transformers {transformers.__version__}") as info:
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=10, do_sample=False)
+    assert type(info.value).__name__ == "DPERuntimeError"
+    assert ("kv_store" in str(info.value)) if not drop else ("did not reach" in str(info.value))
+
+
+def test_a_cache_under_an_unknown_name_is_refused_by_the_model(export):
+    out, _ = export
+    model = _load(out)
+    with pytest.raises(Exception, match="got a KV cache as 'kv_store'"):
+        model.model(torch.tensor([[5, 6, 7]]), kv_store=DynamicCache())
+
+
+def test_positions_that_disagree_with_the_keys_raise(export):
+    out, _ = export
+    model = _load(out)
+    ids = torch.randint(4, 128, (1, 10), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        with pytest.raises(Exception, match="tokens came before"):  # positions imply a missing prefix
+            model(ids, position_ids=torch.arange(20, 30)[None])
+        name = dpe_core.cache_argument(model)
+        cache = dpe_core.output_cache(model(ids, use_cache=True))
+        with pytest.raises(Exception, match="another sequence"):  # a cache reused without a reset
+            model(ids, position_ids=torch.arange(10)[None], use_cache=True, **{name: cache})
+        with pytest.raises(Exception, match="start a new cache"):  # and that cache stays refused
+            model(ids[:, :2], use_cache=True, **{name: cache})
+        # A plain continuation of a fresh cache is fine.
+        cache = dpe_core.output_cache(model(ids, use_cache=True))
+        model(ids[:, :2], use_cache=True, **{name: cache})
+
+
+def test_left_padded_batch_with_a_static_cache_equals_each_prompt_alone(export):
+    out, _ = export
+    model = _load(out)
+    g = torch.Generator().manual_seed(10)
+    prompts = [torch.randint(4, 128, (n,), generator=g) for n in (14, 5)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
+    with torch.no_grad():
+        for impl in (None, "static"):
+            batch = model.generate(ids, attention_mask=mask, max_new_tokens=15, min_new_tokens=15, do_sample=False,
+                                   cache_implementation=impl)
+            for row, p in enumerate(prompts):
+                alone = model.generate(p[None], max_new_tokens=15, min_new_tokens=15, do_sample=False)
+                assert batch[row, width:].tolist() == alone[0, len(p):].tolist(), (impl, row)
+
+
+def test_dpe_cache_layers_hold_about_the_base_models_bytes(export):
+    """All-dims exports keep each key once (scaled) plus the window's plain keys: (1 + w/(2n)) x the base."""
+    out, _ = export
+    model = _load(out)
+    n = 200
+    ids = torch.randint(4, 128, (1, n), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        cache = dpe_core.output_cache(model(ids, use_cache=True))
+    base_bytes = 2 * 2 * n * 2 * 16 * 4  # layers x (k, v) x n x kv heads x head_dim x fp32
+    held = 0
+    for layer in cache.layers:
+        for t in (layer.keys, layer.values, getattr(layer, "_dpe_tail", None)):
+            held += 0 if t is None else t.numel() * t.element_size()
+    ratio = held / base_bytes
+    if model.dpe_selected_dims is None:
+        assert ratio <= 1 + WINDOW / n, ratio
+    else:  # a top-K selection keeps both rotations of every key
+        assert ratio <= 1.5 + WINDOW / n, ratio
+
+
+def test_the_shipped_testbed_export_retrieves_at_8x(tmp_path):
+    """The README's main job, in-process: the calibrated export of testbed-llama finds pass keys at 2048 tokens."""
+    from transformers import AutoTokenizer
+
+    from dpe_export.export import convert
+    from dpe_export.tasks import PromptBuilder, extract_number
+
+    testbed = Path(__file__).resolve().parent / "fixtures" / "testbed-llama"
+    params = dpe_core.DPEParams(32, [128, 128, 64, 8], [0, 4, 8, 12, 16], target_length=4096)
+    out = convert(testbed, tmp_path / "dpe", params)
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    builder = PromptBuilder(tokenizer)
+    found = 0
+    for seed in range(3):
+        prompt = builder.passkey(2048, depth=(seed + 0.5) / 3, seed=1000 + seed)
+        ids = torch.tensor([prompt.input_ids])
+        with torch.no_grad():
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        found += extract_number(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)) == prompt.answer
+    assert found == 3
