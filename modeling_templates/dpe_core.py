@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib
 import inspect
 import sys
 import threading
@@ -327,8 +328,8 @@ def flash_attn_with_lse(q, k, v, *, scale: float, window: Optional[int] = None):
 
     q [B, H, n, D], k/v [B, Hkv, n, D] -> out [B, n, H, D] (flash-attn's own layout) and lse [B, H, n].
     """
-    from flash_attn import flash_attn_func
-
+    # Imported by name: transformers' remote-code loader refuses files whose plain imports are missing.
+    flash_attn_func = importlib.import_module("flash_attn").flash_attn_func
     win = (-1, -1) if window is None else (window - 1, 0)
     out, lse, _ = flash_attn_func(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -731,7 +732,7 @@ _DPE_BACKENDS = {"sdpa": "sdpa", "eager": "eager", "flash_attention_2": "flash_a
 
 def _require_flash_attn() -> None:
     try:
-        import flash_attn  # noqa: F401
+        importlib.import_module("flash_attn")
     except ImportError as err:
         raise ImportError(
             "attn_implementation='flash_attention_2' needs the flash-attn package (CUDA only): "

@@ -91,6 +91,7 @@ class FakeHub:
         self.requests: list[tuple[str, str]] = []  # (method, path)
         self.content_bytes_received = 0  # file content: LFS PUT bodies and base64-decoded regular files
         self.lfs_puts: list[str] = []
+        self.downloads: list[tuple[str, str]] = []  # (branch, path) served by resolve
         self.fail_commits = 0
         self.lock = threading.Lock()
         self._server: Optional[ThreadingHTTPServer] = None
@@ -183,7 +184,8 @@ class _Handler(BaseHTTPRequestHandler):
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _error(self, status: int, message: str, code: Optional[str] = None) -> None:
         headers = {"X-Error-Message": message}
@@ -243,6 +245,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self):
         self._dispatch("PUT")
 
+    def do_HEAD(self):
+        self._dispatch("HEAD")
+
     # -- routes ----------------------------------------------------------------------------------------------
 
     def create_repo(self, body: bytes, query, **_):
@@ -286,6 +291,32 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
             return None
         return r
+
+    def resolve(self, body, query, repo: str, rev: str, path: str, **_):
+        """File download (GET) and metadata (HEAD), by branch name or by a branch's head commit."""
+        r = self._repo(repo)
+        if r is None:
+            return
+        branch = rev if rev in r.branches else next((b for b, h in r.heads.items() if h == rev), None)
+        if branch is None:
+            return self._error(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+        f = r.branches[branch].get(path)
+        if f is None:
+            return self._error(404, f"Entry not found: {path}", "EntryNotFound")
+        etag = hashlib.sha256(f.content).hexdigest() if f.lfs else git_oid(f.content)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(f.content)))
+        self.send_header("ETag", f'"{etag}"')
+        self.send_header("X-Repo-Commit", r.heads[branch])
+        if f.lfs:
+            self.send_header("X-Linked-Etag", f'"{etag}"')
+            self.send_header("X-Linked-Size", str(len(f.content)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(f.content)
+        with self.hub.lock:
+            self.hub.downloads.append((branch, path))
 
     def repo_info(self, body, query, repo: str, rev: str = "main", **_):
         r = self._repo(repo, rev)
@@ -414,4 +445,6 @@ ROUTES = [
     ("PUT", r"/_lfs/(?P<oid>[0-9a-f]{64})", _Handler.lfs_put),
     ("POST", r"/_lfs/verify", _Handler.lfs_verify),
     ("POST", rf"/api/models/{_REPO}/commit/(?P<rev>[^/]+)", _Handler.commit),
+    ("GET", rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", _Handler.resolve),
+    ("HEAD", rf"/{_REPO}/resolve/(?P<rev>[^/]+)/(?P<path>.+)", _Handler.resolve),
 ]

@@ -1,0 +1,153 @@
+"""Run the export runtime's checks under each transformers 5.x release, each in its own environment.
+
+    python scripts/compat_matrix.py                      # the newest patch of every 5.x minor release
+    python scripts/compat_matrix.py --releases 5.0.0,middle,latest
+    python scripts/compat_matrix.py --releases 5.12 --tests tests/test_compat.py
+
+For every release, transformers and the dependencies it asks for are installed with pip into
+.compat/transformers-X/ (a --target directory put first on PYTHONPATH, so the rest of this Python's
+packages, torch included, stay as they are) and pytest runs the runtime checks there: identity below the
+window, the dense reference beyond it (sdpa and eager, with and without a top-K selection), cached decoding
+equal to uncached and to the reference step by step (DPE cache layers, a plain DynamicCache, a static cache),
+a left-padded batch equal to single prompts, loading where dpe_export cannot be imported, save/reload,
+loud failures, loading by repo id from a local stand-in Hub, and a trained testbed's export retrieving at 8x.
+Each result is appended to --jsonl as it finishes (one line per release) and the table is printed as
+Markdown. Release names: an exact version (5.12.1), a minor (5.12: its newest patch), "oldest", "middle"
+or "latest" (looked up on the package index when the script runs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_TESTS = ["tests/test_runtime.py", "tests/test_compat.py", "tests/test_hub_load.py"]
+SUPPORTED = (5, 6)  # [5, 6): keep in step with dpe_core.MIN/MAX_TRANSFORMERS_VERSION and setup.cfg
+
+
+def _key(v: str) -> tuple:
+    return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
+
+
+def available_releases() -> list[str]:
+    """Every final transformers release in the supported range, from the package index, oldest first."""
+    out = subprocess.run([sys.executable, "-m", "pip", "index", "versions", "transformers"],
+                         capture_output=True, text=True, check=True).stdout
+    line = next(ln for ln in out.splitlines() if ln.startswith("Available versions:"))
+    versions = [v.strip() for v in line.split(":", 1)[1].split(",")]
+    final = [v for v in versions if re.fullmatch(r"\d+\.\d+\.\d+", v)]
+    return sorted((v for v in final if SUPPORTED[0] <= _key(v)[0] < SUPPORTED[1]), key=_key)
+
+
+def newest_per_minor(releases: list[str]) -> list[str]:
+    best: dict = {}
+    for v in releases:
+        best[_key(v)[:2]] = v
+    return [best[k] for k in sorted(best)]
+
+
+def resolve(names: list[str], releases: list[str]) -> list[str]:
+    minors = newest_per_minor(releases)
+    out = []
+    for name in names:
+        if name == "oldest":
+            out.append(minors[0])
+        elif name == "latest":
+            out.append(minors[-1])
+        elif name == "middle":
+            out.append(minors[len(minors) // 2])
+        elif re.fullmatch(r"\d+\.\d+", name):
+            match = [v for v in releases if _key(v)[:2] == _key(name)[:2]]
+            if not match:
+                raise SystemExit(f"no transformers release {name}.x on the index")
+            out.append(match[-1])
+        elif name in releases:
+            out.append(name)
+        else:
+            raise SystemExit(f"transformers {name} is not a release in [{SUPPORTED[0]}, {SUPPORTED[1]})")
+    return list(dict.fromkeys(out))
+
+
+def install(version: str, root: Path) -> Path:
+    target = root / f"transformers-{version}"
+    if (target / ".complete").is_file():
+        return target
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target", str(target),
+           "--upgrade", f"transformers=={version}"]
+    # torch comes from this Python; never let a dependency pull another build of it into the target.
+    env = dict(os.environ, PIP_CONSTRAINT="")
+    subprocess.run(cmd, check=True, env=env)
+    for extra in ("torch", "triton"):
+        if any(target.glob(f"{extra}-*.dist-info")):
+            raise SystemExit(f"installing transformers {version} pulled {extra} into {target}; remove it")
+    (target / ".complete").write_text(version)
+    return target
+
+
+def run_checks(version: str, target: Path, tests: list[str], timeout: float) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), str(REPO)]), HF_HUB_OFFLINE="1",
+               PYTHONDONTWRITEBYTECODE="1")
+    probe = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"],
+                           capture_output=True, text=True, env=env, cwd=REPO)
+    t0 = time.time()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:warnings",
+                               *tests], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+        output, rc = proc.stdout + proc.stderr, proc.returncode
+    except subprocess.TimeoutExpired as e:
+        output, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), -1
+    counts = {k: 0 for k in ("passed", "failed", "error", "skipped")}
+    summary = [ln for ln in output.splitlines() if re.search(r"\d+ (passed|failed|error)", ln)]
+    for n, what in re.findall(r"(\d+) (passed|failed|errors?|skipped)", summary[-1] if summary else ""):
+        counts["error" if what.startswith("error") else what] += int(n)
+    failures = [ln.split(" - ")[0] for ln in output.splitlines() if ln.startswith(("FAILED", "ERROR"))]
+    return {
+        "release": version,
+        "imported": probe.stdout.strip(),
+        "result": "pass" if rc == 0 and counts["passed"] else "FAIL",
+        **counts,
+        "failures": failures[:20],
+        "seconds": round(time.time() - t0, 1),
+        "python": sys.version.split()[0],
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--releases", help="comma-separated releases (default: newest patch of every 5.x minor)")
+    ap.add_argument("--tests", default=",".join(DEFAULT_TESTS), help="comma-separated test files to run")
+    ap.add_argument("--root", type=Path, default=REPO / ".compat", help="where the per-release installs go")
+    ap.add_argument("--jsonl", type=Path, help="append one JSON line per release here (e.g. benchmarks/results/compat.jsonl)")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds per release")
+    args = ap.parse_args(argv)
+
+    releases = available_releases()
+    chosen = resolve(args.releases.split(","), releases) if args.releases else newest_per_minor(releases)
+    print(f"transformers releases to check: {', '.join(chosen)}", flush=True)
+    rows = []
+    for version in chosen:
+        target = install(version, args.root)
+        row = run_checks(version, target, args.tests.split(","), args.timeout)
+        rows.append(row)
+        print(f"  transformers {version}: {row['result']} ({row['passed']} passed, {row['failed']} failed, "
+              f"{row['error']} errors, {row['seconds']} s)", flush=True)
+        for f in row["failures"]:
+            print(f"    {f}", flush=True)
+        if args.jsonl:
+            args.jsonl.parent.mkdir(parents=True, exist_ok=True)
+            with args.jsonl.open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps({**row, "date": time.strftime("%Y-%m-%d")}) + "\n")
+    print("\n| transformers | result | tests passed | failed |\n|---|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['release']} | {r['result']} | {r['passed']} | {r['failed'] + r['error']} |")
+    return 0 if all(r["result"] == "pass" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
