@@ -22,10 +22,11 @@ Examples:
   dpe-export convert ./my-llama -o ./my-llama-dpe --window 1024 --scale-factors 2,8,2,8,32,32,32,4
   dpe-export presets
   dpe-export push ./my-llama-dpe --repo-id my-org/my-llama-dpe
+  dpe-export upgrade ./my-llama-dpe   # an export written by an earlier dpe-export
   dpe-export eval ./my-llama-dpe --task passkey --lengths 4096,8192 --json scores.json
 
 The exported directory loads with
-AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True) (transformers>=5).
+AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True) (transformers>=5,<6).
 DPE is Dimension-wise Positional Embeddings Manipulation, arXiv 2504.18857.
 """
 
@@ -512,6 +513,33 @@ def push_command(out: Path, repo_id: str, private: bool, revision: Optional[str]
     """
     _setup_logging()
     _push(out, repo_id, private=private, revision=revision, commit_message=commit_message, dry_run=dry_run)
+
+
+@main.command("upgrade")
+@click.argument("export_dir", metavar="EXPORT_DIR", type=click.Path(path_type=Path))
+def upgrade_command(export_dir: Path) -> None:
+    """Bring a DPE export written by an earlier dpe-export up to date, in place.
+
+    Rewrites the generated files (modeling_dpe.py, dpe_core.py, and in config.json the auto_map, architectures
+    and the dpe-export version) with this version's runtime. Weights, tokenizer, selection file and model card
+    are left untouched and checked unchanged by hash; a following `dpe-export push` uploads only the changed
+    files. Exports written before 0.2.0 are silently wrong on transformers 5.24 until upgraded.
+
+    \b
+    Examples:
+      dpe-export upgrade ./my-llama-dpe
+      dpe-export upgrade ./my-llama-dpe && dpe-export push ./my-llama-dpe --repo-id my-org/my-llama-dpe
+    """
+    from dpe_export.export import upgrade_export
+
+    _setup_logging()
+    result = upgrade_export(export_dir)
+    was = result.written_by or "0.1.0 or earlier"
+    if not result.changed:
+        click.echo(f"{export_dir} is up to date (dpe-export {__version__}); nothing changed")
+        return
+    click.echo(f"Upgraded {export_dir} (written by dpe-export {was}) to dpe-export {__version__}: "
+               f"rewrote {', '.join(result.changed)}; {len(result.untouched)} other files unchanged (checked by hash)")
 
 
 @main.command("presets")

@@ -82,7 +82,9 @@ def install(version: str, root: Path) -> Path:
            "--upgrade", f"transformers=={version}"]
     # torch comes from this Python; never let a dependency pull another build of it into the target.
     env = dict(os.environ, PIP_CONSTRAINT="")
-    subprocess.run(cmd, check=True, env=env)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"pip could not install transformers {version}:\n{proc.stderr[-3000:]}")
     for extra in ("torch", "triton"):
         if any(target.glob(f"{extra}-*.dist-info")):
             raise SystemExit(f"installing transformers {version} pulled {extra} into {target}; remove it")
