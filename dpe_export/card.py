@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from dpe_export.errors import DPEExportError
+from dpe_export.resources import load_dpe_core
 
 logger = logging.getLogger("dpe_export")
 
@@ -630,6 +631,7 @@ def card_variables(
         "eval_runs": _unique_runs(tables),
         "images": images or {},
         "tool_version": __version__,
+        "transformers_range": f">={load_dpe_core().MIN_TRANSFORMERS_VERSION},<{load_dpe_core().MAX_TRANSFORMERS_VERSION}",
     }
 
 
