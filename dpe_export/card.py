@@ -46,6 +46,7 @@ from typing import Any, Iterable, Optional, Sequence
 
 from dpe_export.errors import DPEExportError
 from dpe_export.resources import load_dpe_core
+from dpe_export.safefiles import safe_file
 
 logger = logging.getLogger("dpe_export")
 
@@ -114,8 +115,8 @@ def read_base_license(model_dir: Path, raw_config: Optional[dict] = None) -> dic
     front matter keeps a valid id and the card body shows the original text (escaped).
     """
     meta: dict[str, Any] = {}
-    readme = Path(model_dir) / "README.md"
-    if readme.is_file():
+    readme = safe_file(model_dir, "README.md")
+    if readme is not None:
         try:
             meta = _front_matter(readme.read_text(encoding="utf-8", errors="replace"))
         except Exception as e:  # a broken card is the base model's problem, not a reason to fail the export
@@ -615,7 +616,7 @@ def card_variables(
         "base_model": base_model,
         "base_model_link": hub_id_or_none(base_model),
         "license": read_base_license(info.model_dir, raw_config),
-        "license_files": [n for n in LICENSE_FILES if (Path(info.model_dir) / n).is_file()],
+        "license_files": [n for n in LICENSE_FILES if safe_file(info.model_dir, n) is not None],
         "family": info.architecture.display_name,
         "dpe_causal_lm_class": info.architecture.dpe_causal_lm_class,
         "params": params,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -71,6 +72,7 @@ class _CLIGroup(click.Group):
     """
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        previous = _terminate_as_interrupt()
         try:
             rv = super().main(
                 args=args,
@@ -104,9 +106,24 @@ class _CLIGroup(click.Group):
                 raise
             _print_error(f"unexpected {type(e).__name__}: {e} (set {DEBUG_ENV}=1 to see the traceback)")
             code = 1
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         if standalone_mode:
             sys.exit(code)
         return code
+
+
+def _terminate_as_interrupt():
+    """SIGTERM (kill, a job scheduler's timeout) unwinds like Ctrl-C, so a convert removes what it had started
+    writing. Returns the previous handler (None where it cannot be set: not the main thread)."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:
+        return None
 
 
 class _WarningsToStderr(logging.Handler):

@@ -23,6 +23,7 @@ from dpe_export import __version__
 from dpe_export.architectures import ARCHITECTURES, Architecture, get_architecture, supported_families
 from dpe_export.errors import DPEExportError
 from dpe_export.resources import MODELING_TEMPLATES, dpe_core_path, load_dpe_core, resource_dir
+from dpe_export.safefiles import safe_file
 
 logger = logging.getLogger("dpe_export")
 
@@ -84,14 +85,18 @@ def inspect_model(model_dir) -> ModelInfo:
     """Check a base checkpoint directory and read what the export needs; DPEExportError when unusable."""
     model_dir = Path(model_dir)
     check_model_dir(model_dir)
+    raw = read_config_json(model_dir)
+    check_not_an_export(model_dir, raw)
     weight_files = find_weight_files(model_dir)
     config = load_base_config(model_dir)
     architecture = get_architecture(config)
+    check_core_fields(model_dir, raw)
     head_dim = head_dim_of(config)
     max_pos = getattr(config, "max_position_embeddings", None)
     if not isinstance(max_pos, int) or max_pos < 1:
         raise DPEExportError(f"{model_dir / CONFIG_FILE} has no valid max_position_embeddings (got {max_pos!r})")
     check_weight_headers(model_dir, weight_files)
+    check_weight_shapes(model_dir, weight_files, config)
     return ModelInfo(
         model_dir=model_dir,
         config=config,
@@ -109,7 +114,7 @@ def check_model_dir(model_dir: Path) -> None:
         raise DPEExportError(f"model directory not found: {model_dir}")
     if not model_dir.is_dir():
         raise DPEExportError(f"model path is not a directory: {model_dir}")
-    if not (model_dir / CONFIG_FILE).is_file():
+    if safe_file(model_dir, CONFIG_FILE) is None:
         raise DPEExportError(
             f"{model_dir} has no {CONFIG_FILE}; give a Hugging Face checkpoint directory "
             "(e.g. a local clone or a snapshot from huggingface-cli download)"
@@ -121,17 +126,17 @@ def find_weight_files(model_dir: Path) -> list[str]:
 
     Pickled checkpoints (pytorch_model.bin, ...) are refused, never loaded.
     """
-    index = model_dir / WEIGHTS_INDEX_FILE
-    if index.is_file():
+    index = safe_file(model_dir, WEIGHTS_INDEX_FILE)
+    if index is not None:
         shards = read_index_shards(index)
-        missing = [s for s in shards if not (model_dir / s).is_file()]
+        missing = [s for s in shards if safe_file(model_dir, s) is None]
         if missing:
             raise DPEExportError(
                 f"{index} lists {len(missing)} shard(s) missing from {model_dir}, e.g. {missing[0]}; "
                 "is the download complete?"
             )
         files = [WEIGHTS_INDEX_FILE, *shards]
-    elif (model_dir / WEIGHTS_FILE).is_file():
+    elif safe_file(model_dir, WEIGHTS_FILE) is not None:
         files = [WEIGHTS_FILE]
     else:
         other = sorted(p.name for p in model_dir.glob("*.safetensors"))
@@ -191,6 +196,8 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
     """config.json as a dict; DPEExportError when it cannot be read or is not a JSON object."""
     path = Path(model_dir) / CONFIG_FILE
     try:
+        if safe_file(model_dir, CONFIG_FILE) is None:
+            raise OSError("no such file")
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DPEExportError(f"cannot read {path}: {e}") from None
@@ -213,11 +220,62 @@ def load_base_config(model_dir: Path):
             raise DPEExportError(
                 f"model type {model_type!r} is not supported; supported families: {supported_families()}"
             ) from None
-        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise DPEExportError(f"transformers cannot load {path}: {first_line}") from None
-    if "dpe" in raw:
-        logger.warning("%s is already a DPE export; its DPE settings will be replaced", model_dir)
+        reason = " ".join(str(e).split()) or type(e).__name__  # the whole reason, on one line
+        raise DPEExportError(f"transformers cannot load {path}: {reason[:600]}") from None
     return config
+
+
+CORE_CONFIG_FIELDS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
+
+
+def check_not_an_export(model_dir: Path, raw: dict[str, Any]) -> None:
+    """An export's config describes the export (its max_position_embeddings is the target length): refuse it as
+    a base model, naming what to do instead."""
+    if "dpe" in raw:
+        dpe = raw.get("dpe") if isinstance(raw.get("dpe"), dict) else {}
+        written = raw.get("dpe_export_version") or "0.1.0 or earlier"
+        raise DPEExportError(
+            f"{model_dir} is already a DPE export (written by dpe-export {written}, pretrained length "
+            f"{dpe.get('pretrain_length')!r}); convert its base model instead, or bring it up to date with "
+            "`dpe-export upgrade`"
+        )
+
+
+def check_core_fields(model_dir: Path, raw: dict[str, Any]) -> None:
+    missing = [k for k in CORE_CONFIG_FIELDS if k not in raw and k not in (raw.get("text_config") or {})]
+    if missing:
+        raise DPEExportError(f"{model_dir / CONFIG_FILE} lacks {', '.join(missing)}; transformers would fill in "
+                             "its defaults, which do not describe these weights")
+
+
+def check_weight_shapes(model_dir: Path, weight_files: Sequence[str], config) -> None:
+    """The config must describe the weights: embedding, attention projections and layer count, from the
+    safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, list[int]] = {}
+    for name in weight_files:
+        if name.endswith(".safetensors"):
+            with safe_open(str(model_dir / name), framework="pt") as f:
+                for key in f.keys():
+                    shapes[key] = list(f.get_slice(key).get_shape())
+    hd = head_dim_of(config)
+    hidden, heads = int(config.hidden_size), int(config.num_attention_heads)
+    kv = int(getattr(config, "num_key_value_heads", None) or heads)
+    expected = {
+        "embed_tokens.weight": [int(config.vocab_size), hidden],
+        "layers.0.self_attn.q_proj.weight": [heads * hd, hidden],
+        "layers.0.self_attn.k_proj.weight": [kv * hd, hidden],
+    }
+    for suffix, want in expected.items():
+        key = next((k for k in shapes if k == suffix or k.endswith("." + suffix)), None)
+        if key is not None and shapes[key] != want:
+            raise DPEExportError(f"{model_dir}: tensor {key} has shape {shapes[key]}, but {CONFIG_FILE} describes "
+                                 f"{want}; the config does not match the weights")
+    layers = {int(m.group(1)) for k in shapes for m in [re.search(r"(?:^|\.)layers\.(\d+)\.", k)] if m}
+    if layers and max(layers) + 1 != int(config.num_hidden_layers):
+        raise DPEExportError(f"{model_dir}: the weights have {max(layers) + 1} layers, but {CONFIG_FILE} says "
+                             f"num_hidden_layers={config.num_hidden_layers}")
 
 
 def head_dim_of(config) -> int:
@@ -327,6 +385,13 @@ def check_output_target(output: Path, model_dir: Path, overwrite: bool) -> None:
             raise DPEExportError(
                 f"output directory {output} already exists and is not empty; pass --overwrite to replace it"
             )
+        if overwrite and any(output.iterdir()):
+            foreign = foreign_entries(output)
+            if foreign:
+                raise DPEExportError(
+                    f"--overwrite replaces only an empty directory or an earlier DPE export, and {output} "
+                    f"{foreign}; choose another output"
+                )
     ancestor = output.parent
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -334,6 +399,68 @@ def check_output_target(output: Path, model_dir: Path, overwrite: bool) -> None:
         raise DPEExportError(f"cannot create output {output}: {ancestor} is not a directory")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise DPEExportError(f"cannot create output {output}: no write permission in {ancestor}")
+
+
+# What an export directory holds: anything else in it means it is not (only) an export, so it is never deleted.
+_EXPORT_FILE_PATTERNS = (
+    r"config\.json", r"generation_config\.json", r"modeling_dpe\.py", r"dpe_core\.py", r"README\.md",
+    r"model\.safetensors", r"model\.safetensors\.index\.json", r"model-\d+-of-\d+\.safetensors",
+    r"dpe_selected_dims\.safetensors", r"dpe_[a-z_]+\.png", r"eval[\w.-]*\.json", r"\.gitattributes",
+)
+
+
+def foreign_entries(folder: Path) -> Optional[str]:
+    """None when `folder` is a DPE export holding only files an export has; else why it is not (for messages)."""
+    try:
+        raw = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")) if (folder / CONFIG_FILE).is_file() else None
+    except (OSError, ValueError):
+        raw = None
+    if not isinstance(raw, dict) or "dpe" not in raw:
+        names = sorted(p.name for p in folder.iterdir())
+        return f"is not a DPE export (it holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+    allowed = set(TOKENIZER_FILES) | set(LICENSE_FILES)
+    for p in sorted(folder.iterdir()):
+        if p.is_symlink() or not p.is_file():
+            return f"holds {p.name}, which no export writes"
+        if p.name not in allowed and not any(re.fullmatch(pat, p.name) for pat in _EXPORT_FILE_PATTERNS):
+            return f"holds {p.name}, which no export writes"
+    return None
+
+
+_STAGING = re.compile(r"^\.(?P<name>.+)\.dpe-export-(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale_staging(output: Path) -> list[Path]:
+    """Remove the staging directories an interrupted convert of `output` left (its process is gone), and put
+    back an earlier output that such a run had moved aside. Returns what was removed."""
+    removed = []
+    parent = output.parent
+    if not parent.is_dir():
+        return removed
+    for entry in sorted(parent.iterdir()):
+        m = _STAGING.match(entry.name)
+        if not m or m.group("name") != output.name or _pid_alive(int(m.group("pid"))):
+            continue
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        if m.group("kind") == "old" and not (output.exists() or output.is_symlink()):
+            os.rename(entry, output)  # the run died between moving the old output aside and replacing it
+            logger.warning("restored %s, which an interrupted convert (pid %s) had moved aside", output, m.group("pid"))
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+        logger.warning("removed %s, left by an interrupted convert (pid %s)", entry, m.group("pid"))
+    return removed
 
 
 def _is_within(path: Path, parent: Path) -> bool:
@@ -564,8 +691,23 @@ def upgrade_export(export_dir) -> UpgradeResult:
 
 
 def copy_tokenizer_files(model_dir: Path, out_dir: Path) -> list[str]:
-    """Copy the tokenizer (and generation config) files that exist; warn when there is no tokenizer."""
+    """Copy the tokenizer (and generation config) files that exist; warn when there is no tokenizer.
+
+    A tokenizer_config.json `auto_map` (the base repo's own tokenizer code, possibly in another repo) is
+    dropped, with a warning: the export must load with nothing but transformers' own tokenizer classes.
+    """
     copied = _copy_present(model_dir, out_dir, TOKENIZER_FILES)
+    tok_config = out_dir / "tokenizer_config.json"
+    if "tokenizer_config.json" in copied:
+        try:
+            data = json.loads(tok_config.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise DPEExportError(f"{model_dir / 'tokenizer_config.json'} is not valid JSON: {e}") from None
+        if isinstance(data, dict) and "auto_map" in data:
+            logger.warning("dropping the auto_map of %s (%s): the export's tokenizer uses transformers' own code",
+                           model_dir / "tokenizer_config.json", json.dumps(data["auto_map"])[:200])
+            del data["auto_map"]
+            tok_config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if not any(name in copied for name in TOKENIZER_VOCAB_FILES):
         logger.warning(
             "%s has no tokenizer (none of %s); the export will have none either",
@@ -580,10 +722,11 @@ def copy_license_files(model_dir: Path, out_dir: Path) -> list[str]:
 
 
 def _copy_present(model_dir: Path, out_dir: Path, names: Sequence[str]) -> list[str]:
+    """Copy the files of `names` that exist, as regular files; links out of the model directory are refused."""
     copied = []
     for name in names:
-        src = model_dir / name
-        if src.is_file():
+        src = safe_file(model_dir, name)
+        if src is not None:
             shutil.copyfile(src, out_dir / name)
             copied.append(name)
     return copied
@@ -596,7 +739,8 @@ def copy_weights(model_dir: Path, out_dir: Path, names: Sequence[str], link: boo
     """
     from tqdm.auto import tqdm
 
-    sources = [(name, (model_dir / name).resolve()) for name in names]  # resolve: HF cache files are symlinks
+    # resolve: HF cache files are links into the entry's blobs/ (safe_file allows those and nothing else)
+    sources = [(name, safe_file(model_dir, name).resolve()) for name in names]
     total = sum(src.stat().st_size for _, src in sources)
     with tqdm(
         total=total,
@@ -695,6 +839,7 @@ def convert(
             params.pretrain_length,
         )
     output = Path(output)
+    clean_stale_staging(output)
     check_output_target(output, info.model_dir, overwrite)
     if base_model is None:
         base_model = guess_base_model(info.model_dir)

@@ -270,8 +270,9 @@ def _read_raw_config(model_dir: Path) -> dict[str, Any]:
 
 def _check_weights(model_dir: Path) -> None:
     from dpe_export.export import PICKLED_WEIGHT_PATTERNS, WEIGHTS_FILE, WEIGHTS_INDEX_FILE
+    from dpe_export.safefiles import safe_file
 
-    if (model_dir / WEIGHTS_FILE).is_file() or (model_dir / WEIGHTS_INDEX_FILE).is_file():
+    if safe_file(model_dir, WEIGHTS_FILE) is not None or safe_file(model_dir, WEIGHTS_INDEX_FILE) is not None:
         return
     pickled = sorted({p.name for pattern in PICKLED_WEIGHT_PATTERNS for p in model_dir.glob(pattern)})
     if pickled:

@@ -64,8 +64,14 @@ def check_export_dir(folder) -> Path:
     folder = Path(folder)
     if not folder.exists():
         raise DPEExportError(f"export directory not found: {folder}")
-    if not folder.is_dir():
+    if folder.is_symlink() or not folder.is_dir():
         raise DPEExportError(f"{folder} is not a directory")
+    from dpe_export.safefiles import links_in
+
+    links = links_in(folder)
+    if links:
+        raise DPEExportError(f"{links[0]} is a symbolic link; dpe-export publishes regular files only and never "
+                             "follows links (replace it with the file, or remove it)")
     config = folder / "config.json"
     try:
         raw = json.loads(config.read_text(encoding="utf-8"))

@@ -193,18 +193,25 @@ def test_defaults_pretrain_and_target_length(llama_dir, tmp_path):
 
 
 @requires_template
-def test_overwrite_replaces_existing_output(run_cli, llama_dir, tmp_path):
+def test_overwrite_replaces_an_earlier_export_and_nothing_else(run_cli, llama_dir, tmp_path):
     out = tmp_path / "export"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
-    r = run_cli("convert", llama_dir, "-o", out, "--window", "8", "--scale-factors", "2,4", "--overwrite")
+    r = run_cli("convert", llama_dir, "-o", out, "--window", "8", "--scale-factors", "2,4")
     assert r.exit_code == 0, r.stderr
-    assert not (out / "stale.txt").exists()
     assert read_json(out / "config.json")["dpe"]["local_window_size"] == 8
     r = run_cli("convert", llama_dir, "-o", out, "--window", "4", "--scale-factors", "2,4", "--overwrite")
     assert r.exit_code == 0, r.stderr
     assert read_json(out / "config.json")["dpe"]["local_window_size"] == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+    # A user's directory, or an export they added their own files to, is never deleted.
+    projects = tmp_path / "projects"
+    (projects / "thesis").mkdir(parents=True)
+    (projects / "thesis" / "thesis.tex").write_text("years of work")
+    (out / "notes.txt").write_text("mine")
+    for target, why in ((projects, "is not a DPE export"), (out, "holds notes.txt")):
+        r = run_cli("convert", llama_dir, "-o", target, "--window", "4", "--scale-factors", "2,4", "--overwrite")
+        assert r.exit_code == 1 and why in r.stderr, r.stderr
+    assert (projects / "thesis" / "thesis.tex").read_text() == "years of work"
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 @requires_template
@@ -261,17 +268,18 @@ def test_failed_overwrite_keeps_the_old_output(llama_dir, tmp_path, monkeypatch)
     from dpe_export import export
 
     out = tmp_path / "export"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
+    params = dpe_core.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
+    export.convert(llama_dir, out, params)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(export, "copy_weights", fail)
-    params = dpe_core.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
     with pytest.raises(OSError):
         export.convert(llama_dir, out, params, overwrite=True)
-    assert [p.name for p in tmp_path.iterdir()] == ["export"] and (out / "keep.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 @requires_template

@@ -1,0 +1,167 @@
+"""Hostile and faulty inputs (issue: no leaks, no surprise deletions, no code run without consent). Each test
+reproduces the attack or the fault first, then checks the one-line refusal and that nothing was written."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONVERT = ("--window", "8", "--scale-factors", "2,4")
+
+
+def one_error(r) -> str:
+    assert r.exit_code == 1, (r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("name", ["LICENSE", "tokenizer.json", "model.safetensors", "README.md"])
+def test_a_link_to_a_secret_outside_the_model_dir_is_refused(run_cli, llama_dir, tmp_path, name):
+    secret = tmp_path / "secret_env"
+    secret.write_text("HF_TOKEN=hf_very_secret\n")
+    model = copy_model(llama_dir, tmp_path / "model")
+    if (model / name).exists():
+        (model / name).unlink()
+    (model / name).symlink_to(secret)
+    out = tmp_path / "out"
+    err = one_error(run_cli("convert", model, "-o", out, *CONVERT))
+    assert "outside the model directory" in err and name in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["model", "secret_env"]
+
+
+def test_a_hugging_face_cache_snapshot_of_links_into_its_blobs_converts(run_cli, llama_dir, tmp_path):
+    entry = tmp_path / "hub" / "models--org--tiny"
+    snap, blobs = entry / "snapshots" / "abc123", entry / "blobs"
+    snap.mkdir(parents=True)
+    blobs.mkdir()
+    for i, f in enumerate(sorted(llama_dir.iterdir())):
+        shutil.copyfile(f, blobs / f"blob{i}")
+        (snap / f.name).symlink_to(Path("../../blobs") / f"blob{i}")
+    r = run_cli("convert", snap, "-o", tmp_path / "out", *CONVERT)
+    assert r.exit_code == 0, r.stderr
+    assert not any(p.is_symlink() for p in (tmp_path / "out").iterdir())
+
+
+def test_push_refuses_an_export_holding_a_link(run_cli, llama_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("convert", llama_dir, "-o", out, *CONVERT).exit_code == 0
+    secret = tmp_path / "id_rsa"
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----")
+    (out / "notes.md").symlink_to(secret)
+    err = one_error(run_cli("push", out, "--repo-id", "me/x", "--dry-run"))
+    assert "symbolic link" in err and "notes.md" in err
+
+
+def test_a_tokenizer_auto_map_is_dropped_with_a_warning(run_cli, llama_dir, tmp_path):
+    model = copy_model(llama_dir, tmp_path / "model")
+    cfg = json.loads((model / "tokenizer_config.json").read_text())
+    cfg["auto_map"] = {"AutoTokenizer": ["evil/repo--tokenization_evil.EvilTokenizer", None]}
+    (model / "tokenizer_config.json").write_text(json.dumps(cfg))
+    r = run_cli("convert", model, "-o", tmp_path / "out", *CONVERT)
+    assert r.exit_code == 0, r.stderr
+    assert "dropping the auto_map" in r.stderr
+    assert "auto_map" not in json.loads((tmp_path / "out" / "tokenizer_config.json").read_text())
+
+
+def test_an_export_is_refused_as_a_base_model(run_cli, llama_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("convert", llama_dir, "-o", out, *CONVERT).exit_code == 0
+    err = one_error(run_cli("convert", out, "-o", tmp_path / "again", *CONVERT))
+    assert "already a DPE export" in err and "convert its base model" in err
+    assert not (tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c.pop("hidden_size"), "lacks hidden_size"),
+    (lambda c: c.update(num_attention_heads=2, head_dim=32), "does not match the weights"),
+    (lambda c: c.update(num_hidden_layers=3), "the weights have 2 layers"),
+])
+def test_a_config_that_does_not_describe_the_weights_is_refused(run_cli, llama_dir, tmp_path, edit, needle):
+    model = copy_model(llama_dir, tmp_path / "model")
+    cfg = json.loads((model / "config.json").read_text())
+    edit(cfg)
+    (model / "config.json").write_text(json.dumps(cfg))
+    err = one_error(run_cli("convert", model, "-o", tmp_path / "out", *CONVERT))
+    assert needle in err
+    assert not (tmp_path / "out").exists()
+
+
+SLOW_CONVERT = """
+import sys, time
+sys.path.insert(0, {repo!r})
+from dpe_export import export
+real = export.copy_file_with_progress
+def slow(src, dst, update):
+    real(src, dst, update)
+    print("COPYING", flush=True)
+    time.sleep(60)
+export.copy_file_with_progress = slow
+from dpe_export.cli import main
+main(["convert", {model!r}, "-o", {out!r}, "--window", "8", "--scale-factors", "2,4"])
+"""
+
+
+def _start_slow_convert(model: Path, out: Path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO_ROOT))
+    code = SLOW_CONVERT.format(repo=str(REPO_ROOT), model=str(model), out=str(out))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=REPO_ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if "COPYING" in line:
+            return proc
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise AssertionError(f"the convert did not start copying: {proc.stderr.read()}")
+
+
+def _staging(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if ".dpe-export-" in p.name)
+
+
+def test_sigterm_mid_copy_leaves_nothing(llama_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = _start_slow_convert(llama_dir, out)
+    assert _staging(tmp_path)  # the partial export exists while it copies
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode == 130, proc.stderr.read()
+    assert _staging(tmp_path) == [] and not out.exists()
+
+
+def test_sigkill_mid_copy_is_cleaned_by_the_next_run(run_cli, llama_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = _start_slow_convert(llama_dir, out)
+    proc.kill()
+    proc.wait(timeout=60)
+    left = _staging(tmp_path)
+    assert len(left) == 1  # SIGKILL cannot be handled: the staging directory stays ...
+    r = run_cli("convert", llama_dir, "-o", out, *CONVERT)
+    assert r.exit_code == 0, r.stderr
+    assert "left by an interrupted convert" in r.stderr  # ... until the next run removes it, and says so
+    assert _staging(tmp_path) == [] and (out / "config.json").is_file()
+
+
+def test_a_live_processs_staging_directory_is_left_alone(run_cli, llama_dir, tmp_path):
+    out = tmp_path / "out"
+    mine = tmp_path / f".out.dpe-export-tmp-{os.getpid()}-0123abcd"
+    mine.mkdir()
+    assert run_cli("convert", llama_dir, "-o", out, *CONVERT).exit_code == 0
+    assert mine.is_dir()
