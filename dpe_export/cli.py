@@ -672,16 +672,21 @@ def _depth_list(ctx: click.Context, param: click.Parameter, value: Optional[str]
 @click.option("--attn", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True,
               help="Attention implementation.")
 @_device_map_option
+@click.option("--trust-remote-code", is_flag=True,
+              help="Run a DPE export's own modeling code even when it is not exactly what this dpe-export writes "
+                   "(an export edited by hand, or from another tool). Never needed for base models.")
 @click.option("--no-progress", is_flag=True, help="Do not show the progress bar (stderr).")
 def eval_command(
     model_dir: Path, task: str, lengths: list[int], samples: int, depths: Optional[list[float]],
     needles: Optional[int], method: str, haystack: Optional[Path], json_out: Optional[Path],
     plot_out: Optional[Path], seed: int, batch_size: int, device: str, dtype: str, attn: str, device_map: Optional[str],
-    no_progress: bool,
+    trust_remote_code: bool, no_progress: bool,
 ) -> None:
     """Evaluate MODEL on pass-key retrieval, multi-needle NIAH or perplexity at the given lengths.
 
-    MODEL is a base checkpoint directory or a DPE export (loaded with trust_remote_code=True). Prompts are
+    MODEL is a base checkpoint directory or a DPE export. An export's code (modeling_dpe.py, dpe_core.py) runs
+    only when it is byte for byte what this dpe-export writes (`dpe-export upgrade` makes an older export so),
+    or with --trust-remote-code; a base model's own code never runs. Prompts are
     exactly the requested number of tokens. Prints a table (per length and depth: accuracy and sample count,
     plus an `all` row per length); --json and --plot save the results. Generation is greedy.
     """
@@ -701,7 +706,7 @@ def eval_command(
         model_dir, task, lengths, samples=samples, depths=depths,
         needles=evaluate.DEFAULT_NEEDLES if needles is None else needles, method=spec, haystack=haystack,
         seed=seed, batch_size=batch_size, device=device, dtype=dtype, attn=attn, progress=not no_progress,
-        device_map=device_map,
+        device_map=device_map, trust_remote_code=trust_remote_code,
     )
     click.echo(report.format_table(result))
     if json_out is not None:

@@ -589,8 +589,12 @@ def run_eval(model_dir, task: str, lengths: Sequence[int], *, samples: int = DEF
              depths: Optional[Sequence[float]] = None, needles: int = DEFAULT_NEEDLES, method: Any = None,
              haystack: Optional[Path] = None, seed: int = 0, batch_size: int = 1, device: Optional[str] = None,
              dtype: Optional[str] = None, attn: str = "sdpa", progress: bool = False,
-             chunk_size: Optional[int] = None, device_map: Optional[str] = None) -> EvalResult:
+             chunk_size: Optional[int] = None, device_map: Optional[str] = None,
+             trust_remote_code: bool = False) -> EvalResult:
     """Load ``model_dir`` (with ``method`` applied), run ``task`` at ``lengths`` and return the scores.
+
+    A DPE export is loaded with its own code only when that code is exactly what this dpe-export writes, or
+    with ``trust_remote_code``.
 
     Fast checks (directory, weights, method, prompt lengths) run before the weights are loaded.
     """
@@ -616,7 +620,7 @@ def run_eval(model_dir, task: str, lengths: Sequence[int], *, samples: int = DEF
     if haystack is not None and not Path(haystack).is_file():
         raise DPEExportError(f"haystack file not found: {haystack}")
 
-    methods.check_eval_model(model_dir, spec)
+    methods.check_eval_model(model_dir, spec, trust_remote_code)
     methods.check_device_map(device_map, device)
     import random
 
@@ -638,7 +642,8 @@ def run_eval(model_dir, task: str, lengths: Sequence[int], *, samples: int = DEF
                     f"(needs at least {shortest} tokens)")
         with _hf_progress_bars(progress):
             loaded = methods.load_model(model_dir, spec, device=device, dtype=dtype, attn=attn,
-                                        target_length=max(lengths), tokenizer=tokenizer, device_map=device_map)
+                                        target_length=max(lengths), tokenizer=tokenizer, device_map=device_map,
+                                        trust_remote_code=trust_remote_code)
         settings = {
             "lengths": lengths, "samples": samples, "depths": None if task == "ppl" else [float(d) for d in depths],
             "needles": needles if task == "niah" else None, "haystack": str(haystack) if haystack else None,

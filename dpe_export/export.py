@@ -593,6 +593,22 @@ def config_auto_map(arch: Architecture) -> dict[str, str]:
     return {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{arch.dpe_causal_lm_class}"}
 
 
+def foreign_code(export_dir: Path, raw: dict[str, Any]) -> Optional[str]:
+    """None when the export's code is exactly what this dpe-export writes (auto_map, modeling_dpe.py and
+    dpe_core.py), so that loading it with trust_remote_code runs only our own code; else what differs."""
+    arch = ARCHITECTURES.get(raw.get("model_type"))
+    if arch is None:
+        return f"its model type {raw.get('model_type')!r} is not one this dpe-export writes"
+    if raw.get("auto_map") != config_auto_map(arch):
+        return f"its config.json auto_map is {json.dumps(raw.get('auto_map'))[:200]}, not {json.dumps(config_auto_map(arch))}"
+    for name, want in ((MODELING_FILE, render_modeling_source(arch).encode("utf-8")),
+                       (DPE_CORE_FILE, dpe_core_path().read_bytes())):
+        path = safe_file(export_dir, name)
+        if path is None or path.read_bytes() != want:
+            return f"its {name} is not the one dpe-export {__version__} writes"
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Upgrading an export written by an earlier dpe-export
 # ----------------------------------------------------------------------------------------------------------

@@ -309,9 +309,11 @@ def _check_rope_changed(model, base_config, method: MethodSpec) -> None:
         raise DPEExportError(f"{type(model).__name__} ignored the RoPE parameters of {method}; cannot apply it")
 
 
-def check_eval_model(model_dir, method: Optional[MethodSpec] = None) -> tuple[dict[str, Any], bool]:
-    """Fast checks before anything is loaded: the directory, config.json, safetensors weights, and that a
-    method is not asked of a DPE export. Returns the raw config.json and whether it is a DPE export."""
+def check_eval_model(model_dir, method: Optional[MethodSpec] = None,
+                     trust_remote_code: bool = False) -> tuple[dict[str, Any], bool]:
+    """Fast checks before anything is loaded: the directory, config.json, safetensors weights, that a method
+    is not asked of a DPE export, and that an export's code is dpe-export's own unless trust_remote_code.
+    Returns the raw config.json and whether it is a DPE export."""
     model_dir = Path(model_dir)
     method = method or MethodSpec("none")
     raw = _read_raw_config(model_dir)
@@ -322,6 +324,16 @@ def check_eval_model(model_dir, method: Optional[MethodSpec] = None) -> tuple[di
             f"{model_dir} is already a DPE export; --method {method} applies only to base models "
             "(evaluate the export with --method none, or give its base model)"
         )
+    if is_export and not trust_remote_code:
+        from dpe_export.export import foreign_code
+
+        why = foreign_code(model_dir, raw)
+        if why is not None:
+            raise DPEExportError(
+                f"{model_dir} carries code dpe-export did not write ({why}); loading it would run that code. "
+                "If it is an export of an earlier dpe-export, run `dpe-export upgrade` on it; if you trust its "
+                "code, pass --trust-remote-code"
+            )
     return raw, is_export
 
 
@@ -379,7 +391,7 @@ def _rebind_dispatch_hooks(model) -> None:
 
 def load_model(model_dir, method: Optional[MethodSpec] = None, *, device=None, dtype=None, attn: str = "sdpa",
                target_length: Optional[int] = None, tokenizer=None, device_map: Optional[str] = None,
-               **load_kwargs) -> LoadedModel:
+               trust_remote_code: bool = False, **load_kwargs) -> LoadedModel:
     """Load a base checkpoint (with ``method`` applied) or a DPE export (``trust_remote_code=True``).
 
     Weights are read from safetensors only. A method other than ``none`` on a DPE export is an error.
@@ -393,7 +405,7 @@ def load_model(model_dir, method: Optional[MethodSpec] = None, *, device=None, d
 
     model_dir = Path(model_dir)
     method = method or MethodSpec("none")
-    raw, is_export = check_eval_model(model_dir, method)
+    raw, is_export = check_eval_model(model_dir, method, trust_remote_code)
     check_device_map(device_map, None if hasattr(device, "type") else device)
     dev = device if hasattr(device, "type") else resolve_device(None if device_map else device)
     torch_dtype = dtype if hasattr(dtype, "is_floating_point") else resolve_dtype(dtype, dev)

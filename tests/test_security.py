@@ -165,3 +165,36 @@ def test_a_live_processs_staging_directory_is_left_alone(run_cli, llama_dir, tmp
     mine.mkdir()
     assert run_cli("convert", llama_dir, "-o", out, *CONVERT).exit_code == 0
     assert mine.is_dir()
+
+
+HOSTILE = '''
+import pathlib
+pathlib.Path({marker!r}).write_text("hostile code ran")
+from .dpe_core import *  # noqa
+'''
+
+
+def test_eval_does_not_run_an_exports_foreign_code_without_consent(run_cli, llama_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("convert", llama_dir, "-o", out, *CONVERT).exit_code == 0
+    marker = tmp_path / "pwned"
+    (out / "modeling_dpe.py").write_text(HOSTILE.format(marker=str(marker)) + (out / "modeling_dpe.py").read_text())
+    args = ("eval", out, "--task", "passkey", "--lengths", "64", "--samples", "1", "--depths", "0.5", "--no-progress")
+    err = one_error(run_cli(*args))
+    assert "carries code dpe-export did not write" in err and "--trust-remote-code" in err
+    assert not marker.exists()
+    # An auto_map pointing at another module is refused the same way.
+    cfg = json.loads((out / "config.json").read_text())
+    for name in ("modeling_dpe.py", "dpe_core.py"):
+        shutil.copyfile(REPO_ROOT / "tests" / "fixtures" / "dpe-export-0.1.0" / name, out / name)
+    cfg["auto_map"]["AutoConfig"] = "evil.EvilConfig"
+    (out / "config.json").write_text(json.dumps(cfg))
+    assert "auto_map" in one_error(run_cli(*args))
+    del cfg["auto_map"]["AutoConfig"]
+    (out / "config.json").write_text(json.dumps(cfg))
+    # With consent it runs (here: the 0.1.0 code, an older export's).
+    r = run_cli(*args, "--trust-remote-code")
+    assert r.exit_code == 0, r.stderr
+    # And an export exactly as dpe-export writes it needs no flag.
+    assert run_cli("upgrade", out).exit_code == 0
+    assert run_cli(*args).exit_code == 0
