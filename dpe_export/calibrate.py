@@ -20,8 +20,10 @@ recomputes nothing, shards split the grid across processes or machines, and ``me
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -31,6 +33,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from dpe_export import __version__
 from dpe_export.errors import DPEExportError
+
+logger = logging.getLogger(__name__)
 
 CALIBRATION_SCHEMA_VERSION = 1
 CALIBRATION_FILE = "calibration.json"
@@ -164,43 +168,108 @@ def cells_path(out_dir: Path, shard: Optional[tuple[int, int]]) -> Path:
     return out_dir / ("cells.jsonl" if shard is None else f"cells.shard-{shard[0]}-of-{shard[1]}.jsonl")
 
 
+def _valid_cell(cell: dict, path: Path, lineno: int) -> dict:
+    """A cell as read back: integer group/scale/samples and a finite score in [0, 1]; one-line error otherwise."""
+    try:
+        group, scale, samples, score = int(cell["group"]), int(cell["scale"]), int(cell["samples"]), float(cell["score"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DPEExportError(f"{path} line {lineno} is not a calibration cell ({type(e).__name__}: {e}); delete that "
+                             "line to compute the cell again") from None
+    if not math.isfinite(score) or not 0.0 <= score <= 1.0 or samples < 1:
+        raise DPEExportError(f"{path} line {lineno} has score {cell['score']!r} from {samples} samples; scores are "
+                             "fractions in [0, 1]: delete that line to compute the cell again")
+    return dict(cell, group=group, scale=scale, samples=samples, score=score)
+
+
 def read_cells(out_dir: Path, plan: CalibrationPlan) -> dict[tuple[int, int], dict]:
     """Finished cells of this plan from every results file in out_dir (a cut-off last line is ignored)."""
     done: dict[tuple[int, int], dict] = {}
     key = plan.key()
     for path in sorted(Path(out_dir).glob(CELLS_GLOB)):
-        for line in path.read_text(encoding="utf-8").splitlines():
+        lines = path.read_text(encoding="utf-8").split("\n")
+        for lineno, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
             try:
                 cell = json.loads(line)
             except ValueError:
-                continue  # a line cut off by a killed run
+                if lineno == len(lines):
+                    continue  # the last line, cut off by a killed run (repaired before the next append)
+                raise DPEExportError(f"{path} line {lineno} is not JSON; delete that line to compute the cell "
+                                     "again") from None
             if not isinstance(cell, dict) or cell.get("plan") != key:
                 if isinstance(cell, dict) and "plan" in cell:
                     raise DPEExportError(
                         f"{path} holds results of a different calibration (other model or settings); "
                         "use another --output-dir")
                 continue
-            done[(int(cell["group"]), int(cell["scale"]))] = cell
+            cell = _valid_cell(cell, path, lineno)
+            done[(cell["group"], cell["scale"])] = cell
     return done
 
 
+def repair_tail(path: Path) -> bool:
+    """Cut a torn last line (a kill or a full disk mid-write) so that the next appended cell starts on its own
+    line. Returns whether anything was cut."""
+    if not path.is_file():
+        return False
+    with open(path, "rb+") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return False
+        keep = data.rfind(b"\n") + 1
+        f.truncate(keep)
+    logger.warning("%s ended in a cut-off line (%d bytes), from an interrupted run; removed it", path, len(data) - keep)
+    return True
+
+
 def append_cell(path: Path, cell: dict) -> None:
+    if not math.isfinite(cell["score"]):
+        raise DPEExportError(f"cell (group {cell['group']}, scale {cell['scale']}) scored {cell['score']}; "
+                             "a score must be a finite number")
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(cell) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
 
+@contextlib.contextmanager
+def grid_lock(path: Path):
+    """One process at a time per results file: a second calibration in the same place is refused, not run twice."""
+    import fcntl
+
+    lock_path = path.with_name(f".{path.name}.lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise DPEExportError(f"another calibration (pid {holder}) is writing {path}; wait for it to finish, or "
+                                 "use another --output-dir (or --shard to split one grid)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
 def run_grid(plan: CalibrationPlan, scorer: Scorer, out_dir: Path, shard: Optional[tuple[int, int]] = None,
              progress: bool = True) -> dict[tuple[int, int], dict]:
     """Score the cells of this shard that are not done yet, appending each as it finishes."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = cells_path(out_dir, shard)
+    with grid_lock(path):
+        repair_tail(path)
+        return _run_grid_locked(plan, scorer, out_dir, shard, path, progress)
+
+
+def _run_grid_locked(plan, scorer, out_dir, shard, path, progress):
     from tqdm.auto import tqdm
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     done = read_cells(out_dir, plan)
     mine = [c for i, c in enumerate(plan.cells()) if shard is None or i % shard[1] == shard[0]]
     todo = [c for c in mine if c not in done]
-    path = cells_path(out_dir, shard)
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="calibration grid", unit="cell",
                disable=not progress)
     try:

@@ -187,3 +187,62 @@ def test_passkey_metric(byte_model, tmp_path, run_cli):
     with pytest.raises(DPEExportError, match="unknown calibration metric"):
         calibrate.make_plan(byte_model, target_length=512, window=64, num_freqs=8, pretrain_length=64,
                             metric="bogus")
+
+
+def test_a_torn_last_line_is_repaired_before_appending_and_merge_reads_it(plan, tmp_path):
+    out = tmp_path / "cal"
+    calls = []
+
+    def dies_after_five(params):
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return scripted([2, 8, 1, 4], calls)(params)
+
+    with pytest.raises(KeyboardInterrupt):
+        calibrate.run_grid(plan, dies_after_five, out, progress=False)
+    with open(out / "cells.jsonl", "a") as f:
+        f.write('{"plan": "torn by a full di')  # no newline: the next append would have glued onto it
+    cells = calibrate.run_grid(plan, scripted([2, 8, 1, 4], []), out, progress=False)
+    assert len(cells) == 20
+    text = (out / "cells.jsonl").read_text()
+    assert "torn" not in text and all(json.loads(line) for line in text.splitlines())
+    assert calibrate.build_calibration(plan, calibrate.read_cells(out, plan))["chosen"] == [2, 8, 1, 4]
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c.update(score=float("nan")), "scores are fractions"),
+    (lambda c: c.update(score=7.5), "scores are fractions"),
+    (lambda c: c.pop("group"), "is not a calibration cell"),
+    (lambda c: c.update(samples="many"), "is not a calibration cell"),
+])
+def test_a_tampered_or_non_finite_cell_is_refused_in_one_line(plan, tmp_path, edit, needle):
+    out = tmp_path / "cal"
+    calibrate.run_grid(plan, scripted([2, 8, 1, 4], []), out, progress=False)
+    lines = (out / "cells.jsonl").read_text().splitlines()
+    cell = json.loads(lines[3])
+    edit(cell)
+    lines[3] = json.dumps(cell)
+    (out / "cells.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DPEExportError, match=needle) as e:
+        calibrate.read_cells(out, plan)
+    assert "line 4" in str(e.value)
+
+
+def test_a_nan_score_is_never_written(plan, tmp_path):
+    with pytest.raises(DPEExportError, match="finite"):
+        calibrate.run_grid(plan, lambda p: {"score": float("nan"), "samples": 8}, tmp_path / "cal", progress=False)
+
+
+def test_two_calibrations_in_one_directory_are_refused_not_run_twice(plan, tmp_path):
+    out = tmp_path / "cal"
+    inner = []
+
+    def scorer(params):
+        if not inner:  # while the first run holds the grid, a second one starts
+            with pytest.raises(DPEExportError, match=r"another calibration \(pid \d+\) is writing"):
+                calibrate.run_grid(plan, scripted([2, 8, 1, 4], inner), out, progress=False)
+        inner.append(1)
+        return scripted([2, 8, 1, 4], [])(params)
+
+    cells = calibrate.run_grid(plan, scorer, out, progress=False)
+    assert len(cells) == 20 and len(inner) == 20  # the refused run scored nothing
