@@ -437,9 +437,13 @@ def convert_command(
     if base_model is None and chosen is not None and chosen.model_type == info.architecture.model_type:
         base_model = chosen.base_model
 
-    if push and not overwrite and export.holds_same_export(output, info, params, selected):
+    difference = export.export_difference(output, info, params, selected) if push and not overwrite else "-"
+    if difference is None:
         click.echo(f"{output} already holds this export (an earlier run's upload did not finish); pushing it")
         out = Path(output)
+    elif push and not overwrite and Path(output, "config.json").is_file() and difference != "it is not a DPE export":
+        raise DPEExportError(f"{output} holds an export that is not what this convert writes ({difference}); "
+                             "pass --overwrite to export it again, then push")
     else:
         out = export.convert(
             info, output, params, selected, overwrite=overwrite, link=link, base_model=base_model,

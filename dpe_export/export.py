@@ -888,33 +888,52 @@ def convert(
     return output
 
 
-def holds_same_export(output, info: ModelInfo, params, selected=None) -> bool:
-    """Whether `output` already is a finished export of this model with these parameters, so that re-running
-    `convert --push` after a failed upload can push it instead of stopping at the existing directory."""
+def export_difference(output, info: ModelInfo, params, selected=None) -> Optional[str]:
+    """None when `output` is exactly a finished export of this model with these parameters (so that re-running
+    `convert --push` after a failed upload can push it); else what differs, for messages. Generated code is
+    compared with a fresh render, copied files with the base model's by hash."""
     output = Path(output)
     try:
         raw = read_config_json(output)
         params = resolve_params(params, info, selected)
     except DPEExportError:
-        return False
+        return "it is not a DPE export"
     if raw.get("dpe") != params.to_dict():
-        return False
-    for name in info.weight_files + [DPE_CORE_FILE, "modeling_dpe.py"]:
-        src = info.model_dir / name if name in info.weight_files else None
-        dst = output / name
-        if not dst.is_file() or (src is not None and src.stat().st_size != dst.stat().st_size):
-            return False
+        return "it was exported with other DPE settings"
+    foreign = foreign_code(output, raw) or foreign_entries(output)
+    if foreign:
+        return foreign
+    names = list(info.weight_files) + [n for n in (*TOKENIZER_FILES, *LICENSE_FILES)
+                                       if n != "tokenizer_config.json" and safe_file(info.model_dir, n) is not None]
+    for name in names:
+        src, dst = safe_file(info.model_dir, name), output / name
+        if not dst.is_file() or dst.is_symlink() or src.stat().st_size != dst.stat().st_size or _sha256(src) != _sha256(dst):
+            return f"its {name} differs from the base model's"
+    tok = safe_file(info.model_dir, "tokenizer_config.json")
+    if tok is not None:
+        def stripped(path: Path):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return {k: v for k, v in data.items() if k != "auto_map"} if isinstance(data, dict) else data
+        try:
+            if stripped(tok) != stripped(output / "tokenizer_config.json"):
+                return "its tokenizer_config.json differs from the base model's"
+        except (OSError, ValueError):
+            return "its tokenizer_config.json is missing or unreadable"
+    dpe_core = load_dpe_core()
+    sel_path = output / dpe_core.SELECTED_DIMS_FILENAME
+    if (selected is None) != (not sel_path.is_file()):
+        return f"its {dpe_core.SELECTED_DIMS_FILENAME} does not match the selection"
     if selected is not None:
+        import torch
         from safetensors.torch import load_file
 
-        path = output / load_dpe_core().SELECTED_DIMS_FILENAME
-        if not path.is_file():
-            return False
-        import torch
+        if not torch.equal(load_file(str(sel_path))[dpe_core.SELECTED_DIMS_TENSOR], selected.cpu()):
+            return f"its {dpe_core.SELECTED_DIMS_FILENAME} holds another selection"
+    return None
 
-        if not torch.equal(load_file(str(path))[load_dpe_core().SELECTED_DIMS_TENSOR], selected.cpu()):
-            return False
-    return (output / "dpe_core.py").read_bytes() == dpe_core_path().read_bytes()
+
+def holds_same_export(output, info: ModelInfo, params, selected=None) -> bool:
+    return export_difference(output, info, params, selected) is None
 
 
 def write_export(

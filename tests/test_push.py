@@ -233,6 +233,24 @@ def test_rerunning_the_same_convert_push_completes_a_failed_push(hub, tiny_dirs,
     assert digests(out) == before
 
 
+def test_convert_push_over_a_hand_modified_export_refuses_to_push_it(hub, tiny_dirs, tmp_path):
+    out = tmp_path / "llama-dpe"
+    command = ("convert", tiny_dirs("llama"), "-o", out, "--window", "8", "--scale-factors", "2,4",
+               "--push", "--repo-id", "my-org/llama-dpe")
+    hub.fail_commits = 1
+    assert_one_error_line(run_dpe_export(hub, *command, tmp_home=tmp_path, timeout=300))
+    for name, edit in (("modeling_dpe.py", lambda b: b + b"\nprint('edited')\n"),
+                       ("tokenizer.json", lambda b: b.replace(b"w1", b"zz", 1))):
+        original = (out / name).read_bytes()
+        (out / name).write_bytes(edit(original))
+        err = assert_one_error_line(run_dpe_export(hub, *command, tmp_home=tmp_path, timeout=300))
+        assert "not what this convert writes" in err and name in err and "--overwrite" in err
+        assert not hub.repos["my-org/llama-dpe"].commits  # nothing was pushed
+        (out / name).write_bytes(original)
+    again = run_dpe_export(hub, *command, tmp_home=tmp_path, timeout=300)
+    assert again.returncode == 0 and "already holds this export" in again.stdout, again.stderr
+
+
 def test_convert_push_options_need_push_and_repo_id(run_cli, llama_dir, tmp_path):
     out = tmp_path / "out"
     base = ("convert", llama_dir, "-o", out, "--window", "8", "--scale-factors", "2,4")
