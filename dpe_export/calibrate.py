@@ -326,7 +326,8 @@ def build_calibration(plan: CalibrationPlan, cells: dict[tuple[int, int], dict],
         "dim_scores": DIM_SCORES_FILE if plan.top_k else None,
         "metric": f"{plan.needles}-needle NIAH accuracy" if plan.metric == "niah" else "pass-key accuracy",
         "higher_is_better": True,
-        "samples_per_cell": plan.samples * plan.needles,
+        # what ran (queries spread evenly over the depths can round the asked samples x needles up)
+        "samples_per_cell": max(int(cells[c]["samples"]) for c in plan.cells()),
         "seed": plan.seed,
         "tie_rule": TIE_RULE,
         "grid": [[cells[(g, s)]["score"] for s in plan.scales] for g in range(plan.num_groups)],
@@ -341,6 +342,21 @@ def check_calibration_for(calibration: dict, model_dir) -> None:
     """Refuse a calibration made on another model, naming the mismatch."""
     if calibration.get("schema_version") != CALIBRATION_SCHEMA_VERSION:
         raise DPEExportError(f"unsupported calibration schema version {calibration.get('schema_version')!r}")
+    def is_int(x, low=1):
+        return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+    checks = {
+        "chosen": lambda v: isinstance(v, list) and v and all(is_int(x) for x in v),
+        "dimension_groups_range": lambda v: isinstance(v, list) and len(v) >= 2 and all(is_int(x, 0) for x in v),
+        "window": is_int, "target_length": is_int, "pretrain_length": is_int,
+        "top_k": lambda v: v is None or is_int(v),
+        "dim_scores": lambda v: v is None or (isinstance(v, str) and Path(v).name == v and v not in (".", "..")),
+    }
+    for key, ok in checks.items():
+        if key not in calibration or not ok(calibration[key]):
+            shown = repr(calibration.get(key))[:80] if key in calibration else "missing"
+            raise DPEExportError(f"the calibration's {key!r} is {shown}; this is not a calibration.json that "
+                                 "`dpe-export calibrate` wrote (run it again)")
     base = calibration.get("base_model") or {}
     if base.get("config_sha256") != config_hash(model_dir):
         raise DPEExportError(
@@ -521,7 +537,13 @@ def selection_from(calibration: dict, calibration_dir: Path):
 
     from dpe_export import dim_scores, selection
 
-    path = Path(calibration_dir) / (calibration.get("dim_scores") or DIM_SCORES_FILE)
-    if not path.is_file():
-        raise DPEExportError(f"the calibration used top-{calibration['top_k']} dimensions, but {path} is missing")
+    from dpe_export.safefiles import safe_file
+
+    name = calibration.get("dim_scores") or DIM_SCORES_FILE
+    if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+        raise DPEExportError(f"the calibration names its scores file {name!r}; it must be a file name beside it")
+    path = safe_file(calibration_dir, name)
+    if path is None:
+        raise DPEExportError(f"the calibration used top-{calibration['top_k']} dimensions, but "
+                             f"{Path(calibration_dir) / name} is missing")
     return selection.top_k_mask(load_file(str(path))[dim_scores.SCORES_TENSOR], int(calibration["top_k"]))

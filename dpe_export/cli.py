@@ -363,10 +363,16 @@ def convert_command(
         raise click.UsageError("--push needs --repo-id ORG/NAME")
     _setup_logging()
     card_inputs = _card_inputs(calibration_file, eval_json)
+    if base_model is not None:
+        from dpe_export.card import hub_id_or_none
+
+        if hub_id_or_none(base_model) is None:
+            raise click.UsageError(f"--base-model must be a Hub repo id ORG/NAME, got {base_model!r}")
     if repo_id is not None:
         from dpe_export import publish
 
         publish.check_repo_id(repo_id)
+        publish.check_revision(revision)
         if push:
             publish.check_push_ready(repo_id, dry_run=dry_run)
     _quiet_transformers()

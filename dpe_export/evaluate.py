@@ -585,6 +585,60 @@ def _hf_progress_bars(enabled: bool):
             hf_logging.enable_progress_bar()
 
 
+MAX_EVAL_LENGTH = 1 << 24
+
+
+def estimate_memory(raw: dict, task: str, length: int, batch_size: int, bytes_per_value: int) -> int:
+    """Bytes an evaluation at `length` tokens holds at its peak, roughly: the KV cache of every layer, a few
+    hidden-state sized activations, and (perplexity) the logits of every position; weights not included."""
+    cfg = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    layers = int(cfg.get("num_hidden_layers") or 1)
+    heads = int(cfg.get("num_attention_heads") or 1)
+    hidden = int(cfg.get("hidden_size") or 1)
+    kv = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    vocab = int(cfg.get("vocab_size") or 1)
+    tokens = length * batch_size
+    kv_bytes = 2 * layers * kv * head_dim * tokens * bytes_per_value
+    activations = 8 * hidden * tokens * 4 + 2 * heads * head_dim * tokens * 4
+    logits = vocab * tokens * 4 if task == "ppl" else vocab * batch_size * 4
+    return kv_bytes + activations + logits
+
+
+def _available_memory(device: Optional[str], device_map: Optional[str]) -> Optional[int]:
+    import torch
+
+    if device_map is None and device in (None, "auto", "cuda") and torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_memory(raw: dict, task: str, length: int, batch_size: int, device=None, dtype=None, device_map=None) -> None:
+    """Refuse, before loading anything, an evaluation that cannot fit in memory; warn when it will be tight."""
+    if length > MAX_EVAL_LENGTH:
+        raise DPEExportError(f"length {length} is beyond what dpe-export evaluates ({MAX_EVAL_LENGTH} tokens)")
+    bpv = 4 if dtype in (None, "auto", "float32") and device in (None, "auto", "cpu") else 2
+    need = estimate_memory(raw, task, length, batch_size, 2 if dtype in ("bfloat16", "float16") else bpv)
+    have = _available_memory(device, device_map)
+    if have is None:
+        return
+    gib = 1 << 30
+    if need > have:
+        raise DPEExportError(
+            f"{task} at {length} tokens x batch {batch_size} needs about {need / gib:.1f} GiB beyond the weights "
+            f"(KV cache and activations), and {have / gib:.1f} GiB is available; use shorter lengths or a smaller batch")
+    if need > have / 2:
+        logger.warning("%s at %d tokens needs about %.1f GiB of the %.1f GiB available", task, length, need / gib,
+                       have / gib)
+
+
 def run_eval(model_dir, task: str, lengths: Sequence[int], *, samples: int = DEFAULT_SAMPLES,
              depths: Optional[Sequence[float]] = None, needles: int = DEFAULT_NEEDLES, method: Any = None,
              haystack: Optional[Path] = None, seed: int = 0, batch_size: int = 1, device: Optional[str] = None,
@@ -620,8 +674,9 @@ def run_eval(model_dir, task: str, lengths: Sequence[int], *, samples: int = DEF
     if haystack is not None and not Path(haystack).is_file():
         raise DPEExportError(f"haystack file not found: {haystack}")
 
-    methods.check_eval_model(model_dir, spec, trust_remote_code)
+    raw, _ = methods.check_eval_model(model_dir, spec, trust_remote_code)
     methods.check_device_map(device_map, device)
+    check_memory(raw, task, max(lengths), batch_size, device, dtype, device_map)
     import random
 
     import torch

@@ -133,6 +133,18 @@ def same_as_remote(local: Path, remote) -> bool:
 # ----------------------------------------------------------------------------------------------------------
 
 
+_REVISION = re.compile(r"^(?!.*\.\.)(?!.*//)[A-Za-z0-9][A-Za-z0-9._/-]{0,99}(?<![./])$")
+
+
+def check_revision(revision: Optional[str]) -> Optional[str]:
+    """A branch name the Hub accepts (letters, digits, . _ - /; no '..'), else a one-line error."""
+    if revision is None:
+        return None
+    if not _REVISION.match(revision) or revision.endswith(".lock"):
+        raise DPEExportError(f"--revision must be a branch name (letters, digits, '.', '_', '-', '/'), got {revision!r}")
+    return revision
+
+
 def check_repo_id(repo_id: str) -> str:
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -230,6 +242,7 @@ def push(
     again" in the failure message.
     """
     folder = check_export_dir(folder)
+    check_revision(revision)
     token = check_push_ready(repo_id, dry_run=dry_run, folder=folder)
     revision = revision or DEFAULT_REVISION
     if dry_run:
@@ -267,8 +280,13 @@ def push(
     return PushResult(plan, commit_url, repo_url)
 
 
+_NEEDS_A_FIX = ("HTTP 401", "HTTP 403", "HF_HUB_OFFLINE", "no token")
+
+
 def _failed(reason: str, folder: Path, retry_hint: Optional[str] = None) -> str:
     retry = retry_hint or "run the same command again to finish the upload"
+    if any(k in reason for k in _NEEDS_A_FIX):  # running it again as it is cannot help
+        retry = f"fix that first, then {retry}"
     return (
         f"push failed: {reason} (the local export at {folder} is intact; {retry}: files that arrived are not "
         "sent again)"

@@ -65,6 +65,7 @@ DPE_ATTENTION = "dpe"  # the name DPE is registered under in transformers' Atten
 MIN_TRANSFORMERS_VERSION = "5.0.0"
 MAX_TRANSFORMERS_VERSION = "6"  # exclusive
 CACHE_ARGUMENT_NAMES = ("past_key_values", "cache")  # 5.0-5.23, 5.24+
+MAX_LENGTH = 1 << 30  # windows, scale factors and lengths above this are input errors, not settings
 
 
 class DPERuntimeError(RuntimeError):
@@ -150,14 +151,14 @@ class DPEParams:
         """Check the parameters against a head dimension; raise ValueError with a one-line reason."""
         half = head_dim // 2
         w = self.local_window_size
-        if not _is_int(w) or w < 1:
-            raise ValueError(f"the local window must be an integer >= 1, got {w!r}")
+        if not _is_int(w) or w < 1 or w > MAX_LENGTH:
+            raise ValueError(f"the local window must be an integer from 1 to {MAX_LENGTH}, got {w!r}")
         s = self.scale_factors
         if not isinstance(s, (list, tuple)) or not s:
             raise ValueError("give at least one scale factor")
-        bad = [x for x in s if not _is_int(x) or x < 1]
+        bad = [x for x in s if not _is_int(x) or x < 1 or x > MAX_LENGTH]
         if bad:
-            raise ValueError(f"scale factors must be integers >= 1, got {bad[0]!r}")
+            raise ValueError(f"scale factors must be integers from 1 to {MAX_LENGTH}, got {bad[0]!r}")
         b = self.dimension_groups_range
         if not isinstance(b, (list, tuple)) or len(b) < 2 or not all(_is_int(x) for x in b):
             raise ValueError(f"dimension group boundaries must be a list of integers, got {b!r}")
@@ -173,8 +174,8 @@ class DPEParams:
             )
         for name in ("target_length", "pretrain_length"):
             v = getattr(self, name)
-            if v is not None and (not _is_int(v) or v < 1):
-                raise ValueError(f"{name.replace('_', ' ')} must be a positive integer, got {v!r}")
+            if v is not None and (not _is_int(v) or v < 1 or v > MAX_LENGTH):
+                raise ValueError(f"{name.replace('_', ' ')} must be an integer from 1 to {MAX_LENGTH}, got {v!r}")
         sel = self.selected_dims
         if sel is not None and (not isinstance(sel, str) or not sel or "/" in sel or "\\" in sel or sel.startswith(".")):
             raise ValueError(f"selected_dims must be a file name beside config.json, got {sel!r}")
@@ -200,6 +201,10 @@ def check_supported_config(config) -> None:
         raise ValueError(f"model type {getattr(config, 'model_type', '?')!r} has no rotary position embeddings (RoPE)")
     if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):
         raise ValueError("per-layer-type RoPE parameters are not supported yet")
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", None)) if isinstance(rope, dict) else None
+    if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0
+                              or theta == float("inf")):
+        raise ValueError(f"rope_theta must be a positive number, got {theta!r}")
     partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
     if float(partial) < 1.0:
         raise ValueError(f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported yet")

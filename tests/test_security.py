@@ -198,3 +198,51 @@ def test_eval_does_not_run_an_exports_foreign_code_without_consent(run_cli, llam
     # And an export exactly as dpe-export writes it needs no flag.
     assert run_cli("upgrade", out).exit_code == 0
     assert run_cli(*args).exit_code == 0
+
+
+def test_unbounded_and_malformed_values_get_one_line_each(run_cli, llama_dir, tmp_path):
+    out = tmp_path / "out"
+    err = one_error(run_cli("convert", llama_dir, "-o", out, "--window", "8", "--scale-factors", "10000000000000000000,4"))
+    assert "scale factors must be integers from 1 to" in err
+    model = copy_model(llama_dir, tmp_path / "neg")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": -10000.0}
+    (model / "config.json").write_text(json.dumps(cfg))
+    assert "rope_theta must be a positive number" in one_error(run_cli("convert", model, "-o", out, *CONVERT))
+    err = one_error(run_cli("eval", llama_dir, "--task", "passkey", "--lengths", "1000000000", "--samples", "1"))
+    assert "beyond what dpe-export evaluates" in err
+    err = one_error(run_cli("eval", llama_dir, "--task", "ppl", "--lengths", "16000000", "--samples", "1",
+                            "--batch-size", "64"))
+    assert "GiB is available" in err
+    r = run_cli("convert", llama_dir, "-o", out, *CONVERT, "--base-model", "not a repo id")
+    assert r.exit_code == 2 and "--base-model must be a Hub repo id" in r.stderr
+    r = run_cli("convert", llama_dir, "-o", out, *CONVERT, "--push", "--repo-id", "me/x", "--revision", "a..b")
+    assert "--revision must be a branch name" in one_error(r)
+    assert not out.exists()
+
+
+def test_a_calibration_file_that_is_not_ours_is_refused(tmp_path, llama_dir):
+    from dpe_export import calibrate
+    from dpe_export.errors import DPEExportError
+
+    good = {"schema_version": 1, "chosen": [2, 4], "dimension_groups_range": [0, 4, 8], "window": 8,
+            "target_length": 256, "pretrain_length": 64, "top_k": 3, "dim_scores": "dim_scores.safetensors",
+            "base_model": {"config_sha256": calibrate.config_hash(llama_dir)}}
+    calibrate.check_calibration_for(good, llama_dir)
+    for key, value in (("chosen", None), ("dim_scores", "../../home/me/.ssh/id_rsa"), ("window", -1)):
+        bad = dict(good)
+        if value is None:
+            bad.pop(key)
+        else:
+            bad[key] = value
+        with pytest.raises(DPEExportError, match=repr(key)):
+            calibrate.check_calibration_for(bad, llama_dir)
+    with pytest.raises(DPEExportError, match="must be a file name beside it"):
+        calibrate.selection_from(dict(good, dim_scores="../scores.safetensors"), tmp_path)
+
+
+def test_an_auth_failure_does_not_suggest_running_the_same_command_again(tmp_path):
+    from dpe_export.publish import _failed
+
+    msg = _failed("the Hub at x rejected the token (HTTP 401); check HF_TOKEN or log in again", tmp_path)
+    assert "fix that first, then run the same command again" in msg
