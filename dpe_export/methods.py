@@ -318,6 +318,11 @@ def check_eval_model(model_dir, method: Optional[MethodSpec] = None,
     method = method or MethodSpec("none")
     raw = _read_raw_config(model_dir)
     _check_weights(model_dir)
+    from dpe_export.export import TOKENIZER_FILES
+    from dpe_export.safefiles import safe_file
+
+    for name in TOKENIZER_FILES:  # what transformers reads besides config and weights: no link out of the dir
+        safe_file(model_dir, name)
     is_export = "dpe" in raw
     if is_export and method.kind != "none":
         raise DPEExportError(

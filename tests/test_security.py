@@ -246,3 +246,13 @@ def test_an_auth_failure_does_not_suggest_running_the_same_command_again(tmp_pat
 
     msg = _failed("the Hub at x rejected the token (HTTP 401); check HF_TOKEN or log in again", tmp_path)
     assert "fix that first, then run the same command again" in msg
+
+
+def test_eval_refuses_a_tokenizer_linked_out_of_the_model_dir(run_cli, llama_dir, tmp_path):
+    secret = tmp_path / "id_rsa"
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----")
+    model = copy_model(llama_dir, tmp_path / "model")
+    (model / "tokenizer.json").unlink()
+    (model / "tokenizer.json").symlink_to(secret)
+    err = one_error(run_cli("eval", model, "--task", "passkey", "--lengths", "64", "--samples", "1"))
+    assert "outside the model directory" in err
