@@ -851,24 +851,17 @@ def dpe_attention_forward(module, query, key, value, attention_mask, dropout: fl
     inv_freq = state.inv_freq()
     k_far_plain = None
     if layer is not None:  # a DPE cache layer: store the new keys in their scaled rotation
-        new_plain = key[:, :, n - m :, :d]
-        new_scaled = rotate_by(new_plain, dpe_delta_positions(pos, scale_f, w, query=False), inv_freq, rdim)
-        if layer._dpe_layout == "both":
-            key[:, :, n - m :, d:].copy_(new_scaled)
-            k_local, local_start, k_far, k_far_plain = key[..., :d], 0, key[..., d:], key[..., :d]
+        hkv = value.shape[1]
+        if layer._dpe_layout == "both":  # [plain heads | scaled heads] on the head axis
+            new_scaled = rotate_by(key[:, :hkv, n - m :], dpe_delta_positions(pos, scale_f, w, query=False),
+                                   inv_freq, rdim)
+            key[:, hkv:, n - m :].copy_(new_scaled)
+            k_local, local_start, k_far, k_far_plain = key[:, :hkv], 0, key[:, hkv:], key[:, :hkv]
         else:
-            tail = layer._dpe_tail
-            keep = min(n - m, max(w - 1, 0))
-            if keep and (tail is None or tail.shape[2] < keep or tail.shape[0] != bsz):
-                lo = n - m - keep  # rebuild the plain keys of the window from their scaled rotation
-                shift = dpe_delta_positions(key_pos[:, lo : n - m], scale_f, w, query=False)
-                tail = rotate_by(key[:, :, lo : n - m], -shift, inv_freq, rdim)
-            parts = ([tail[:, :, tail.shape[2] - keep :]] if keep else []) + [new_plain]
-            k_local = torch.cat(parts, dim=2) if len(parts) > 1 else new_plain.clone()
-            local_start = n - k_local.shape[2]
-            key[:, :, n - m :].copy_(new_scaled)
+            k_local, local_start = _window_plain_keys(layer, key, pos, key_pos, scale_f, inv_freq, w, rdim)
+            key[:, :, n - m :].copy_(rotate_by(key[:, :, n - m :], dpe_delta_positions(pos, scale_f, w, query=False),
+                                               inv_freq, rdim))
             k_far = key
-            layer._dpe_tail = k_local[:, :, k_local.shape[2] - min(k_local.shape[2], max(w - 1, 0)) :].clone()
         layer._dpe_pending = 0
         layer._dpe_seen = weakref.ref(key)
         if n <= w:
@@ -895,6 +888,40 @@ def dpe_attention_forward(module, query, key, value, attention_mask, dropout: fl
     return out, None
 
 
+def _window_plain_keys(layer, key, pos, key_pos, scale_f, inv_freq, w: int, rdim: int):
+    """The plain keys the local part reads, from a DPE cache layer that keeps keys scaled: the last w - 1 cached
+    ones and the m new ones (still plain in `key`). Returns (k_local, local_start).
+
+    They live in a buffer of the layer with room for w more, so decoding appends in place and copies the window
+    only once every w steps; when the buffer is missing or stale (the cache was cropped, reordered, moved), the
+    window is rebuilt from the scaled keys by the inverse rotation.
+    """
+    bsz, hkv, n, d = key.shape
+    m = pos.shape[1]
+    keep = min(n - m, max(w - 1, 0))
+    new_plain = key[:, :, n - m :]
+    buf, blen = layer._dpe_tail, layer._dpe_tail_len
+    usable = buf is not None and blen >= keep and buf.shape[0] == bsz and buf.device == key.device
+    if usable and m < w and blen + m <= buf.shape[2]:  # decoding: append in place
+        buf[:, :, blen : blen + m] = new_plain
+        layer._dpe_tail_len = blen + m
+        return buf[:, :, blen + m - keep - m : blen + m], n - m - keep
+    if not keep:
+        old = None
+    elif usable:
+        old = buf[:, :, blen - keep : blen]
+    else:  # rebuild the window's plain keys from their scaled rotation
+        lo = n - m - keep
+        shift = dpe_delta_positions(key_pos[:, lo : n - m], scale_f, w, query=False)
+        old = rotate_by(key[:, :, lo : n - m], -shift, inv_freq, rdim)
+    k_local = new_plain.clone() if old is None else torch.cat((old, new_plain), dim=2)
+    tail = k_local[:, :, k_local.shape[2] - min(k_local.shape[2], max(w - 1, 0)) :]
+    buf = key.new_empty(bsz, hkv, max(w - 1, 0) + w, d)
+    buf[:, :, : tail.shape[2]] = tail
+    layer._dpe_tail, layer._dpe_tail_len = buf, tail.shape[2]
+    return k_local, n - k_local.shape[2]
+
+
 def register_dpe_attention() -> None:
     """Register dpe_attention_forward with transformers' AttentionInterface (idempotent)."""
     from transformers import AttentionInterface
@@ -911,7 +938,7 @@ class DPECacheLayerMixin:
     rebuilt from the scaled ones.
     """
 
-    def update(self, key_states, value_states, *args, **kwargs):
+    def update(self, key_states, value_states, *args, **kwargs):  # noqa: D102
         shared = self.__dict__.get("_dpe_shared")
         if shared is None:
             raise DPERuntimeError("a DPE cache layer lost its attention layer")
@@ -923,7 +950,7 @@ class DPECacheLayerMixin:
         if seen is None or seen() is not getattr(self, "keys", None):
             self._dpe_tail = None
         if self._dpe_layout == "both":
-            key_states = torch.cat((key_states, key_states), dim=-1)  # [plain | scaled], the latter filled later
+            key_states = torch.cat((key_states, key_states), dim=1)  # [plain | scaled] heads, the latter filled later
         keys, values = super().update(key_states, value_states, *args, **kwargs)
         self._dpe_pending = key_states.shape[-2]
         state.set_pending(self)
@@ -945,6 +972,7 @@ def _dpe_cache_layer(layer, state: DPELayerState):
     layer._dpe_shared = _Shared(state)
     layer._dpe_pending = 0
     layer._dpe_tail = None
+    layer._dpe_tail_len = 0
     layer._dpe_seen = None
     layer._dpe_layout = state.layout
     return layer

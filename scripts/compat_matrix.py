@@ -120,6 +120,13 @@ def run_checks(version: str, target: Path, tests: list[str], timeout: float) -> 
     }
 
 
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| transformers | result | checks passed | failed | seconds |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['release']} | {r['result']} | {r['passed']} | {r['failed'] + r['error']} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--releases", help="comma-separated releases (default: newest patch of every 5.x minor)")
@@ -127,7 +134,17 @@ def main(argv=None) -> int:
     ap.add_argument("--root", type=Path, default=REPO / ".compat", help="where the per-release installs go")
     ap.add_argument("--jsonl", type=Path, help="append one JSON line per release here (e.g. benchmarks/results/compat.jsonl)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per release")
+    ap.add_argument("--table-from", type=Path, metavar="JSONL",
+                    help="print the Markdown table of a --jsonl file (the last line per release) and exit")
     args = ap.parse_args(argv)
+    if args.table_from:
+        last = {}
+        for line in args.table_from.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                last[row["release"]] = row
+        print(markdown_table([last[v] for v in sorted(last, key=_key)]))
+        return 0
 
     releases = available_releases()
     chosen = resolve(args.releases.split(","), releases) if args.releases else newest_per_minor(releases)
@@ -145,9 +162,7 @@ def main(argv=None) -> int:
             args.jsonl.parent.mkdir(parents=True, exist_ok=True)
             with args.jsonl.open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps({**row, "date": time.strftime("%Y-%m-%d")}) + "\n")
-    print("\n| transformers | result | tests passed | failed |\n|---|---|---:|---:|")
-    for r in rows:
-        print(f"| {r['release']} | {r['result']} | {r['passed']} | {r['failed'] + r['error']} |")
+    print("\n" + markdown_table(rows))
     return 0 if all(r["result"] == "pass" for r in rows) else 1
 
 

@@ -211,7 +211,7 @@ def test_dpe_cache_layers_hold_about_the_base_models_bytes(export):
     base_bytes = 2 * 2 * n * 2 * 16 * 4  # layers x (k, v) x n x kv heads x head_dim x fp32
     held = 0
     for layer in cache.layers:
-        for t in (layer.keys, layer.values, getattr(layer, "_dpe_tail", None)):
+        for t in (layer.keys, layer.values, getattr(layer, "_dpe_tail", None)):  # the window buffer counts whole
             held += 0 if t is None else t.numel() * t.element_size()
     ratio = held / base_bytes
     if model.dpe_selected_dims is None:
