@@ -659,6 +659,7 @@ def write_model_card(
     calibration: Optional[dict[str, Any]] = None,
     eval_records: Optional[Sequence[dict[str, Any]]] = None,
     export_dir=None,
+    gguf: Optional[dict[str, Any]] = None,
 ) -> str:
     """Write README.md (and its images) into out_dir; return the card text.
 
@@ -678,6 +679,7 @@ def write_model_card(
         info, params, selected, base_model=base_model, model_name=model_name, repo_id=repo_id,
         calibration=calibration, eval_records=eval_records, images=images, export_dir=export_dir,
     )
+    variables["gguf"] = gguf
     text = render_template(model_card_template_path(), variables, CARD_FILTERS)
     (Path(out_dir) / MODEL_CARD_FILE).write_text(text, encoding="utf-8")
     return text

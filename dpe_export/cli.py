@@ -47,6 +47,11 @@ Examples:
   dpe-export convert ./my-llama -o ./out --preset meta-llama-3-8b-instruct --calibration runs/calibration.json \\
       --push --repo-id my-org/my-llama-dpe
 
+MODEL is a Hub repo id (downloaded into the Hugging Face cache), a local checkpoint directory, or a .gguf
+file (dequantized to safetensors):
+  dpe-export convert --model meta-llama/Llama-3.1-8B-Instruct -o llama31-dpe --preset meta-llama-3.1-8b-instruct
+  dpe-export convert --model ./model-Q4_K_M.gguf -o ./model-dpe --window 1024 --scale-factors 2,8,2,8
+
 Supported families: llama, mistral (full attention only), qwen2. The weights must be safetensors
 (model.safetensors or a sharded index); pickled checkpoints are refused, never loaded.
 """
@@ -219,8 +224,49 @@ def main(ctx: click.Context) -> None:
         click.echo(ctx.get_help())
 
 
+SOURCE_HELP = ("The base model: a Hub repo id ORG/NAME (its safetensors, config and tokenizer are downloaded into "
+               "the Hugging Face cache; HF_TOKEN or `hf auth login` for gated and private repos; HF_HUB_OFFLINE=1 "
+               "uses the cache only), a local checkpoint directory (or cache snapshot), or a .gguf file "
+               "(dequantized to safetensors). Same as the positional MODEL.")
+
+
+def _model_source_options(f):
+    """MODEL (positional) or --model SOURCE, with --model-revision and --gguf-file: declared once, for every
+    command that reads a base model."""
+    f = click.option("--gguf-file", metavar="NAME",
+                     help="With --model DIR: the .gguf file inside DIR to read.")(f)
+    f = click.option("--model-revision", metavar="REV",
+                     help="With a Hub repo id: the branch, tag or commit to download. Default: main.")(f)
+    f = click.option("--model", "model_source", metavar="SOURCE", help=SOURCE_HELP)(f)
+    return click.argument("model_dir", metavar="[MODEL]", required=False)(f)
+
+
+def _open_model(model_dir, model_source, model_revision, gguf_file, dtype=None, workdir=None, required=True):
+    """The resolved base model (a local directory), removed again when the command ends when temporary."""
+    from dpe_export import sources
+
+    if model_dir is not None and model_source is not None:
+        raise click.UsageError("give the model once: as MODEL or as --model SOURCE")
+    spec = model_source if model_source is not None else model_dir
+    if spec is None:
+        if not required:
+            return None
+        raise click.UsageError(f"give --model SOURCE ({sources.describe_sources()})")
+    source = sources.resolve_model(spec, revision=model_revision, gguf_file=gguf_file, dtype=dtype, workdir=workdir)
+    click.get_current_context().call_on_close(source.cleanup)
+    if source.kind == "gguf":
+        click.echo(f"Read {spec} ({source.gguf['architecture']}, {source.gguf['quantization']}): dequantized to "
+                   f"{source.gguf['dtype']} safetensors", err=True)
+    return source
+
+
 @main.command("convert", epilog=CONVERT_EPILOG)
-@click.argument("model_dir", metavar="MODEL_DIR", type=click.Path(path_type=Path))
+@_model_source_options
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True,
+              help="With a .gguf source: the float type the dequantized weights are written in. auto: bfloat16 "
+                   "for quantized weights, else the GGUF's own float type. Other sources keep their weights as "
+                   "they are.")
 @click.option(
     "-o", "--output", required=True, type=click.Path(path_type=Path), metavar="OUT",
     help="Directory to write the DPE checkpoint to. Must not exist or be empty, unless --overwrite is given.",
@@ -320,7 +366,11 @@ def main(ctx: click.Context) -> None:
     "--dry-run", is_flag=True, help="With --push: export, then list what would be uploaded, without uploading."
 )
 def convert_command(
-    model_dir: Path,
+    model_dir: Optional[str],
+    model_source: Optional[str],
+    model_revision: Optional[str],
+    gguf_file: Optional[str],
+    dtype: Optional[str],
     output: Path,
     preset: Optional[str],
     window: Optional[int],
@@ -362,6 +412,10 @@ def convert_command(
     if push and not repo_id:
         raise click.UsageError("--push needs --repo-id ORG/NAME")
     _setup_logging()
+    if model_dir is None and model_source is None:
+        from dpe_export import sources
+
+        raise click.UsageError(f"give --model SOURCE ({sources.describe_sources()})")
     card_inputs = _card_inputs(calibration_file, eval_json)
     if base_model is not None:
         from dpe_export.card import hub_id_or_none
@@ -378,6 +432,13 @@ def convert_command(
     _quiet_transformers()
     from dpe_export import export
     from dpe_export.presets import load_preset
+
+    source = _open_model(model_dir, model_source, model_revision, gguf_file, dtype, workdir=Path(output).parent)
+    model_dir = source.path
+    if base_model is None:
+        base_model = source.hub_id
+    if source.kind == "gguf":
+        card_inputs["gguf"] = source.gguf
 
     chosen = load_preset(preset) if preset else None
     calibration, calibration_from = None, None
@@ -646,7 +707,7 @@ def _depth_list(ctx: click.Context, param: click.Parameter, value: Optional[str]
 
 
 @main.command("eval", epilog=EVAL_EPILOG)
-@click.argument("model_dir", metavar="MODEL", type=click.Path(path_type=Path))
+@_model_source_options
 @click.option("--task", type=click.Choice(["passkey", "niah", "ppl"]), default="passkey", show_default=True,
               help="passkey: one 5-digit pass key hidden in filler; niah: several 6-digit needles per context, "
               "each asked for in turn (score: fraction retrieved); ppl: perplexity of held-out text.")
@@ -690,7 +751,8 @@ def eval_command(
     model_dir: Path, task: str, lengths: list[int], samples: int, depths: Optional[list[float]],
     needles: Optional[int], method: str, haystack: Optional[Path], json_out: Optional[Path],
     plot_out: Optional[Path], seed: int, batch_size: int, device: str, dtype: str, attn: str, device_map: Optional[str],
-    trust_remote_code: bool, no_progress: bool,
+    trust_remote_code: bool, no_progress: bool, model_source: Optional[str] = None,
+    model_revision: Optional[str] = None, gguf_file: Optional[str] = None,
 ) -> None:
     """Evaluate MODEL on pass-key retrieval, multi-needle NIAH or perplexity at the given lengths.
 
@@ -712,8 +774,12 @@ def eval_command(
     spec = parse_method(method)
     if plot_out is not None:
         report.require_matplotlib()
+    import tempfile
+
+    source = _open_model(model_dir, model_source, model_revision, gguf_file, dtype,
+                         workdir=Path(tempfile.gettempdir()))
     result = evaluate.run_eval(
-        model_dir, task, lengths, samples=samples, depths=depths,
+        source.path, task, lengths, samples=samples, depths=depths,
         needles=evaluate.DEFAULT_NEEDLES if needles is None else needles, method=spec, haystack=haystack,
         seed=seed, batch_size=batch_size, device=device, dtype=dtype, attn=attn, progress=not no_progress,
         device_map=device_map, trust_remote_code=trust_remote_code,
@@ -742,7 +808,7 @@ A killed run resumes where it stopped: every finished (group, scale) cell is alr
 
 
 @main.command("calibrate", epilog=CALIBRATE_EPILOG)
-@click.argument("model_dir", metavar="MODEL_DIR", type=click.Path(path_type=Path), required=False)
+@_model_source_options
 @click.option("-d", "--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
               help="Where the plan, the per-cell results (cells*.jsonl), dim_scores.safetensors and "
               "calibration.json go. Re-running with the same settings resumes.")
@@ -779,9 +845,9 @@ A killed run resumes where it stopped: every finished (group, scale) cell is alr
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               show_default=True)
 @_device_map_option
-def calibrate_command(model_dir, output_dir, target_length, window, num_groups, dimension_groups, topk,
-                      pretrain_length, samples, needles, metric, seed, shard, merge, haystack, batch_size, device,
-                      dtype, device_map):
+def calibrate_command(model_dir, model_source, model_revision, gguf_file, output_dir, target_length, window,
+                      num_groups, dimension_groups, topk, pretrain_length, samples, needles, metric, seed, shard,
+                      merge, haystack, batch_size, device, dtype, device_map):
     """Find each frequency group's scale factor on the model itself.
 
     Stage 1 (with --topk): score every (layer, head, frequency) by its 2-norm attention contribution on
@@ -796,10 +862,11 @@ def calibrate_command(model_dir, output_dir, target_length, window, num_groups, 
     if merge:
         result = calibrate.merge(output_dir)
     else:
-        if model_dir is None or target_length is None:
-            raise click.UsageError("give MODEL_DIR and --target-length (or --merge to join shards)")
+        if (model_dir is None and model_source is None) or target_length is None:
+            raise click.UsageError("give --model SOURCE and --target-length (or --merge to join shards)")
         _quiet_transformers()
-        result = _run_calibration(model_dir, output_dir, target_length=target_length, window=window,
+        source = _open_model(model_dir, model_source, model_revision, gguf_file, dtype, workdir=output_dir)
+        result = _run_calibration(source.path, output_dir, target_length=target_length, window=window,
                                   num_groups=num_groups, dimension_groups=dimension_groups, top_k=topk,
                                   pretrain_length=pretrain_length, samples=samples, needles=needles, metric=metric,
                                   seed=seed,

@@ -427,7 +427,7 @@ def foreign_entries(folder: Path) -> Optional[str]:
     return None
 
 
-_STAGING = re.compile(r"^\.(?P<name>.+)\.dpe-export-(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
+_STAGING = re.compile(r"^\.(?P<name>.+)\.dpe-export-(?P<kind>tmp|old|src)-(?P<pid>\d+)-[0-9a-f]{8}$")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -449,7 +449,7 @@ def clean_stale_staging(output: Path) -> list[Path]:
         return removed
     for entry in sorted(parent.iterdir()):
         m = _STAGING.match(entry.name)
-        if not m or m.group("name") != output.name or _pid_alive(int(m.group("pid"))):
+        if not m or (m.group("name") != output.name and m.group("kind") != "src") or _pid_alive(int(m.group("pid"))):
             continue
         if entry.is_symlink() or not entry.is_dir():
             continue
@@ -833,6 +833,7 @@ def convert(
     repo_id: Optional[str] = None,
     calibration: Optional[dict[str, Any]] = None,
     eval_records: Optional[Sequence[dict[str, Any]]] = None,
+    gguf: Optional[dict[str, Any]] = None,
 ) -> Path:
     """Export `model_dir` as a DPE checkpoint at `output`; return the output path.
 
@@ -873,7 +874,7 @@ def convert(
         staging = make_staging_dir(output)
         write_export(
             info, params, selected, staging, link=link, base_model=base_model, model_name=output.name,
-            repo_id=repo_id, calibration=calibration, eval_records=eval_records, export_dir=output,
+            repo_id=repo_id, calibration=calibration, eval_records=eval_records, export_dir=output, gguf=gguf,
         )
         publish(staging, output, overwrite)
     except BaseException:
@@ -949,6 +950,7 @@ def write_export(
     calibration: Optional[dict[str, Any]] = None,
     eval_records: Optional[Sequence[dict[str, Any]]] = None,
     export_dir: Optional[Path] = None,
+    gguf: Optional[dict[str, Any]] = None,
 ) -> None:
     """Write every file of the export into `out_dir`; the weights last, as they take longest."""
     write_config(info, params, out_dir)
@@ -959,7 +961,7 @@ def write_export(
 
     card.write_model_card(
         info, params, selected, out_dir, base_model=base_model, model_name=model_name, repo_id=repo_id,
-        calibration=calibration, eval_records=eval_records, export_dir=export_dir or out_dir,
+        calibration=calibration, eval_records=eval_records, export_dir=export_dir or out_dir, gguf=gguf,
     )
     copy_tokenizer_files(info.model_dir, out_dir)
     copy_license_files(info.model_dir, out_dir)

@@ -71,6 +71,7 @@ class StoredFile:
 class Repo:
     repo_id: str
     private: bool
+    gated: bool = False
     branches: dict[str, dict[str, StoredFile]] = field(default_factory=dict)
     heads: dict[str, str] = field(default_factory=dict)
     commits: list[dict[str, Any]] = field(default_factory=list)
@@ -91,7 +92,10 @@ class FakeHub:
         self.requests: list[tuple[str, str]] = []  # (method, path)
         self.content_bytes_received = 0  # file content: LFS PUT bodies and base64-decoded regular files
         self.lfs_puts: list[str] = []
-        self.downloads: list[tuple[str, str]] = []  # (branch, path) served by resolve
+        self.downloads: list[tuple[str, str]] = []  # (branch, path) served whole by resolve
+        self.range_headers: list = []
+        self.range_requests: list[tuple[str, int]] = []  # (path, first byte) of resumed downloads
+        self.cut_downloads: dict[str, int] = {}  # path -> bytes sent before the connection drops (once)
         self.fail_commits = 0
         self.lock = threading.Lock()
         self._server: Optional[ThreadingHTTPServer] = None
@@ -138,6 +142,17 @@ class FakeHub:
         return self._endpoint
 
     # -- inspection ------------------------------------------------------------------------------------------
+
+    def add_repo(self, repo_id: str, files: dict[str, bytes], *, private: bool = False, gated: bool = False,
+                 branch: str = "main") -> str:
+        """Seed a repo directly (as if pushed); *.safetensors and *.gguf are stored as LFS files. Returns the
+        head commit of `branch`."""
+        with self.lock:
+            repo = self.repos.setdefault(repo_id, Repo(repo_id, private, gated))
+            repo.branches[branch] = {name: StoredFile(data, lfs=name.endswith((".safetensors", ".gguf")))
+                                     for name, data in files.items()}
+            repo.heads[branch] = hashlib.sha1(f"{repo_id}{branch}{len(files)}{time.time_ns()}".encode()).hexdigest()
+            return repo.heads[branch]
 
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         return {p: f.content for p, f in self.repos[repo_id].branches[revision].items()}
@@ -200,6 +215,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(2)
         except OSError:
             pass
+
+    def _token_ok(self) -> bool:
+        auth = self.headers.get("Authorization", "")
+        token = auth[7:] if auth.startswith("Bearer ") else None
+        return token in self.hub.tokens or token in self.hub.read_only_tokens
 
     def _auth(self, write: bool) -> bool:
         auth = self.headers.get("Authorization", "")
@@ -281,13 +301,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, {"errors": [], "warnings": []})
 
     def _repo(self, repo: str, revision: Optional[str] = None, write: bool = False):
-        if not self._auth(write=write):
-            return None
         r = self.hub.repos.get(repo)
+        anonymous_read = not write and r is not None and not r.private and not r.gated
+        if r is not None and r.gated and not write and not self._token_ok():
+            self._error(401, f"Access to model {repo} is restricted. You must have access to it and be "
+                             "authenticated to access it. Please log in.", "GatedRepo")
+            return None
+        if not anonymous_read and not self._auth(write=write):
+            return None
         if r is None:
             self._error(404, "Repository not found", "RepoNotFound")
             return None
-        if revision is not None and revision not in r.branches:
+        if revision is not None and _branch_of(r, revision) is None:
             self._error(404, f"Invalid rev id: {revision}", "RevisionNotFound")
             return None
         return r
@@ -304,9 +329,20 @@ class _Handler(BaseHTTPRequestHandler):
         if f is None:
             return self._error(404, f"Entry not found: {path}", "EntryNotFound")
         etag = hashlib.sha256(f.content).hexdigest() if f.lfs else git_oid(f.content)
-        self.send_response(200)
+        start = 0
+        with self.hub.lock:
+            self.hub.range_headers.append((self.command, path, self.headers.get("Range")))
+        rng = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", "") or "")
+        if rng and self.command == "GET":
+            start = min(int(rng.group(1)), len(f.content))
+            with self.hub.lock:
+                self.hub.range_requests.append((path, start))
+        body = f.content[start:]
+        self.send_response(206 if start else 200)
         self.send_header("Content-Type", "application/octet-stream")
-        self.send_header("Content-Length", str(len(f.content)))
+        self.send_header("Content-Length", str(len(body)))
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(f.content) - 1}/{len(f.content)}")
         self.send_header("ETag", f'"{etag}"')
         self.send_header("X-Repo-Commit", r.heads[branch])
         if f.lfs:
@@ -314,16 +350,23 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("X-Linked-Size", str(len(f.content)))
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(f.content)
-        with self.hub.lock:
-            self.hub.downloads.append((branch, path))
+            with self.hub.lock:
+                cut = self.hub.cut_downloads.pop(path, None)
+            if cut is not None:  # the connection drops after `cut` bytes, as a flaky network would
+                self.wfile.write(body[:cut])
+                self.wfile.flush()
+                return self._drop()
+            self.wfile.write(body)
+            with self.hub.lock:
+                self.hub.downloads.append((branch, path))
 
     def repo_info(self, body, query, repo: str, rev: str = "main", **_):
         r = self._repo(repo, rev)
         if r is None:
             return
+        rev = _branch_of(r, rev)
         files = r.branches[rev]
-        self._send(200, {"id": r.repo_id, "sha": r.heads[rev], "private": r.private,
+        self._send(200, {"id": r.repo_id, "sha": r.heads[rev], "private": r.private, "gated": r.gated,
                          "siblings": [{"rfilename": p} for p in sorted(files)]})
 
     def create_branch(self, body, query, repo: str, branch: str, **_):
@@ -341,6 +384,7 @@ class _Handler(BaseHTTPRequestHandler):
         r = self._repo(repo, rev)
         if r is None:
             return
+        rev = _branch_of(r, rev)
         prefix = path.strip("/")
         entries = [f.tree_entry(p) for p, f in sorted(r.branches[rev].items())
                    if not prefix or p.startswith(prefix + "/")]
@@ -431,6 +475,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.hub.content_bytes_received += received
         self._send(200, {"commitUrl": f"{self.hub.endpoint}/{r.repo_id}/commit/{oid}", "commitOid": oid,
                          "pullRequestUrl": None})
+
+
+def _branch_of(r: Repo, rev: str) -> Optional[str]:
+    """The branch a revision names: a branch name, or a branch's head commit."""
+    if rev in r.branches:
+        return rev
+    return next((b for b, h in r.heads.items() if h == rev), None)
 
 
 ROUTES = [

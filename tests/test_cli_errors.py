@@ -42,7 +42,7 @@ def write_scores(path: Path, shape=(2, 4, 8), name="scores", values=None) -> Pat
 def test_missing_model_dir(run_cli, tmp_path):
     out = tmp_path / "out"
     r = run_cli("convert", tmp_path / "no-such-model", "-o", out, *W, *S)
-    assert_clean_failure(r, out, "model directory not found", "no-such-model")
+    assert_clean_failure(r, out, "no such file or directory", "no-such-model")
 
 
 def test_model_dir_without_config(run_cli, tmp_path):
@@ -296,7 +296,7 @@ def test_output_is_the_model_dir(run_cli, llama_dir, tmp_path):
 def test_subprocess_missing_model_dir(run_cli_subprocess, tmp_path):
     out = tmp_path / "out"
     r = run_cli_subprocess("convert", tmp_path / "missing", "-o", out, *W, *S)
-    assert_clean_failure(r, out, "model directory not found")
+    assert_clean_failure(r, out, "no such file or directory")
 
 
 def test_subprocess_model_without_rope(run_cli_subprocess, gpt2_dir, tmp_path):

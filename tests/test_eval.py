@@ -460,7 +460,7 @@ def test_cli_eval_on_an_export_and_method_refused(run_cli, llama_dir, tmp_path):
 
 
 def test_cli_eval_bad_input(run_cli, llama_dir, tmp_path):
-    assert_one_line_error(run_cli("eval", tmp_path / "nope", "--lengths", "64"), "model directory not found",
+    assert_one_line_error(run_cli("eval", tmp_path / "nope", "--lengths", "64"), "no such file or directory",
                           exit_code=1)
     assert_one_line_error(run_cli("eval", llama_dir, "--lengths", "abc"), "--lengths", exit_code=2)
     assert_one_line_error(run_cli("eval", llama_dir, "--lengths", "64,-3"), "--lengths", exit_code=2)
