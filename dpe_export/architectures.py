@@ -1,12 +1,13 @@
 """Supported model families, as data.
 
 Each entry names the transformers classes the generated modeling file builds on and the class-name prefix
-of the DPE classes it defines. Adding a RoPE family whose attention follows the Llama layout is one entry here
-(plus whatever the modeling template needs).
+of the DPE classes it defines. Adding a RoPE family whose attention goes through transformers' attention
+interface is one `family(...)` line here; the tests build a tiny model of every entry (tests/test_families.py).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 from dpe_export.errors import DPEExportError
 from dpe_export.resources import load_dpe_core
@@ -14,14 +15,21 @@ from dpe_export.resources import load_dpe_core
 
 @dataclass(frozen=True)
 class Architecture:
-    """How one transformers model family maps onto the generated DPE modeling code."""
+    """How one transformers model family maps onto the generated DPE modeling code.
+
+    Families whose attention goes through transformers' attention interface need nothing else: DPE runs as an
+    attention function inside the family's own forward (its projections, q/k norms, RoPE and cache).
+    """
 
     model_type: str  # config.model_type
     display_name: str  # for messages and model cards
     transformers_module: str  # module that defines the classes below
     causal_lm_class: str  # e.g. LlamaForCausalLM
     model_class: str  # the base model, e.g. LlamaModel
-    dpe_prefix: str  # generated classes: <dpe_prefix>ForCausalLM, <dpe_prefix>Attention, ...
+    dpe_prefix: str  # generated classes: <dpe_prefix>ForCausalLM, <dpe_prefix>Model
+    # Config values that make the tiny random model the tests build from this entry meaningful (e.g. a
+    # full-attention layer among sliding ones). Not used outside the tests.
+    test_config: tuple = ()
 
     @property
     def dpe_causal_lm_class(self) -> str:
@@ -32,36 +40,46 @@ class Architecture:
         d = asdict(self)
         d["family"] = d.pop("model_type")
         d.pop("display_name")
+        d.pop("test_config")
         return d
+
+
+def family(model_type: str, name: str, *, module: Optional[str] = None, causal_lm: Optional[str] = None,
+           base: Optional[str] = None, display: Optional[str] = None, test_config: tuple = ()) -> Architecture:
+    """A registry entry from the family's class-name stem, for the usual transformers layout
+    (transformers.models.<type>.modeling_<type>: <Name>ForCausalLM, <Name>Model); irregular ones say so."""
+    module = module or model_type
+    return Architecture(
+        model_type=model_type,
+        display_name=display or name,
+        transformers_module=f"transformers.models.{module}.modeling_{module}",
+        causal_lm_class=causal_lm or f"{name}ForCausalLM",
+        model_class=base or f"{name}Model",
+        dpe_prefix=f"DPE{name}",
+        test_config=test_config,
+    )
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a
     for a in (
-        Architecture(
-            model_type="llama",
-            display_name="Llama",
-            transformers_module="transformers.models.llama.modeling_llama",
-            causal_lm_class="LlamaForCausalLM",
-            model_class="LlamaModel",
-            dpe_prefix="DPELlama",
-        ),
-        Architecture(
-            model_type="mistral",
-            display_name="Mistral",
-            transformers_module="transformers.models.mistral.modeling_mistral",
-            causal_lm_class="MistralForCausalLM",
-            model_class="MistralModel",
-            dpe_prefix="DPEMistral",
-        ),
-        Architecture(
-            model_type="qwen2",
-            display_name="Qwen2",
-            transformers_module="transformers.models.qwen2.modeling_qwen2",
-            causal_lm_class="Qwen2ForCausalLM",
-            model_class="Qwen2Model",
-            dpe_prefix="DPEQwen2",
-        ),
+        family("llama", "Llama"),
+        family("mistral", "Mistral", test_config=(("sliding_window", None),)),
+        family("qwen2", "Qwen2"),
+        family("qwen3", "Qwen3"),
+        family("qwen3_moe", "Qwen3Moe", display="Qwen3-MoE",
+               test_config=(("num_experts", 4), ("num_experts_per_tok", 2), ("moe_intermediate_size", 32))),
+        family("gemma3_text", "Gemma3", module="gemma3", base="Gemma3TextModel", display="Gemma 3",
+               test_config=(("layer_types", ("sliding_attention", "full_attention")), ("sliding_window", 8),
+                            ("query_pre_attn_scalar", 24))),
+        family("gemma2", "Gemma2", display="Gemma 2",
+               test_config=(("sliding_window", 8), ("attn_logit_softcapping", 20.0), ("query_pre_attn_scalar", 24))),
+        family("phi3", "Phi3"),
+        family("olmo2", "Olmo2", display="OLMo 2"),
+        family("granite", "Granite", test_config=(("attention_multiplier", 0.2),)),
+        family("starcoder2", "Starcoder2", display="StarCoder2"),
+        family("gpt_neox", "GPTNeoX", display="GPT-NeoX", test_config=(("rotary_pct", 0.5),)),
+        family("stablelm", "StableLm", display="StableLM", test_config=(("partial_rotary_factor", 0.5),)),
     )
 }
 

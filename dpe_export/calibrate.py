@@ -492,7 +492,7 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
     import torch
 
     from dpe_export import methods
-    from dpe_export.export import head_dim_of, load_base_config
+    from dpe_export.export import load_base_config
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     raw, is_export = methods.check_eval_model(model_dir)
@@ -504,7 +504,10 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
 
     get_architecture(config)
     L = pretrain_length or config.max_position_embeddings
-    plan = make_plan(model_dir, target_length=target_length, window=window, num_freqs=head_dim_of(config) // 2,
+    from dpe_export.resources import load_dpe_core
+
+    plan = make_plan(model_dir, target_length=target_length, window=window,
+                     num_freqs=load_dpe_core().rotary_dim_of(config) // 2,
                      pretrain_length=L, dimension_groups=dimension_groups, num_groups=num_groups, top_k=top_k,
                      samples=samples, needles=needles, seed=seed, metric=metric)
     tokenizer = methods.load_tokenizer(model_dir)  # before the weights: a model without one fails fast

@@ -602,8 +602,8 @@ def card_variables(
     from dpe_export.selection import describe_selection
 
     config = info.config
-    rope = getattr(config, "rope_parameters", None) or {}
-    theta = rope.get("rope_theta", getattr(config, "rope_theta", None)) if isinstance(rope, dict) else None
+    rope = load_dpe_core().rope_parameters_of(config)  # the full-attention layers' (per layer type where it differs)
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
     raw_config = None
     try:
         raw_config = json.loads((Path(info.model_dir) / "config.json").read_text(encoding="utf-8"))
@@ -620,9 +620,12 @@ def card_variables(
         "family": info.architecture.display_name,
         "dpe_causal_lm_class": info.architecture.dpe_causal_lm_class,
         "params": params,
-        "groups": group_rows(params, info.head_dim, theta, selected),
+        "groups": group_rows(params, 2 * info.num_freqs, theta, selected),
         "has_selection": selected is not None,
         "head_dim": info.head_dim,
+        "rotary_dim": 2 * info.num_freqs,
+        "num_layers": info.num_layers,
+        "dpe_layers": load_dpe_core().full_attention_layers(config),
         "num_freqs": info.num_freqs,
         "selection": describe_selection(selected),
         "rope_type": rope.get("rope_type", "default") if isinstance(rope, dict) else "default",

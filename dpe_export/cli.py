@@ -492,7 +492,7 @@ def convert_command(
     if dim_scores is not None:
         from dpe_export.selection import load_dim_scores, top_k_mask
 
-        scores = load_dim_scores(dim_scores, info.num_layers, info.num_heads, info.head_dim)
+        scores = load_dim_scores(dim_scores, info.num_layers, info.num_heads, 2 * info.num_freqs)
         selected = top_k_mask(scores, topk)
     if chosen is not None and chosen.model_type and chosen.model_type != info.architecture.model_type:
         logging.getLogger("dpe_export").warning(

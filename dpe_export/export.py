@@ -75,10 +75,11 @@ class ModelInfo:
     num_heads: int
     max_position_embeddings: int
     weight_files: list[str]  # names relative to model_dir: the index (if any) and the safetensors files
+    rotary_dim: int = 0  # R: the head dims that rotate (head_dim unless the family rotates only part)
 
     @property
     def num_freqs(self) -> int:
-        return self.head_dim // 2
+        return (self.rotary_dim or self.head_dim) // 2
 
 
 def inspect_model(model_dir) -> ModelInfo:
@@ -106,6 +107,7 @@ def inspect_model(model_dir) -> ModelInfo:
         num_heads=int(config.num_attention_heads),
         max_position_embeddings=max_pos,
         weight_files=weight_files,
+        rotary_dim=load_dpe_core().rotary_dim_of(config),
     )
 
 
@@ -340,7 +342,7 @@ def resolve_params(params, info: ModelInfo, selected=None):
         selected_dims=dpe_core.SELECTED_DIMS_FILENAME if selected is not None else None,
     )
     try:
-        resolved.validate(info.head_dim)
+        resolved.validate(2 * info.num_freqs)
     except ValueError as e:
         raise DPEExportError(f"invalid DPE parameters: {e}") from None
     return resolved

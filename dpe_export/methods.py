@@ -139,7 +139,8 @@ def parse_method(spec: Optional[str]) -> MethodSpec:
 
 
 def _head_dim(config) -> int:
-    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    """Twice the number of rotary frequencies (the head dimension, unless only part of it rotates)."""
+    return load_dpe_core().rotary_dim_of(config)
 
 
 def base_rope_parameters(config) -> dict[str, Any]:

@@ -194,25 +194,54 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def rope_parameters_of(config, layer_type: Optional[str] = None) -> dict:
+    """The RoPE parameters of one layer type (families like Gemma 3 keep one dict per layer type)."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and rope and all(isinstance(v, dict) or v is None for v in rope.values()):
+        rope = rope.get(layer_type or "full_attention") or {}
+    return rope if isinstance(rope, dict) else {}
+
+
+def rotary_dim_of(config) -> int:
+    """R: how many of the head dims rotate (partial rotary embeddings rotate the first R only)."""
+    head_dim = head_dim_of(config)
+    rope = rope_parameters_of(config)
+    factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
+    if factor is None:
+        factor = getattr(config, "rotary_pct", None) or 1.0
+    dim = int(head_dim * float(factor))
+    return dim - dim % 2
+
+
+def full_attention_layers(config) -> list[int]:
+    """The layers DPE applies to: full attention (sliding-window and chunked layers keep the base's)."""
+    n = int(config.num_hidden_layers)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return [i for i in range(n) if layer_types[i] == "full_attention"]
+    sliding = getattr(config, "sliding_window", None)
+    if sliding is not None and getattr(config, "use_sliding_window", True) is not False:
+        return []
+    return list(range(n))
+
+
 def check_supported_config(config) -> None:
     """Raise ValueError naming the reason when a model config cannot run DPE attention."""
-    rope = getattr(config, "rope_parameters", None) or {}
+    rope = rope_parameters_of(config)
     if not rope and getattr(config, "rope_theta", None) is None:
         raise ValueError(f"model type {getattr(config, 'model_type', '?')!r} has no rotary position embeddings (RoPE)")
-    if isinstance(rope, dict) and rope and all(isinstance(v, dict) for v in rope.values()):
-        raise ValueError("per-layer-type RoPE parameters are not supported yet")
-    theta = rope.get("rope_theta", getattr(config, "rope_theta", None)) if isinstance(rope, dict) else None
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
     if theta is not None and (isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0
                               or theta == float("inf")):
         raise ValueError(f"rope_theta must be a positive number, got {theta!r}")
-    partial = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) or 1.0
-    if float(partial) < 1.0:
-        raise ValueError(f"partial rotary embeddings (partial_rotary_factor={partial}) are not supported yet")
-    layer_types = getattr(config, "layer_types", None) or []
-    if getattr(config, "sliding_window", None) is not None or "sliding_attention" in layer_types:
+    if rope.get("rope_type") in ("mrope", "3d", "m_rope"):
+        raise ValueError(f"multimodal RoPE ({rope.get('rope_type')}) is not supported")
+    if rotary_dim_of(config) < 2:
+        raise ValueError("no dimension of the attention heads rotates")
+    if not full_attention_layers(config):
         raise ValueError(
-            f"sliding-window attention is enabled (sliding_window={getattr(config, 'sliding_window', None)}); "
-            "only full-attention models are supported yet (set sliding_window to null if the model does not use it)"
+            f"every layer uses sliding-window attention (sliding_window={getattr(config, 'sliding_window', None)}); "
+            "DPE applies to full-attention layers (set sliding_window to null if the model does not use it)"
         )
 
 
@@ -585,7 +614,9 @@ def _dpe_attention_materialized(q_plain, q_scaled, k_local, local_start, k_far, 
 class DPELayerState:
     """What one DPE attention layer needs at run time; its DPE cache layers point at it too."""
 
-    def __init__(self, params: DPEParams, decoder, layer_idx: int, rotary_dim: int, first: bool):
+    def __init__(self, params: DPEParams, decoder, layer_idx: int, rotary_dim: int, first: bool,
+                 layer_type: str = "full_attention"):
+        self.layer_type = layer_type
         self.window = int(params.local_window_size)
         self.scale_list = params.scale_per_frequency().tolist()  # a list: this may run on the meta device
         self.layer_idx = layer_idx
@@ -611,9 +642,14 @@ class DPELayerState:
         """The inverse frequencies the family's rotary embedding is using now (dynamic RoPE updates them)."""
         decoder = self._decoder()
         rotary = getattr(decoder, "rotary_emb", None)
-        inv = getattr(rotary, "inv_freq", None)
+        inv = getattr(rotary, f"{self.layer_type}_inv_freq", None)  # one per layer type (Gemma 3)
+        if inv is None:
+            inv = getattr(rotary, "inv_freq", None)
         if inv is None:
             raise DPERuntimeError("the model's rotary embedding (rotary_emb.inv_freq) is gone")
+        if 2 * inv.shape[-1] != self.rotary_dim:
+            raise DPERuntimeError(f"the rotary embedding has {inv.shape[-1]} frequencies, DPE expects "
+                                  f"{self.rotary_dim // 2}")
         return inv
 
     def base_implementation(self) -> str:
@@ -1058,13 +1094,6 @@ def output_cache(outputs):
     return None
 
 
-def _is_full_attention_layer(config, idx: int) -> bool:
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types:
-        return layer_types[idx] == "full_attention"
-    return getattr(config, "sliding_window", None) is None or getattr(config, "use_sliding_window", True) is False
-
-
 def _dpe_subclass(base: type, mixin: type) -> type:
     if issubclass(base, mixin):
         return base
@@ -1082,24 +1111,24 @@ def install_dpe(model, params: DPEParams, model_class: Optional[type] = None) ->
     register_dpe_attention()
     config = model.config
     check_supported_config(config)
-    head_dim = head_dim_of(config)
-    params.validate(head_dim)
+    rotary_dim = rotary_dim_of(config)
+    params.validate(rotary_dim)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     rotary = decoder.rotary_emb
     if params.pretrain_length and params.pretrain_length != config.max_position_embeddings:
         rope_config = copy.deepcopy(config)
         rope_config.max_position_embeddings = params.pretrain_length
-        device = rotary.inv_freq.device
+        device = next(rotary.buffers()).device
         decoder.rotary_emb = type(rotary)(config=rope_config).to(device)
     decoder.__class__ = model_class if model_class is not None else _dpe_subclass(type(decoder), DPEModelMixin)
     states: dict = {}
-    for idx, layer in enumerate(decoder.layers):
-        if not _is_full_attention_layer(config, idx):
-            continue
-        attn = layer.self_attn
+    layer_types = getattr(config, "layer_types", None)
+    for idx in full_attention_layers(config):
+        attn = attention_module(decoder.layers[idx])
         if not hasattr(attn, "config"):
             raise ValueError(f"{type(attn).__name__} does not dispatch attention through its config")
-        state = DPELayerState(params, decoder, idx, head_dim, first=not states)
+        state = DPELayerState(params, decoder, idx, rotary_dim, first=not states,
+                              layer_type=layer_types[idx] if layer_types else "full_attention")
         attn.__dict__["dpe"] = state
         if not isinstance(attn.config, DPEAttentionConfig):
             attn.config = DPEAttentionConfig(attn.config)
@@ -1108,18 +1137,29 @@ def install_dpe(model, params: DPEParams, model_class: Optional[type] = None) ->
     model.dpe_params = params
 
 
+ATTENTION_ATTRIBUTES = ("self_attn", "attention", "attn")  # what decoder layers call their attention
+
+
+def attention_module(layer):
+    for name in ATTENTION_ATTRIBUTES:
+        attn = getattr(layer, name, None)
+        if isinstance(attn, torch.nn.Module):
+            return attn
+    raise ValueError(f"{type(layer).__name__} has no attention module ({', '.join(ATTENTION_ATTRIBUTES)})")
+
+
 def set_dpe_selection(model, selected: Optional[torch.Tensor]) -> None:
     """Set the selected frequencies, bool [layers, query heads, R/2]; None selects every frequency."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     states = decoder.__dict__.get("_dpe_states", {})
     if selected is not None:
         config = model.config
-        expected = (config.num_hidden_layers, config.num_attention_heads, head_dim_of(config) // 2)
+        expected = (config.num_hidden_layers, config.num_attention_heads, rotary_dim_of(config) // 2)
         if tuple(selected.shape) != expected or selected.dtype != torch.bool:
             raise ValueError(f"selected dims must be bool {list(expected)}, got {selected.dtype} {list(selected.shape)}")
     for idx, state in states.items():
         sel = None if selected is None or bool(selected[idx].all()) else selected[idx]
-        attn = decoder.layers[idx].self_attn
+        attn = attention_module(decoder.layers[idx])
         weight = next(attn.parameters(), None)
         if sel is not None and weight is not None and weight.device.type != "meta":  # meta: offloaded
             sel = sel.to(weight.device)
@@ -1132,6 +1172,27 @@ def apply_dpe(model, params: DPEParams, selected: Optional[torch.Tensor] = None)
     install_dpe(model, params)
     set_dpe_selection(model, selected)
     return model
+
+
+def _register_weight_conversions(cls) -> None:
+    """Give this class the checkpoint key conversions of the family it extends (e.g. GPT-NeoX's embed_out ->
+    lm_head, Qwen3-MoE's per-expert weights -> fused ones). transformers applies them by class name or
+    model_type, but skips classes from remote code unless they are registered (5.x releases that have
+    conversion mappings; older ones convert nothing for anyone)."""
+    try:
+        from transformers import conversion_mapping as cm
+    except ImportError:
+        return
+    get = getattr(cm, "get_checkpoint_conversion_mapping", None)
+    register = getattr(cm, "register_checkpoint_conversion_mapping", None)
+    if get is None or register is None or cls.__name__ in getattr(cm, "USER_REGISTERED_MAPPINGS", ()):
+        return
+    base = next((k for k in cls.__mro__[1:] if k.__module__.startswith("transformers.models.")), None)
+    if base is None:
+        return
+    mapping = get(base.__name__) or get(getattr(getattr(base, "config_class", None), "model_type", None))
+    if mapping:
+        register(cls.__name__, mapping, overwrite=True)
 
 
 def _copy_code_files(model, save_directory) -> None:
@@ -1159,6 +1220,7 @@ class DPEForCausalLMMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        _register_weight_conversions(cls)
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         name = model.config.dpe.get("selected_dims")
         if name:

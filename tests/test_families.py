@@ -1,0 +1,150 @@
+"""Every family in the registry, on a tiny random model built from its config class: below the window the export
+is the base model; beyond it, the export equals the dense reference computed from the family's own forward
+(tests/family_reference.py), on sdpa and eager, with and without a top-K selection; cached decoding equals
+uncached; a left-padded batch generates what each prompt generates alone; exports load without dpe_export."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from family_reference import reference_logits, tiny_family_model
+from helpers import tiny_tokenizer
+
+from dpe_export.architectures import ARCHITECTURES
+from dpe_export.resources import load_dpe_core
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+dpe_core = load_dpe_core()
+WINDOW, SCALES = 5, [3, 8]
+FAMILIES = sorted(ARCHITECTURES)
+
+
+class Family:
+    def __init__(self, arch, root):
+        from dpe_export.export import convert
+
+        self.arch = arch
+        self.base = tiny_family_model(arch)
+        self.base_dir = root / "base"
+        self.base.save_pretrained(self.base_dir)
+        tiny_tokenizer().save_pretrained(self.base_dir)
+        self.num_freqs = dpe_core.rotary_dim_of(self.base.config) // 2
+        self.groups = dpe_core.even_group_boundaries(self.num_freqs, len(SCALES))
+        g = torch.Generator().manual_seed(7)
+        cfg = self.base.config
+        idx = torch.rand(cfg.num_hidden_layers, cfg.num_attention_heads, self.num_freqs, generator=g).topk(
+            max(1, self.num_freqs // 2), dim=-1).indices
+        self.selected = torch.zeros(cfg.num_hidden_layers, cfg.num_attention_heads, self.num_freqs,
+                                    dtype=torch.bool).scatter_(-1, idx, True)
+        self.exports = {}
+        for topk in (False, True):
+            params = dpe_core.DPEParams(WINDOW, SCALES, self.groups, target_length=512)
+            self.exports[topk] = convert(self.base_dir, root / f"dpe-{int(topk)}", params,
+                                         self.selected if topk else None)
+
+    def load(self, topk=False, attn="sdpa"):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.exports[topk], trust_remote_code=True,
+                                                    attn_implementation=attn).eval()
+
+    def base_model(self, attn):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(self.base_dir, attn_implementation=attn).eval()
+
+    def attns(self):
+        """sdpa and eager, except where the base family itself refuses sdpa (logit soft-capping)."""
+        return ["eager"] if getattr(self.base.config, "attn_logit_softcapping", None) else ["sdpa", "eager"]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def fam(request, tmp_path_factory):
+    return Family(ARCHITECTURES[request.param], tmp_path_factory.mktemp(request.param))
+
+
+def test_below_the_window_the_export_is_the_base_model(fam):
+    ids = torch.randint(4, 128, (2, WINDOW), generator=torch.Generator().manual_seed(1))
+    for attn in fam.attns():
+        with torch.no_grad():
+            want = fam.base_model(attn)(ids).logits
+            for topk in (False, True):
+                got = fam.load(topk, attn)(ids).logits
+                assert (got - want).abs().max().item() <= 1e-5, (attn, topk)
+
+
+@pytest.mark.parametrize("topk", [False, True], ids=["all-dims", "topk"])
+def test_beyond_the_window_the_export_is_the_reference(fam, topk):
+    ids = torch.randint(4, 128, (1, 36), generator=torch.Generator().manual_seed(2))
+    want = reference_logits(fam.base, ids, WINDOW, SCALES, fam.groups, fam.selected if topk else None)
+    with torch.no_grad():
+        plain = fam.base.double()(ids, use_cache=False).logits
+        fam.base.float()
+        for attn in fam.attns():
+            got = fam.load(topk, attn)(ids).logits.double()
+            err = (got - want).abs().max().item()
+            assert err <= 1e-4, f"{fam.arch.model_type}/{attn}/topk={topk}: max |export - reference| = {err}"
+    assert (plain - want).abs().max().item() > 100 * max(err, 1e-6)  # the check has teeth
+
+
+def test_cached_decoding_equals_uncached_and_the_reference(fam):
+    model = fam.load(True, fam.attns()[0])
+    prompt = torch.randint(4, 128, (1, 4), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        cached = model.generate(prompt, max_new_tokens=24, do_sample=False)
+        uncached = model.generate(prompt, max_new_tokens=24, do_sample=False, use_cache=False)
+        assert cached.tolist() == uncached.tolist()
+        name = dpe_core.cache_argument(model)
+        out = model(cached[:, :3], use_cache=True)
+        logits, cache = [out.logits], dpe_core.output_cache(out)
+        for t in range(3, cached.shape[1]):
+            out = model(cached[:, t : t + 1], use_cache=True, **{name: cache})
+            logits.append(out.logits)
+            cache = dpe_core.output_cache(out)
+    want = reference_logits(fam.base, cached, WINDOW, SCALES, fam.groups, fam.selected)
+    assert (torch.cat(logits, dim=1).double() - want).abs().max().item() <= 2e-4
+
+
+def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(fam):
+    model = fam.load(False, fam.attns()[0])
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(4, 128, (n,), generator=g) for n in (17, 6)]
+    width = max(len(p) for p in prompts)
+    ids, mask = torch.zeros(2, width, dtype=torch.long), torch.zeros(2, width, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
+    with torch.no_grad():
+        batch = model.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False)
+        for row, p in enumerate(prompts):
+            alone = model.generate(p[None], max_new_tokens=10, min_new_tokens=10, do_sample=False)
+            assert batch[row, width:].tolist() == alone[0, len(p):].tolist(), row
+
+
+def test_the_export_loads_without_dpe_export_and_its_card_names_the_dpe_layers(fam, tmp_path):
+    ids = torch.randint(4, 128, (1, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = fam.load(True, fam.attns()[0])(ids).logits[0, -3:]
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.modules["dpe_export"] = None
+        import torch
+        from transformers import AutoModelForCausalLM
+        m = AutoModelForCausalLM.from_pretrained({str(fam.exports[True])!r}, trust_remote_code=True,
+                                                 attn_implementation={fam.attns()[0]!r}).eval()
+        with torch.no_grad():
+            print(json.dumps(m(torch.tensor({ids.tolist()})).logits[0, -3:].tolist()))
+    """)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert torch.allclose(torch.tensor(json.loads(res.stdout.strip().splitlines()[-1])), want, atol=1e-5)
+    card = (fam.exports[True] / "README.md").read_text()
+    full = dpe_core.full_attention_layers(fam.base.config)
+    assert f"DPE layers: {', '.join(map(str, full))}" in card
