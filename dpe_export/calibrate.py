@@ -85,6 +85,7 @@ class CalibrationPlan:
     needles: int = DEFAULT_NEEDLES
     seed: int = DEFAULT_SEED
     metric: str = "niah"  # or "passkey", for models whose multi-needle retrieval is weak even at L
+    dim_statistic: str = "norms"  # the 2-norm score of stage 1 (dpe_export.dim_scores.STATISTICS)
 
     @property
     def num_groups(self) -> int:
@@ -93,6 +94,8 @@ class CalibrationPlan:
     def key(self) -> str:
         fields = asdict(self)
         fields.pop("model")  # the same model may be calibrated from another path
+        if fields["dim_statistic"] == "norms":  # the default keeps the keys of calibrations made before it existed
+            fields.pop("dim_statistic")
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     def cells(self) -> list[tuple[int, int]]:
@@ -117,7 +120,7 @@ class CalibrationPlan:
 def make_plan(model_dir, *, target_length: int, window: int, num_freqs: int, pretrain_length: int,
               dimension_groups: Optional[Sequence[int]] = None, num_groups: Optional[int] = None,
               top_k: Optional[int] = None, samples: int = DEFAULT_SAMPLES, needles: int = DEFAULT_NEEDLES,
-              seed: int = DEFAULT_SEED, metric: str = "niah") -> CalibrationPlan:
+              seed: int = DEFAULT_SEED, metric: str = "niah", dim_statistic: str = "norms") -> CalibrationPlan:
     from dpe_export.resources import load_dpe_core
 
     dpe_core = load_dpe_core()
@@ -138,11 +141,15 @@ def make_plan(model_dir, *, target_length: int, window: int, num_freqs: int, pre
         raise DPEExportError("the number of samples must be >= 1")
     if metric not in METRICS:
         raise DPEExportError(f"unknown calibration metric {metric!r}; use {' or '.join(METRICS)}")
+    from dpe_export.dim_scores import STATISTICS
+
+    if dim_statistic not in STATISTICS:
+        raise DPEExportError(f"unknown dimension-score statistic {dim_statistic!r}; use {' or '.join(STATISTICS)}")
     return CalibrationPlan(
         model=str(model_dir), config_sha256=config_hash(model_dir), pretrain_length=pretrain_length,
         target_length=target_length, window=window, dimension_groups_range=bounds, scales=candidates,
         reference_scale=reference_scale(target_length, pretrain_length, candidates), top_k=top_k,
-        samples=samples, needles=needles, seed=seed, metric=metric,
+        samples=samples, needles=needles, seed=seed, metric=metric, dim_statistic=dim_statistic,
     )
 
 
@@ -324,6 +331,7 @@ def build_calibration(plan: CalibrationPlan, cells: dict[tuple[int, int], dict],
         "reference_scale": plan.reference_scale,
         "top_k": plan.top_k,
         "dim_scores": DIM_SCORES_FILE if plan.top_k else None,
+        "dim_statistic": plan.dim_statistic if plan.top_k else None,
         "metric": f"{plan.needles}-needle NIAH accuracy" if plan.metric == "niah" else "pass-key accuracy",
         "higher_is_better": True,
         # what ran (queries spread evenly over the depths can round the asked samples x needles up)
@@ -407,9 +415,11 @@ class Calibrator:
                     batches.append(torch.tensor([stream[pos:pos + n]]))
                     pos += n
             with tqdm(total=len(batches), desc="key dimensions", unit="sample", disable=not progress) as bar:
-                scores = dim_scores.compute_dim_scores(self.model, batches, progress=bar)
+                scores = dim_scores.compute_dim_scores(self.model, batches, progress=bar,
+                                                       statistic=self.plan.dim_statistic)
             tmp = out_dir / f".{DIM_SCORES_FILE}.tmp-{os.getpid()}"
-            dim_scores.save_dim_scores(scores, tmp, {"lengths": lengths, "samples": self.plan.samples})
+            dim_scores.save_dim_scores(scores, tmp, {"lengths": lengths, "samples": self.plan.samples,
+                                                     "statistic": self.plan.dim_statistic})
             os.replace(tmp, path)
         self.selected = selection.top_k_mask(scores, self.plan.top_k)
         return self.selected
@@ -484,7 +494,8 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
               needles: int = DEFAULT_NEEDLES, seed: int = DEFAULT_SEED, metric: str = "niah",
               pretrain_length: Optional[int] = None,
               shard: Optional[tuple[int, int]] = None, haystack: Optional[Path] = None, device=None, dtype=None,
-              batch_size: int = 1, progress: bool = True, device_map: Optional[str] = None) -> Optional[dict]:
+              batch_size: int = 1, progress: bool = True, device_map: Optional[str] = None,
+              dim_statistic: str = "norms") -> Optional[dict]:
     """Run (or resume) a calibration into out_dir. Returns calibration.json's content, or None for a shard
     (join the shards with :func:`merge`)."""
     import random
@@ -509,7 +520,7 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
     plan = make_plan(model_dir, target_length=target_length, window=window,
                      num_freqs=load_dpe_core().rotary_dim_of(config) // 2,
                      pretrain_length=L, dimension_groups=dimension_groups, num_groups=num_groups, top_k=top_k,
-                     samples=samples, needles=needles, seed=seed, metric=metric)
+                     samples=samples, needles=needles, seed=seed, metric=metric, dim_statistic=dim_statistic)
     tokenizer = methods.load_tokenizer(model_dir)  # before the weights: a model without one fails fast
     save_plan(out_dir, plan)
     t0 = time.perf_counter()

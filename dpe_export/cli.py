@@ -826,6 +826,10 @@ A killed run resumes where it stopped: every finished (group, scale) cell is alr
               "(computed first, saved as dim_scores.safetensors). Default: all frequencies.")
 @click.option("--pretrain-length", type=click.IntRange(min=1), metavar="L",
               help="The base model's pretraining length. Default: its max_position_embeddings.")
+@click.option("--dim-statistic", type=click.Choice(["norms", "authors"]), default="norms", show_default=True,
+              help="With --topk: norms scores mean ||q_f|| x mean ||k_f|| (query and key as different tokens, as "
+                   "in every pair DPE changes); authors scores mean ||q_f|| ||k_f|| over the same token, as the "
+                   "DPE authors' code does (to reproduce their selections).")
 @click.option("--samples", type=click.IntRange(min=1), default=8, show_default=True, metavar="N",
               help="NIAH contexts per (group, scale) cell (each asked about every needle).")
 @click.option("--needles", type=click.IntRange(min=1), default=4, show_default=True, metavar="K",
@@ -846,8 +850,8 @@ A killed run resumes where it stopped: every finished (group, scale) cell is alr
               show_default=True)
 @_device_map_option
 def calibrate_command(model_dir, model_source, model_revision, gguf_file, output_dir, target_length, window,
-                      num_groups, dimension_groups, topk, pretrain_length, samples, needles, metric, seed, shard,
-                      merge, haystack, batch_size, device, dtype, device_map):
+                      num_groups, dimension_groups, topk, pretrain_length, dim_statistic, samples, needles, metric,
+                      seed, shard, merge, haystack, batch_size, device, dtype, device_map):
     """Find each frequency group's scale factor on the model itself.
 
     Stage 1 (with --topk): score every (layer, head, frequency) by its 2-norm attention contribution on
@@ -869,7 +873,7 @@ def calibrate_command(model_dir, model_source, model_revision, gguf_file, output
         result = _run_calibration(source.path, output_dir, target_length=target_length, window=window,
                                   num_groups=num_groups, dimension_groups=dimension_groups, top_k=topk,
                                   pretrain_length=pretrain_length, samples=samples, needles=needles, metric=metric,
-                                  seed=seed,
+                                  seed=seed, dim_statistic=dim_statistic,
                                   shard=calibrate.parse_shard(shard), haystack=haystack, batch_size=batch_size,
                                   device=device, dtype=dtype, device_map=device_map)
         if result is None:

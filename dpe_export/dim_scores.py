@@ -1,13 +1,20 @@
 """Key rotary dimensions by their 2-norm attention contribution (DPE's key-dimension identification).
 
-For layer l, query head h and rotary frequency f (the pair x[f], x[f + D/2]) the score is
+For layer l, query head h and rotary frequency f (the pair x[f], x[f + R/2] over the R rotary dims) the score is
+one of two statistics over the tokens t of a sample, averaged over samples and lengths:
 
-    mean over tokens of ||(q_f, q_{f+D/2})||  *  mean over tokens of ||(k_f, k_{f+D/2})||
+    "norms" (default):  mean_t ||(q_f, q_{f+R/2})||_t  *  mean_t ||(k_f, k_{f+R/2})||_t
+    "authors":          mean_t ( ||(q_f, q_{f+R/2})||_t * ||(k_f, k_{f+R/2})||_t )
 
-with k from the head's KV group, averaged over samples and lengths. It bounds how much frequency f can move
-an attention logit (|q_f . R k_f| <= ||q_f|| ||k_f|| for any rotation R), so the top-K frequencies per head
-are the ones DPE scales. Rotations preserve pair norms, so the projections' outputs are hooked directly:
-nothing of q or k is kept beyond a [heads, D/2] running sum per layer.
+with k from the head's KV group. Either bounds how much frequency f can move an attention logit
+(|q_f . R k_f| <= ||q_f|| ||k_f|| for any rotation R), so the top-K frequencies per head are the ones DPE
+scales. "norms" treats the query and key of a pair as different tokens, which they are for every pair DPE
+changes (distances >= w); "authors" is the same-token product the DPE authors' code averages, offered so their
+selections can be reproduced (on tiny models the two pick 0-3 different frequencies of 8).
+
+q and k are taken where the attention sees them, after the family's own q/k norms and RoPE (rotations keep
+pair norms): each attention layer is pointed, for the scoring passes only, at a recording attention function
+that then calls the layer's real one. Nothing of q or k is kept beyond a [heads, R/2] sum per layer.
 """
 from __future__ import annotations
 
@@ -17,56 +24,97 @@ from typing import Iterable, Optional
 import torch
 
 SCORES_TENSOR = "scores"
+STATISTICS = ("norms", "authors")
+_RECORDER = "dpe_dim_scores"
 
 
-def _pair_norms(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """[B, n, heads * D] projection output -> [B, heads, D/2] pair norms averaged over the n tokens (float32)."""
-    b, n, _ = x.shape
-    x = x.float().view(b, n, heads, -1)
-    half = x.shape[-1] // 2
-    return torch.sqrt(x[..., :half].square() + x[..., half:].square()).mean(dim=1)
+def _pair_norms(x: torch.Tensor, num_freqs: int) -> torch.Tensor:
+    """[B, heads, n, D] -> [B, heads, n, F] norms of the rotary pairs (f, f + F) (float32)."""
+    x = x.float()
+    return torch.sqrt(x[..., :num_freqs].square() + x[..., num_freqs : 2 * num_freqs].square())
+
+
+class _RecordingConfig:
+    """A layer's config as seen during scoring: attention dispatches to the recorder, all else is the layer's."""
+
+    def __init__(self, config):
+        object.__setattr__(self, "_real", config)
+
+    @property
+    def _attn_implementation(self) -> str:
+        return _RECORDER
+
+    def __getattr__(self, name):
+        if name == "_real":
+            raise AttributeError(name)
+        return getattr(object.__getattribute__(self, "_real"), name)
+
+    def __setattr__(self, name, value):
+        setattr(self._real, name, value)
+
+
+def _recording_attention(module, query, key, value, attention_mask, **kwargs):
+    acc, idx, real = module.__dict__["_dpe_recorder"]
+    acc.record(idx, query, key)
+    impl = real._attn_implementation or "eager"
+    if impl == "eager":
+        from dpe_export.resources import load_dpe_core
+
+        fn = load_dpe_core()._family_eager_attention(type(module))
+    else:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        fn = ALL_ATTENTION_FUNCTIONS[impl]
+    return fn(module, query, key, value, attention_mask, **kwargs)
 
 
 @dataclass
 class DimScoreAccumulator:
-    """Hooks a causal LM's q/k projections and accumulates per-sample 2-norm contributions."""
+    """Points a causal LM's attention layers at a recorder and accumulates per-sample 2-norm contributions."""
 
     model: torch.nn.Module
+    statistic: str = "norms"
     total: Optional[torch.Tensor] = None
     count: int = 0
-    _q: dict = field(default_factory=dict)
-    _k: dict = field(default_factory=dict)
-    _tokens: int = 0
-    _handles: list = field(default_factory=list)
+    _scores: dict = field(default_factory=dict)
+    _patched: list = field(default_factory=list)
 
     def __post_init__(self):
+        from transformers import AttentionInterface
+
+        from dpe_export.resources import load_dpe_core
+
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"unknown dimension-score statistic {self.statistic!r}; use one of {', '.join(STATISTICS)}")
+        core = load_dpe_core()
         config = self.model.config
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.heads = config.num_attention_heads
+        self.num_freqs = core.rotary_dim_of(config) // 2
+        AttentionInterface.register(_RECORDER, _recording_attention)
         for idx, layer in enumerate(self.model.get_decoder().layers):
-            attn = layer.self_attn
-            self._handles.append(attn.q_proj.register_forward_hook(self._hook(self._q, idx, self.heads)))
-            self._handles.append(attn.k_proj.register_forward_hook(self._hook(self._k, idx, self.kv_heads)))
+            attn = core.attention_module(layer)
+            self._patched.append((attn, attn.config))
+            attn.__dict__["_dpe_recorder"] = (self, idx, attn.config)
+            attn.config = _RecordingConfig(attn.config)
 
-    @staticmethod
-    def _hook(store: dict, idx: int, heads: int):
-        def hook(module, args, output):
-            store[idx] = _pair_norms(output, heads)
-
-        return hook
+    def record(self, idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
+        rep = query.shape[1] // key.shape[1]
+        q = _pair_norms(query, self.num_freqs)  # [B, H, n, F]
+        k = _pair_norms(key[:, :, -query.shape[2] :], self.num_freqs).repeat_interleave(rep, dim=1)
+        if self.statistic == "norms":
+            self._scores[idx] = q.mean(dim=2) * k.mean(dim=2)  # [B, H, F]
+        else:
+            self._scores[idx] = (q * k).mean(dim=2)
 
     @torch.no_grad()
     def add(self, input_ids: torch.Tensor) -> None:
-        """Run one batch of equal-length samples [B, n] and fold its mean norms into the scores."""
-        self._q.clear(), self._k.clear()
+        """Run one batch of equal-length samples [B, n] and fold its scores in."""
+        self._scores.clear()
         from dpe_export.methods import input_device
 
         device = input_device(self.model)
         self.model(input_ids.to(device), use_cache=False, logits_to_keep=1)
-        rep = self.heads // self.kv_heads
-        layers = sorted(self._q)
-        q = torch.stack([self._q[i] for i in layers], dim=1)  # [B, L, H, D/2]
-        k = torch.stack([self._k[i] for i in layers], dim=1).repeat_interleave(rep, dim=2)
-        score = (q * k).sum(dim=0).cpu()  # summed over the batch's samples
+        score = torch.stack([self._scores[i] for i in sorted(self._scores)], dim=1).sum(dim=0).cpu()  # [L, H, F]
         self.total = score if self.total is None else self.total + score
         self.count += input_ids.shape[0]
 
@@ -76,9 +124,10 @@ class DimScoreAccumulator:
         return self.total / self.count
 
     def close(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        for attn, config in self._patched:
+            attn.config = config
+            attn.__dict__.pop("_dpe_recorder", None)
+        self._patched.clear()
 
 
 def scoring_lengths(window: int, pretrain_length: int) -> list[int]:
@@ -91,9 +140,9 @@ def scoring_lengths(window: int, pretrain_length: int) -> list[int]:
     return lengths + [pretrain_length]
 
 
-def compute_dim_scores(model, samples: Iterable[torch.Tensor], progress=None) -> torch.Tensor:
-    """Average 2-norm contribution [layers, heads, head_dim/2] over batches of token ids [B, n]."""
-    acc = DimScoreAccumulator(model)
+def compute_dim_scores(model, samples: Iterable[torch.Tensor], progress=None, statistic: str = "norms") -> torch.Tensor:
+    """Average 2-norm contribution [layers, heads, rotary_dim/2] over batches of token ids [B, n]."""
+    acc = DimScoreAccumulator(model, statistic)
     try:
         for batch in samples:
             acc.add(batch)

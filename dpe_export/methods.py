@@ -443,11 +443,20 @@ def load_model(model_dir, method: Optional[MethodSpec] = None, *, device=None, d
                 raise DPEExportError(f"cannot apply {method}: {e}") from None
             dpe_params_for(method, config, target_length)  # bad parameters fail before the weights load
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), config=config, dtype=torch_dtype, attn_implementation=attn,
-            trust_remote_code=is_export, use_safetensors=True,
-            **({"device_map": device_map, **load_kwargs} if device_map else load_kwargs),
-        )
+        def load(implementation):
+            return AutoModelForCausalLM.from_pretrained(
+                str(model_dir), config=copy.deepcopy(config), dtype=torch_dtype, attn_implementation=implementation,
+                trust_remote_code=is_export, use_safetensors=True,
+                **({"device_map": device_map, **load_kwargs} if device_map else load_kwargs),
+            )
+
+        try:
+            model = load(attn)
+        except ValueError as e:  # families without sdpa (Gemma 2's soft-capping) run eager, as transformers advises
+            if attn != "sdpa" or "scaled_dot_product_attention" not in str(e):
+                raise
+            logger.info("%s does not support sdpa attention; using eager", model_dir)
+            model = load("eager")
     except (ImportError, ValueError, OSError, RuntimeError, KeyError, TypeError, AttributeError) as e:
         raise DPEExportError(f"cannot load the model in {model_dir}: {_first_line(e)}") from None
     if method.is_rope:

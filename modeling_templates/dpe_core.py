@@ -1127,6 +1127,7 @@ def install_dpe(model, params: DPEParams, model_class: Optional[type] = None) ->
         attn = attention_module(decoder.layers[idx])
         if not hasattr(attn, "config"):
             raise ValueError(f"{type(attn).__name__} does not dispatch attention through its config")
+        _check_rotary_pairing(attn)
         state = DPELayerState(params, decoder, idx, rotary_dim, first=not states,
                               layer_type=layer_types[idx] if layer_types else "full_attention")
         attn.__dict__["dpe"] = state
@@ -1138,6 +1139,22 @@ def install_dpe(model, params: DPEParams, model_class: Optional[type] = None) ->
 
 
 ATTENTION_ATTRIBUTES = ("self_attn", "attention", "attn")  # what decoder layers call their attention
+
+
+def _check_rotary_pairing(attn) -> None:
+    """DPE's rotation pairs dim f with f + R/2 (transformers' rotate_half). A family whose own rotate_half pairs
+    them otherwise (interleaved, as Cohere's) is refused rather than rotated wrongly."""
+    fn = getattr(sys.modules.get(type(attn).__module__), "rotate_half", None)
+    if fn is None:
+        return
+    x = torch.arange(1.0, 9.0)[None]
+    try:
+        same = torch.equal(fn(x), torch.cat((-x[..., 4:], x[..., :4]), dim=-1))
+    except Exception:  # pragma: no cover - an unusual signature: nothing to compare
+        return
+    if not same:
+        raise ValueError(f"{type(attn).__name__} pairs its rotary dimensions differently (interleaved); DPE "
+                         "supports the half-split pairing of transformers' rotate_half")
 
 
 def attention_module(layer):

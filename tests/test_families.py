@@ -148,3 +148,24 @@ def test_the_export_loads_without_dpe_export_and_its_card_names_the_dpe_layers(f
     card = (fam.exports[True] / "README.md").read_text()
     full = dpe_core.full_attention_layers(fam.base.config)
     assert f"DPE layers: {', '.join(map(str, full))}" in card
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_calibrate_with_dimension_scores_then_eval_the_export(model_type, tmp_path, run_cli):
+    """calibrate (2-norm scores taken after the family's q/k norms, then the grid) and eval run on every family."""
+    from helpers import byte_tokenizer
+
+    base = tiny_family_model(ARCHITECTURES[model_type], vocab_size=260, max_position_embeddings=256)
+    base.save_pretrained(tmp_path / "base")
+    byte_tokenizer().save_pretrained(tmp_path / "base")
+    r = run_cli("calibrate", "--model", tmp_path / "base", "-d", tmp_path / "cal", "--target-length", "1024",
+                "--window", "256", "--groups", "2", "--topk", "2", "--samples", "1", "--needles", "1", "--device", "cpu")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    assert (tmp_path / "cal" / "dim_scores.safetensors").is_file()
+    r = run_cli("convert", "--model", tmp_path / "base", "-o", tmp_path / "dpe", "--calibration",
+                tmp_path / "cal" / "calibration.json")
+    assert r.exit_code == 0, r.stderr
+    r = run_cli("eval", "--model", tmp_path / "dpe", "--task", "passkey", "--lengths", "600", "--samples", "1",
+                "--depths", "0.5", "--device", "cpu", "--no-progress",
+                *(["--attn", "eager"] if getattr(base.config, "attn_logit_softcapping", None) else []))
+    assert r.exit_code == 0, r.stderr
