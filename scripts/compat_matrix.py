@@ -10,7 +10,8 @@ packages, torch included, stay as they are) and pytest runs the runtime checks t
 window, the dense reference beyond it (sdpa and eager, with and without a top-K selection), cached decoding
 equal to uncached and to the reference step by step (DPE cache layers, a plain DynamicCache, a static cache),
 a left-padded batch equal to single prompts, loading where dpe_export cannot be imported, save/reload,
-loud failures, loading by repo id from a local stand-in Hub, and a trained testbed's export retrieving at 8x.
+loud failures, loading by repo id from a local stand-in Hub, a trained testbed's export retrieving at 8x, and
+every registry family against the reference computed from its own forward.
 Each result is appended to --jsonl as it finishes (one line per release) and the table is printed as
 Markdown. Release names: an exact version (5.12.1), a minor (5.12: its newest patch), "oldest", "middle"
 or "latest" (looked up on the package index when the script runs).
@@ -27,7 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_TESTS = ["tests/test_runtime.py", "tests/test_compat.py", "tests/test_hub_load.py"]
+DEFAULT_TESTS = ["tests/test_runtime.py", "tests/test_compat.py", "tests/test_hub_load.py", "tests/test_families.py"]
 SUPPORTED = (5, 6)  # [5, 6): keep in step with dpe_core.MIN/MAX_TRANSFORMERS_VERSION and setup.cfg
 
 
@@ -92,7 +93,7 @@ def install(version: str, root: Path) -> Path:
     return target
 
 
-def run_checks(version: str, target: Path, tests: list[str], timeout: float) -> dict:
+def run_checks(version: str, target: Path, tests: list[str], timeout: float, pytest_args: list[str] = ()) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), str(REPO)]), HF_HUB_OFFLINE="1",
                PYTHONDONTWRITEBYTECODE="1")
     probe = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"],
@@ -100,7 +101,7 @@ def run_checks(version: str, target: Path, tests: list[str], timeout: float) -> 
     t0 = time.time()
     try:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:warnings",
-                               *tests], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+                               *pytest_args, *tests], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
         output, rc = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as e:
         output, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), -1
@@ -120,6 +121,16 @@ def run_checks(version: str, target: Path, tests: list[str], timeout: float) -> 
     }
 
 
+def _code_hash() -> str:
+    """What was checked: the runtime file and the test files, hashed together."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted([REPO / "modeling_templates" / "dpe_core.py", *(REPO / "tests").glob("*.py")]):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| transformers | result | checks passed | failed | seconds |", "|---|---|---:|---:|---:|"]
     for r in rows:
@@ -134,6 +145,9 @@ def main(argv=None) -> int:
     ap.add_argument("--root", type=Path, default=REPO / ".compat", help="where the per-release installs go")
     ap.add_argument("--jsonl", type=Path, help="append one JSON line per release here (e.g. benchmarks/results/compat.jsonl)")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per release")
+    ap.add_argument("-k", dest="keyword", help="pytest -k expression, to run part of the checks")
+    ap.add_argument("--resume", action="store_true",
+                    help="skip releases that --jsonl already records as run with the same tests, -k and code")
     ap.add_argument("--table-from", type=Path, metavar="JSONL",
                     help="print the Markdown table of a --jsonl file (the last line per release) and exit")
     args = ap.parse_args(argv)
@@ -150,9 +164,21 @@ def main(argv=None) -> int:
     chosen = resolve(args.releases.split(","), releases) if args.releases else newest_per_minor(releases)
     print(f"transformers releases to check: {', '.join(chosen)}", flush=True)
     rows = []
+    signature = {"tests": args.tests, "keyword": args.keyword, "code": _code_hash()}
+    done = {}
+    if args.resume and args.jsonl and args.jsonl.is_file():
+        for line in args.jsonl.read_text(encoding="utf-8").splitlines():
+            row = json.loads(line) if line.strip() else {}
+            if all(row.get(k) == v for k, v in signature.items()):
+                done[row["release"]] = row
     for version in chosen:
+        if version in done:
+            print(f"  transformers {version}: {done[version]['result']} (recorded)", flush=True)
+            rows.append(done[version])
+            continue
         target = install(version, args.root)
-        row = run_checks(version, target, args.tests.split(","), args.timeout)
+        row = run_checks(version, target, args.tests.split(","), args.timeout,
+                         ["-k", args.keyword] if args.keyword else [])
         rows.append(row)
         print(f"  transformers {version}: {row['result']} ({row['passed']} passed, {row['failed']} failed, "
               f"{row['error']} errors, {row['seconds']} s)", flush=True)
@@ -161,7 +187,7 @@ def main(argv=None) -> int:
         if args.jsonl:
             args.jsonl.parent.mkdir(parents=True, exist_ok=True)
             with args.jsonl.open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps({**row, "date": time.strftime("%Y-%m-%d")}) + "\n")
+                fh.write(json.dumps({**row, **signature, "date": time.strftime("%Y-%m-%d")}) + "\n")
     print("\n" + markdown_table(rows))
     return 0 if all(r["result"] == "pass" for r in rows) else 1
 
