@@ -86,8 +86,15 @@ def _check_family(model_type: str) -> dict:
         scales = [3, 8] if num_freqs >= 2 else [3]
         groups = core.even_group_boundaries(num_freqs, len(scales))
         params = core.DPEParams(WINDOW, scales, groups, target_length=512, pretrain_length=config.max_position_embeddings)
-        attn = "eager" if getattr(config, "attn_logit_softcapping", None) else "sdpa"
+        attn = "sdpa" if getattr(base, "_supports_sdpa", True) and not getattr(config, "attn_logit_softcapping", None) \
+            else "eager"
         base.set_attn_implementation(attn)
+        if hasattr(base, "set_experts_implementation") and getattr(config, "num_experts", None) or \
+                getattr(config, "num_local_experts", None):
+            try:
+                base.set_experts_implementation("eager")  # grouped matmuls have no float64 kernel (the reference)
+            except Exception:
+                pass
         try:
             dpe = core.apply_dpe(copy.deepcopy(base), params)
         except ValueError as e:
