@@ -202,8 +202,18 @@ def rope_parameters_of(config, layer_type: Optional[str] = None) -> dict:
     return rope if isinstance(rope, dict) else {}
 
 
-def rotary_dim_of(config) -> int:
-    """R: how many of the head dims rotate (partial rotary embeddings rotate the first R only)."""
+def rotary_dim_of(config, rotary=None) -> int:
+    """R: how many of the head dims rotate (partial rotary embeddings rotate the first R only).
+
+    Taken from the family's own rotary embedding (`rotary`, or one built from the config), which is what the
+    model really uses; from the config's partial-rotary factor only where no rotary module can be built.
+    """
+    if rotary is None:
+        rotary = _family_rotary(config)
+    if rotary is not None:
+        for name, buf in rotary.named_buffers():
+            if name.endswith("inv_freq") and "original" not in name:
+                return 2 * int(buf.shape[-1])
     head_dim = head_dim_of(config)
     rope = rope_parameters_of(config)
     factor = rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", None))
@@ -211,6 +221,25 @@ def rotary_dim_of(config) -> int:
         factor = getattr(config, "rotary_pct", None) or 1.0
     dim = int(head_dim * float(factor))
     return dim - dim % 2
+
+
+def _family_rotary(config):
+    """The family's rotary embedding module built from `config` (None where that cannot be done)."""
+    try:
+        from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+        module = importlib.import_module(f"transformers.models.{model_type_to_module_name(config.model_type)}."
+                                         f"modeling_{model_type_to_module_name(config.model_type)}")
+    except Exception:
+        return None
+    classes = [c for n, c in vars(module).items() if n.endswith("RotaryEmbedding") and isinstance(c, type)
+               and issubclass(c, torch.nn.Module)]
+    for cls in classes:
+        try:
+            return cls(config=config)
+        except Exception:
+            continue
+    return None
 
 
 def full_attention_layers(config) -> list[int]:
@@ -733,9 +762,10 @@ def _key_valid_from_mask(attention_mask, n_kv: int) -> Optional[torch.Tensor]:
         return None
     if not isinstance(attention_mask, torch.Tensor):
         raise DPERuntimeError(f"unexpected attention mask of type {type(attention_mask).__name__}")
-    if attention_mask.shape[-1] != n_kv or attention_mask.dim() not in (2, 4):
+    if attention_mask.shape[-1] < n_kv or attention_mask.dim() not in (2, 4):
         raise DPERuntimeError(f"attention mask of shape {list(attention_mask.shape)} for {n_kv} keys")
-    row = attention_mask if attention_mask.dim() == 2 else attention_mask[:, 0, -1, :]
+    # Some releases build masks longer than the keys (their attention functions slice them): do the same.
+    row = attention_mask[..., :n_kv] if attention_mask.dim() == 2 else attention_mask[:, 0, -1, :n_kv]
     if row.dtype == torch.bool:
         return row
     if attention_mask.dim() == 2:
@@ -1111,10 +1141,10 @@ def install_dpe(model, params: DPEParams, model_class: Optional[type] = None) ->
     register_dpe_attention()
     config = model.config
     check_supported_config(config)
-    rotary_dim = rotary_dim_of(config)
-    params.validate(rotary_dim)
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     rotary = decoder.rotary_emb
+    rotary_dim = rotary_dim_of(config, rotary)
+    params.validate(rotary_dim)
     if params.pretrain_length and params.pretrain_length != config.max_position_embeddings:
         rope_config = copy.deepcopy(config)
         rope_config.max_position_embeddings = params.pretrain_length
@@ -1171,7 +1201,8 @@ def set_dpe_selection(model, selected: Optional[torch.Tensor]) -> None:
     states = decoder.__dict__.get("_dpe_states", {})
     if selected is not None:
         config = model.config
-        expected = (config.num_hidden_layers, config.num_attention_heads, rotary_dim_of(config) // 2)
+        expected = (config.num_hidden_layers, config.num_attention_heads,
+                    rotary_dim_of(config, getattr(decoder, "rotary_emb", None)) // 2)
         if tuple(selected.shape) != expected or selected.dtype != torch.bool:
             raise ValueError(f"selected dims must be bool {list(expected)}, got {selected.dtype} {list(selected.shape)}")
     for idx, state in states.items():

@@ -22,7 +22,11 @@ def tiny_family_model(arch, seed: int = 0, **overrides):
                   eos_token_id=2, tie_word_embeddings=False)
     kwargs.update({k: (list(v) if isinstance(v, tuple) else v) for k, v in arch.test_config})
     kwargs.update(overrides)
-    config = AutoConfig.for_model(arch.model_type, **kwargs)
+    try:
+        config = AutoConfig.for_model(arch.model_type, **kwargs)
+    except Exception:  # some releases type-check fields oddly (OLMo 2 on 5.4: tie_word_embeddings as int)
+        kwargs.pop("tie_word_embeddings")
+        config = AutoConfig.for_model(arch.model_type, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()
     if hasattr(model, "set_experts_implementation") and getattr(config, "num_experts", None):
