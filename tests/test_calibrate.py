@@ -45,6 +45,7 @@ def test_grid_chooses_each_groups_best_scale(plan, tmp_path):
     assert result["chosen"] == [2, 8, 1, 4]
     assert len(calls) == 20 and len(result["cells"]) == 20
     assert all(c["samples"] == 8 for c in result["cells"])
+    assert result["samples_per_cell"] == 8  # what ran, read from the cells
     assert result["grid"][1][plan.scales.index(8)] == 1.0
     assert result["schema_version"] == 1 and result["base_model"]["config_sha256"] == plan.config_sha256
 

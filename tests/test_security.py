@@ -255,3 +255,17 @@ def test_eval_refuses_a_tokenizer_linked_out_of_the_model_dir(run_cli, llama_dir
     (model / "tokenizer.json").symlink_to(secret)
     err = one_error(run_cli("eval", model, "--task", "passkey", "--lengths", "64", "--samples", "1"))
     assert "outside the model directory" in err
+
+
+def test_a_transformers_config_error_keeps_its_reason(llama_dir, monkeypatch):
+    import transformers
+
+    from dpe_export import export
+    from dpe_export.errors import DPEExportError
+
+    def refuse(*args, **kwargs):
+        raise ValueError("`rope_parameters` is invalid:\n  the reason is on the second line: factor must be > 1")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", refuse)
+    with pytest.raises(DPEExportError, match="the reason is on the second line: factor must be > 1"):
+        export.load_base_config(llama_dir)
