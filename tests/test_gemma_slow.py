@@ -20,7 +20,9 @@ def test_gemma3_270m_converts_and_finds_a_pass_key_at_4k(tmp_path, run_cli):
 
     from dpe_export.tasks import PromptBuilder, extract_number
 
-    gguf = assemble()
+    from pathlib import Path
+
+    gguf = Path(assemble())
     out = tmp_path / "gemma-dpe"
     r = run_cli("convert", "--model", gguf, "-o", out, "--window", "2048", "--scale-factors", "2,4,8,16",
                 "--target-length", "131072")
