@@ -174,3 +174,29 @@ def test_eval_and_calibrate_take_model_too(hub_repo, tmp_path):
     assert proc.returncode == 0, proc.stderr
     proc = run(hub, "calibrate", "--help", home=home)
     assert "--model SOURCE" in proc.stdout and "--model-revision" in proc.stdout
+
+
+def test_a_gguf_of_a_family_dpe_cannot_run_is_one_line(tmp_path, run_cli):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    path = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_context_length(64)
+    w.add_embedding_length(32)
+    w.add_block_count(1)
+    w.add_feed_forward_length(64)
+    w.add_head_count(2)
+    w.add_layer_norm_eps(1e-5)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(["a", "b", "c"])
+    w.add_token_types([1, 1, 1])
+    w.add_token_merges([])
+    w.add_tensor("token_embd.weight", np.zeros((3, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = run_cli("convert", "--model", path, "-o", tmp_path / "out", *CONVERT)
+    assert r.exit_code == 1 and "has no rotary position embeddings" in r.stderr
+    assert not (tmp_path / "out").exists() and not any(".dpe-export-src-" in p.name for p in tmp_path.iterdir())
