@@ -34,25 +34,6 @@ def _pair_norms(x: torch.Tensor, num_freqs: int) -> torch.Tensor:
     return torch.sqrt(x[..., :num_freqs].square() + x[..., num_freqs : 2 * num_freqs].square())
 
 
-class _RecordingConfig:
-    """A layer's config as seen during scoring: attention dispatches to the recorder, all else is the layer's."""
-
-    def __init__(self, config):
-        object.__setattr__(self, "_real", config)
-
-    @property
-    def _attn_implementation(self) -> str:
-        return _RECORDER
-
-    def __getattr__(self, name):
-        if name == "_real":
-            raise AttributeError(name)
-        return getattr(object.__getattribute__(self, "_real"), name)
-
-    def __setattr__(self, name, value):
-        setattr(self._real, name, value)
-
-
 def _recording_attention(module, query, key, value, attention_mask, **kwargs):
     acc, idx, real = module.__dict__["_dpe_recorder"]
     acc.record(idx, query, key)
@@ -95,7 +76,7 @@ class DimScoreAccumulator:
             attn = core.attention_module(layer)
             self._patched.append((attn, attn.config))
             attn.__dict__["_dpe_recorder"] = (self, idx, attn.config)
-            attn.config = _RecordingConfig(attn.config)
+            attn.config = core.DPEAttentionConfig(attn.config, _RECORDER)  # dispatch to the recorder
 
     def record(self, idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
         rep = query.shape[1] // key.shape[1]

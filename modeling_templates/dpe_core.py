@@ -724,17 +724,18 @@ class DPEAttentionConfig:
     choice of implementation stays in one place.
     """
 
-    __slots__ = ("_dpe_config",)
+    __slots__ = ("_dpe_config", "_dpe_implementation")
 
-    def __init__(self, config):
+    def __init__(self, config, implementation: str = DPE_ATTENTION):
         object.__setattr__(self, "_dpe_config", config)
+        object.__setattr__(self, "_dpe_implementation", implementation)
 
     @property
     def _attn_implementation(self) -> str:
-        return DPE_ATTENTION
+        return self._dpe_implementation
 
     def __getattr__(self, name):
-        if name == "_dpe_config":
+        if name in ("_dpe_config", "_dpe_implementation"):
             raise AttributeError(name)
         return getattr(object.__getattribute__(self, "_dpe_config"), name)
 
@@ -742,7 +743,7 @@ class DPEAttentionConfig:
         setattr(object.__getattribute__(self, "_dpe_config"), name, value)
 
     def __reduce__(self):
-        return (DPEAttentionConfig, (self._dpe_config,))
+        return (DPEAttentionConfig, (self._dpe_config, self._dpe_implementation))
 
     def __repr__(self):
         return f"DPEAttentionConfig({self._dpe_config!r})"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import save_tiny_model, tiny_model
+from helpers import left_padded, save_tiny_model, tiny_model
 from reference import reference_model
 
 from dpe_export.resources import load_dpe_core
@@ -186,11 +186,8 @@ def test_left_padded_batch_with_a_static_cache_equals_each_prompt_alone(export):
     model = _load(out)
     g = torch.Generator().manual_seed(10)
     prompts = [torch.randint(4, 128, (n,), generator=g) for n in (14, 5)]
-    width = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
+    ids, mask = left_padded(prompts)
+    width = ids.shape[1]
     with torch.no_grad():
         for impl in (None, "static"):
             batch = model.generate(ids, attention_mask=mask, max_new_tokens=15, min_new_tokens=15, do_sample=False,

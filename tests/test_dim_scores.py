@@ -31,7 +31,7 @@ def test_scores_equal_a_direct_computation():
             count += 1
     assert torch.allclose(got, want / count, rtol=1e-4, atol=1e-6)
     # the layers are the model's own again afterwards
-    assert all(type(layer.self_attn.config).__name__ != "_RecordingConfig" for layer in model.model.layers)
+    assert all(type(layer.self_attn.config).__name__ != "DPEAttentionConfig" for layer in model.model.layers)
     assert all("_dpe_recorder" not in layer.self_attn.__dict__ for layer in model.model.layers)
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from family_reference import reference_logits, tiny_family_model
-from helpers import tiny_tokenizer
+from helpers import left_padded, tiny_tokenizer
 
 from dpe_export.architectures import ARCHITECTURES
 from dpe_export.resources import load_dpe_core
@@ -124,10 +124,8 @@ def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(fam):
     model = fam.load(False, fam.attns()[0])
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(4, 128, (n,), generator=g) for n in (17, 6)]
-    width = max(len(p) for p in prompts)
-    ids, mask = torch.zeros(2, width, dtype=torch.long), torch.zeros(2, width, dtype=torch.long)
-    for row, p in enumerate(prompts):
-        ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
+    ids, mask = left_padded(prompts)
+    width = ids.shape[1]
     with torch.no_grad():
         batch = model.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False)
         for row, p in enumerate(prompts):

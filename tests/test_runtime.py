@@ -10,7 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from helpers import save_tiny_model, tiny_model
+from helpers import left_padded, save_tiny_model, tiny_model
 from reference import reference_model
 
 from dpe_export.resources import load_dpe_core
@@ -133,11 +133,8 @@ def test_padded_batch_generates_what_each_prompt_generates_alone(tmp_path):
     prompts = [torch.randint(4, 128, (n,), generator=g) for n in (30, 11, 19)]
     for attn in ("sdpa", "eager"):
         model = load_export(out, attn)
-        width = max(len(p) for p in prompts)
-        ids = torch.zeros(len(prompts), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
+        ids, mask = left_padded(prompts)
+        width = ids.shape[1]
         with torch.no_grad():
             batch = model.generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False)
             for row, p in enumerate(prompts):
