@@ -200,3 +200,14 @@ def test_a_gguf_of_a_family_dpe_cannot_run_is_one_line(tmp_path, run_cli):
     r = run_cli("convert", "--model", path, "-o", tmp_path / "out", *CONVERT)
     assert r.exit_code == 1 and "has no rotary position embeddings" in r.stderr
     assert not (tmp_path / "out").exists() and not any(".dpe-export-src-" in p.name for p in tmp_path.iterdir())
+
+
+def test_convert_model_hub_id_push_in_one_command(hub_repo, tmp_path):
+    """The command the product is known by: `dpe-export convert --model ORG/NAME ... --push`."""
+    hub, src = hub_repo
+    proc = run(hub, "convert", "--model", "org/tiny", "-o", tmp_path / "tiny-dpe", *CONVERT, "--push",
+               "--repo-id", "me/tiny-dpe", home=tmp_path / "home", token="hf_test_write")
+    assert proc.returncode == 0, proc.stderr
+    files = hub.files("me/tiny-dpe")
+    assert files["model.safetensors"] == (src / "model.safetensors").read_bytes()
+    assert b'base_model: "org/tiny"' in files["README.md"] and "modeling_dpe.py" in files
