@@ -132,9 +132,10 @@ def _code_hash() -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| transformers | result | checks passed | failed | seconds |", "|---|---|---:|---:|---:|"]
+    lines = ["| transformers | result | checks passed | failed | skipped | seconds |", "|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['release']} | {r['result']} | {r['passed']} | {r['failed'] + r['error']} | {r['seconds']:.0f} |")
+        lines.append(f"| {r['release']} | {r['result']} | {r['passed']} | {r['failed'] + r['error']} | "
+                     f"{r.get('skipped', 0)} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
