@@ -708,7 +708,7 @@ def upgrade_export(export_dir) -> UpgradeResult:
     return UpgradeResult(export_dir, written_by, changed, before)
 
 
-def copy_tokenizer_files(model_dir: Path, out_dir: Path) -> list[str]:
+def copy_tokenizer_files(model_dir: Path, out_dir: Path, max_length: Optional[int] = None) -> list[str]:
     """Copy the tokenizer (and generation config) files that exist; warn when there is no tokenizer.
 
     A tokenizer_config.json `auto_map` (the base repo's own tokenizer code, possibly in another repo) is
@@ -721,10 +721,13 @@ def copy_tokenizer_files(model_dir: Path, out_dir: Path) -> list[str]:
             data = json.loads(tok_config.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise DPEExportError(f"{model_dir / 'tokenizer_config.json'} is not valid JSON: {e}") from None
-        if isinstance(data, dict) and "auto_map" in data:
-            logger.warning("dropping the auto_map of %s (%s): the export's tokenizer uses transformers' own code",
-                           model_dir / "tokenizer_config.json", json.dumps(data["auto_map"])[:200])
-            del data["auto_map"]
+        if isinstance(data, dict):
+            if "auto_map" in data:
+                logger.warning("dropping the auto_map of %s (%s): the export's tokenizer uses transformers' own code",
+                               model_dir / "tokenizer_config.json", json.dumps(data["auto_map"])[:200])
+                del data["auto_map"]
+            if max_length is not None:
+                data["model_max_length"] = max_length  # the export's target length, not the base's
             tok_config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if not any(name in copied for name in TOKENIZER_VOCAB_FILES):
         logger.warning(
@@ -916,7 +919,8 @@ def export_difference(output, info: ModelInfo, params, selected=None) -> Optiona
     if tok is not None:
         def stripped(path: Path):
             data = json.loads(path.read_text(encoding="utf-8"))
-            return {k: v for k, v in data.items() if k != "auto_map"} if isinstance(data, dict) else data
+            drop = ("auto_map", "model_max_length")  # what convert rewrites
+            return {k: v for k, v in data.items() if k not in drop} if isinstance(data, dict) else data
         try:
             if stripped(tok) != stripped(output / "tokenizer_config.json"):
                 return "its tokenizer_config.json differs from the base model's"
@@ -965,7 +969,7 @@ def write_export(
         info, params, selected, out_dir, base_model=base_model, model_name=model_name, repo_id=repo_id,
         calibration=calibration, eval_records=eval_records, export_dir=export_dir or out_dir, gguf=gguf,
     )
-    copy_tokenizer_files(info.model_dir, out_dir)
+    copy_tokenizer_files(info.model_dir, out_dir, params.target_length)
     copy_license_files(info.model_dir, out_dir)
     copy_weights(info.model_dir, out_dir, info.weight_files, link=link)
 

@@ -1102,10 +1102,30 @@ class DPEModelMixin:
                     args = (*args[:idx], cache, *args[idx + 1 :])
                 else:
                     kwargs[name] = cache
+        past = 0
         if cache is not None:
             prepare_cache(cache, self.__dict__.get("_dpe_states", {}))
-            kwargs["dpe_past_length"] = int(cache.get_seq_length())  # where this forward's keys start in the cache
+            past = kwargs["dpe_past_length"] = int(cache.get_seq_length())  # where this forward's keys start
+        self._dpe_warn_past_target(past, args, kwargs, params)
         return super().forward(*args, **kwargs)
+
+    def _dpe_warn_past_target(self, past: int, args, kwargs, params) -> None:
+        """One warning per model when an input reaches past the length the export was made for."""
+        if self.__dict__.get("_dpe_warned"):
+            return
+        dpe = getattr(self.config, "dpe", None) or {}
+        target = dpe.get("target_length") if isinstance(dpe, dict) else None
+        x = next((v for k, v in list(zip(params, args)) + list(kwargs.items())
+                  if k in ("input_ids", "inputs_embeds") and v is not None), None)
+        if not target or x is None or past + x.shape[1] <= target:
+            return
+        self.__dict__["_dpe_warned"] = True
+        import warnings
+
+        warnings.warn(
+            f"DPE: this input reaches {past + x.shape[1]} tokens, past the {target} this export was made for "
+            f"(pretrained on {dpe.get('pretrain_length')}, window {dpe.get('local_window_size')}, scale factors "
+            f"{dpe.get('scale_factors')}); quality beyond {target} tokens was not calibrated", stacklevel=3)
 
 
 def cache_argument(model) -> str:

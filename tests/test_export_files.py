@@ -400,3 +400,27 @@ def test_dpe_core_is_the_repository_file():
     assert core.__name__ == "dpe_export.dpe_core"
     assert Path(core.__file__).resolve() == (resource_dir("modeling_templates") / "dpe_core.py").resolve()
     assert (resource_dir("configs") / "qwen2.5-7b-instruct.yaml").is_file()
+
+
+@requires_template
+def test_the_tokenizer_states_the_target_length_and_a_longer_input_warns_once(llama_dir, tmp_path):
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dpe_export import export
+
+    params = dpe_core.DPEParams(local_window_size=4, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8],
+                                target_length=48)
+    out = export.convert(llama_dir, tmp_path / "export", params)
+    assert AutoTokenizer.from_pretrained(out).model_max_length == 48
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            model(torch.randint(4, 128, (1, 40)))
+            model(torch.randint(4, 128, (1, 60)))
+            model(torch.randint(4, 128, (1, 70)))
+    dpe = [w for w in caught if "past the 48 this export was made for" in str(w.message)]
+    assert len(dpe) == 1
