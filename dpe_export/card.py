@@ -612,7 +612,8 @@ def card_variables(
     tables = eval_tables(eval_records, info.model_dir, export_dir) if eval_records else []
     return {
         "model_name": repo_id or model_name,
-        "repo_ref": repo_id or model_name,
+        "repo_ref": repo_id,  # None: the snippet gets a placeholder that says what to put there
+        "local_name": model_name,
         "base_model": base_model,
         "base_model_link": hub_id_or_none(base_model),
         "license": read_base_license(info.model_dir, raw_config),

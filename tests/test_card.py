@@ -136,7 +136,7 @@ def test_hostile_names_and_license_cannot_break_the_card_or_the_code(tiny_dirs, 
     # Python: the snippet compiles and its string is the exact name
     snippet = python_snippet(text)
     compile(snippet, "snippet", "exec")
-    assert ast.literal_eval(snippet.split("repo = ", 1)[1].split("  #", 1)[0]) == out_name
+    assert ast.literal_eval(snippet.split("repo = ", 1)[1].split("  #", 1)[0]) == "path/to/" + out_name
     assert "`" not in snippet
     # the generated code never sees these values
     for name in ("modeling_dpe.py", "dpe_core.py"):
@@ -271,3 +271,29 @@ def test_convert_refuses_a_bad_calibration_or_eval_file_before_writing(run_cli, 
     r = run_cli("convert", llama_dir, "-o", out, "--window", "8", "--scale-factors", "2,4", "--repo-id", "bad id")
     assert r.exit_code == 1 and "repo-id" in r.stderr
     assert not out.exists()
+
+
+def test_the_cards_snippet_runs_as_written_and_names_the_repo_when_known(tmp_path):
+    """Extract the card's Python snippet from a testbed export and run it (placeholder replaced by the path)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from dpe_export import export
+    from dpe_export.resources import load_dpe_core
+
+    core = load_dpe_core()
+    testbed = Path(__file__).resolve().parent / "fixtures" / "testbed-llama"
+    params = core.DPEParams(32, [8, 16, 32, 32], [0, 4, 8, 12, 16], target_length=4096)
+    out = export.convert(testbed, tmp_path / "tb-dpe", params)
+    card = (out / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert 'repo = "path/to/tb-dpe"  # placeholder' in snippet
+    snippet = snippet.replace('"path/to/tb-dpe"', repr(str(out)))
+    res = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""})
+    assert res.returncode == 0, res.stderr[-2000:]
+    named = export.convert(testbed, tmp_path / "named", params, repo_id="my-org/tb-dpe")
+    card = (named / "README.md").read_text()
+    assert "# my-org/tb-dpe" in card and 'repo = "my-org/tb-dpe"\n' in card

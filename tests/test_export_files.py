@@ -74,8 +74,12 @@ def test_convert_writes_a_complete_export(run_cli, tiny_dirs, tmp_path, family):
 
     assert same_bytes(model / "model.safetensors", out / "model.safetensors")
     assert os.stat(model / "model.safetensors").st_ino != os.stat(out / "model.safetensors").st_ino
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+    for name in ("tokenizer.json", "generation_config.json"):
         assert same_bytes(model / name, out / name), name
+    tok_base, tok_out = (json.loads((d / "tokenizer_config.json").read_text()) for d in (model, out))
+    assert tok_out.pop("model_max_length") == read_json(out / "config.json")["dpe"]["target_length"]
+    tok_base.pop("model_max_length", None)
+    assert tok_out == tok_base  # otherwise the base's, as it was
 
     assert same_bytes(REPO_ROOT / "modeling_templates" / "dpe_core.py", out / "dpe_core.py")
     modeling = (out / "modeling_dpe.py").read_text()
