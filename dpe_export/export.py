@@ -865,6 +865,14 @@ def convert(
     check_output_target(output, info.model_dir, overwrite)
     if base_model is None:
         base_model = guess_base_model(info.model_dir)
+    if base_model is None:
+        logger.warning("no Hub id of the base model is known, so the model card cannot name or link it "
+                       "(pass --base-model ORG/NAME)")
+    from dpe_export.card import read_base_license
+
+    if not read_base_license(info.model_dir, read_config_json(info.model_dir)):
+        logger.warning("the base model states no license (README.md front matter or config.json), so the model "
+                       "card states none; check the base model's terms before publishing")
     if calibration is not None:
         from dpe_export.card import normalize_calibration
 

@@ -145,8 +145,17 @@ def test_model_without_tokenizer_converts_with_a_warning(run_cli, tiny_dirs, tmp
     r = run_cli("convert", model, "-o", out, "--window", "8", "--scale-factors", "2,4")
     assert r.exit_code == 0, r.stderr
     warnings = [line for line in r.stderr.splitlines() if line.startswith("Warning:")]
-    assert len(warnings) == 1 and "no tokenizer" in warnings[0]
+    assert len([w for w in warnings if "no tokenizer" in w]) == 1
     assert (out / "model.safetensors").is_file() and not (out / "tokenizer.json").exists()
+
+
+def test_convert_warns_when_no_base_model_id_or_license_is_known(run_cli, llama_dir, tmp_path):
+    r = run_cli("convert", llama_dir, "-o", tmp_path / "a", "--window", "8", "--scale-factors", "2,4")
+    assert r.exit_code == 0, r.stderr
+    assert "no Hub id of the base model is known" in r.stderr and "states no license" in r.stderr
+    r = run_cli("convert", llama_dir, "-o", tmp_path / "b", "--window", "8", "--scale-factors", "2,4",
+                "--base-model", "org/name")
+    assert r.exit_code == 0 and "no Hub id" not in r.stderr
 
 
 @requires_template
