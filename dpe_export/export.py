@@ -592,7 +592,9 @@ def write_modeling_files(info: ModelInfo, out_dir: Path) -> None:
 
 
 def config_auto_map(arch: Architecture) -> dict[str, str]:
-    return {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{arch.dpe_causal_lm_class}"}
+    """Both Auto classes an export serves: AutoModel must not fall back to the base model's plain attention."""
+    return {"AutoModel": f"{MODELING_FILE[:-3]}.{arch.dpe_prefix}Model",
+            "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{arch.dpe_causal_lm_class}"}
 
 
 def foreign_code(export_dir: Path, raw: dict[str, Any]) -> Optional[str]:

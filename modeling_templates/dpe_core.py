@@ -1162,7 +1162,7 @@ def install_dpe(model, params: DPEParams, model_class: Optional[type] = None) ->
     register_dpe_attention()
     config = model.config
     check_supported_config(config)
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    decoder = _decoder_of(model)
     rotary = decoder.rotary_emb
     rotary_dim = rotary_dim_of(config, rotary)
     params.validate(rotary_dim)
@@ -1192,6 +1192,13 @@ def install_dpe(model, params: DPEParams, model_class: Optional[type] = None) ->
 ATTENTION_ATTRIBUTES = ("self_attn", "attention", "attn")  # what decoder layers call their attention
 
 
+def _decoder_of(model):
+    """The base model that holds the layers and the rotary embedding (the model itself for AutoModel)."""
+    if isinstance(getattr(model, "layers", None), torch.nn.ModuleList) and hasattr(model, "rotary_emb"):
+        return model
+    return model.get_decoder()
+
+
 def _check_rotary_pairing(attn) -> None:
     """DPE's rotation pairs dim f with f + R/2 (transformers' rotate_half). A family whose own rotate_half pairs
     them otherwise (interleaved, as Cohere's) is refused rather than rotated wrongly."""
@@ -1218,7 +1225,7 @@ def attention_module(layer):
 
 def set_dpe_selection(model, selected: Optional[torch.Tensor]) -> None:
     """Set the selected frequencies, bool [layers, query heads, R/2]; None selects every frequency."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    decoder = _decoder_of(model)
     states = decoder.__dict__.get("_dpe_states", {})
     if selected is not None:
         config = model.config
@@ -1276,16 +1283,8 @@ def _copy_code_files(model, save_directory) -> None:
                 shutil.copyfile(path, target)
 
 
-class DPEForCausalLMMixin:
-    """Mixed into a family's causal LM class: installs DPE and carries its selection file."""
-
-    dpe_model_class: Optional[type] = None
-
-    def __init__(self, config, *args, **kwargs):
-        check_transformers_version()
-        super().__init__(config, *args, **kwargs)
-        install_dpe(self, DPEParams.from_dict(config.dpe), self.dpe_model_class)
-        self.dpe_selected_dims = None
+class DPEPretrainedMixin:
+    """from_pretrained / save_pretrained of an export's classes: the selection file and the code files."""
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
@@ -1314,3 +1313,25 @@ class DPEForCausalLMMixin:
             from safetensors.torch import save_file
 
             save_file({SELECTED_DIMS_TENSOR: self.dpe_selected_dims.cpu().contiguous()}, os.path.join(save_directory, name))
+
+
+class DPEForCausalLMMixin(DPEPretrainedMixin):
+    """Mixed into a family's causal LM class: installs DPE and carries its selection file."""
+
+    dpe_model_class: Optional[type] = None
+
+    def __init__(self, config, *args, **kwargs):
+        check_transformers_version()
+        super().__init__(config, *args, **kwargs)
+        install_dpe(self, DPEParams.from_dict(config.dpe), self.dpe_model_class)
+        self.dpe_selected_dims = None
+
+
+class DPEBaseModelMixin(DPEPretrainedMixin, DPEModelMixin):
+    """Mixed into a family's base model class for AutoModel: the same model, DPE included, without the head."""
+
+    def __init__(self, config, *args, **kwargs):
+        check_transformers_version()
+        super().__init__(config, *args, **kwargs)
+        install_dpe(self, DPEParams.from_dict(config.dpe), type(self))
+        self.dpe_selected_dims = None

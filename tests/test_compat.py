@@ -239,3 +239,18 @@ def test_the_shipped_testbed_export_retrieves_at_8x(tmp_path):
                                  pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         found += extract_number(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)) == prompt.answer
     assert found == 3
+
+
+def test_automodel_loads_the_dpe_base_model_not_the_plain_one(export):
+    from transformers import AutoModel
+
+    out, _ = export
+    causal = _load(out)
+    base = AutoModel.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(base).__name__ == "DPELlamaModel"
+    assert (base.dpe_selected_dims is None) == (causal.dpe_selected_dims is None)
+    ids = torch.randint(4, 128, (1, 40), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        want = causal(ids, output_hidden_states=True).hidden_states[-1]
+        got = base(ids).last_hidden_state
+    assert torch.allclose(got, want, atol=1e-6)

@@ -65,7 +65,8 @@ def test_convert_writes_a_complete_export(run_cli, tiny_dirs, tmp_path, family):
         "pretrain_length": base["max_position_embeddings"],
     }
     assert dpe_core.DPEParams.from_dict(config["dpe"]).validate(16)
-    assert config["auto_map"] == {"AutoModelForCausalLM": f"modeling_dpe.{PREFIX[family]}ForCausalLM"}
+    assert config["auto_map"] == {"AutoModelForCausalLM": f"modeling_dpe.{PREFIX[family]}ForCausalLM",
+                                  "AutoModel": f"modeling_dpe.{PREFIX[family]}Model"}
     assert config["architectures"] == [f"{PREFIX[family]}ForCausalLM"]
     assert config["max_position_embeddings"] == 256
     assert config["model_type"] == family
