@@ -23,7 +23,8 @@ from dpe_export import __version__
 from dpe_export.architectures import ARCHITECTURES, Architecture, get_architecture, supported_families
 from dpe_export.errors import DPEExportError
 from dpe_export.resources import MODELING_TEMPLATES, dpe_core_path, load_dpe_core, resource_dir
-from dpe_export.safefiles import safe_file
+from dpe_export.publish import file_sha256
+from dpe_export.safefiles import links_in, safe_file
 
 logger = logging.getLogger("dpe_export")
 
@@ -626,24 +627,13 @@ class UpgradeResult:
     untouched: dict[str, str]  # every other file, name -> sha256, checked unchanged after the rewrite
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _regular_files(folder: Path) -> dict[str, Path]:
     """Every file under folder by relative name; a symlink anywhere is an error (never followed)."""
+    links = links_in(folder)
+    if links:
+        raise DPEExportError(f"{links[0]} is a symbolic link; dpe-export does not follow links out of an export")
     files = {}
-    for root, dirs, names in os.walk(folder, followlinks=False):
-        for name in list(dirs) + names:
-            path = Path(root) / name
-            if path.is_symlink():
-                raise DPEExportError(f"{path} is a symbolic link; dpe-export does not follow links out of an export")
+    for root, _, names in os.walk(folder, followlinks=False):
         for name in names:
             path = Path(root) / name
             files[path.relative_to(folder).as_posix()] = path
@@ -681,7 +671,7 @@ def upgrade_export(export_dir) -> UpgradeResult:
         raise DPEExportError(f"{export_dir}: the dpe section of {CONFIG_FILE} is invalid: {e}") from None
     written_by = config.get("dpe_export_version")
     generated = {MODELING_FILE, DPE_CORE_FILE, CONFIG_FILE}
-    before = {name: _sha256(path) for name, path in files.items() if name not in generated}
+    before = {name: file_sha256(path) for name, path in files.items() if name not in generated}
 
     new_config = dict(config, auto_map=config_auto_map(arch), architectures=[arch.dpe_causal_lm_class],
                       dpe_export_version=__version__)
@@ -703,7 +693,7 @@ def upgrade_export(export_dir) -> UpgradeResult:
             if tmp.exists():
                 tmp.unlink()
         changed.append(name)
-    after = {name: _sha256(path) for name, path in _regular_files(export_dir).items() if name not in generated}
+    after = {name: file_sha256(path) for name, path in _regular_files(export_dir).items() if name not in generated}
     if after != before:  # pragma: no cover - nothing above writes these
         raise DPEExportError(f"files other than the generated ones changed in {export_dir}: "
                              f"{sorted(set(after.items()) ^ set(before.items()))}")
@@ -923,7 +913,7 @@ def export_difference(output, info: ModelInfo, params, selected=None) -> Optiona
                                        if n != "tokenizer_config.json" and safe_file(info.model_dir, n) is not None]
     for name in names:
         src, dst = safe_file(info.model_dir, name), output / name
-        if not dst.is_file() or dst.is_symlink() or src.stat().st_size != dst.stat().st_size or _sha256(src) != _sha256(dst):
+        if not dst.is_file() or dst.is_symlink() or src.stat().st_size != dst.stat().st_size or file_sha256(src) != file_sha256(dst):
             return f"its {name} differs from the base model's"
     tok = safe_file(info.model_dir, "tokenizer_config.json")
     if tok is not None:

@@ -81,11 +81,10 @@ def install(version: str, root: Path) -> Path:
         return target
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target", str(target),
            "--upgrade", f"transformers=={version}"]
-    # torch comes from this Python; never let a dependency pull another build of it into the target.
-    env = dict(os.environ, PIP_CONSTRAINT="")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"pip could not install transformers {version}:\n{proc.stderr[-3000:]}")
+    # torch comes from this Python: a dependency that pulled another build of it into the target is an error.
     for extra in ("torch", "triton"):
         if any(target.glob(f"{extra}-*.dist-info")):
             raise SystemExit(f"installing transformers {version} pulled {extra} into {target}; remove it")

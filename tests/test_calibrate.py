@@ -30,6 +30,15 @@ def scripted(best: list[int], calls: list):
     return score
 
 
+def killed_after(n: int, calls: list):
+    """The scripted scorer of a run that is killed (KeyboardInterrupt) when it starts its n+1-th cell."""
+    def score(params):
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return scripted([2, 8, 1, 4], calls)(params)
+    return score
+
+
 def test_plan_candidates_and_reference(plan):
     assert plan.scales == [1, 2, 4, 8, 16]  # up to T/W = 16
     assert plan.reference_scale == 16  # nearest 2T/L = 16
@@ -62,11 +71,7 @@ def test_a_killed_run_resumes_without_recomputing(plan, tmp_path):
     out = tmp_path / "cal"
     calls = []
 
-    def dies_after_seven(params):
-        if len(calls) == 7:
-            raise KeyboardInterrupt
-        return scripted([2, 8, 1, 4], calls)(params)
-
+    dies_after_seven = killed_after(7, calls)
     with pytest.raises(KeyboardInterrupt):
         calibrate.run_grid(plan, dies_after_seven, out, progress=False)
     with open(out / "cells.jsonl", "a") as f:
@@ -194,11 +199,7 @@ def test_a_torn_last_line_is_repaired_before_appending_and_merge_reads_it(plan, 
     out = tmp_path / "cal"
     calls = []
 
-    def dies_after_five(params):
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return scripted([2, 8, 1, 4], calls)(params)
-
+    dies_after_five = killed_after(5, calls)
     with pytest.raises(KeyboardInterrupt):
         calibrate.run_grid(plan, dies_after_five, out, progress=False)
     with open(out / "cells.jsonl", "a") as f:
