@@ -19,6 +19,7 @@ All seeds derive from one ``seed``; prompts and needles are the same for every m
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import itertools
 import logging
@@ -72,6 +73,7 @@ DEFAULT_NEEDLES = 4
 PASSKEY_DIGITS = 5
 NIAH_DIGITS = 6
 ANSWER_SLACK = 3  # tokens generated beyond one per answer digit (a leading space, punctuation)
+PREFILL_CHUNK = 1024  # prompt tokens per forward in greedy_generate (see there)
 LOGITS_BUDGET = 1 << 24  # elements of the float32 logits chunk in ppl (64 MiB)
 
 GenerateFn = Callable[[list[list[int]]], list[str]]
@@ -327,11 +329,13 @@ def fixed_rope_for_length(model, total_length: int):
 
 
 def greedy_generate(model, batch: Sequence[Sequence[int]], max_new_tokens: int,
-                    eos_token_id: Optional[Any] = None) -> list[list[int]]:
+                    eos_token_id: Optional[Any] = None, prefill_chunk: Optional[int] = PREFILL_CHUNK) -> list[list[int]]:
     """Greedy continuation of equal-length prompts (no padding: an attention mask of ones) with a KV cache.
 
-    Returns up to ``max_new_tokens`` new ids per prompt, cut before the first end-of-sequence token; stops
-    early once every row has ended.
+    The prompt goes in ``prefill_chunk`` tokens at a time (None: at once), each chunk on the cache of the ones
+    before and with logits for its last position only, so no forward builds an n x n mask (sliding-window
+    layers would) or n x vocab logits. Returns up to ``max_new_tokens`` new ids per prompt, cut before the first
+    end-of-sequence token; stops early once every row has ended.
     """
     import torch
 
@@ -347,7 +351,12 @@ def greedy_generate(model, batch: Sequence[Sequence[int]], max_new_tokens: int,
     core = load_dpe_core()
     cache_name = core.cache_argument(model)  # "past_key_values" before transformers 5.24, "cache" from it on
     with fixed_rope_for_length(model, ids.shape[1] + max_new_tokens), torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+        step_len = ids.shape[1] if not prefill_chunk else max(1, int(prefill_chunk))
+        out = None
+        for a in range(0, ids.shape[1], step_len):
+            b = min(a + step_len, ids.shape[1])
+            past = {} if out is None else {cache_name: core.output_cache(out)}
+            out = model(input_ids=ids[:, a:b], attention_mask=mask[:, :b], use_cache=True, logits_to_keep=1, **past)
         for step in range(max_new_tokens):
             nxt = out.logits[:, -1].argmax(-1)
             new.append(nxt)
@@ -364,6 +373,70 @@ def greedy_generate(model, batch: Sequence[Sequence[int]], max_new_tokens: int,
         cut = next((i for i, t in enumerate(row) if t in eos), len(row))
         result.append(row[:cut])
     return result
+
+
+def greedy_generate_shared(model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                           eos_token_id: Optional[Any] = None,
+                           prefill_chunk: Optional[int] = PREFILL_CHUNK) -> list[list[int]]:
+    """:func:`greedy_generate` of each prompt alone, with the prefix they share prefilled once (NIAH asks one
+    context about each of its needles: only the question differs). The prefix's cache is copied for each
+    prompt. Equal to generating each prompt alone up to float error (chunked prefill)."""
+    import torch
+
+    prompts = [list(p) for p in prompts]
+    if not prompts:
+        return []
+    shared = 0
+    shortest = min(len(p) for p in prompts)
+    while shared < shortest - 1 and all(p[shared] == prompts[0][shared] for p in prompts):
+        shared += 1
+    if len(prompts) == 1 or shared < 2:
+        return [greedy_generate(model, [p], max_new_tokens, eos_token_id, prefill_chunk)[0] for p in prompts]
+    device = _model_device(model)
+    core = load_dpe_core()
+    cache_name = core.cache_argument(model)
+    ids = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=device)
+    step_len = shared if not prefill_chunk else max(1, int(prefill_chunk))
+    out = None
+    with fixed_rope_for_length(model, max(len(p) for p in prompts) + max_new_tokens), torch.inference_mode():
+        for a in range(0, shared, step_len):
+            b = min(a + step_len, shared)
+            past = {} if out is None else {cache_name: core.output_cache(out)}
+            out = model(input_ids=ids[:, a:b], attention_mask=torch.ones(1, b, dtype=torch.long, device=device),
+                        use_cache=True, logits_to_keep=1, **past)
+        prefix_cache = core.output_cache(out)
+        results = []
+        for p in prompts:
+            results.append(_continue_greedy(model, copy.deepcopy(prefix_cache), p[shared:], shared, max_new_tokens,
+                                            eos_token_id, cache_name))
+    return results
+
+
+def _continue_greedy(model, cache, rest: Sequence[int], past: int, max_new_tokens: int, eos_token_id,
+                     cache_name: str) -> list[int]:
+    """Greedy decoding of one prompt whose first ``past`` tokens are in ``cache``."""
+    import torch
+
+    device = _model_device(model)
+    eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    core = load_dpe_core()
+    ids = torch.tensor([list(rest)], dtype=torch.long, device=device)
+    n = past + ids.shape[1]
+    out = model(input_ids=ids, attention_mask=torch.ones(1, n, dtype=torch.long, device=device), use_cache=True,
+                logits_to_keep=1, **{cache_name: cache})
+    new: list[int] = []
+    for step in range(max_new_tokens):
+        nxt = int(out.logits[0, -1].argmax(-1))
+        if nxt in eos:
+            break
+        new.append(nxt)
+        if step == max_new_tokens - 1:
+            break
+        n += 1
+        out = model(input_ids=torch.tensor([[nxt]], device=device), use_cache=True,
+                    attention_mask=torch.ones(1, n, dtype=torch.long, device=device),
+                    **{cache_name: core.output_cache(out)})
+    return new
 
 
 def max_new_tokens_for(task: str) -> int:

@@ -143,24 +143,42 @@ def _head_dim(config) -> int:
     return load_dpe_core().rotary_dim_of(config)
 
 
+SCALED_LAYER_TYPE = "full_attention"  # with per-layer-type RoPE, the layer type a RoPE method rescales
+
+
+def _per_layer_type(rope: dict) -> bool:
+    return all(isinstance(v, dict) for v in rope.values())
+
+
 def base_rope_parameters(config) -> dict[str, Any]:
-    """The config's (flat) RoPE parameters; DPEExportError for models without RoPE or with per-layer RoPE."""
+    """The config's RoPE parameters that a RoPE method rescales: the flat dict, or with per-layer-type RoPE
+    (Gemma 3: local and global bases) the full-attention layers' entry, as Gemma 3's own long-context
+    checkpoints scale only their global layers. DPEExportError for models without RoPE."""
     rope = getattr(config, "rope_parameters", None)
     if not isinstance(rope, dict) or not rope:
         raise DPEExportError(
             f"model type {getattr(config, 'model_type', '?')!r} has no rotary position embeddings (RoPE), "
             "so RoPE scaling methods do not apply"
         )
-    if all(isinstance(v, dict) for v in rope.values()):
-        raise DPEExportError("per-layer-type RoPE parameters are not supported by --method")
+    if _per_layer_type(rope):
+        if not isinstance(rope.get(SCALED_LAYER_TYPE), dict):
+            raise DPEExportError(f"the per-layer-type RoPE parameters have no {SCALED_LAYER_TYPE!r} entry")
+        return rope[SCALED_LAYER_TYPE]
     return rope
 
 
 def rope_parameters_for(method: MethodSpec, config) -> dict[str, Any]:
-    """The ``config.rope_parameters`` dict for a linear / dynamic / yarn method on a base model config."""
+    """The ``config.rope_parameters`` dict for a linear / dynamic / yarn method on a base model config (with
+    per-layer-type RoPE, only the full-attention entry changes)."""
     if not method.is_rope:
         raise ValueError(f"{method} is not a RoPE scaling method")
-    rope = base_rope_parameters(config)
+    new = _scaled_rope_parameters(method, config, base_rope_parameters(config))
+    if _per_layer_type(config.rope_parameters):
+        return {**copy.deepcopy(config.rope_parameters), SCALED_LAYER_TYPE: new}
+    return new
+
+
+def _scaled_rope_parameters(method: MethodSpec, config, rope: dict[str, Any]) -> dict[str, Any]:
     theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
     if theta is None:
         raise DPEExportError("the model config has no rope_theta")
@@ -302,10 +320,12 @@ def _check_rope_changed(model, base_config, method: MethodSpec) -> None:
         raise DPEExportError(f"{type(model).__name__} has no rotary embedding module; {method} cannot be applied")
     if method.kind == "dynamic":  # dynamic NTK changes inv_freq only on sequences past the base length
         changed = getattr(rotary, "rope_type", None) == "dynamic"
-    else:
+    else:  # every inv_freq buffer and attention scaling (one per layer type where the family has several)
         plain = type(rotary)(config=base_config)
-        changed = not torch.equal(plain.inv_freq.cpu().float(), rotary.inv_freq.detach().cpu().float()) or (
-            float(plain.attention_scaling) != float(rotary.attention_scaling))
+        freqs = [name for name, _ in plain.named_buffers() if name.endswith("inv_freq") and "original" not in name]
+        scalings = [name for name in vars(plain) if name.endswith("attention_scaling")]
+        changed = any(not torch.equal(plain.get_buffer(n).cpu().float(), rotary.get_buffer(n).detach().cpu().float())
+                      for n in freqs) or any(float(getattr(plain, n)) != float(getattr(rotary, n)) for n in scalings)
     if not changed:
         raise DPEExportError(f"{type(model).__name__} ignored the RoPE parameters of {method}; cannot apply it")
 

@@ -339,36 +339,40 @@ def rotate_by(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor, rota
 _LSE_KERNEL_FAILED: set = set()
 
 
-def attention_with_lse(q, k, v, *, scale: float, causal: bool = False):
+def attention_with_lse(q, k, v, *, scale: float, causal: bool = False, mask: Optional[torch.Tensor] = None):
     """softmax(q k^T * scale) v and its row log-sum-exp (float32), without an n x n tensor.
 
     q [B, H, m, D]; k, v [B, Hkv, n, D] with H a multiple of Hkv; with causal, m == n and query t sees keys
-    0..t. Uses the fused CPU flash kernel or the CUDA memory-efficient kernel, and falls back to a chunked
-    float32 computation elsewhere (or where the fused kernel refuses the shape or dtype).
+    0..t. mask (instead of causal): an additive [m, n] mask in q's dtype, 0 where a key is seen and -inf where
+    not; every row must see a key. Uses the fused CPU flash kernel or the CUDA memory-efficient kernel, and
+    falls back to a chunked float32 computation elsewhere (or where the fused kernel refuses the shape/dtype).
     """
     device = q.device.type
-    if device not in _LSE_KERNEL_FAILED:
+    kind = device if mask is None else device + "+mask"
+    if kind not in _LSE_KERNEL_FAILED:
         try:
             if device == "cpu":
+                extra = {} if mask is None else {"attn_mask": mask[None, None]}
                 out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    q, k, v, 0.0, causal, scale=scale
+                    q, k, v, 0.0, causal, scale=scale, **extra
                 )[:2]
                 return out, lse
             if device == "cuda":
                 k, v = repeat_kv(k, q.shape[1] // k.shape[1]), repeat_kv(v, q.shape[1] // v.shape[1])
+                bias = None if mask is None else mask[None, None].expand(q.shape[0], q.shape[1], *mask.shape)
                 out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-                    q, k, v, None, True, 0.0, causal, scale=scale
+                    q, k, v, bias, True, 0.0, causal, scale=scale
                 )[:2]
                 return out, lse[..., : q.shape[2]]  # some builds pad the lse rows to a multiple of 32
         except (RuntimeError, NotImplementedError) as err:  # unsupported shape/dtype on this build
-            _LSE_KERNEL_FAILED.add(device)
+            _LSE_KERNEL_FAILED.add(kind)
             import warnings
 
-            warnings.warn(f"DPE: fused attention kernel unavailable on {device} ({err}); using chunked math")
-    return _attention_with_lse_math(q, k, v, scale=scale, causal=causal)
+            warnings.warn(f"DPE: fused attention kernel unavailable on {kind} ({err}); using chunked math")
+    return _attention_with_lse_math(q, k, v, scale=scale, causal=causal, mask=mask)
 
 
-def _attention_with_lse_math(q, k, v, *, scale, causal=False, chunk: int = 1024):
+def _attention_with_lse_math(q, k, v, *, scale, causal=False, mask=None, chunk: int = 1024):
     rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, rep), repeat_kv(v, rep)
     outs, lses = [], []
@@ -379,6 +383,8 @@ def _attention_with_lse_math(q, k, v, *, scale, causal=False, chunk: int = 1024)
         if causal:
             t = torch.arange(a, b, device=q.device)[:, None]
             s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > t, float("-inf"))
+        if mask is not None:
+            s = s + mask[a:b].float()
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - lse[..., None])
         outs.append(torch.matmul(p, v.float()).to(q.dtype))
@@ -472,6 +478,9 @@ def dpe_attention(
         key_valid = None
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_plain, q_scaled, k_local, k_far, v))
     fused = backend != "eager" and softcap is None and not dropout and not needs_grad
+    if fused and 1 < m < n and key_valid is None and not backend.startswith("flash_attention"):
+        return _dpe_prefill_continued(q_plain, q_scaled, k_local, local_start, k_far, k_far_plain, v, window, scale,
+                                      selected)
     if m != n or not fused:
         return _dpe_attention_materialized(q_plain, q_scaled, k_local, local_start, k_far, k_far_plain, v, window,
                                            scale, selected, key_valid, softcap=softcap, dropout=dropout)
@@ -538,6 +547,64 @@ def _dpe_prefill(q_plain, q_scaled, k_plain, k_scaled, k_far_plain, v, window, s
     tail[..., : w - 1, :].addcmul_(o_b, torch.exp(lb - lse)[..., : w - 1].unsqueeze(-1).to(o.dtype))
     tail.addcmul_(o_f, torch.exp(lse_f - lse).unsqueeze(-1).to(o.dtype))
     return o.permute(0, 1, 3, 2, 4).reshape(bsz, nb * w, h, d)[:, :n]
+
+
+def _merge_lse(parts, m: int):
+    """Join attentions of the same m queries over disjoint key sets: parts of (first query, out [B, H, q, D],
+    lse [B, H, q]) covering queries first..first+q-1. Query 0 must be in the first part. Returns [B, H, m, D]."""
+    _, o0, l0 = parts[0]
+    lse = l0.clone()
+    for a, _, l in parts[1:]:
+        lse[:, :, a : a + l.shape[2]] = torch.logaddexp(lse[:, :, a : a + l.shape[2]], l)
+    out = o0.float() * torch.exp(l0 - lse)[..., None]
+    for a, o, l in parts[1:]:
+        out[:, :, a : a + l.shape[2]] += o.float() * torch.exp(l - lse[:, :, a : a + l.shape[2]])[..., None]
+    return out.to(o0.dtype)
+
+
+def _dpe_prefill_continued(q_plain, q_scaled, k_local, local_start, k_far, k_far_plain, v, window, scale, selected,
+                           block: Optional[int] = None):
+    """The last m of n positions (1 < m < n, no padding) with fused kernels: a prompt fed in chunks on a cache.
+
+    Query a (position P + a, P = n - m) sees local keys P + a - w < j <= P + a and far keys j <= P + a - w.
+    Local: blocks of queries against their keys with a band mask (block x (block + w) scores at most). Far: keys
+    0..P-w are seen by every query (no mask); keys P-w+1..n-w-1 form a causal triangle with the queries from
+    t on. Returns [B, m, H, D].
+    """
+    bsz, h, m, d = q_plain.shape
+    n, w, hkv = v.shape[2], window, v.shape[1]
+    p = n - m
+    block = block or max(w, 256)
+    if k_far_plain is None:
+        k_far_plain = k_local if local_start == 0 else None
+    local = []
+    for a in range(0, m, block):
+        b = min(a + block, m)
+        lo = max(0, p + a - w + 1)
+        i = torch.arange(p + a, p + b, device=q_plain.device)[:, None]
+        j = torch.arange(lo, p + b, device=q_plain.device)[None, :]
+        band = torch.zeros(i.shape[0], j.shape[1], dtype=q_plain.dtype, device=q_plain.device)
+        band.masked_fill_(((i - j) < 0) | ((i - j) >= w), float("-inf"))
+        o, lse = attention_with_lse(q_plain[:, :, a:b], k_local[:, :, lo - local_start : p + b - local_start],
+                                    v[:, :, lo : p + b], scale=scale, mask=band)
+        local.append((o, lse))
+    parts = [(0, torch.cat([o for o, _ in local], dim=2), torch.cat([lse for _, lse in local], dim=2))]
+    far_n = n - w  # keys 0..n-w-1 are far for some query
+    if far_n > 0:
+        if selected is not None and k_far_plain is None:
+            raise ValueError("a selection needs the plain rotation of every key (k_far_plain)")
+        kp = None if k_far_plain is None else k_far_plain[:, :, :far_n]
+        q_far, kf = far_query_key(q_plain, q_scaled, kp, k_far[:, :, :far_n], selected)
+        vf = repeat_kv(v[:, :, :far_n], kf.shape[1] // hkv)
+        s2 = max(0, p - w + 1)  # keys below s2 are far for every query
+        t = s2 - (p - w)  # the first query that sees key s2
+        if s2 > 0:
+            o, lse = attention_with_lse(q_far, kf[:, :, :s2], vf[:, :, :s2], scale=scale)
+            parts.append((0, o, lse))
+        if far_n > s2 and t < m:
+            o, lse = attention_with_lse(q_far[:, :, t:], kf[:, :, s2:], vf[:, :, s2:], scale=scale, causal=True)
+            parts.append((t, o, lse))
+    return _merge_lse(parts, m).transpose(1, 2)
 
 
 def local_band_blocks(q, k, v, w: int, scale: float):
