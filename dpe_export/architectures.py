@@ -84,6 +84,44 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+@dataclass(frozen=True)
+class Wrapper:
+    """A multimodal checkpoint whose language model is a registered family: dpe-export converts the text model.
+
+    Its config holds the text model's config under `text_config_key`; its weights are renamed by the first
+    matching (old prefix, new prefix) pair, and weights that match none (vision tower, projector) are left out.
+    """
+
+    model_type: str
+    text_model_type: str  # a key of ARCHITECTURES
+    renames: tuple  # ((old prefix, new prefix), ...), tried in order
+    text_config_key: str = "text_config"
+    # Tests only: the config class's keyword arguments besides text_config (a tiny vision tower).
+    test_config: tuple = ()
+
+
+def wrapper(model_type: str, text_model_type: str, *, test_config: tuple = ()) -> Wrapper:
+    """The usual layout: the text model under language_model (as saved: language_model.model.* and
+    language_model.lm_head.*; as transformers 5 names them in memory: model.language_model.* and lm_head.*)."""
+    renames = (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
+               ("model.language_model.", "model."), ("lm_head.", "lm_head."))
+    return Wrapper(model_type, text_model_type, renames, test_config=test_config)
+
+
+_SIGLIP = (("vision_config", (("hidden_size", 16), ("intermediate_size", 32), ("num_hidden_layers", 1),
+                              ("num_attention_heads", 2), ("image_size", 28), ("patch_size", 14))),)
+WRAPPERS: dict[str, Wrapper] = {
+    w.model_type: w
+    for w in (
+        wrapper("gemma3", "gemma3_text", test_config=_SIGLIP + (("mm_tokens_per_image", 4),)),
+        wrapper("mistral3", "mistral", test_config=(
+            ("vision_config", (("hidden_size", 16), ("intermediate_size", 32), ("num_hidden_layers", 1),
+                               ("num_attention_heads", 2), ("head_dim", 8), ("image_size", 28), ("patch_size", 14))),
+            ("vision_feature_layer", -1), ("spatial_merge_size", 1))),
+    )
+}
+
+
 def supported_families() -> str:
     """'llama (Llama), mistral (Mistral), qwen2 (Qwen2)': for messages."""
     return ", ".join(f"{a.model_type} ({a.display_name})" for a in ARCHITECTURES.values())

@@ -254,6 +254,9 @@ def _open_model(model_dir, model_source, model_revision, gguf_file, dtype=None, 
         raise click.UsageError(f"give --model SOURCE ({sources.describe_sources()})")
     source = sources.resolve_model(spec, revision=model_revision, gguf_file=gguf_file, dtype=dtype, workdir=workdir)
     click.get_current_context().call_on_close(source.cleanup)
+    if source.text_of:
+        click.echo(f"Took the text model of the {source.text_of} checkpoint {spec} (the vision tower is left out)",
+                   err=True)
     if source.kind == "gguf":
         click.echo(f"Read {spec} ({source.gguf['architecture']}, {source.gguf['quantization']}): dequantized to "
                    f"{source.gguf['dtype']} safetensors", err=True)

@@ -302,6 +302,19 @@ def test_greedy_generate_with_cache_equals_full_recompute(llama_dir):
     assert got == ids[:, 30:].tolist()
 
 
+def test_chunked_prefill_and_shared_prefix_generation_equal_one_prompt_at_a_time(llama_dir):
+    """Long prompts are prefilled a chunk at a time, and NIAH's questions share their context's prefill: both give
+    what a single forward over each whole prompt gives."""
+    model = load_model(llama_dir, parse_method("self-extend:8,2"), device="cpu", target_length=64).model
+    g = torch.Generator().manual_seed(2)
+    context = torch.randint(4, 128, (40,), generator=g).tolist()
+    prompts = [context + torch.randint(4, 128, (n,), generator=g).tolist() for n in (3, 5, 1)]
+    alone = [evaluate.greedy_generate(model, [p], 6, prefill_chunk=None)[0] for p in prompts]
+    assert [evaluate.greedy_generate(model, [p], 6, prefill_chunk=7)[0] for p in prompts] == alone
+    assert evaluate.greedy_generate_shared(model, prompts, 6, prefill_chunk=9) == alone
+    assert evaluate.greedy_generate_shared(model, prompts[:1], 6) == alone[:1]
+
+
 def test_dynamic_rope_scores_do_not_depend_on_earlier_longer_prompts(llama_dir):
     model = load_model(llama_dir, parse_method("dynamic:4"), device="cpu").model
     ids = torch.randint(4, 128, (1, 100), generator=torch.Generator().manual_seed(3))

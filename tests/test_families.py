@@ -120,6 +120,24 @@ def test_cached_decoding_equals_uncached_and_the_reference(fam):
     assert (torch.cat(logits, dim=1).double() - want).abs().max().item() <= 2e-4
 
 
+@pytest.mark.parametrize("topk", [False, True], ids=["all-dims", "topk"])
+def test_a_prompt_fed_in_chunks_on_a_cache_gives_the_reference(fam, topk):
+    """How eval prefills long prompts: pieces shorter and longer than the window, each on the cache of the
+    ones before (the fused path for several queries on a cache)."""
+    ids = torch.randint(4, 128, (1, 36), generator=torch.Generator().manual_seed(5))
+    want = reference_logits(fam.base, ids, WINDOW, SCALES, fam.groups, fam.selected if topk else None)
+    model = fam.load(topk, fam.attns()[0])
+    name = dpe_core.cache_argument(model)
+    logits, cache = [], None
+    with torch.no_grad():
+        for a, b in ((0, 3), (3, 11), (11, 14), (14, 29), (29, 36)):
+            out = model(ids[:, a:b], use_cache=True, **({} if cache is None else {name: cache}))
+            logits.append(out.logits)
+            cache = dpe_core.output_cache(out)
+    err = (torch.cat(logits, dim=1).double() - want).abs().max().item()
+    assert err <= 1e-4, f"{fam.arch.model_type}/topk={topk}: max |chunked - reference| = {err}"
+
+
 def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(fam):
     model = fam.load(False, fam.attns()[0])
     g = torch.Generator().manual_seed(4)

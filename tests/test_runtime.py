@@ -245,6 +245,30 @@ def test_efficient_and_materialised_paths_agree(topk):
     assert torch.allclose(tail, slow[:, -m:], atol=2e-5, rtol=0)
 
 
+@pytest.mark.parametrize("topk", [False, True])
+def test_several_queries_on_a_cache_take_the_fused_path_and_agree_with_eager(monkeypatch, topk):
+    """A prompt fed in chunks: the last m of n positions, m below, at and above the window, with the local keys
+    given from position 0 or only from the window of the first query on (as the DPE cache layer keeps them)."""
+    bsz, h, hkv, n, d, w = 1, 4, 2, 500, 16, 64
+    q, k, v = _random_qkv(bsz, h, hkv, n, d, 11)
+    pos = torch.arange(n)[None]
+    qp, qsc, kp, ks = _rotated(q, k, w, [2, 8, 4, 16], [0, 2, 4, 6, 8], pos)
+    sel = random_selection(7, layers=1)[0] if topk else None
+    kw = dict(window=w, scale=d**-0.5, selected=sel, k_far_plain=kp)
+    want = dpe_core.dpe_attention(qp, qsc, kp, ks, v, backend="eager", **kw)
+    calls = []
+    monkeypatch.setattr(dpe_core, "_dpe_attention_materialized", lambda *a, **k: calls.append(1))
+    for m in (2, 40, 64, 65, 300, 499):
+        for start in (0, n - m - w + 1):
+            got = dpe_core.dpe_attention(qp[:, :, -m:], qsc[:, :, -m:], kp[:, :, start:], ks, v, backend="sdpa",
+                                         local_start=start, **kw)
+            assert torch.allclose(got, want[:, -m:], atol=2e-5, rtol=0), (m, start)
+    assert not calls
+    monkeypatch.setattr(dpe_core, "_LSE_KERNEL_FAILED", {"cpu", "cpu+mask"})  # the math fallback, masks included
+    got = dpe_core.dpe_attention(qp[:, :, -100:], qsc[:, :, -100:], kp, ks, v, backend="sdpa", **kw)
+    assert torch.allclose(got, want[:, -100:], atol=2e-5, rtol=0)
+
+
 def test_long_prefill_never_materialises_scores(monkeypatch):
     """At 8K tokens the sdpa path runs the fused kernels only: the chunked score path is never entered."""
     def forbidden(*args, **kwargs):

@@ -211,3 +211,45 @@ def test_convert_model_hub_id_push_in_one_command(hub_repo, tmp_path):
     files = hub.files("me/tiny-dpe")
     assert files["model.safetensors"] == (src / "model.safetensors").read_bytes()
     assert b'base_model: "org/tiny"' in files["README.md"] and "modeling_dpe.py" in files
+
+
+def _nested(pairs):
+    return {k: (_nested(v) if isinstance(v, tuple) and v and isinstance(v[0], tuple) else
+                list(v) if isinstance(v, tuple) else v) for k, v in pairs}
+
+
+@pytest.mark.parametrize("model_type", sorted(__import__("dpe_export.architectures").architectures.WRAPPERS))
+def test_a_multimodal_checkpoint_converts_to_its_text_model(model_type, tmp_path, run_cli):
+    """Gemma 3 4B-27B and Mistral Small 3.x ship as image-text models: convert takes the language model, which
+    below the window answers as the multimodal model does on text; the vision tower stays out of the export."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from dpe_export.architectures import ARCHITECTURES, WRAPPERS
+
+    wrap = WRAPPERS[model_type]
+    text = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+                eos_token_id=2)
+    text.update(_nested(ARCHITECTURES[wrap.text_model_type].test_config))
+    config = AutoConfig.for_model(model_type, text_config=text, image_token_index=127, **_nested(wrap.test_config))
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config).eval()
+    src = tmp_path / "mm"
+    model.save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    out = tmp_path / "out"
+    r = run_cli("convert", "--model", src, "-o", out, "--window", "6", "--scale-factors", "2,4", "--target-length", "256")
+    assert r.exit_code == 0, r.stderr
+    assert f"text model of the {model_type} checkpoint" in r.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary text checkpoint is gone
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert names and all(n.startswith(("model.", "lm_head.")) for n in names)
+    assert not any("vision" in n or "projector" in n for n in names)
+    export = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert export.config.model_type == wrap.text_model_type
+    ids = torch.randint(4, 120, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want, got = model(input_ids=ids).logits, export(ids).logits
+    assert (got - want).abs().max().item() <= 1e-5
