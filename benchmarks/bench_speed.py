@@ -14,19 +14,17 @@ import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from dpe_export.export import convert  # noqa: E402
-from dpe_export.resources import load_dpe_core  # noqa: E402
+from dpe_export.export.convert import convert  # noqa: E402
+from dpe_export.runtime import load_dpe_core  # noqa: E402
 
 dpe_core = load_dpe_core()
 

@@ -1,4 +1,5 @@
 """Allow ``python -m dpe_export``."""
+
 import sys
 
 from dpe_export.cli import main

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from dpe_export.errors import DPEExportError
-from dpe_export.resources import load_dpe_core
+from dpe_export.runtime import load_dpe_core
 
 
 @dataclass(frozen=True)

@@ -66,3 +66,4 @@ def links_in(folder) -> list[Path]:
             if p.is_symlink():
                 found.append(p)
     return found
+

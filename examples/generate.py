@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from dpe_export.tasks import PromptBuilder, extract_number  # noqa: E402
+from dpe_export.evaluation.tasks import PromptBuilder, extract_number  # noqa: E402
 
 
 def answer(model, tokenizer, input_ids) -> str:

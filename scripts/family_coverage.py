@@ -21,13 +21,12 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
 
 import torch  # noqa: E402
 
 from dpe_export.architectures import ARCHITECTURES  # noqa: E402
-from dpe_export.resources import load_dpe_core  # noqa: E402
+from dpe_export.runtime import load_dpe_core  # noqa: E402
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
@@ -49,9 +48,8 @@ def check_family(model_type: str) -> dict:
 
 
 def _check_family(model_type: str) -> dict:
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from family_reference import reference_logits
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     core = load_dpe_core()
     row = {"family": model_type, "registry": model_type in ARCHITECTURES}

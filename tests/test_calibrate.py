@@ -4,17 +4,16 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from helpers import byte_tokenizer, save_tiny_model
 
-from dpe_export import calibrate
+from dpe_export.calibration import scales
 from dpe_export.errors import DPEExportError
 
 
 @pytest.fixture
 def plan(tmp_path):
     base = save_tiny_model(tmp_path / "base", "llama", tokenizer=False)
-    return calibrate.make_plan(base, target_length=512, window=32, num_freqs=8, pretrain_length=64, num_groups=4)
+    return scales.make_plan(base, target_length=512, window=32, num_freqs=8, pretrain_length=64, num_groups=4)
 
 
 def scripted(best: list[int], calls: list):
@@ -49,8 +48,8 @@ def test_plan_candidates_and_reference(plan):
 
 def test_grid_chooses_each_groups_best_scale(plan, tmp_path):
     calls = []
-    cells = calibrate.run_grid(plan, scripted([2, 8, 1, 4], calls), tmp_path / "cal", progress=False)
-    result = calibrate.build_calibration(plan, cells)
+    cells = scales.run_grid(plan, scripted([2, 8, 1, 4], calls), tmp_path / "cal", progress=False)
+    result = scales.build_calibration(plan, cells)
     assert result["chosen"] == [2, 8, 1, 4]
     assert len(calls) == 20 and len(result["cells"]) == 20
     assert all(c["samples"] == 8 for c in result["cells"])
@@ -61,10 +60,10 @@ def test_grid_chooses_each_groups_best_scale(plan, tmp_path):
 
 def test_ties_go_to_the_scale_nearest_the_reference_then_the_smaller(plan):
     flat = {(g, s): {"score": 0.5, "seconds": 0.0} for g, s in plan.cells()}
-    assert calibrate.choose_scales(plan, flat) == [16] * 4
+    assert scales.choose_scales(plan, flat) == [16] * 4
     flat[(0, 2)]["score"] = flat[(0, 8)]["score"] = 0.9  # 8 is nearer 16 than 2
     flat[(1, 1)]["score"] = flat[(1, 4)]["score"] = 0.9  # 4 is nearer
-    assert calibrate.choose_scales(plan, flat)[:2] == [8, 4]
+    assert scales.choose_scales(plan, flat)[:2] == [8, 4]
 
 
 def test_a_killed_run_resumes_without_recomputing(plan, tmp_path):
@@ -73,11 +72,11 @@ def test_a_killed_run_resumes_without_recomputing(plan, tmp_path):
 
     dies_after_seven = killed_after(7, calls)
     with pytest.raises(KeyboardInterrupt):
-        calibrate.run_grid(plan, dies_after_seven, out, progress=False)
+        scales.run_grid(plan, dies_after_seven, out, progress=False)
     with open(out / "cells.jsonl", "a") as f:
         f.write('{"plan": "cut off by the ki')  # a line half-written when the process died
     again = []
-    cells = calibrate.run_grid(plan, scripted([2, 8, 1, 4], again), out, progress=False)
+    cells = scales.run_grid(plan, scripted([2, 8, 1, 4], again), out, progress=False)
     assert len(again) == 20 - 7 and len(cells) == 20
     seen = {tuple(c) for c in calls} | {tuple(c) for c in again}
     assert len(seen) == len({tuple(plan.factors_for(g, s)) for g, s in plan.cells()})
@@ -85,40 +84,40 @@ def test_a_killed_run_resumes_without_recomputing(plan, tmp_path):
 
 def test_shards_split_the_grid_and_merge_joins_them(plan, tmp_path):
     out = tmp_path / "cal"
-    calibrate.save_plan(out, plan)
+    scales.save_plan(out, plan)
     counts = []
     for i in range(3):
         calls = []
-        calibrate.run_grid(plan, scripted([2, 8, 1, 4], calls), out, shard=(i, 3), progress=False)
+        scales.run_grid(plan, scripted([2, 8, 1, 4], calls), out, shard=(i, 3), progress=False)
         counts.append(len(calls))
     assert sum(counts) == 20 and max(counts) - min(counts) <= 1
     assert len(list(out.glob("cells.shard-*-of-3.jsonl"))) == 3
-    merged = calibrate.merge(out)
+    merged = scales.merge(out)
     assert merged["chosen"] == [2, 8, 1, 4]
     assert json.loads((out / "calibration.json").read_text())["chosen"] == [2, 8, 1, 4]
 
 
 def test_merge_with_missing_cells_says_what_is_left(plan, tmp_path):
     out = tmp_path / "cal"
-    calibrate.save_plan(out, plan)
-    calibrate.run_grid(plan, scripted([2, 8, 1, 4], []), out, shard=(0, 2), progress=False)
+    scales.save_plan(out, plan)
+    scales.run_grid(plan, scripted([2, 8, 1, 4], []), out, shard=(0, 2), progress=False)
     with pytest.raises(DPEExportError, match="10 of 20 calibration cells are not done"):
-        calibrate.merge(out)
+        scales.merge(out)
 
 
 def test_results_of_other_settings_are_refused(plan, tmp_path):
     out = tmp_path / "cal"
-    calibrate.save_plan(out, plan)
-    other = calibrate.CalibrationPlan(**{**plan.__dict__, "samples": 3})
+    scales.save_plan(out, plan)
+    other = scales.CalibrationPlan(**{**plan.__dict__, "samples": 3})
     with pytest.raises(DPEExportError, match="other settings"):
-        calibrate.save_plan(out, other)
+        scales.save_plan(out, other)
 
 
 def test_bad_input():
     with pytest.raises(DPEExportError, match="must exceed the local window"):
-        calibrate.scale_candidates(512, 512)
+        scales.scale_candidates(512, 512)
     with pytest.raises(DPEExportError, match="I/N"):
-        calibrate.parse_shard("3/2")
+        scales.parse_shard("3/2")
 
 
 # ---- end to end on a tiny model ------------------------------------------------------------------------
@@ -191,7 +190,7 @@ def test_passkey_metric(byte_model, tmp_path, run_cli):
     assert data["metric"] == "pass-key accuracy" and data["scales"] == [1, 2]
     assert all(c["samples"] == 5 for c in data["cells"])  # samples x needles prompts, over 5 depths
     with pytest.raises(DPEExportError, match="unknown calibration metric"):
-        calibrate.make_plan(byte_model, target_length=512, window=64, num_freqs=8, pretrain_length=64,
+        scales.make_plan(byte_model, target_length=512, window=64, num_freqs=8, pretrain_length=64,
                             metric="bogus")
 
 
@@ -201,14 +200,14 @@ def test_a_torn_last_line_is_repaired_before_appending_and_merge_reads_it(plan, 
 
     dies_after_five = killed_after(5, calls)
     with pytest.raises(KeyboardInterrupt):
-        calibrate.run_grid(plan, dies_after_five, out, progress=False)
+        scales.run_grid(plan, dies_after_five, out, progress=False)
     with open(out / "cells.jsonl", "a") as f:
         f.write('{"plan": "torn by a full di')  # no newline: the next append would have glued onto it
-    cells = calibrate.run_grid(plan, scripted([2, 8, 1, 4], []), out, progress=False)
+    cells = scales.run_grid(plan, scripted([2, 8, 1, 4], []), out, progress=False)
     assert len(cells) == 20
     text = (out / "cells.jsonl").read_text()
     assert "torn" not in text and all(json.loads(line) for line in text.splitlines())
-    assert calibrate.build_calibration(plan, calibrate.read_cells(out, plan))["chosen"] == [2, 8, 1, 4]
+    assert scales.build_calibration(plan, scales.read_cells(out, plan))["chosen"] == [2, 8, 1, 4]
 
 
 @pytest.mark.parametrize("edit, needle", [
@@ -219,20 +218,20 @@ def test_a_torn_last_line_is_repaired_before_appending_and_merge_reads_it(plan, 
 ])
 def test_a_tampered_or_non_finite_cell_is_refused_in_one_line(plan, tmp_path, edit, needle):
     out = tmp_path / "cal"
-    calibrate.run_grid(plan, scripted([2, 8, 1, 4], []), out, progress=False)
+    scales.run_grid(plan, scripted([2, 8, 1, 4], []), out, progress=False)
     lines = (out / "cells.jsonl").read_text().splitlines()
     cell = json.loads(lines[3])
     edit(cell)
     lines[3] = json.dumps(cell)
     (out / "cells.jsonl").write_text("\n".join(lines) + "\n")
     with pytest.raises(DPEExportError, match=needle) as e:
-        calibrate.read_cells(out, plan)
+        scales.read_cells(out, plan)
     assert "line 4" in str(e.value)
 
 
 def test_a_nan_score_is_never_written(plan, tmp_path):
     with pytest.raises(DPEExportError, match="finite"):
-        calibrate.run_grid(plan, lambda p: {"score": float("nan"), "samples": 8}, tmp_path / "cal", progress=False)
+        scales.run_grid(plan, lambda p: {"score": float("nan"), "samples": 8}, tmp_path / "cal", progress=False)
 
 
 def test_two_calibrations_in_one_directory_are_refused_not_run_twice(plan, tmp_path):
@@ -242,9 +241,9 @@ def test_two_calibrations_in_one_directory_are_refused_not_run_twice(plan, tmp_p
     def scorer(params):
         if not inner:  # while the first run holds the grid, a second one starts
             with pytest.raises(DPEExportError, match=r"another calibration \(pid \d+\) is writing"):
-                calibrate.run_grid(plan, scripted([2, 8, 1, 4], inner), out, progress=False)
+                scales.run_grid(plan, scripted([2, 8, 1, 4], inner), out, progress=False)
         inner.append(1)
         return scripted([2, 8, 1, 4], [])(params)
 
-    cells = calibrate.run_grid(plan, scorer, out, progress=False)
+    cells = scales.run_grid(plan, scorer, out, progress=False)
     assert len(cells) == 20 and len(inner) == 20  # the refused run scored nothing

@@ -12,8 +12,9 @@ import torch
 import yaml
 from huggingface_hub import ModelCard
 
-from dpe_export import card
+from dpe_export.calibration import result as calib_result
 from dpe_export.errors import DPEExportError
+from dpe_export.export import card
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HAS_TEMPLATE = (REPO_ROOT / "modeling_templates" / "modeling_dpe.py.jinja").is_file()
@@ -38,11 +39,12 @@ HOSTILE = (
 
 
 def export_with(model_dir, out, *, selected=None, base_model=None, repo_id=None, calibration=None, eval_records=None):
-    from dpe_export import export
+    from dpe_export.export import convert as export_convert
+    from dpe_export.sources import checkpoint
 
-    info = export.inspect_model(model_dir)
-    params = export.build_params(info, local_window_size=8, scale_factors=[2, 4], target_length=256)
-    return export.convert(info, out, params, selected, base_model=base_model, repo_id=repo_id,
+    info = checkpoint.inspect_model(model_dir)
+    params = export_convert.build_params(info, local_window_size=8, scale_factors=[2, 4], target_length=256)
+    return export_convert.convert(info, out, params, selected, base_model=base_model, repo_id=repo_id,
                           calibration=calibration, eval_records=eval_records)
 
 
@@ -184,7 +186,7 @@ def test_effective_distance():
 
 
 def test_calibration_shapes_are_checked(tmp_path):
-    norm = card.normalize_calibration({"groups": [0, 4, 8], "scales": [1, 2], "grid": [[1, 2], [3, None]]})
+    norm = calib_result.normalize_calibration({"groups": [0, 4, 8], "scales": [1, 2], "grid": [[1, 2], [3, None]]})
     assert norm["groups"] == [[0, 4], [4, 8]] and norm["chosen"] is None and norm["higher_is_better"]
     bad = [
         [],
@@ -196,13 +198,13 @@ def test_calibration_shapes_are_checked(tmp_path):
     ]
     for data in bad:
         with pytest.raises(ValueError):
-            card.normalize_calibration(data)
+            calib_result.normalize_calibration(data)
     with pytest.raises(ValueError, match="model has 8"):
-        card.normalize_calibration({"groups": [0, 16], "scales": [1], "grid": [[1]]}, num_freqs=8)
+        calib_result.normalize_calibration({"groups": [0, 16], "scales": [1], "grid": [[1]]}, num_freqs=8)
     path = tmp_path / "calibration.json"
     path.write_text("{not json", encoding="utf-8")
     with pytest.raises(DPEExportError, match="cannot read calibration"):
-        card.load_calibration(path)
+        calib_result.load_calibration(path)
 
 
 def test_eval_results_in_any_shape(tmp_path):
@@ -280,13 +282,13 @@ def test_the_cards_snippet_runs_as_written_and_names_the_repo_when_known(tmp_pat
     import sys
     from pathlib import Path
 
-    from dpe_export import export
-    from dpe_export.resources import load_dpe_core
+    from dpe_export.export import convert as export_convert
+    from dpe_export.runtime import load_dpe_core
 
     core = load_dpe_core()
     testbed = Path(__file__).resolve().parent / "fixtures" / "testbed-llama"
     params = core.DPEParams(32, [8, 16, 32, 32], [0, 4, 8, 12, 16], target_length=4096)
-    out = export.convert(testbed, tmp_path / "tb-dpe", params)
+    out = export_convert.convert(testbed, tmp_path / "tb-dpe", params)
     card = (out / "README.md").read_text()
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     assert 'repo = "path/to/tb-dpe"  # placeholder' in snippet
@@ -294,6 +296,6 @@ def test_the_cards_snippet_runs_as_written_and_names_the_repo_when_known(tmp_pat
     res = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, timeout=300,
                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""})
     assert res.returncode == 0, res.stderr[-2000:]
-    named = export.convert(testbed, tmp_path / "named", params, repo_id="my-org/tb-dpe")
+    named = export_convert.convert(testbed, tmp_path / "named", params, repo_id="my-org/tb-dpe")
     card = (named / "README.md").read_text()
     assert "# my-org/tb-dpe" in card and 'repo = "my-org/tb-dpe"\n' in card

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import left_padded, save_tiny_model, tiny_model
 from reference import reference_model
 
-from dpe_export.resources import load_dpe_core
+from dpe_export.runtime import load_dpe_core
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 dpe_core = load_dpe_core()
@@ -32,7 +31,7 @@ def _selection(seed=3):
 
 @pytest.fixture(scope="module", params=[False, True], ids=["all-dims", "topk"])
 def export(request, tmp_path_factory):
-    from dpe_export.export import convert
+    from dpe_export.export.convert import convert
 
     tmp = tmp_path_factory.mktemp("compat")
     base = save_tiny_model(tmp / "base", "llama")
@@ -221,8 +220,8 @@ def test_the_shipped_testbed_export_retrieves_at_8x(tmp_path):
     """The README's main job, in-process: the calibrated export of testbed-llama finds pass keys at 2048 tokens."""
     from transformers import AutoTokenizer
 
-    from dpe_export.export import convert
-    from dpe_export.tasks import PromptBuilder, extract_number
+    from dpe_export.evaluation.tasks import PromptBuilder, extract_number
+    from dpe_export.export.convert import convert
 
     testbed = Path(__file__).resolve().parent / "fixtures" / "testbed-llama"
     params = dpe_core.DPEParams(32, [128, 128, 64, 8], [0, 4, 8, 12, 16], target_length=4096)

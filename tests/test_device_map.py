@@ -8,12 +8,11 @@ import sys
 
 import pytest
 import torch
-
 from helpers import VOCAB
 
-from dpe_export import methods
 from dpe_export.errors import DPEExportError
-from dpe_export.resources import load_dpe_core
+from dpe_export.runtime import load_dpe_core
+from dpe_export.sources import loading, methods
 
 pytest.importorskip("accelerate")
 dpe_core = load_dpe_core()
@@ -22,7 +21,7 @@ OFFLOAD = {"max_memory": {"cpu": "20KB"}}  # too little for any decoder layer: t
 
 def _logits(model, ids):
     with torch.no_grad():
-        return model(input_ids=ids.to(methods.input_device(model))).logits.cpu()
+        return model(input_ids=ids.to(loading.input_device(model))).logits.cpu()
 
 
 def _ids(n, seed=0):
@@ -32,28 +31,28 @@ def _ids(n, seed=0):
 
 def test_dpe_method_on_a_dispatched_base_model_equals_a_plain_load(llama_dir, tmp_path):
     spec = methods.parse_method("dpe:4,2,8,2,8")
-    plain = methods.load_model(llama_dir, spec, device="cpu", target_length=256)
-    mapped = methods.load_model(llama_dir, spec, device_map="auto", target_length=256,
+    plain = loading.load_model(llama_dir, spec, device="cpu", target_length=256)
+    mapped = loading.load_model(llama_dir, spec, device_map="auto", target_length=256,
                                 offload_folder=str(tmp_path / "offload"), **OFFLOAD)
     assert "disk" in set(mapped.model.hf_device_map.values())  # the hooks really are in the way
     ids = _ids(96)  # far past the window of 4
     torch.testing.assert_close(_logits(mapped.model, ids), _logits(plain.model, ids), rtol=0, atol=1e-5)
     # and DPE is really on: the base model differs there
-    base = methods.load_model(llama_dir, None, device="cpu")
+    base = loading.load_model(llama_dir, None, device="cpu")
     assert (_logits(base.model, ids) - _logits(plain.model, ids)).abs().max() > 1e-3
 
 
 def test_dispatched_export_with_topk_equals_a_plain_load(llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dpe_export.export import convert
+    from dpe_export.export.convert import convert
 
     selected = torch.zeros(2, 4, 8, dtype=torch.bool)
     selected[..., ::3] = True
     params = dpe_core.DPEParams(6, [2, 3, 4, 16], dpe_core.even_group_boundaries(8, 4), target_length=512)
     out = convert(llama_dir, tmp_path / "dpe", params, selected)
     plain = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    mapped = methods.load_model(out, None, device_map="auto", offload_folder=str(tmp_path / "offload"),
+    mapped = loading.load_model(out, None, device_map="auto", offload_folder=str(tmp_path / "offload"),
                                 **OFFLOAD).model
     assert "disk" in set(mapped.hf_device_map.values())
     ids = _ids(80, seed=1)
@@ -80,7 +79,7 @@ def test_device_map_errors(run_cli, llama_dir, tmp_path, monkeypatch):
     assert r.exit_code != 0 and "not both" in r.stderr
     monkeypatch.setitem(sys.modules, "accelerate", None)  # as if it were not installed
     with pytest.raises(DPEExportError, match="pip install accelerate"):
-        methods.load_model(llama_dir, None, device_map="auto")
+        loading.load_model(llama_dir, None, device_map="auto")
 
 
 def test_convert_calibration_device_map_only_when_convert_calibrates(run_cli, llama_dir, tmp_path):

@@ -1,10 +1,9 @@
 """Key-dimension scores: the recorded 2-norm contribution equals a direct computation, on the queries and keys
 the attention sees (after the family's q/k norms)."""
 import torch
-
 from helpers import tiny_model
 
-from dpe_export.dim_scores import compute_dim_scores, scoring_lengths
+from dpe_export.calibration.dim_scores import compute_dim_scores, scoring_lengths
 
 
 def test_scores_equal_a_direct_computation():

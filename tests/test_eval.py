@@ -14,11 +14,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from helpers import byte_tokenizer  # noqa: E402
 
-from dpe_export import evaluate, report  # noqa: E402
 from dpe_export.errors import DPEExportError  # noqa: E402
-from dpe_export.evaluate import EvalResult, evaluate_niah, evaluate_passkey  # noqa: E402
-from dpe_export.methods import MethodSpec, load_model, parse_method  # noqa: E402
-from dpe_export.tasks import PromptBuilder  # noqa: E402
+from dpe_export.evaluation import generation, ppl, results
+from dpe_export.evaluation import prompts as eval_prompts
+from dpe_export.evaluation import run as evalrun
+from dpe_export.evaluation.results import EvalResult  # noqa: E402
+from dpe_export.evaluation.run import evaluate_niah, evaluate_passkey
+from dpe_export.evaluation.tasks import PromptBuilder  # noqa: E402
+from dpe_export.sources.loading import load_model
+from dpe_export.sources.methods import MethodSpec, parse_method  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -46,7 +50,7 @@ def chars():
 
 @pytest.fixture(scope="module")
 def builder(chars):
-    return PromptBuilder(chars, haystack_seed=evaluate.task_haystack_seed(0))
+    return PromptBuilder(chars, haystack_seed=eval_prompts.task_haystack_seed(0))
 
 
 def needle_answer(text: str) -> str:
@@ -126,18 +130,18 @@ def test_niah_partial_score_is_fraction_of_needles(chars, builder):
 
 
 def test_minimum_prompt_length_is_buildable_and_shorter_is_a_clear_error(builder):
-    for task, items in (("passkey", lambda n: evaluate.passkey_prompts(builder, n, [0, 1], 2, 0)),
-                        ("niah", lambda n: evaluate.niah_prompts(builder, n, [0, 0.5, 1], 4, 4, 0))):
-        n = evaluate.minimum_prompt_length(builder, task, 4)  # exact for passkey, an upper bound for niah
+    for task, items in (("passkey", lambda n: eval_prompts.passkey_prompts(builder, n, [0, 1], 2, 0)),
+                        ("niah", lambda n: eval_prompts.niah_prompts(builder, n, [0, 0.5, 1], 4, 4, 0))):
+        n = eval_prompts.minimum_prompt_length(builder, task, 4)  # exact for passkey, an upper bound for niah
         assert {len(item.prompt.input_ids) for item in items(n)} == {n}
         short = n - 1 if task == "passkey" else n // 2
         with pytest.raises(DPEExportError, match=f"cannot build a {task} prompt of {short} tokens"):
-            evaluate.evaluate_passkey(builder, wrong_fn, [short]) if task == "passkey" else \
-                evaluate.evaluate_niah(builder, wrong_fn, [short])
+            evalrun.evaluate_passkey(builder, wrong_fn, [short]) if task == "passkey" else \
+                evalrun.evaluate_niah(builder, wrong_fn, [short])
 
 
 def test_niah_needle_depth_plan_balances_depths():
-    plan = evaluate.niah_needle_depths([0, 0.5, 1], samples=5, needles=4)
+    plan = eval_prompts.niah_needle_depths([0, 0.5, 1], samples=5, needles=4)
     queried = [d for depths, q in plan for k, d in enumerate(depths) if k in q]
     assert len(plan) == 4 and sorted(queried) == [0.0] * 5 + [0.5] * 5 + [1.0] * 5
 
@@ -145,7 +149,7 @@ def test_niah_needle_depth_plan_balances_depths():
 def test_same_seed_same_prompts(chars):
     def prompts(seed):
         seen = []
-        b = PromptBuilder(chars, haystack_seed=evaluate.task_haystack_seed(seed))
+        b = PromptBuilder(chars, haystack_seed=eval_prompts.task_haystack_seed(seed))
         evaluate_passkey(b, echo_fn(chars, seen), [300], depths=[0.5], samples=2, seed=seed)
         return seen
 
@@ -165,7 +169,7 @@ def passkey_result(chars, builder):
 
 
 def test_json_records_have_the_documented_fields(passkey_result, tmp_path):
-    path = report.write_json(passkey_result, tmp_path / "sub" / "out.json")
+    path = results.write_json(passkey_result, tmp_path / "sub" / "out.json")
     data = json.loads(path.read_text())
     assert (data["task"], data["model"], data["method"], data["seed"]) == ("passkey", "some/model", "yarn:4", 7)
     assert len(data["records"]) == 4
@@ -176,7 +180,7 @@ def test_json_records_have_the_documented_fields(passkey_result, tmp_path):
 
 
 def test_table(passkey_result):
-    table = report.format_table(passkey_result)
+    table = results.format_table(passkey_result)
     lines = table.splitlines()
     assert "yarn:4" in lines[0]
     assert lines[1].split() == ["length", "depth", "accuracy", "samples"]
@@ -185,12 +189,12 @@ def test_table(passkey_result):
                     ["600", "0.00", "100.0%", "2"], ["600", "1.00", "0.0%", "2"], ["600", "all", "50.0%", "4"]]
     ppl = EvalResult("ppl", "m", "none", 0, [{"length": 64, "depth": None, "accuracy": None, "samples": 2,
                                               "perplexity": 12.5, "tokens": 126, "nll": 318.2}])
-    assert report.format_table(ppl).splitlines()[-1].split() == ["64", "2", "126", "12.5"]
+    assert results.format_table(ppl).splitlines()[-1].split() == ["64", "2", "126", "12.5"]
 
 
 def test_plot_writes_png(passkey_result, tmp_path):
     pytest.importorskip("matplotlib")
-    path = report.plot_result(passkey_result, tmp_path / "heat.png")
+    path = results.plot_result(passkey_result, tmp_path / "heat.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -198,14 +202,14 @@ def test_ppl_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
     recs = [{"length": n, "depth": None, "accuracy": None, "samples": 1, "perplexity": p, "tokens": n - 1}
             for n, p in ((64, 12.0), (128, 15.0), (256, 900.0))]
-    path = report.plot_result(EvalResult("ppl", "m", "none", 0, recs), tmp_path / "ppl.png")
+    path = results.plot_result(EvalResult("ppl", "m", "none", 0, recs), tmp_path / "ppl.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_missing_matplotlib_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(DPEExportError, match=r"pip install"):
-        report.require_matplotlib()
+        results.require_matplotlib()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -294,7 +298,7 @@ def test_dpe_method_with_too_many_groups_is_an_error(llama_dir):
 def test_greedy_generate_with_cache_equals_full_recompute(llama_dir):
     model = load_model(llama_dir, parse_method("self-extend:8,2"), device="cpu", target_length=64).model
     prompts = torch.randint(4, 128, (2, 30), generator=torch.Generator().manual_seed(1))
-    got = evaluate.greedy_generate(model, prompts.tolist(), 6)
+    got = generation.greedy_generate(model, prompts.tolist(), 6)
     ids = prompts
     with torch.no_grad():
         for _ in range(6):
@@ -309,21 +313,21 @@ def test_chunked_prefill_and_shared_prefix_generation_equal_one_prompt_at_a_time
     g = torch.Generator().manual_seed(2)
     context = torch.randint(4, 128, (40,), generator=g).tolist()
     prompts = [context + torch.randint(4, 128, (n,), generator=g).tolist() for n in (3, 5, 1)]
-    alone = [evaluate.greedy_generate(model, [p], 6, prefill_chunk=None)[0] for p in prompts]
-    assert [evaluate.greedy_generate(model, [p], 6, prefill_chunk=7)[0] for p in prompts] == alone
-    assert evaluate.greedy_generate_shared(model, prompts, 6, prefill_chunk=9) == alone
-    assert evaluate.greedy_generate_shared(model, prompts[:1], 6) == alone[:1]
+    alone = [generation.greedy_generate(model, [p], 6, prefill_chunk=None)[0] for p in prompts]
+    assert [generation.greedy_generate(model, [p], 6, prefill_chunk=7)[0] for p in prompts] == alone
+    assert generation.greedy_generate_shared(model, prompts, 6, prefill_chunk=9) == alone
+    assert generation.greedy_generate_shared(model, prompts[:1], 6) == alone[:1]
 
 
 def test_dynamic_rope_scores_do_not_depend_on_earlier_longer_prompts(llama_dir):
     model = load_model(llama_dir, parse_method("dynamic:4"), device="cpu").model
     ids = torch.randint(4, 128, (1, 100), generator=torch.Generator().manual_seed(3))
-    fresh = evaluate.sequence_nll(model, ids[:, :80])
-    fresh_gen = evaluate.greedy_generate(model, ids[:, :80].tolist(), 4)
-    evaluate.sequence_nll(model, ids)  # grows the cached frequencies to length 100
-    torch.testing.assert_close(evaluate.sequence_nll(model, ids[:, :80]), fresh, rtol=0, atol=0)
-    evaluate.greedy_generate(model, ids.tolist(), 2)
-    assert evaluate.greedy_generate(model, ids[:, :80].tolist(), 4) == fresh_gen
+    fresh = ppl.sequence_nll(model, ids[:, :80])
+    fresh_gen = generation.greedy_generate(model, ids[:, :80].tolist(), 4)
+    ppl.sequence_nll(model, ids)  # grows the cached frequencies to length 100
+    torch.testing.assert_close(ppl.sequence_nll(model, ids[:, :80]), fresh, rtol=0, atol=0)
+    generation.greedy_generate(model, ids.tolist(), 2)
+    assert generation.greedy_generate(model, ids[:, :80].tolist(), 4) == fresh_gen
 
 
 def test_dynamic_rope_greedy_keeps_one_rotation_across_prompt_and_generation(llama_dir):
@@ -335,12 +339,12 @@ def test_dynamic_rope_greedy_keeps_one_rotation_across_prompt_and_generation(lla
     used = []
     hook = rotary.register_forward_hook(lambda module, args, out: used.append(module.inv_freq.clone()))
     prompts = torch.randint(4, 128, (2, 60), generator=torch.Generator().manual_seed(5))
-    got = evaluate.greedy_generate(model, prompts.tolist(), 8)
+    got = generation.greedy_generate(model, prompts.tolist(), 8)
     hook.remove()
     assert len(used) == 1 + 1 + 7 and all(torch.equal(u, used[0]) for u in used)  # set-up, prefill, 7 steps
     assert not torch.equal(used[0], rotary.original_inv_freq)  # the 68-token frequencies, not the base ones
     ids = prompts
-    with evaluate.fixed_rope_for_length(model, 68), torch.no_grad():
+    with generation.fixed_rope_for_length(model, 68), torch.no_grad():
         assert torch.equal(rotary.inv_freq, used[0])
         for _ in range(8):
             ids = torch.cat([ids, model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
@@ -350,7 +354,7 @@ def test_dynamic_rope_greedy_keeps_one_rotation_across_prompt_and_generation(lla
 
 def test_run_eval_is_reproducible_and_batch_invariant(llama_dir):
     def run(batch_size, seed=0):
-        r = evaluate.run_eval(llama_dir, "passkey", [64], samples=3, depths=[0.5], seed=seed, batch_size=batch_size,
+        r = evalrun.run_eval(llama_dir, "passkey", [64], samples=3, depths=[0.5], seed=seed, batch_size=batch_size,
                               device="cpu")
         return [(d["answer"], d["generated"]) for d in r.details]
 
@@ -374,15 +378,15 @@ def _direct_nll(model, ids):
 def test_chunked_nll_equals_full_logits(llama_dir):
     model = load_model(llama_dir, parse_method("none"), device="cpu").model
     ids = torch.randint(0, 128, (2, 50), generator=torch.Generator().manual_seed(2))
-    nll = evaluate.sequence_nll(model, ids, chunk_size=7)
+    nll = ppl.sequence_nll(model, ids, chunk_size=7)
     torch.testing.assert_close(nll.sum(), _direct_nll(model, ids), rtol=1e-6, atol=1e-6)
 
 
 def test_ppl_equals_direct_computation(llama_dir):
     loaded = load_model(llama_dir, parse_method("none"), device="cpu")
-    recs = evaluate.evaluate_ppl(loaded.model, loaded.tokenizer, [24, 40], samples=3, seed=4, batch_size=2,
+    recs = ppl.evaluate_ppl(loaded.model, loaded.tokenizer, [24, 40], samples=3, seed=4, batch_size=2,
                                  chunk_size=5)
-    windows = evaluate.ppl_windows(loaded.tokenizer, [24, 40], 3, seed=4)
+    windows = ppl.ppl_windows(loaded.tokenizer, [24, 40], 3, seed=4)
     for rec in recs:
         n = rec["length"]
         assert [len(w) for w in windows[n]] == [n] * 3
@@ -392,10 +396,10 @@ def test_ppl_equals_direct_computation(llama_dir):
 
 
 def test_ppl_text_is_held_out_and_seeded(chars):
-    a = evaluate.ppl_windows(chars, [100], 2, seed=0)[100]
-    assert a == evaluate.ppl_windows(chars, [100], 2, seed=0)[100] and a[0] != a[1]
-    assert a != evaluate.ppl_windows(chars, [100], 2, seed=1)[100]
-    filler = PromptBuilder(chars, haystack_seed=evaluate.task_haystack_seed(0)).passkey(400, 0.5, 0).input_ids
+    a = ppl.ppl_windows(chars, [100], 2, seed=0)[100]
+    assert a == ppl.ppl_windows(chars, [100], 2, seed=0)[100] and a[0] != a[1]
+    assert a != ppl.ppl_windows(chars, [100], 2, seed=1)[100]
+    filler = PromptBuilder(chars, haystack_seed=eval_prompts.task_haystack_seed(0)).passkey(400, 0.5, 0).input_ids
     assert chars.decode(a[0][:40]) not in chars.decode(filler)
 
 
@@ -509,7 +513,7 @@ TESTBEDS = sorted(p for p in FIXTURES.glob("testbed-*") if (p / "model.safetenso
 @pytest.mark.parametrize("testbed", TESTBEDS, ids=lambda p: p.name)
 def test_testbed_retrieves_pass_keys_at_its_training_length(testbed):
     length = json.loads((testbed / "config.json").read_text())["max_position_embeddings"]
-    result = evaluate.run_eval(testbed, "passkey", [length], samples=2, seed=0, batch_size=5, device="cpu")
+    result = evalrun.run_eval(testbed, "passkey", [length], samples=2, seed=0, batch_size=5, device="cpu")
     overall = result.overall()[0]
     assert overall["samples"] == 10
-    assert overall["accuracy"] >= 0.9, report.format_table(result)
+    assert overall["accuracy"] >= 0.9, results.format_table(result)

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from dpe_export import __version__
 from dpe_export.errors import DPEExportError
-from dpe_export.resources import load_dpe_core, resource_dir
+from dpe_export.runtime import load_dpe_core, resource_dir
 
 dpe_core = load_dpe_core()
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -111,14 +111,15 @@ def test_link_hard_links_weights(run_cli, llama_dir, tmp_path):
 
 @requires_template
 def test_link_falls_back_to_copy(llama_dir, tmp_path, monkeypatch, caplog):
-    from dpe_export import export
+    from dpe_export.export import convert as export_convert
+    from dpe_export.sources import checkpoint
 
     def refuse(*args, **kwargs):
         raise OSError(18, "Invalid cross-device link")
 
-    monkeypatch.setattr(export.os, "link", refuse)
+    monkeypatch.setattr(checkpoint.os, "link", refuse)
     params = dpe_core.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
-    out = export.convert(llama_dir, tmp_path / "export", params, link=True)
+    out = export_convert.convert(llama_dir, tmp_path / "export", params, link=True)
     assert same_bytes(llama_dir / "model.safetensors", out / "model.safetensors")
     assert "cannot hard-link" in caplog.text and "copying" in caplog.text
 
@@ -181,7 +182,7 @@ def test_selected_dims_from_scores(run_cli, llama_dir, tmp_path):
 
 
 def test_top_k_mask_and_scores_loader(tmp_path):
-    from dpe_export.selection import load_dim_scores, top_k_mask
+    from dpe_export.calibration.selection import load_dim_scores, top_k_mask
 
     scores = torch.tensor([[[0.1, 0.9, 0.5, 0.3]]])
     assert top_k_mask(scores, 2).tolist() == [[[False, True, True, False]]]
@@ -195,13 +196,14 @@ def test_top_k_mask_and_scores_loader(tmp_path):
 
 @requires_template
 def test_defaults_pretrain_and_target_length(llama_dir, tmp_path):
-    from dpe_export import export
+    from dpe_export.export import convert as export_convert
+    from dpe_export.sources import checkpoint
 
-    info = export.inspect_model(llama_dir)
-    params = export.build_params(info, local_window_size=4, scale_factors=[2, 2, 4, 8])
+    info = checkpoint.inspect_model(llama_dir)
+    params = export_convert.build_params(info, local_window_size=4, scale_factors=[2, 2, 4, 8])
     assert params.dimension_groups_range == [0, 2, 4, 6, 8]
     assert params.pretrain_length == 64 and params.target_length == 4 * 64
-    out = export.convert(llama_dir, tmp_path / "a" / "b" / "export", params)  # parents are created
+    out = export_convert.convert(llama_dir, tmp_path / "a" / "b" / "export", params)  # parents are created
     config = read_json(out / "config.json")
     assert config["max_position_embeddings"] == 256 and config["dpe"]["pretrain_length"] == 64
 
@@ -239,38 +241,40 @@ def test_empty_existing_output_is_used(run_cli, llama_dir, tmp_path):
 
 @requires_template
 def test_interrupted_export_leaves_nothing(llama_dir, tmp_path, monkeypatch):
-    from dpe_export import export
+    from dpe_export.export import convert as export_convert
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export, "copy_weights", interrupt)
+    monkeypatch.setattr(export_convert, "copy_weights", interrupt)
     params = dpe_core.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
     with pytest.raises(KeyboardInterrupt):
-        export.convert(llama_dir, tmp_path / "new" / "export", params)
+        export_convert.convert(llama_dir, tmp_path / "new" / "export", params)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_modeling_template_fails_cleanly(llama_dir, tmp_path, monkeypatch):
-    from dpe_export import export
+    from dpe_export.export import convert as export_convert
+    from dpe_export import generated as templates
 
-    monkeypatch.setattr(export, "modeling_template_path", lambda: tmp_path / "templates" / "modeling_dpe.py.jinja")
+    monkeypatch.setattr(templates, "modeling_template_path", lambda: tmp_path / "templates" / "modeling_dpe.py.jinja")
     params = dpe_core.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
     with pytest.raises(DPEExportError, match="template modeling_dpe.py.jinja not found"):
-        export.convert(llama_dir, tmp_path / "export", params)
+        export_convert.convert(llama_dir, tmp_path / "export", params)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_stub_template_is_rendered_with_the_architecture_variables(llama_dir, tmp_path, monkeypatch):
-    from dpe_export import export
+    from dpe_export.export import convert as export_convert
+    from dpe_export import generated as templates
 
     stub = tmp_path / "templates" / "modeling_dpe.py.jinja"
     stub.parent.mkdir()
     stub.write_text("# {{ tool_version }} {{ family }}\nfrom {{ transformers_module }} import {{ causal_lm_class }}, "
                     "{{ model_class }}\n\n\nclass {{ dpe_prefix }}ForCausalLM({{ causal_lm_class }}):\n    pass\n")
-    monkeypatch.setattr(export, "modeling_template_path", lambda: stub)
+    monkeypatch.setattr(templates, "modeling_template_path", lambda: stub)
     params = dpe_core.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
-    out = export.convert(llama_dir, tmp_path / "export", params)
+    out = export_convert.convert(llama_dir, tmp_path / "export", params)
     assert (out / "modeling_dpe.py").read_text() == (
         f"# {__version__} llama\nfrom transformers.models.llama.modeling_llama import LlamaForCausalLM, "
         "LlamaModel\n\n\nclass DPELlamaForCausalLM(LlamaForCausalLM):\n    pass\n"
@@ -279,19 +283,19 @@ def test_stub_template_is_rendered_with_the_architecture_variables(llama_dir, tm
 
 @requires_template
 def test_failed_overwrite_keeps_the_old_output(llama_dir, tmp_path, monkeypatch):
-    from dpe_export import export
+    from dpe_export.export import convert as export_convert
 
     out = tmp_path / "export"
     params = dpe_core.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
-    export.convert(llama_dir, out, params)
+    export_convert.convert(llama_dir, out, params)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(export, "copy_weights", fail)
+    monkeypatch.setattr(export_convert, "copy_weights", fail)
     with pytest.raises(OSError):
-        export.convert(llama_dir, out, params, overwrite=True)
+        export_convert.convert(llama_dir, out, params, overwrite=True)
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
@@ -317,15 +321,15 @@ def test_model_card_quotes_odd_base_model_ids(run_cli, llama_dir, tmp_path):
     odd = 'org/name: "quoted" | #x'
     r = run_cli("convert", llama_dir, "-o", out, "--window", "8", "--scale-factors", "2,4", "--base-model", odd)
     assert r.exit_code == 2 and "--base-model must be a Hub repo id" in r.stderr  # the CLI refuses it ...
-    from dpe_export import export
+    from dpe_export.export import convert as export_convert
 
     params = dpe_core.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
-    export.convert(llama_dir, out, params, base_model=odd)  # ... and the card quotes it where it gets through
+    export_convert.convert(llama_dir, out, params, base_model=odd)  # ... and the card quotes it where it gets through
     assert front_matter(out / "README.md")["base_model"] == odd
 
 
 def test_base_model_guessed_from_hf_cache_path(tmp_path):
-    from dpe_export.export import guess_base_model
+    from dpe_export.sources.checkpoint import guess_base_model
 
     snapshot = tmp_path / "hub" / "models--Qwen--Qwen2.5-7B-Instruct" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
@@ -337,12 +341,12 @@ def test_base_model_guessed_from_hf_cache_path(tmp_path):
 def test_exported_checkpoint_loads_with_its_selection(llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from dpe_export import export
-    from dpe_export.selection import top_k_mask
+    from dpe_export.calibration.selection import top_k_mask
+    from dpe_export.export import convert as export_convert
 
     selected = top_k_mask(torch.rand(2, 4, 8), 5)
     params = dpe_core.DPEParams(local_window_size=4, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
-    out = export.convert(llama_dir, tmp_path / "export", params, selected)
+    out = export_convert.convert(llama_dir, tmp_path / "export", params, selected)
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert type(model).__name__ == "DPELlamaForCausalLM"
     assert torch.equal(model.dpe_selected_dims, selected)
@@ -357,7 +361,7 @@ def test_exported_checkpoint_loads_with_its_selection(llama_dir, tmp_path):
 
 
 def test_presets_load_and_validate():
-    from dpe_export.presets import list_presets, load_preset
+    from dpe_export.export.presets import list_presets, load_preset
 
     presets = {p.name: p for p in list_presets()}
     assert set(presets) == {"meta-llama-3-8b-instruct", "mistral-7b-instruct-v0.2",
@@ -423,11 +427,11 @@ def test_the_tokenizer_states_the_target_length_and_a_longer_input_warns_once(ll
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpe_export import export
+    from dpe_export.export import convert as export_convert
 
     params = dpe_core.DPEParams(local_window_size=4, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8],
                                 target_length=48)
-    out = export.convert(llama_dir, tmp_path / "export", params)
+    out = export_convert.convert(llama_dir, tmp_path / "export", params)
     assert AutoTokenizer.from_pretrained(out).model_max_length == 48
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     with warnings.catch_warnings(record=True) as caught:

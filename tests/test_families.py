@@ -12,12 +12,11 @@ import textwrap
 
 import pytest
 import torch
-
 from family_reference import reference_logits, tiny_family_model
 from helpers import left_padded, tiny_tokenizer
 
 from dpe_export.architectures import ARCHITECTURES
-from dpe_export.resources import load_dpe_core
+from dpe_export.runtime import load_dpe_core
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 dpe_core = load_dpe_core()
@@ -27,9 +26,9 @@ FAMILIES = sorted(ARCHITECTURES)
 
 class Family:
     def __init__(self, arch, root):
-        from dpe_export.export import convert
-
         from transformers import AutoModelForCausalLM
+
+        from dpe_export.export.convert import convert
 
         self.arch = arch
         try:

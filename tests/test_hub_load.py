@@ -12,7 +12,6 @@ import textwrap
 from pathlib import Path
 
 import torch
-
 from fake_hub import FakeHub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -29,14 +28,15 @@ def _env(hub: FakeHub, home: Path, pythonpath: str) -> dict:
 
 
 def _export(tiny_dirs, out: Path, window: int):
-    from dpe_export import export
+    from dpe_export.export import convert as export_convert
+    from dpe_export.sources import checkpoint
 
-    info = export.inspect_model(tiny_dirs("llama"))
-    params = export.build_params(info, local_window_size=window, scale_factors=[2, 4, 8, 16], target_length=256)
+    info = checkpoint.inspect_model(tiny_dirs("llama"))
+    params = export_convert.build_params(info, local_window_size=window, scale_factors=[2, 4, 8, 16], target_length=256)
     g = torch.Generator().manual_seed(window)
     idx = torch.rand(info.num_layers, info.num_heads, info.num_freqs, generator=g).topk(5, dim=-1).indices
     selected = torch.zeros(info.num_layers, info.num_heads, info.num_freqs, dtype=torch.bool).scatter_(-1, idx, True)
-    return export.convert(info, out, params, selected)
+    return export_convert.convert(info, out, params, selected)
 
 
 def _logits(path: str, ids, **kwargs):

@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from helpers import byte_tokenizer, save_tiny_model
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_results.py"

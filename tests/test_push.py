@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fake_hub import FakeHub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -30,14 +29,15 @@ CALIBRATION = {"groups": [0, 4, 8], "scales": [1, 2, 4], "grid": [[0.1, 0.6, 0.9
 @pytest.fixture(scope="module")
 def export_dir(tiny_dirs, tmp_path_factory) -> Path:
     """A finished export with regular files (config, code, card) and LFS ones (weights, selection, images)."""
-    from dpe_export import export
+    from dpe_export.export import convert as export_convert
+    from dpe_export.sources import checkpoint
 
-    info = export.inspect_model(tiny_dirs("llama"))
-    params = export.build_params(info, local_window_size=8, scale_factors=[2, 4], target_length=256)
+    info = checkpoint.inspect_model(tiny_dirs("llama"))
+    params = export_convert.build_params(info, local_window_size=8, scale_factors=[2, 4], target_length=256)
     selected = torch.zeros(info.num_layers, info.num_heads, info.num_freqs, dtype=torch.bool)
     selected[..., 4:] = True
     out = tmp_path_factory.mktemp("push") / "tiny-llama-dpe"
-    return export.convert(info, out, params, selected, calibration=CALIBRATION)
+    return export_convert.convert(info, out, params, selected, calibration=CALIBRATION)
 
 
 @pytest.fixture

@@ -103,13 +103,16 @@ def test_a_config_that_does_not_describe_the_weights_is_refused(run_cli, llama_d
 SLOW_CONVERT = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from dpe_export import export
-real = export.copy_file_with_progress
+from dpe_export.calibration import result as calib_result
+from dpe_export.calibration import scales
+from dpe_export.calibration import result as calib_result
+from dpe_export.sources import checkpoint
+real = checkpoint.copy_file_with_progress
 def slow(src, dst, update):
     real(src, dst, update)
     print("COPYING", flush=True)
     time.sleep(60)
-export.copy_file_with_progress = slow
+checkpoint.copy_file_with_progress = slow
 from dpe_export.cli import main
 main(["convert", {model!r}, "-o", {out!r}, "--window", "8", "--scale-factors", "2,4"])
 """
@@ -221,13 +224,13 @@ def test_unbounded_and_malformed_values_get_one_line_each(run_cli, llama_dir, tm
 
 
 def test_a_calibration_file_that_is_not_ours_is_refused(tmp_path, llama_dir):
-    from dpe_export import calibrate
+    from dpe_export.calibration import result as calib_result
     from dpe_export.errors import DPEExportError
 
     good = {"schema_version": 1, "chosen": [2, 4], "dimension_groups_range": [0, 4, 8], "window": 8,
             "target_length": 256, "pretrain_length": 64, "top_k": 3, "dim_scores": "dim_scores.safetensors",
-            "base_model": {"config_sha256": calibrate.config_hash(llama_dir)}}
-    calibrate.check_calibration_for(good, llama_dir)
+            "base_model": {"config_sha256": calib_result.config_hash(llama_dir)}}
+    calib_result.check_calibration_for(good, llama_dir)
     for key, value in (("chosen", None), ("dim_scores", "../../home/me/.ssh/id_rsa"), ("window", -1)):
         bad = dict(good)
         if value is None:
@@ -235,13 +238,13 @@ def test_a_calibration_file_that_is_not_ours_is_refused(tmp_path, llama_dir):
         else:
             bad[key] = value
         with pytest.raises(DPEExportError, match=repr(key)):
-            calibrate.check_calibration_for(bad, llama_dir)
+            calib_result.check_calibration_for(bad, llama_dir)
     with pytest.raises(DPEExportError, match="must be a file name beside it"):
-        calibrate.selection_from(dict(good, dim_scores="../scores.safetensors"), tmp_path)
+        calib_result.selection_from(dict(good, dim_scores="../scores.safetensors"), tmp_path)
 
 
 def test_an_auth_failure_does_not_suggest_running_the_same_command_again(tmp_path):
-    from dpe_export.publish import _failed
+    from dpe_export.hub import _failed
 
     msg = _failed("the Hub at x rejected the token (HTTP 401); check HF_TOKEN or log in again", tmp_path)
     assert "fix that first, then run the same command again" in msg
@@ -260,12 +263,12 @@ def test_eval_refuses_a_tokenizer_linked_out_of_the_model_dir(run_cli, llama_dir
 def test_a_transformers_config_error_keeps_its_reason(llama_dir, monkeypatch):
     import transformers
 
-    from dpe_export import export
     from dpe_export.errors import DPEExportError
+    from dpe_export.sources import checkpoint
 
     def refuse(*args, **kwargs):
         raise ValueError("`rope_parameters` is invalid:\n  the reason is on the second line: factor must be > 1")
 
     monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", refuse)
     with pytest.raises(DPEExportError, match="the reason is on the second line: factor must be > 1"):
-        export.load_base_config(llama_dir)
+        checkpoint.load_base_config(llama_dir)

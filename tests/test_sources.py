@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from fake_hub import FakeHub
 from helpers import byte_tokenizer, tiny_model
 
@@ -223,7 +222,11 @@ def test_a_multimodal_checkpoint_converts_to_its_text_model(model_type, tmp_path
     """Gemma 3 4B-27B and Mistral Small 3.x ship as image-text models: convert takes the language model, which
     below the window answers as the multimodal model does on text; the vision tower stays out of the export."""
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+    )
 
     from dpe_export.architectures import ARCHITECTURES, WRAPPERS
 

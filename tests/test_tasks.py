@@ -11,8 +11,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpe_export.haystack import generate_haystack, haystack_sentences, load_haystack, split_sentences  # noqa: E402
-from dpe_export.tasks import (  # noqa: E402
+from dpe_export.evaluation.haystack import (  # noqa: E402
+    generate_haystack,
+    haystack_sentences,
+    load_haystack,
+    split_sentences,
+)
+from dpe_export.evaluation.tasks import (  # noqa: E402
     NIAH_KEYS,
     PromptBuilder,
     build_niah_prompts,
@@ -32,10 +37,17 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 def _train_bpe(kind: str):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
-    from dpe_export.tasks import NIAH_INTRO, PASSKEY_INTRO
+    from dpe_export.evaluation.tasks import NIAH_INTRO, PASSKEY_INTRO
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpe_export.evaluate import evaluate_passkey, make_generate_fn
-from dpe_export.export import convert
-from dpe_export.resources import load_dpe_core
-from dpe_export.tasks import PromptBuilder
+from dpe_export.evaluation.generation import make_generate_fn
+from dpe_export.evaluation.run import evaluate_passkey
+from dpe_export.evaluation.tasks import PromptBuilder
+from dpe_export.export.convert import convert
+from dpe_export.runtime import load_dpe_core
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TESTBEDS = sorted(p for p in FIXTURES.glob("testbed-*") if (p / "model.safetensors").is_file())

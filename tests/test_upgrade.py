@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from fake_hub import FakeHub
 
 from dpe_export import __version__
@@ -28,11 +27,12 @@ def _digests(folder: Path) -> dict[str, str]:
 
 def _old_export(tiny_dirs, out: Path) -> Path:
     """A current export made to look exactly like one written by 0.1.0."""
-    from dpe_export import export
+    from dpe_export.export import convert as export_convert
+    from dpe_export.sources import checkpoint
 
-    info = export.inspect_model(tiny_dirs("llama"))
-    params = export.build_params(info, local_window_size=5, scale_factors=[2, 4, 8, 16], target_length=256)
-    export.convert(info, out, params)
+    info = checkpoint.inspect_model(tiny_dirs("llama"))
+    params = export_convert.build_params(info, local_window_size=5, scale_factors=[2, 4, 8, 16], target_length=256)
+    export_convert.convert(info, out, params)
     for name in ("modeling_dpe.py", "dpe_core.py"):
         shutil.copyfile(OLD / name, out / name)
     config = json.loads((out / "config.json").read_text())
@@ -71,11 +71,13 @@ def test_upgrade_rewrites_only_the_generated_files_and_fixes_the_export(tiny_dir
     assert config["dpe_export_version"] == __version__
     assert _cached_equals_uncached(out)
     # A fresh export of the same model computes the same logits.
-    from dpe_export import export
     from transformers import AutoModelForCausalLM
 
-    info = export.inspect_model(tiny_dirs("llama"))
-    fresh = export.convert(info, tmp_path / "fresh", export.build_params(info, local_window_size=5,
+    from dpe_export.export import convert as export_convert
+    from dpe_export.sources import checkpoint
+
+    info = checkpoint.inspect_model(tiny_dirs("llama"))
+    fresh = export_convert.convert(info, tmp_path / "fresh", export_convert.build_params(info, local_window_size=5,
                                                                          scale_factors=[2, 4, 8, 16], target_length=256))
     ids = torch.randint(4, 128, (1, 40), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():

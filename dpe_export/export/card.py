@@ -40,42 +40,71 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
+from dpe_export import __version__
+from dpe_export.calibration.result import (
+    _is_int,
+    _is_number,
+    load_calibration,
+    normalize_calibration,
+)
+from dpe_export.calibration.selection import describe_selection
 from dpe_export.errors import DPEExportError
-from dpe_export.resources import load_dpe_core
+from dpe_export.evaluation.results import Cell, format_accuracy, format_ppl
+from dpe_export.generated import (
+    MODEL_CARD_FILE,
+    model_card_template_path,
+    render_template,
+)
+from dpe_export.runtime import load_dpe_core
 from dpe_export.safefiles import safe_file
+from dpe_export.sources.checkpoint import LICENSE_FILES
 
 logger = logging.getLogger("dpe_export")
 
-CALIBRATION_FILE = "calibration.json"
+
 CALIBRATION_IMAGE = "dpe_calibration.png"
+
+
 SELECTION_IMAGE = "dpe_selected_dims.png"
+
+
 EVAL_FILE_GLOB = "eval*.json"
+
+
 MATPLOTLIB_MISSING = (
     "matplotlib is not installed, so the model card has no images (pip install matplotlib, "
     "or: pip install 'dpe-export[plot]')"
 )
 
+
 DPE_PAPER = "arXiv 2504.18857"
+
+
 POSITIONAL_HEADS_PAPER = "arXiv 2410.08703"
+
 
 # A Hub repo id (optionally namespaced) and a Hub license id: only such values become links / license ids.
 _HUB_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,95})(?:/[A-Za-z0-9](?:[A-Za-z0-9._-]{0,95}))?$")
+
+
 _LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]{0,63}$")
+
+
 _SAFE_LINK = re.compile(r"^(?:https?://[A-Za-z0-9._~:/?#@!$&'()*+,;=%-]{1,400}|[A-Za-z0-9._-]{1,100})$")
 
-
-# ----------------------------------------------------------------------------------------------------------
-# Escaping
-# ----------------------------------------------------------------------------------------------------------
 
 # Characters YAML does not accept raw in a stream, or reads as line breaks (NEL, LS, PS), and the BOM;
 # JSON leaves them unescaped with ensure_ascii=False. Lone surrogates cannot be encoded at all.
 _YAML_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\ufeff\ufffe\uffff\ud800-\udfff]")
+
+
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029\ufeff\ud800-\udfff]")
+
+
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]#|~$])")
 
 
@@ -100,11 +129,6 @@ def py_str(value: Any) -> str:
 def hub_id_or_none(value: Optional[str]) -> Optional[str]:
     """`value` if it has the form of a Hub repo id (so it can be linked), else None."""
     return value if isinstance(value, str) and _HUB_ID.match(value) and ".." not in value else None
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The base model's license
-# ----------------------------------------------------------------------------------------------------------
 
 
 def read_base_license(model_dir: Path, raw_config: Optional[dict] = None) -> dict[str, str]:
@@ -156,11 +180,6 @@ def _front_matter(text: str) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Parameter table
-# ----------------------------------------------------------------------------------------------------------
-
-
 def effective_distance(window: int, scale: float, pretrain_length: int) -> int:
     """The largest query-key distance a group with `scale` sees within its pretraining range: w + s * (L - w).
 
@@ -206,70 +225,6 @@ def format_tokens(x: float) -> str:
     return f"{x:.3g}"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Calibration
-# ----------------------------------------------------------------------------------------------------------
-
-
-def load_calibration(path) -> dict[str, Any]:
-    """Read and check a calibration JSON file (shape in the module docstring); DPEExportError when invalid."""
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DPEExportError(f"cannot read calibration file {path}: {e}") from None
-    try:
-        return normalize_calibration(data)
-    except ValueError as e:
-        raise DPEExportError(f"calibration file {path}: {e}") from None
-
-
-def normalize_calibration(data: Any, num_freqs: Optional[int] = None) -> dict[str, Any]:
-    """Check a calibration dict and return it with groups as [first, end) pairs; ValueError with the reason."""
-    if not isinstance(data, dict):
-        raise ValueError("must be a JSON object with groups, scales and grid")
-    groups, scales, grid = data.get("groups"), data.get("scales"), data.get("grid")
-    if not isinstance(groups, list) or not groups:
-        raise ValueError("'groups' must be a non-empty list")
-    if all(_is_int(x) for x in groups):  # boundary list
-        if len(groups) < 2 or any(a >= b for a, b in zip(groups, groups[1:])):
-            raise ValueError("'groups' as boundaries must be at least two strictly increasing integers")
-        pairs = [[int(a), int(b)] for a, b in zip(groups, groups[1:])]
-    elif all(isinstance(p, list) and len(p) == 2 and all(_is_int(x) for x in p) and p[0] < p[1] for p in groups):
-        pairs = [[int(p[0]), int(p[1])] for p in groups]
-    else:
-        raise ValueError("'groups' must be [first, end) pairs or a list of boundaries")
-    if num_freqs is not None and pairs[-1][1] > num_freqs:
-        raise ValueError(f"'groups' go up to frequency {pairs[-1][1]}, but the model has {num_freqs}")
-    if not isinstance(scales, list) or not scales or not all(_is_number(s) and s > 0 for s in scales):
-        raise ValueError("'scales' must be a non-empty list of positive numbers")
-    if not isinstance(grid, list) or len(grid) != len(pairs):
-        raise ValueError(f"'grid' must have one row per group ({len(pairs)})")
-    rows = []
-    for i, row in enumerate(grid):
-        if not isinstance(row, list) or len(row) != len(scales):
-            raise ValueError(f"'grid' row {i} must have one score per scale ({len(scales)})")
-        if not all(x is None or _is_number(x) for x in row):
-            raise ValueError(f"'grid' row {i} must hold numbers (or null)")
-        rows.append([None if x is None or not math.isfinite(float(x)) else float(x) for x in row])
-    chosen = data.get("chosen")
-    if chosen is not None:
-        if not isinstance(chosen, list) or len(chosen) != len(pairs) or not all(_is_number(c) for c in chosen):
-            raise ValueError(f"'chosen' must be one number per group ({len(pairs)})")
-    metric = data.get("metric", "score")
-    out = {
-        "groups": pairs,
-        "scales": [_num(s) for s in scales],
-        "grid": rows,
-        "chosen": [_num(c) for c in chosen] if chosen is not None else None,
-        "metric": str(metric) if metric is not None else "score",
-        "higher_is_better": bool(data.get("higher_is_better", True)),
-        "length": int(data["length"]) if _is_int(data.get("length")) else None,
-        "window": int(data["window"]) if _is_int(data.get("window")) else None,
-    }
-    return out
-
-
 def calibration_table(calibration: dict[str, Any]) -> dict[str, Any]:
     """The grid as Markdown-ready rows: header scales, one row per group, the chosen cell in bold."""
     scales = calibration["scales"]
@@ -292,9 +247,31 @@ def _fmt_num(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Evaluation results
-# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class CardInputs:
+    """What the card shows beyond the export itself: a calibration grid (calibrate's or a hand-made one), eval
+    records, and the GGUF the base model came from. Read and checked before anything is written."""
+
+    calibration: Optional[dict[str, Any]] = None
+    eval_records: Optional[list[dict[str, Any]]] = None
+    gguf: Optional[dict[str, Any]] = None
+
+    @classmethod
+    def from_files(cls, calibration_file: Optional[Path] = None, eval_files: Sequence = ()) -> "CardInputs":
+        """From --calibration FILE and --eval-json FILE... (without the latter: the eval*.json beside the former)."""
+        calibration = load_calibration(calibration_file) if calibration_file is not None else None
+        files = list(eval_files)
+        if not files and calibration_file is not None:
+            files = find_eval_files(calibration_file)
+        return cls(calibration, load_eval_records(files) if files else None)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "CardInputs":
+        return cls(data.get("calibration"), data.get("eval_records"), data.get("gguf"))
+
+    def to_json(self) -> dict[str, Any]:
+        """The keyword arguments export.convert.convert() takes for the card."""
+        return {"calibration": self.calibration, "eval_records": self.eval_records, "gguf": self.gguf}
 
 
 def find_eval_files(calibration_path) -> list[Path]:
@@ -338,33 +315,16 @@ def eval_records(data: Any) -> list[dict[str, Any]]:
     return [r for r in out if _is_int(r.get("length"))]
 
 
-@dataclass
-class _Cell:
-    samples: float = 0.0
-    correct: float = 0.0
-    nll: float = 0.0
-    tokens: float = 0.0
-    ppls: list = field(default_factory=list)
-
-    def accuracy(self) -> Optional[float]:
-        return self.correct / self.samples if self.samples else None
-
-    def perplexity(self) -> Optional[float]:
-        if self.tokens:
-            return math.exp(self.nll / self.tokens)
-        return sum(self.ppls) / len(self.ppls) if self.ppls else None
-
-
 def eval_tables(records: Sequence[dict[str, Any]], base_dir=None, export_dir=None) -> list[dict[str, Any]]:
     """One table per task: columns are runs (base model first, then DPE), rows lengths; cells formatted strings.
 
     `base_dir` / `export_dir` help tell the base model's runs from the export's (see run_kind).
     """
-    tasks: dict[str, dict[tuple[str, str], dict[int, _Cell]]] = {}
+    tasks: dict[str, dict[tuple[str, str], dict[int, Cell]]] = {}
     for r in records:
         task = str(r.get("task") or "eval")
         run = (str(r.get("model") or "?"), str(r.get("method") or "none"))
-        cell = tasks.setdefault(task, {}).setdefault(run, {}).setdefault(int(r["length"]), _Cell())
+        cell = tasks.setdefault(task, {}).setdefault(run, {}).setdefault(int(r["length"]), Cell())
         samples = r.get("samples") if _is_number(r.get("samples")) and r.get("samples") > 0 else 1
         if _is_number(r.get("accuracy")):
             cell.samples += samples
@@ -389,7 +349,7 @@ def eval_tables(records: Sequence[dict[str, Any]], base_dir=None, export_dir=Non
             for run in order:
                 c = runs[run].get(n)
                 v = None if c is None else (c.perplexity() if is_ppl else c.accuracy())
-                cells.append("–" if v is None else (_fmt_ppl(v) if is_ppl else f"{100 * v:.1f}%"))
+                cells.append("–" if v is None else (format_ppl(v, 3) if is_ppl else format_accuracy(v)))
             rows.append({"length": f"{n:,}", "cells": cells})
         tables.append({
             "task": task,
@@ -448,15 +408,6 @@ def _run_labels(runs: Sequence[tuple[str, str]], kinds: Sequence[str]) -> list[s
             label = f"{label} ({Path(model).name or model})"
         labels.append(label)
     return labels
-
-
-def _fmt_ppl(v: float) -> str:
-    return f"{v:.3g}" if v < 1e4 else f"{v:.3e}"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Images
-# ----------------------------------------------------------------------------------------------------------
 
 
 def render_images(out_dir: Path, params: dict[str, Any], calibration=None, selected=None) -> dict[str, str]:
@@ -556,27 +507,6 @@ def plot_selection(selected, boundaries: Sequence[int], path: Path) -> None:
     plt.close(fig)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Helpers
-# ----------------------------------------------------------------------------------------------------------
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(float(x))
-
-
-def _num(x: Any):
-    return int(x) if float(x).is_integer() else float(x)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The card
-# ----------------------------------------------------------------------------------------------------------
-
 CARD_FILTERS = {"yaml": yaml_str, "md": md_text, "py": py_str}
 
 
@@ -597,9 +527,6 @@ def card_variables(
 
     `export_dir`: where the export will live (to recognise its evaluation runs).
     """
-    from dpe_export import __version__
-    from dpe_export.export import LICENSE_FILES
-    from dpe_export.selection import describe_selection
 
     config = info.config
     rope = load_dpe_core().rope_parameters_of(config)  # the full-attention layers' (per layer type where it differs)
@@ -670,7 +597,6 @@ def write_model_card(
     `params` is a DPEParams (or its dict); `calibration` a dict of the documented shape (checked here against the
     model); `eval_records` records as eval_records() returns them.
     """
-    from dpe_export.export import MODEL_CARD_FILE, model_card_template_path, render_template
 
     params = params.to_dict() if hasattr(params, "to_dict") else dict(params)
     if calibration is not None:
@@ -687,3 +613,4 @@ def write_model_card(
     text = render_template(model_card_template_path(), variables, CARD_FILTERS)
     (Path(out_dir) / MODEL_CARD_FILE).write_text(text, encoding="utf-8")
     return text
+

@@ -1,8 +1,10 @@
-"""Locate the files that ship with dpe-export: modeling templates and preset configs.
+"""The files that ship with dpe-export, as package data: the DPE runtime and templates, and the presets.
 
-In an installed wheel the repository's ``modeling_templates/`` and ``configs/`` directories live inside the
-package (``dpe_export/modeling_templates``, ``dpe_export/configs``; see setup.cfg). In a source checkout they
-are beside the package, at the repository root. ``resource_dir`` finds them in either layout.
+The repository keeps them at its top level, `modeling_templates/` and `configs/` (each a package with an empty
+`__init__.py`); setup.cfg installs them inside this package as `dpe_export.modeling_templates` and
+`dpe_export.configs`, and they are found one way only, `importlib.resources.files(...)`: in a wheel they are
+in site-packages, and in a checkout installed with `pip install -e .` setuptools maps the same package names to
+the top-level folders.
 """
 from __future__ import annotations
 
@@ -11,24 +13,33 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import dpe_export
 from dpe_export.errors import DPEExportError
 
-PACKAGE_DIR = Path(__file__).resolve().parent
 MODELING_TEMPLATES = "modeling_templates"
+
+
 CONFIGS = "configs"
+
+
 DPE_CORE_FILENAME = "dpe_core.py"
+
+
 DPE_CORE_MODULE = "dpe_export.dpe_core"
 
 
 def resource_dir(name: str) -> Path:
-    """The directory of shipped resource `name`: inside the package (wheel), else at the repository root."""
-    for candidate in (PACKAGE_DIR / name, PACKAGE_DIR.parent / name):
-        if candidate.is_dir():
-            return candidate
-    raise DPEExportError(
-        f"resource directory {name!r} not found in {PACKAGE_DIR} or {PACKAGE_DIR.parent}; "
-        "the dpe-export installation is incomplete (reinstall it)"
-    )
+    """The folder of shipped package `dpe_export.<name>` (MODELING_TEMPLATES or CONFIGS)."""
+    import importlib.resources
+
+    try:
+        folder = importlib.resources.files(f"dpe_export.{name}")
+    except ModuleNotFoundError:
+        raise DPEExportError(
+            f"dpe_export.{name} is not installed; install dpe-export (pip install dpe-export, or pip install -e . "
+            "in a checkout)"
+        ) from None
+    return Path(str(folder))
 
 
 def dpe_core_path() -> Path:
@@ -59,7 +70,7 @@ def load_dpe_core() -> ModuleType:
     except BaseException:
         sys.modules.pop(DPE_CORE_MODULE, None)
         raise
-    import dpe_export
 
     dpe_export.dpe_core = module  # as a regular submodule import would
     return module
+

@@ -32,19 +32,42 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from dpe_export import __version__
+from dpe_export.architectures import get_architecture
+from dpe_export.calibration import dim_scores, selection
+from dpe_export.calibration.dim_scores import STATISTICS
+from dpe_export.calibration.result import (
+    CALIBRATION_FILE,
+    CALIBRATION_SCHEMA_VERSION,
+    DIM_SCORES_FILE,
+    config_hash,
+    write_json_atomic,
+)
 from dpe_export.errors import DPEExportError
+from dpe_export.evaluation import generation, prompts
+from dpe_export.evaluation import run as evalrun
+from dpe_export.evaluation.ppl import ppl_token_stream
+from dpe_export.evaluation.tasks import PromptBuilder
+from dpe_export.runtime import load_dpe_core
+from dpe_export.sources import loading, methods
+from dpe_export.sources.checkpoint import load_base_config
 
 logger = logging.getLogger(__name__)
 
-CALIBRATION_SCHEMA_VERSION = 1
-CALIBRATION_FILE = "calibration.json"
-DIM_SCORES_FILE = "dim_scores.safetensors"
+
 CELLS_GLOB = "cells*.jsonl"
+
+
 METRICS = ("niah", "passkey")
+
+
 DEFAULT_SAMPLES = 8  # NIAH contexts per cell (x needles queries)
+
+
 DEFAULT_NEEDLES = 4
+
+
 DEFAULT_SEED = 1234  # calibration seeds; `dpe-export eval` defaults to seed 0, so its samples are held out
-TIE_RULE = "highest score; ties go to the scale nearest the reference scale (log2 distance), then the smaller"
+
 
 Scorer = Callable[[Any], dict]  # DPEParams -> {"score": float, "samples": int}
 
@@ -61,11 +84,6 @@ def reference_scale(target_length: int, pretrain_length: int, candidates: Sequen
     """The candidate nearest 2T/L in log2 distance (the smaller on a tie)."""
     want = math.log2(max(2 * target_length / pretrain_length, 1))
     return min(candidates, key=lambda s: (abs(math.log2(s) - want), s))
-
-
-def config_hash(model_dir: Path) -> str:
-    """sha256 of the base model's config.json: a calibration belongs to one model."""
-    return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()
 
 
 @dataclass
@@ -108,7 +126,6 @@ class CalibrationPlan:
         return factors
 
     def params_for(self, group: int, scale: int):
-        from dpe_export.resources import load_dpe_core
 
         return load_dpe_core().DPEParams(
             local_window_size=self.window, scale_factors=self.factors_for(group, scale),
@@ -121,7 +138,6 @@ def make_plan(model_dir, *, target_length: int, window: int, num_freqs: int, pre
               dimension_groups: Optional[Sequence[int]] = None, num_groups: Optional[int] = None,
               top_k: Optional[int] = None, samples: int = DEFAULT_SAMPLES, needles: int = DEFAULT_NEEDLES,
               seed: int = DEFAULT_SEED, metric: str = "niah", dim_statistic: str = "norms") -> CalibrationPlan:
-    from dpe_export.resources import load_dpe_core
 
     dpe_core = load_dpe_core()
     if window < 1:
@@ -141,7 +157,6 @@ def make_plan(model_dir, *, target_length: int, window: int, num_freqs: int, pre
         raise DPEExportError("the number of samples must be >= 1")
     if metric not in METRICS:
         raise DPEExportError(f"unknown calibration metric {metric!r}; use {' or '.join(METRICS)}")
-    from dpe_export.dim_scores import STATISTICS
 
     if dim_statistic not in STATISTICS:
         raise DPEExportError(f"unknown dimension-score statistic {dim_statistic!r}; use {' or '.join(STATISTICS)}")
@@ -151,11 +166,6 @@ def make_plan(model_dir, *, target_length: int, window: int, num_freqs: int, pre
         reference_scale=reference_scale(target_length, pretrain_length, candidates), top_k=top_k,
         samples=samples, needles=needles, seed=seed, metric=metric, dim_statistic=dim_statistic,
     )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The results file: one JSON line per finished cell
-# ----------------------------------------------------------------------------------------------------------
 
 
 def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
@@ -295,94 +305,6 @@ def _run_grid_locked(plan, scorer, out_dir, shard, path, progress):
     return done
 
 
-def choose_scales(plan: CalibrationPlan, cells: dict[tuple[int, int], dict]) -> list[int]:
-    """Per group the best scale (TIE_RULE)."""
-    ref = math.log2(plan.reference_scale)
-    chosen = []
-    for g in range(plan.num_groups):
-        row = [(cells[(g, s)]["score"], s) for s in plan.scales]
-        chosen.append(min(row, key=lambda x: (-x[0], abs(math.log2(x[1]) - ref), x[1]))[1])
-    return chosen
-
-
-def build_calibration(plan: CalibrationPlan, cells: dict[tuple[int, int], dict],
-                      timings: Optional[dict] = None) -> dict:
-    """calibration.json: the plan, the whole grid with sample counts, the chosen factors, timings, versions.
-
-    Its ``groups``/``scales``/``grid``/``chosen`` keys are what the model card draws (dpe_export.card).
-    """
-    missing = [c for c in plan.cells() if c not in cells]
-    if missing:
-        raise DPEExportError(
-            f"{len(missing)} of {len(plan.cells())} calibration cells are not done yet "
-            f"(e.g. group {missing[0][0]} scale {missing[0][1]}); run the remaining shards first")
-    b = plan.dimension_groups_range
-    return {
-        "schema_version": CALIBRATION_SCHEMA_VERSION,
-        "tool": f"dpe-export {__version__}",
-        "base_model": {"path": plan.model, "config_sha256": plan.config_sha256},
-        "pretrain_length": plan.pretrain_length,
-        "target_length": plan.target_length,
-        "length": plan.target_length,
-        "window": plan.window,
-        "dimension_groups_range": b,
-        "groups": [[b[g], b[g + 1]] for g in range(plan.num_groups)],
-        "scales": plan.scales,
-        "reference_scale": plan.reference_scale,
-        "top_k": plan.top_k,
-        "dim_scores": DIM_SCORES_FILE if plan.top_k else None,
-        "dim_statistic": plan.dim_statistic if plan.top_k else None,
-        "metric": f"{plan.needles}-needle NIAH accuracy" if plan.metric == "niah" else "pass-key accuracy",
-        "higher_is_better": True,
-        # what ran (queries spread evenly over the depths can round the asked samples x needles up)
-        "samples_per_cell": max(int(cells[c]["samples"]) for c in plan.cells()),
-        "seed": plan.seed,
-        "tie_rule": TIE_RULE,
-        "grid": [[cells[(g, s)]["score"] for s in plan.scales] for g in range(plan.num_groups)],
-        "cells": [cells[c] for c in plan.cells()],
-        "chosen": choose_scales(plan, cells),
-        "timings": timings or {"grid_seconds": round(sum(c["seconds"] for c in cells.values()), 1)},
-        "plan_key": plan.key(),
-    }
-
-
-def check_calibration_for(calibration: dict, model_dir) -> None:
-    """Refuse a calibration made on another model, naming the mismatch."""
-    if calibration.get("schema_version") != CALIBRATION_SCHEMA_VERSION:
-        raise DPEExportError(f"unsupported calibration schema version {calibration.get('schema_version')!r}")
-    def is_int(x, low=1):
-        return isinstance(x, int) and not isinstance(x, bool) and x >= low
-
-    checks = {
-        "chosen": lambda v: isinstance(v, list) and v and all(is_int(x) for x in v),
-        "dimension_groups_range": lambda v: isinstance(v, list) and len(v) >= 2 and all(is_int(x, 0) for x in v),
-        "window": is_int, "target_length": is_int, "pretrain_length": is_int,
-        "top_k": lambda v: v is None or is_int(v),
-        "dim_scores": lambda v: v is None or (isinstance(v, str) and Path(v).name == v and v not in (".", "..")),
-    }
-    for key, ok in checks.items():
-        if key not in calibration or not ok(calibration[key]):
-            shown = repr(calibration.get(key))[:80] if key in calibration else "missing"
-            raise DPEExportError(f"the calibration's {key!r} is {shown}; this is not a calibration.json that "
-                                 "`dpe-export calibrate` wrote (run it again)")
-    base = calibration.get("base_model") or {}
-    if base.get("config_sha256") != config_hash(model_dir):
-        raise DPEExportError(
-            f"the calibration was made for {base.get('path')!r}, whose config.json differs from {model_dir}'s "
-            "(config sha256 mismatch); calibrate this model instead")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Running it on a model
-# ----------------------------------------------------------------------------------------------------------
-
-
 @dataclass
 class Calibrator:
     """A loaded base model, its tokenizer and the plan; scores DPE settings on it in place."""
@@ -401,11 +323,10 @@ class Calibrator:
         from safetensors.torch import load_file
         from tqdm.auto import tqdm
 
-        from dpe_export import dim_scores, selection
 
         path = out_dir / DIM_SCORES_FILE
         if path.is_file():
-            scores = load_file(str(path))[dim_scores.SCORES_TENSOR]
+            scores = load_file(str(path))[selection.SCORES_TENSOR]
         else:
             lengths = dim_scores.scoring_lengths(self.plan.window, self.plan.pretrain_length)
             stream = self._token_stream(sum(lengths) * self.plan.samples + 16)
@@ -425,7 +346,6 @@ class Calibrator:
         return self.selected
 
     def _token_stream(self, num_tokens: int) -> list[int]:
-        from dpe_export.evaluate import ppl_token_stream
 
         return ppl_token_stream(self.tokenizer, num_tokens, seed=self.plan.seed, haystack=self.haystack)
 
@@ -433,20 +353,17 @@ class Calibrator:
         """NIAH (or pass-key) accuracy at the target length with these DPE parameters applied in place.
 
         Both use samples x needles queries per cell, spread over the default depth grid."""
-        from dpe_export import evaluate
-        from dpe_export.resources import load_dpe_core
-        from dpe_export.tasks import PromptBuilder
 
         load_dpe_core().apply_dpe(self.model, params, self.selected)
         if self._builder is None:
             self._builder = PromptBuilder(self.tokenizer, haystack_path=self.haystack,
-                                          haystack_seed=evaluate.task_haystack_seed(self.plan.seed))
-        generate_fn = evaluate.make_generate_fn(self.model, self.tokenizer,
-                                                evaluate.max_new_tokens_for(self.plan.metric))
-        depths = list(evaluate.DEFAULT_DEPTHS)
+                                          haystack_seed=prompts.task_haystack_seed(self.plan.seed))
+        generate_fn = generation.make_generate_fn(self.model, self.tokenizer,
+                                                prompts.max_new_tokens_for(self.plan.metric))
+        depths = list(prompts.DEFAULT_DEPTHS)
         per_depth = -(-self.plan.samples * self.plan.needles // len(depths))
         kwargs = {"needles": self.plan.needles} if self.plan.metric == "niah" else {}
-        run = evaluate.evaluate_niah if self.plan.metric == "niah" else evaluate.evaluate_passkey
+        run = evalrun.evaluate_niah if self.plan.metric == "niah" else evalrun.evaluate_passkey
         records = run(self._builder, generate_fn, [self.plan.target_length], depths, samples=per_depth,
                       seed=self.plan.seed, batch_size=self.batch_size, **kwargs)
         correct = sum(r["accuracy"] * r["samples"] for r in records)
@@ -502,31 +419,27 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
 
     import torch
 
-    from dpe_export import methods
-    from dpe_export.export import load_base_config
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    raw, is_export = methods.check_eval_model(model_dir)
+    raw, is_export = loading.check_eval_model(model_dir)
     if is_export:
         raise DPEExportError(f"{model_dir} is already a DPE export; calibrate its base model")
-    methods.check_device_map(device_map, device)
+    loading.check_device_map(device_map, device)
     config = load_base_config(model_dir)
-    from dpe_export.architectures import get_architecture
 
     get_architecture(config)
     L = pretrain_length or config.max_position_embeddings
-    from dpe_export.resources import load_dpe_core
 
     plan = make_plan(model_dir, target_length=target_length, window=window,
                      num_freqs=load_dpe_core().rotary_dim_of(config) // 2,
                      pretrain_length=L, dimension_groups=dimension_groups, num_groups=num_groups, top_k=top_k,
                      samples=samples, needles=needles, seed=seed, metric=metric, dim_statistic=dim_statistic)
-    tokenizer = methods.load_tokenizer(model_dir)  # before the weights: a model without one fails fast
+    tokenizer = loading.load_tokenizer(model_dir)  # before the weights: a model without one fails fast
     save_plan(out_dir, plan)
     t0 = time.perf_counter()
     random.seed(seed)
     torch.manual_seed(seed)
-    loaded = methods.load_model(model_dir, methods.MethodSpec("none"), device=device, dtype=dtype,
+    loaded = loading.load_model(model_dir, methods.MethodSpec("none"), device=device, dtype=dtype,
                                 tokenizer=tokenizer, target_length=target_length, device_map=device_map)
     calibrator = Calibrator(loaded.model, tokenizer, plan, haystack=haystack, batch_size=batch_size)
     if top_k:
@@ -543,21 +456,56 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
     return calibration
 
 
-def selection_from(calibration: dict, calibration_dir: Path):
-    """The top-K mask a calibration used (None when it scaled every frequency)."""
-    if not calibration.get("top_k"):
-        return None
-    from safetensors.torch import load_file
+TIE_RULE = "highest score; ties go to the scale nearest the reference scale (log2 distance), then the smaller"
 
-    from dpe_export import dim_scores, selection
 
-    from dpe_export.safefiles import safe_file
+def choose_scales(plan: CalibrationPlan, cells: dict[tuple[int, int], dict]) -> list[int]:
+    """Per group the best scale (TIE_RULE)."""
+    ref = math.log2(plan.reference_scale)
+    chosen = []
+    for g in range(plan.num_groups):
+        row = [(cells[(g, s)]["score"], s) for s in plan.scales]
+        chosen.append(min(row, key=lambda x: (-x[0], abs(math.log2(x[1]) - ref), x[1]))[1])
+    return chosen
 
-    name = calibration.get("dim_scores") or DIM_SCORES_FILE
-    if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
-        raise DPEExportError(f"the calibration names its scores file {name!r}; it must be a file name beside it")
-    path = safe_file(calibration_dir, name)
-    if path is None:
-        raise DPEExportError(f"the calibration used top-{calibration['top_k']} dimensions, but "
-                             f"{Path(calibration_dir) / name} is missing")
-    return selection.top_k_mask(load_file(str(path))[dim_scores.SCORES_TENSOR], int(calibration["top_k"]))
+
+def build_calibration(plan: CalibrationPlan, cells: dict[tuple[int, int], dict],
+                      timings: Optional[dict] = None) -> dict:
+    """calibration.json: the plan, the whole grid with sample counts, the chosen factors, timings, versions.
+
+    Its ``groups``/``scales``/``grid``/``chosen`` keys are what the model card draws (dpe_export.card).
+    """
+    missing = [c for c in plan.cells() if c not in cells]
+    if missing:
+        raise DPEExportError(
+            f"{len(missing)} of {len(plan.cells())} calibration cells are not done yet "
+            f"(e.g. group {missing[0][0]} scale {missing[0][1]}); run the remaining shards first")
+    b = plan.dimension_groups_range
+    return {
+        "schema_version": CALIBRATION_SCHEMA_VERSION,
+        "tool": f"dpe-export {__version__}",
+        "base_model": {"path": plan.model, "config_sha256": plan.config_sha256},
+        "pretrain_length": plan.pretrain_length,
+        "target_length": plan.target_length,
+        "length": plan.target_length,
+        "window": plan.window,
+        "dimension_groups_range": b,
+        "groups": [[b[g], b[g + 1]] for g in range(plan.num_groups)],
+        "scales": plan.scales,
+        "reference_scale": plan.reference_scale,
+        "top_k": plan.top_k,
+        "dim_scores": DIM_SCORES_FILE if plan.top_k else None,
+        "dim_statistic": plan.dim_statistic if plan.top_k else None,
+        "metric": f"{plan.needles}-needle NIAH accuracy" if plan.metric == "niah" else "pass-key accuracy",
+        "higher_is_better": True,
+        # what ran (queries spread evenly over the depths can round the asked samples x needles up)
+        "samples_per_cell": max(int(cells[c]["samples"]) for c in plan.cells()),
+        "seed": plan.seed,
+        "tie_rule": TIE_RULE,
+        "grid": [[cells[(g, s)]["score"] for s in plan.scales] for g in range(plan.num_groups)],
+        "cells": [cells[c] for c in plan.cells()],
+        "chosen": choose_scales(plan, cells),
+        "timings": timings or {"grid_seconds": round(sum(c["seconds"] for c in cells.values()), 1)},
+        "plan_key": plan.key(),
+    }
+

@@ -18,11 +18,16 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from dpe_export import __version__
-from dpe_export.errors import DPEExportError
+from dpe_export.errors import DPEExportError, first_line
+from dpe_export.export.files import _feed, file_sha256, human_size
+from dpe_export.safefiles import links_in
 
 logger = logging.getLogger("dpe_export")
 
+
 DEFAULT_REVISION = "main"
+
+
 _GLOB_SPECIAL = re.compile(r"([*?\[])")
 
 
@@ -54,11 +59,6 @@ class PushResult:
     repo_url: str
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Local files
-# ----------------------------------------------------------------------------------------------------------
-
-
 def check_export_dir(folder) -> Path:
     """`folder` as a Path, after checking that it is a finished dpe-export output."""
     folder = Path(folder)
@@ -66,7 +66,6 @@ def check_export_dir(folder) -> Path:
         raise DPEExportError(f"export directory not found: {folder}")
     if folder.is_symlink() or not folder.is_dir():
         raise DPEExportError(f"{folder} is not a directory")
-    from dpe_export.safefiles import links_in
 
     links = links_in(folder)
     if links:
@@ -107,18 +106,6 @@ def git_blob_sha1(path: Path) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    _feed(h, path)
-    return h.hexdigest()
-
-
-def _feed(h, path: Path) -> None:
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            h.update(chunk)
-
-
 def same_as_remote(local: Path, remote) -> bool:
     """Whether a local file has the content of a remote RepoFile (size first; hashes only when sizes agree)."""
     size = local.stat().st_size
@@ -126,11 +113,6 @@ def same_as_remote(local: Path, remote) -> bool:
     if lfs is not None:
         return lfs.size == size and lfs.sha256 == file_sha256(local)
     return remote.size == size and remote.blob_id == git_blob_sha1(local)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Plan and push
-# ----------------------------------------------------------------------------------------------------------
 
 
 _REVISION = re.compile(r"^(?!.*\.\.)(?!.*//)[A-Za-z0-9][A-Za-z0-9._/-]{0,99}(?<![./])$")
@@ -153,7 +135,7 @@ def check_repo_id(repo_id: str) -> str:
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
-        raise DPEExportError(f"invalid --repo-id {repo_id!r}: {_first_line(e)}") from None
+        raise DPEExportError(f"invalid --repo-id {repo_id!r}: {first_line(e)}") from None
     return repo_id
 
 
@@ -300,7 +282,6 @@ def _glob_escape(name: str) -> str:
 
 def _echo_plan(plan: PushPlan, echo: Callable[[str], None], dry_run: bool) -> None:
     """Dry run: every file with its size and status. Push: the files being uploaded."""
-    from dpe_export.cli import _human_size
 
     up = plan.to_upload
     total = sum(f.size for f in up)
@@ -311,20 +292,15 @@ def _echo_plan(plan: PushPlan, echo: Callable[[str], None], dry_run: bool) -> No
     head = "Dry run: would upload" if dry_run else "Uploading"
     if plan.remote_checked:
         unchanged = len(plan.files) - len(up)
-        echo(f"{head} {len(up)} of {len(plan.files)} file(s), {_human_size(total)}, from {plan.folder} to {where}; "
+        echo(f"{head} {len(up)} of {len(plan.files)} file(s), {human_size(total)}, from {plan.folder} to {where}; "
              f"{unchanged} unchanged")
     else:
-        echo(f"{head} {len(up)} file(s), {_human_size(total)}, from {plan.folder} to {where} "
+        echo(f"{head} {len(up)} file(s), {human_size(total)}, from {plan.folder} to {where} "
              f"(not compared with the remote: {plan.remote_note})")
     shown = plan.files if dry_run else up
     width = max(len(f.path) for f in shown)
     for f in shown:
-        echo(f"  {f.path:<{width}}  {_human_size(f.size):>10}  {f.status}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Environment and errors
-# ----------------------------------------------------------------------------------------------------------
+        echo(f"  {f.path:<{width}}  {human_size(f.size):>10}  {f.status}")
 
 
 def _token() -> Optional[str]:
@@ -339,15 +315,14 @@ def _online() -> bool:
     return not constants.HF_HUB_OFFLINE
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return (text.splitlines() or [type(e).__name__])[0].strip() or type(e).__name__
-
-
 def _describe_error(e: BaseException, repo_id: str) -> str:
     """One line saying what went wrong, for any exception huggingface_hub or the network raises."""
     from huggingface_hub import constants
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
 
     endpoint = constants.ENDPOINT
     if isinstance(e, DPEExportError):
@@ -365,15 +340,15 @@ def _describe_error(e: BaseException, repo_id: str) -> str:
             return f"no permission to write to {repo_id} (HTTP 403); the token needs write access{detail}"
         if isinstance(e, RepositoryNotFoundError) or status == 404:
             return f"repository {repo_id} not found, or the token cannot see it (HTTP 404){detail}"
-        return f"the Hub at {endpoint} answered HTTP {status}{detail}" if status else f"HTTP error: {_first_line(e)}"
+        return f"the Hub at {endpoint} answered HTTP {status}{detail}" if status else f"HTTP error: {first_line(e)}"
     cause = e
     while cause is not None:  # huggingface_hub wraps upload errors (RuntimeError from a worker thread)
         if _is_network_error(cause):
-            return f"network error talking to {endpoint}: {type(cause).__name__}: {_first_line(cause)}"
+            return f"network error talking to {endpoint}: {type(cause).__name__}: {first_line(cause)}"
         if isinstance(cause, HfHubHTTPError) and cause is not e:
             return _describe_error(cause, repo_id)
         cause = cause.__cause__ or cause.__context__
-    return f"{type(e).__name__}: {_first_line(e)}"
+    return f"{type(e).__name__}: {first_line(e)}"
 
 
 def _is_network_error(e: BaseException) -> bool:
@@ -392,3 +367,4 @@ def _is_network_error(e: BaseException) -> bool:
     except ImportError:  # pragma: no cover
         pass
     return isinstance(e, (ConnectionError, TimeoutError))
+

@@ -23,8 +23,15 @@ from typing import Iterable, Optional
 
 import torch
 
+from dpe_export.runtime import load_dpe_core
+from dpe_export.sources.loading import input_device
+
 SCORES_TENSOR = "scores"
+
+
 STATISTICS = ("norms", "authors")
+
+
 _RECORDER = "dpe_dim_scores"
 
 
@@ -39,7 +46,6 @@ def _recording_attention(module, query, key, value, attention_mask, **kwargs):
     acc.record(idx, query, key)
     impl = real._attn_implementation or "eager"
     if impl == "eager":
-        from dpe_export.resources import load_dpe_core
 
         fn = load_dpe_core()._family_eager_attention(type(module))
     else:
@@ -63,7 +69,6 @@ class DimScoreAccumulator:
     def __post_init__(self):
         from transformers import AttentionInterface
 
-        from dpe_export.resources import load_dpe_core
 
         if self.statistic not in STATISTICS:
             raise ValueError(f"unknown dimension-score statistic {self.statistic!r}; use one of {', '.join(STATISTICS)}")
@@ -91,7 +96,6 @@ class DimScoreAccumulator:
     def add(self, input_ids: torch.Tensor) -> None:
         """Run one batch of equal-length samples [B, n] and fold its scores in."""
         self._scores.clear()
-        from dpe_export.methods import input_device
 
         device = input_device(self.model)
         self.model(input_ids.to(device), use_cache=False, logits_to_keep=1)
@@ -139,3 +143,4 @@ def save_dim_scores(scores: torch.Tensor, path, metadata: Optional[dict] = None)
 
     save_file({SCORES_TENSOR: scores.float().contiguous()}, str(path),
               metadata={k: str(v) for k, v in (metadata or {}).items()})
+

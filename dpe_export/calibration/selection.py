@@ -15,7 +15,9 @@ from dpe_export.errors import DPEExportError
 if TYPE_CHECKING:
     import torch
 
+
 SCORES_TENSOR = "scores"
+
 
 _PICKLE_HINT = (
     " (it looks like a pickled torch file; dpe-export never loads pickles: in a trusted environment run "
@@ -96,3 +98,4 @@ def _looks_pickled(path: Path) -> bool:
     except OSError:
         return False
     return head[:1] == b"\x80" or head == b"PK"  # pickle protocol 2+, or torch's zip container
+

@@ -8,7 +8,7 @@ sentence boundaries except for the last filler sentence, which is trimmed token-
 
 Quick use::
 
-    from dpe_export.tasks import PromptBuilder, score_answer
+    from dpe_export.evaluation.tasks import PromptBuilder, score_answer
     b = PromptBuilder(tokenizer)                     # generated haystack; or haystack_path="book.txt"
     p = b.passkey(4096, depth=0.3, seed=1)           # p.input_ids: exactly 4096 ids; p.answer: "71432"
     ok = score_answer(generated_text, p.answer)
@@ -24,37 +24,39 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
-from .haystack import haystack_sentences
-
-__all__ = [
-    "TaskPrompt",
-    "PromptBuilder",
-    "build_passkey_prompt",
-    "build_niah_prompts",
-    "extract_number",
-    "score_answer",
-    "score_niah",
-    "PASSKEY_INTRO",
-    "NIAH_INTRO",
-    "NIAH_KEYS",
-]
+from dpe_export.evaluation.haystack import haystack_sentences
 
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
                  "I will quiz you about the important information there.")
+
+
 PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+
+
 PASSKEY_QUERY = "What is the pass key? The pass key is"
+
 
 NIAH_INTRO = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
               "I will quiz you about the numbers afterwards.")
+
+
 NIAH_NEEDLE = "One of the special magic numbers for {key} is: {value}."
+
+
 NIAH_QUERY = "What is the special magic number for {key}? The special magic number for {key} is:"
+
 
 _KEY_ADJ = ["amber", "crimson", "silent", "frozen", "hollow", "velvet", "rusty", "wicked", "lucky", "brave",
             "purple", "hidden", "noble", "tiny", "ancient", "electric", "fuzzy", "royal", "sour", "cosmic"]
+
+
 _KEY_NOUN = ["falcon", "teapot", "glacier", "violin", "cactus", "comet", "dragon", "pebble", "rocket",
              "walrus", "lemon", "pyramid", "tulip", "canyon", "banjo", "panther", "meteor", "kettle",
              "jaguar", "saturn"]
+
+
 NIAH_KEYS = [f"{a}-{n}" for a in _KEY_ADJ for n in _KEY_NOUN]
+
 
 _ANCHOR = "a."
 
@@ -265,11 +267,9 @@ def build_niah_prompts(tokenizer, length: int, num_needles: int = 4, seed: int =
     return _builder_for(tokenizer).niah_queries(length, num_needles=num_needles, seed=seed, **kw)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Scoring
-# ----------------------------------------------------------------------------------------------------------
-
 _DIGIT_GAP = re.compile(r"(?<=\d)[ \t]+(?=\d)")
+
+
 _NUMBER = re.compile(r"\d+")
 
 
@@ -292,3 +292,4 @@ def score_niah(generations: Sequence[str], answers: Sequence[str]) -> float:
     if not answers:
         return 0.0
     return sum(score_answer(g, a) for g, a in zip(generations, answers)) / len(answers)
+

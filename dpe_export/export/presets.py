@@ -1,4 +1,5 @@
-"""Named DPE settings, one YAML file each in configs/ (shipped as dpe_export/configs in the wheel)."""
+"""Named DPE settings, one YAML file each in configs/ (shipped as dpe_export/configs in the wheel).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,10 +9,14 @@ from typing import Any, Optional
 import yaml
 
 from dpe_export.errors import DPEExportError
-from dpe_export.resources import CONFIGS, resource_dir
+from dpe_export.runtime import CONFIGS, resource_dir
 
 PRESET_SUFFIX = ".yaml"
+
+
 _REQUIRED = ("description", "base_model", "local_window_size", "scale_factors", "dimension_groups_range")
+
+
 _OPTIONAL = ("model_type", "target_length")
 
 
@@ -25,6 +30,16 @@ class Preset:
     dimension_groups_range: tuple[int, ...]
     target_length: Optional[int] = None
     model_type: Optional[str] = None  # config.model_type of base_model, to warn on a mismatch
+
+    @classmethod
+    def from_json(cls, name: str, data: Any, path: Path) -> "Preset":
+        """A preset from its parsed file (YAML, a JSON-compatible mapping); DPEExportError naming what is wrong."""
+        return Preset.from_json(name, data, path)
+
+    def to_json(self) -> dict[str, Any]:
+        """The mapping its file holds (what from_json reads back)."""
+        d = {k: getattr(self, k) for k in (*_REQUIRED, *_OPTIONAL) if getattr(self, k) is not None}
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 def presets_dir() -> Path:
@@ -88,3 +103,4 @@ def _preset_from_mapping(name: str, data: Any, path: Path) -> Preset:
         target_length=None if target is None else integer("target_length", target),
         model_type=None if data.get("model_type") is None else str(data["model_type"]),
     )
+

@@ -21,18 +21,6 @@ import warnings
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
-__all__ = [
-    "generate_haystack",
-    "iter_sentences",
-    "load_haystack",
-    "split_sentences",
-    "haystack_sentences",
-]
-
-# ----------------------------------------------------------------------------------------------------------
-# Word lists
-# ----------------------------------------------------------------------------------------------------------
-
 _PEOPLE = [
     "the old fisherman", "a young teacher", "the baker", "my neighbour", "the mayor", "a tired traveller",
     "the librarian", "her grandmother", "the shepherd", "a quiet student", "the gardener", "the captain",
@@ -42,22 +30,30 @@ _PEOPLE = [
     "a group of hikers", "the schoolmaster", "the innkeeper", "my cousin", "the weaver", "the potter",
     "a local historian", "the blacksmith", "the miller", "two old friends", "the ferryman",
 ]
+
+
 _NAMES = [
     "Anna", "Thomas", "Maria", "Oliver", "Clara", "Samuel", "Lucy", "Daniel", "Helen", "Victor", "Rosa",
     "Peter", "Elena", "Martin", "Julia", "Hugo", "Nora", "Felix", "Irene", "Leo", "Margaret", "Simon",
     "Greta", "Arthur", "Sofia", "Jonas", "Alice", "Edward", "Mila", "Oscar",
 ]
+
+
 _ANIMALS = [
     "the grey cat", "a flock of geese", "the old dog", "a small fox", "the brown horse", "a pair of swans",
     "the goats", "a heron", "the sheep", "a family of ducks", "the young colt", "an owl", "the bees",
     "a red squirrel", "the cows", "a crow",
 ]
+
+
 _THINGS = [
     "the grass", "the sky", "the sea", "the river", "the forest", "the old bridge", "the harbour",
     "the wind", "the rain", "the morning light", "the valley", "the mountain path", "the garden",
     "the orchard", "the market square", "the lighthouse", "the wheat field", "the little chapel",
     "the stone wall", "the lake", "the meadow", "the evening air", "the snow", "the fog",
 ]
+
+
 _PLACES = [
     "in the village", "by the river", "near the harbour", "at the edge of the forest", "in the market",
     "on the hill", "behind the church", "along the coast", "in the kitchen", "at the train station",
@@ -66,25 +62,35 @@ _PLACES = [
     "beside the lake", "in the workshop", "at the crossroads", "in the courtyard", "down by the docks",
     "in the meadow", "outside the town hall", "on the narrow street", "inside the greenhouse",
 ]
+
+
 _TIMES = [
     "in the morning", "every evening", "at dawn", "late at night", "on Sundays", "after lunch",
     "in early spring", "during the long winter", "at the end of summer", "before sunrise", "in autumn",
     "once a week", "every other day", "at noon", "on rainy afternoons", "after the harvest",
     "when the days grew shorter", "in those years", "just before dinner", "on market days", "at dusk",
 ]
+
+
 _VERBS_T = [  # transitive, past tense
     "carried", "painted", "repaired", "found", "sold", "bought", "cleaned", "opened", "closed", "watched",
     "cooked", "planted", "gathered", "mended", "wrapped", "counted", "polished", "collected", "borrowed",
     "lent", "delivered", "described", "remembered", "noticed", "admired", "built", "sketched", "studied",
 ]
+
+
 _VERBS_I = [  # intransitive, past tense
     "walked", "waited", "laughed", "slept", "sang", "worked", "rested", "wandered", "listened", "hurried",
     "paused", "smiled", "whistled", "read quietly", "talked for hours", "stayed late", "travelled",
 ]
+
+
 _VERBS_PRESENT = [
     "walks", "waits", "works", "rests", "wanders", "reads", "sings", "listens", "cooks", "paints",
     "writes letters", "tends the garden", "feeds the birds", "mends the nets", "sweeps the floor",
 ]
+
+
 _OBJECTS = [
     "a basket of apples", "the heavy wooden door", "a letter from the city", "an old map", "fresh bread",
     "a bundle of firewood", "the broken lantern", "a blue umbrella", "the fishing nets", "a jar of honey",
@@ -93,20 +99,28 @@ _OBJECTS = [
     "a pair of boots", "the kitchen table", "a cup of tea", "the morning newspaper", "a woollen scarf",
     "the church bell", "a copper kettle", "a bag of seeds", "the leather saddle", "a roll of canvas",
 ]
+
+
 _ADJECTIVES = [
     "quiet", "bright", "cold", "warm", "calm", "busy", "peaceful", "grey", "green", "golden", "gentle",
     "pleasant", "damp", "clear", "still", "windy", "soft", "fresh", "crowded", "lonely", "cheerful",
     "narrow", "wide", "ancient", "familiar", "strange", "beautiful", "simple",
 ]
+
+
 _FEELINGS = [
     "happy", "tired", "content", "surprised", "hopeful", "curious", "relieved", "proud", "restless",
     "thoughtful", "grateful", "amused", "calm", "worried",
 ]
+
+
 _CONNECTIVES = [
     "Later,", "Meanwhile,", "After a while,", "Of course,", "Still,", "In the end,", "As usual,",
     "For a moment,", "Some time later,", "Even so,", "Then", "Afterwards,", "At first,", "Sometimes",
     "Every now and then,", "Without a word,", "By then,", "All the same,",
 ]
+
+
 _SUBORDINATE = [
     "because the road was long", "while the kettle boiled", "although nobody was watching",
     "since the weather had turned", "before the light faded", "as the bells began to ring",
@@ -114,21 +128,23 @@ _SUBORDINATE = [
     "even though it was late", "as soon as the sun came out", "while the others were asleep",
     "because it seemed the right thing to do", "when the wind changed direction",
 ]
+
+
 _NUMBER_WORDS = ["two", "three", "four", "five", "six", "seven", "a dozen", "several", "a few", "many"]
+
+
 _COUNTABLE = [
     "boats", "houses", "windows", "chairs", "trees", "lamps", "bridges", "letters", "songs", "stories",
     "paintings", "baskets", "candles", "fields", "roads", "visitors",
 ]
+
+
 _SAYINGS = [
     "nothing good ever comes from hurrying", "a warm meal fixes most troubles",
     "the sea always gives back what it takes", "a tidy workshop makes a patient mind",
     "every road leads home in the end", "the best stories are told after dark",
     "an honest day of work is its own reward", "the river remembers everything",
 ]
-
-# ----------------------------------------------------------------------------------------------------------
-# Sentence templates
-# ----------------------------------------------------------------------------------------------------------
 
 
 def _cap(s: str) -> str:
@@ -235,7 +251,11 @@ _TEMPLATES = [
     (_t_there_were, 4), (_t_speech, 3), (_t_question, 2), (_t_list, 3), (_t_long, 4), (_t_weather, 4),
     (_t_exclaim, 1),
 ]
+
+
 _FUNCS = [f for f, _ in _TEMPLATES]
+
+
 _WEIGHTS = [w for _, w in _TEMPLATES]
 
 
@@ -324,3 +344,4 @@ def haystack_sentences(path: Optional[Union[str, Path]] = None, seed: int = 0) -
     warnings.warn(f"haystack file {path} is too short for this prompt ({len(sents)} sentences); "
                   "repeating it", stacklevel=2)
     yield from itertools.cycle(order)
+

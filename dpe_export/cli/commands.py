@@ -1,0 +1,408 @@
+"""The dpe-export commands. Each parses its options, calls one library function (dpe_export.workflows, or a
+stage's own entry point) and prints what it returns; shared options come from options.py."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import click
+
+from dpe_export import __version__, workflows
+from dpe_export.architectures import WRAPPERS, supported_families
+from dpe_export.calibration import scales
+from dpe_export.cli import options as opt
+from dpe_export.cli.app import main, quiet_transformers, setup_logging
+from dpe_export.errors import UsageError
+from dpe_export.evaluation import prompts, results
+from dpe_export.evaluation.run import run_eval
+from dpe_export.export.presets import list_presets, load_preset
+from dpe_export.export.settings import ConvertFlags
+from dpe_export.export.upgrade import upgrade_export
+from dpe_export.sources.loading import ATTN_CHOICES
+from dpe_export.sources.methods import parse_method
+
+CONVERT_EPILOG = """\b
+Examples:
+  # the DPE authors' settings for a model (see: dpe-export presets)
+  dpe-export convert ./Meta-Llama-3-8B-Instruct -o ./llama3-dpe --preset meta-llama-3-8b-instruct
+  # your own settings: 4 groups of rotary frequencies (boundaries default to an even split)
+  dpe-export convert ./my-llama -o ./my-llama-dpe --window 512 --scale-factors 2,4,8,16 --target-length 65536
+  # explicit group boundaries over head_dim/2 = 64 frequencies
+  dpe-export convert ./my-llama -o ./out --window 1024 --scale-factors 2,8,32 --dimension-groups 0,16,40,64
+  # apply DPE only to the 48 highest-scoring frequencies of each (layer, head)
+  dpe-export convert ./my-llama -o ./out --preset meta-llama-3-8b-instruct --dim-scores scores.safetensors --topk 48
+  # a preset with one value changed; hard-link the weights instead of copying them
+  dpe-export convert ./Qwen2.5-7B-Instruct -o ./qwen-dpe --preset qwen2.5-7b-instruct --window 2048 --link
+  # calibration grid (and eval*.json beside it) in the model card, then publish to the Hub
+  dpe-export convert ./my-llama -o ./out --preset meta-llama-3-8b-instruct --calibration runs/calibration.json \\
+      --push --repo-id my-org/my-llama-dpe
+
+MODEL is a Hub repo id (downloaded into the Hugging Face cache), a local checkpoint directory, or a .gguf
+file (dequantized to safetensors):
+  dpe-export convert --model meta-llama/Llama-3.1-8B-Instruct -o llama31-dpe --preset meta-llama-3.1-8b-instruct
+  dpe-export convert --model ./model-Q4_K_M.gguf -o ./model-dpe --window 1024 --scale-factors 2,8,2,8
+
+The weights must be safetensors (model.safetensors or a sharded index); pickled checkpoints are refused,
+never loaded. Supported families (and multimodal checkpoints whose text model is one of them):
+"""
+
+EVAL_EPILOG = """\b
+Examples:
+  # pass-key retrieval of a base model at and beyond its training length, 10 prompts per depth
+  dpe-export eval ./my-llama --task passkey --lengths 4096,8192,16384 --json base.json --plot base.png
+  # the same prompts with baselines applied on the fly (nothing is written)
+  dpe-export eval ./my-llama --task passkey --lengths 4096,8192,16384 --method yarn:4
+  dpe-export eval ./my-llama --task passkey --lengths 4096,8192,16384 --method self-extend:1024,8
+  # a DPE export (its own settings; no --method)
+  dpe-export eval ./my-llama-dpe --task niah --lengths 16k,32k --needles 4 --batch-size 4 --device cuda
+  # perplexity of held-out text at several lengths
+  dpe-export eval ./my-llama-dpe --task ppl --lengths 2048,8192 --samples 4
+
+\b
+Methods (--method, base models only):
+  none               the model as it is (default)
+  linear:F           position interpolation: positions divided by F
+  dynamic:F          dynamic NTK scaling with factor F (theta for prompt + answer length)
+  yarn:F             YaRN with factor F (original length = the model's max_position_embeddings)
+  self-extend:W,G    SelfExtend: plain RoPE within W tokens, positions grouped by G beyond
+  dpe:W,S1,...,SG    DPE, window W, one integer scale per group (an even split of head_dim/2)
+"""
+
+
+CALIBRATE_EPILOG = """\b
+Examples:
+  # calibrate a model trained at 8K for 128K: grid of 8 groups x scales 1..128, 4-needle NIAH at 128K
+  dpe-export calibrate ./Meta-Llama-3-8B-Instruct --target-length 131072 --window 1024 -d runs/llama3
+  # with the top-48 key frequencies per head (2-norm attention contribution), as the final model will use
+  dpe-export calibrate ./my-llama --target-length 32768 --window 1024 --topk 48 -d runs/llama
+  # split the grid over 4 processes or machines (e.g. a Slurm array), then join the shards
+  dpe-export calibrate ./my-llama --target-length 32768 --window 1024 -d runs/llama --shard $I/4
+  dpe-export calibrate --merge -d runs/llama
+  # then export with the chosen factors (the card shows the grid)
+  dpe-export convert ./my-llama -o ./my-llama-dpe --calibration runs/llama/calibration.json
+
+A killed run resumes where it stopped: every finished (group, scale) cell is already on disk.
+"""
+
+
+CONVERT_EPILOG += "  " + supported_families() + "; multimodal: " + ", ".join(WRAPPERS) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# convert
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _convert_options(f):
+    """convert's own options (the shared ones are declared in options.py)."""
+    for option in reversed([
+        click.option("--dtype", type=click.Choice(opt.DTYPE_CHOICES), default="auto", show_default=True,
+                     help="With a .gguf source: the float type the dequantized weights are written in. auto: "
+                          "bfloat16 for quantized weights, else the GGUF's own float type. Other sources keep "
+                          "their weights as they are."),
+        click.option("-o", "--output", required=True, type=click.Path(path_type=Path), metavar="OUT",
+                     help="Directory to write the DPE checkpoint to. Must not exist or be empty, unless "
+                          "--overwrite is given."),
+        click.option("--preset", metavar="NAME",
+                     help="Start from the DPE authors' settings for a model (list them with: dpe-export presets). "
+                          "Options given explicitly override the preset's values."),
+        opt.window("Local window size in tokens: keys closer than W keep plain RoPE positions. Required unless "
+                   "the preset or calibration sets it. Example: --window 1024"),
+        click.option("--scale-factors", callback=opt.int_list, metavar="S1,...,SG",
+                     help="One integer scale factor >= 1 per dimension group: beyond the window, the positions "
+                          "seen by a group's rotary frequencies are divided by its factor. Required unless the "
+                          "preset or calibration sets them. Example: --scale-factors 2,8,2,8,32,32,32,4"),
+        opt.dimension_groups(
+            "Group boundaries over the head_dim/2 rotary frequencies: strictly increasing, from 0 to head_dim/2, "
+            "one more than the scale factors. Default: the calibration's or preset's, else an even split into one "
+            "group per scale factor. Example for head_dim 128: --dimension-groups 0,8,16,24,32,40,48,56,64"),
+        click.option("--dim-scores", type=click.Path(path_type=Path), metavar="FILE",
+                     help="safetensors file with a tensor 'scores' [layers, attention heads, head_dim/2] rating "
+                          "each rotary frequency of each head; with --topk, DPE applies only to the top-K "
+                          "frequencies per (layer, head). Default: DPE applies to every frequency."),
+        opt.topk("How many frequencies per (layer, head) to select from --dim-scores, 1 <= K <= head_dim/2. "
+                 "Requires --dim-scores."),
+        opt.target_length("Context length the export is meant for; written as max_position_embeddings. Default: "
+                          "the calibration's or preset's, else 4 x the base model's max_position_embeddings."),
+        opt.pretrain_length("The base model's pretraining context length, recorded in the dpe config section. "
+                            "Default: the base model's max_position_embeddings."),
+        click.option("--base-model", metavar="REPO_ID",
+                     help="Hugging Face id of the base model, for the model card (README.md). Default: taken from "
+                          "a Hugging Face cache path, else the preset's."),
+        click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty."),
+        click.option("--link", is_flag=True,
+                     help="Hard-link the weight files instead of copying them (same file system only; falls back "
+                          "to copying with a warning). Saves disk space and time; the export then shares the "
+                          "files with MODEL_DIR."),
+        click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False, path_type=Path),
+                     metavar="FILE",
+                     help="calibration.json from `dpe-export calibrate`: its chosen scale factors, groups, window, "
+                          "target length and top-K selection are used unless given explicitly (it must come from "
+                          "this model), and its grid goes into the model card. eval*.json files beside it are "
+                          "shown too."),
+        click.option("--calibration-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+                     help="Without --scale-factors, --preset or --calibration, convert calibrates first (give "
+                          "--target-length); its results go here. Default: OUT.calibration beside OUT (a re-run "
+                          "resumes from it)."),
+        click.option(
+            "--calibration-samples", type=click.IntRange(min=1), default=scales.DEFAULT_SAMPLES, show_default=True,
+            metavar="N", help="When convert calibrates: NIAH contexts per (group, scale) cell (see dpe-export "
+                              "calibrate --help)."),
+        opt.device_map("--calibration-device-map", "calibration_device_map",
+                       help="When convert calibrates a model larger than one GPU: spread its layers with "
+                            "accelerate (as calibrate --device-map)."),
+        click.option("--eval-json", "eval_json", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+                     metavar="FILE",
+                     help="Results of dpe-export eval --json (base model and DPE) for the model card's evaluation "
+                          "table; repeat for several runs."),
+        click.option("--push", is_flag=True,
+                     help="After exporting, publish OUT to the Hub repo --repo-id (as dpe-export push)."),
+        opt.push_target(after_convert=True),
+    ]):
+        f = option(f)
+    return opt.model_source(f)
+
+
+def _push_request(push: bool, repo_id, private, revision, commit_message, dry_run) -> Optional[workflows.PushRequest]:
+    given = [name for name, on in (("--private", private), ("--revision", revision is not None),
+             ("--commit-message", commit_message is not None), ("--dry-run", dry_run)) if on]
+    if given and not push:
+        raise UsageError(f"{given[0]} needs --push")
+    if push and not repo_id:
+        raise UsageError("--push needs --repo-id ORG/NAME")
+    return workflows.PushRequest(repo_id, private, revision, commit_message, dry_run) if push else None
+
+
+@main.command("convert", epilog=CONVERT_EPILOG)
+@_convert_options
+def convert_command(model_dir, model_source, output, window, scale_factors, dimension_groups, dim_scores, topk,
+                    target_length, pretrain_length, push, repo_id, private, revision, commit_message, dry_run,
+                    **rest) -> None:
+    """Convert the checkpoint MODEL into a DPE checkpoint at OUT.
+
+    MODEL is a local Hugging Face checkpoint directory, a Hub repo id or a .gguf file. OUT gets config.json (with
+    a `dpe` section, auto_map and the target length as max_position_embeddings), the unchanged weights, the
+    tokenizer files, modeling_dpe.py and dpe_core.py, the selected-frequency file when --topk is given, and a
+    README.md model card. Nothing is written unless every check passes, and a failed or interrupted export
+    leaves nothing behind.
+    """
+    flags = ConvertFlags(window=window, scale_factors=scale_factors, dimension_groups=dimension_groups,
+                         target_length=target_length, pretrain_length=pretrain_length, topk=topk,
+                         dim_scores=dim_scores)
+    request = workflows.ConvertRequest(
+        model=opt.model_spec(model_dir, model_source), output=Path(output), flags=flags, repo_id=repo_id,
+        push=_push_request(push, repo_id, private, revision, commit_message, dry_run), **rest)
+    setup_logging()
+    quiet_transformers()
+    workflows.convert_model(request, echo=click.echo)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# push, upgrade, presets
+# ----------------------------------------------------------------------------------------------------------
+
+
+@main.command("push")
+@click.argument("out", metavar="OUT", type=click.Path(path_type=Path))
+@opt.push_target(after_convert=False)
+def push_command(out: Path, repo_id: str, private: bool, revision, commit_message, dry_run: bool) -> None:
+    """Publish the DPE export in OUT to the Hugging Face Hub repo ORG/NAME.
+
+    huggingface_hub does the upload: the token comes from HF_TOKEN or the stored login (hf auth login), the
+    repo is created if it does not exist, and the new and changed files go up in one commit; files the repo
+    already has are not uploaded again, so re-running a push that failed finishes it. OUT is only read.
+
+    \b
+    Examples:
+      dpe-export push ./llama3-dpe --repo-id my-org/Llama-3-8B-Instruct-DPE --dry-run
+      dpe-export push ./llama3-dpe --repo-id my-org/Llama-3-8B-Instruct-DPE --private
+    """
+    setup_logging()
+    workflows.push_export(out, workflows.PushRequest(repo_id, private, revision, commit_message, dry_run),
+                          click.echo)
+
+
+@main.command("upgrade")
+@click.argument("export_dir", metavar="EXPORT_DIR", type=click.Path(path_type=Path))
+def upgrade_command(export_dir: Path) -> None:
+    """Bring a DPE export written by an earlier dpe-export up to date, in place.
+
+    Rewrites the generated files (modeling_dpe.py, dpe_core.py, and in config.json the auto_map, architectures
+    and the dpe-export version) with this version's runtime. Weights, tokenizer, selection file and model card
+    are left untouched and checked unchanged by hash; a following `dpe-export push` uploads only the changed
+    files. Exports written before 0.2.0 are silently wrong on transformers 5.24 until upgraded.
+
+    \b
+    Examples:
+      dpe-export upgrade ./my-llama-dpe
+      dpe-export upgrade ./my-llama-dpe && dpe-export push ./my-llama-dpe --repo-id my-org/my-llama-dpe
+    """
+    setup_logging()
+    result = upgrade_export(export_dir)
+    if not result.changed:
+        click.echo(f"{export_dir} is up to date (dpe-export {__version__}); nothing changed")
+        return
+    click.echo(f"Upgraded {export_dir} (written by dpe-export {result.written_by or '0.1.0 or earlier'}) to "
+               f"dpe-export {__version__}: rewrote {', '.join(result.changed)}; {len(result.untouched)} other files "
+               "unchanged (checked by hash)")
+
+
+@main.command("presets")
+@click.argument("name", required=False)
+def presets_command(name: Optional[str]) -> None:
+    """List the shipped presets, or show the settings of preset NAME.
+
+    \b
+    Examples:
+      dpe-export presets
+      dpe-export presets meta-llama-3-8b-instruct
+    """
+    for p in [load_preset(name)] if name else list_presets():
+        click.echo(f"{p.name}  ({p.base_model})")
+        click.echo(f"    {p.description}")
+        if name:
+            click.echo(f"    local window:     {p.local_window_size}")
+            click.echo(f"    scale factors:    {', '.join(map(str, p.scale_factors))}")
+            click.echo(f"    dimension groups: {', '.join(map(str, p.dimension_groups_range))}")
+            click.echo(f"    target length:    {p.target_length}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eval
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _eval_options(f):
+    for option in reversed([
+        opt.task,
+        click.option("--lengths", required=True, callback=opt.length_list, metavar="N1,N2,...",
+                     help="Prompt lengths in tokens (exact), e.g. 1024,2048,4096 or 4k,8k."),
+        opt.samples(prompts.DEFAULT_SAMPLES, "passkey: prompts per (length, depth); niah: needles asked per "
+                    "(length, depth); ppl: text windows per length."),
+        click.option("--depths", callback=opt.depth_list, metavar="D1,D2,...",
+                     help="Needle depths, 0 = right after the instructions, 1 = right before the question "
+                          "[default: 0,0.25,0.5,0.75,1]. niah: each context puts its needles at different depths "
+                          "of this grid, in turn, so every depth gets --samples needles. Not used by ppl."),
+        opt.needles(f"niah only: needles per context (each queried once)  [default: {prompts.DEFAULT_NEEDLES}]"),
+        click.option("--method", default="none", show_default=True, metavar="SPEC",
+                     help="Baseline applied to a base model when it is loaded, without writing anything: none, "
+                          "linear:F, dynamic:F, yarn:F, self-extend:W,G or dpe:W,S1,...,SG (see below)."),
+        opt.haystack("Text file to use as filler (passkey/niah) or as the text (ppl) instead of the generated "
+                     "haystack; repeated if too short."),
+        click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), metavar="OUT.json",
+                     help="Write the results: one record per (length, depth) with accuracy and sample count."),
+        click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), metavar="OUT.png",
+                     help="Save a depth x length accuracy heatmap (ppl: perplexity by length). Needs matplotlib."),
+        opt.seed(0, "Fixes prompts, needles and text; the same command gives the same numbers."),
+        opt.batch_size("Prompts run together (all prompts of a length have the same length: no padding)."),
+        opt.device("auto: cuda when available."),
+        opt.dtype("auto: float32 on CPU, bfloat16 on CUDA."),
+        click.option("--attn", type=click.Choice(ATTN_CHOICES), default="sdpa", show_default=True,
+                     help="Attention implementation."),
+        opt.device_map(),
+        click.option("--trust-remote-code", is_flag=True,
+                     help="Run a DPE export's own modeling code even when it is not exactly what this dpe-export "
+                          "writes (an export edited by hand, or from another tool). Never needed for base models."),
+        opt.no_progress,
+    ]):
+        f = option(f)
+    return opt.model_source(f)
+
+
+@main.command("eval", epilog=EVAL_EPILOG)
+@_eval_options
+def eval_command(model_dir, model_source, model_revision, gguf_file, task, depths, needles, method, json_out,
+                 plot_out, dtype, no_progress, **rest) -> None:
+    """Evaluate MODEL on pass-key retrieval, multi-needle NIAH or perplexity at the given lengths.
+
+    MODEL is a base checkpoint directory or a DPE export. An export's code (modeling_dpe.py, dpe_core.py) runs
+    only when it is byte for byte what this dpe-export writes (`dpe-export upgrade` makes an older export so),
+    or with --trust-remote-code; a base model's own code never runs. Prompts are
+    exactly the requested number of tokens. Prints a table (per length and depth: accuracy and sample count,
+    plus an `all` row per length); --json and --plot save the results. Generation is greedy.
+    """
+    if task == "ppl" and depths is not None:
+        raise click.UsageError("--depths applies to passkey and niah, not to ppl")
+    if task != "niah" and needles is not None:
+        raise click.UsageError("--needles applies to --task niah only")
+    spec = parse_method(method)
+    if plot_out is not None:
+        results.require_matplotlib()
+    setup_logging()
+    quiet_transformers()
+    with workflows.open_model(opt.model_spec(model_dir, model_source), revision=model_revision, gguf_file=gguf_file,
+                              dtype=dtype, workdir=Path(tempfile.gettempdir()), echo=click.echo) as source:
+        result = run_eval(source.path, task, depths=depths, method=spec, dtype=dtype, progress=not no_progress,
+                          needles=prompts.DEFAULT_NEEDLES if needles is None else needles, **rest)
+    click.echo(results.format_table(result))
+    if json_out is not None:
+        click.echo(f"Wrote {results.write_json(result, json_out)}")
+    if plot_out is not None:
+        click.echo(f"Wrote {results.plot_result(result, plot_out)}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# calibrate
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _calibrate_options(f):
+    for option in reversed([
+        click.option("-d", "--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+                     metavar="DIR", help="Where the plan, the per-cell results (cells*.jsonl), dim_scores.safetensors "
+                                         "and calibration.json go. Re-running with the same settings resumes."),
+        opt.target_length("The context length to calibrate for (NIAH prompts are this long)."),
+        opt.window("Local window size in tokens. Default: the pretraining length / 8."),
+        click.option("--groups", "num_groups", type=click.IntRange(min=1), metavar="G",
+                     help="Split the head_dim/2 rotary frequencies evenly into G groups. Default: 8 (or fewer when "
+                          "there are fewer frequencies)."),
+        opt.dimension_groups("Explicit group boundaries, from 0 to head_dim/2 (instead of --groups)."),
+        opt.topk("Scale only the top-K frequencies per (layer, head) by 2-norm attention contribution (computed "
+                 "first, saved as dim_scores.safetensors). Default: all frequencies."),
+        opt.pretrain_length("The base model's pretraining length. Default: its max_position_embeddings."),
+        opt.dim_statistic,
+        opt.samples(scales.DEFAULT_SAMPLES, "NIAH contexts per (group, scale) cell (each asked about every needle)."),
+        opt.needles("Needles per NIAH context.", default=scales.DEFAULT_NEEDLES),
+        opt.metric,
+        opt.seed(scales.DEFAULT_SEED, "Seed of the calibration prompts (eval defaults to seed 0, so its samples are "
+                                      "held out)."),
+        click.option("--shard", metavar="I/N", help="Run only every N-th cell starting at I (0 <= I < N)."),
+        click.option("--merge", is_flag=True, help="Join the shards' results in --output-dir into calibration.json."),
+        opt.haystack("Filler text for the prompts instead of the generated haystack."),
+        opt.batch_size(),
+        opt.device(),
+        opt.dtype(),
+        opt.device_map(),
+    ]):
+        f = option(f)
+    return opt.model_source(f)
+
+
+@main.command("calibrate", epilog=CALIBRATE_EPILOG)
+@_calibrate_options
+def calibrate_command(model_dir, model_source, model_revision, gguf_file, output_dir, target_length, shard, merge,
+                      dtype, topk, **rest):
+    """Find each frequency group's scale factor on the model itself.
+
+    Stage 1 (with --topk): score every (layer, head, frequency) by its 2-norm attention contribution on
+    haystack text at lengths doubling from max(W, L/4) to L. Stage 2: at the target length T, each group in
+    turn tries the scales 1, 2, 4, ..., T/W while the others use the scale nearest 2T/L, scored by 4-needle
+    NIAH; each group gets its best scale (ties: the one nearest 2T/L, then the smaller). Writes
+    calibration.json, which `dpe-export convert --calibration` uses.
+    """
+    setup_logging()
+    if merge:
+        result = scales.merge(output_dir)
+    else:
+        if (model_dir is None and model_source is None) or target_length is None:
+            raise click.UsageError("give --model SOURCE and --target-length (or --merge to join shards)")
+        quiet_transformers()
+        with workflows.open_model(opt.model_spec(model_dir, model_source), revision=model_revision,
+                                  gguf_file=gguf_file, dtype=dtype, workdir=output_dir, echo=click.echo) as source:
+            result = workflows.calibrate_model(source.path, output_dir, target_length=target_length, top_k=topk,
+                                               shard=scales.parse_shard(shard), dtype=dtype, **rest)
+        if result is None:
+            click.echo(f"Shard {shard} done; join the shards with: dpe-export calibrate --merge -d {output_dir}")
+            return
+    click.echo(workflows.calibration_summary(result, output_dir))

@@ -1,0 +1,37 @@
+"""Stage 2: measuring retrieval and perplexity (the public API; the modules say how).
+
+prompts      which prompts an evaluation runs (seeds, depth grids, lengths)
+tasks        building pass-key and NIAH prompts of an exact length, and scoring answers; haystack: the filler
+generation   greedy decoding with chunked prefill and a shared prefix
+ppl          perplexity of held-out text
+run          run_eval(): one evaluation end to end, with memory and progress
+results      EvalResult and the one results API: aggregation, table, JSON, plot
+"""
+from dpe_export.evaluation.generation import (
+    greedy_generate,
+    greedy_generate_shared,
+    make_generate_fn,
+)
+from dpe_export.evaluation.ppl import evaluate_ppl
+from dpe_export.evaluation.prompts import (
+    TASKS,
+    max_new_tokens_for,
+    sample_seed,
+    task_haystack_seed,
+)
+from dpe_export.evaluation.results import (
+    EvalResult,
+    aggregate,
+    bootstrap_interval,
+    format_accuracy,
+    format_ppl,
+    wilson_interval,
+)
+from dpe_export.evaluation.run import evaluate_niah, evaluate_passkey, run_eval
+from dpe_export.evaluation.tasks import PromptBuilder, score_answer, score_niah
+
+__all__ = [
+    "NIAH_DIGITS", "PASSKEY_DIGITS", "TASKS", "EvalResult", "eos_ids", "format_accuracy", "format_ppl", "PromptBuilder", "aggregate", "bootstrap_interval", "wilson_interval", "evaluate_niah", "evaluate_passkey", "evaluate_ppl",
+    "greedy_generate", "greedy_generate_shared", "make_generate_fn", "max_new_tokens_for", "run_eval",
+    "sample_seed", "score_answer", "score_niah", "task_haystack_seed",
+]

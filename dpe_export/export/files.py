@@ -1,0 +1,193 @@
+"""Write a DPE checkpoint: config with a `dpe` section, unchanged weights, tokenizer, generated modeling files.
+
+Nothing is written until every input has been checked. The export is assembled in a hidden temporary
+directory beside the output and renamed into place at the end, so an interrupted or failed export leaves
+nothing behind and never a half-written output.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+from typing import Optional
+
+from dpe_export.errors import DPEExportError
+from dpe_export.sources.checkpoint import CONFIG_FILE, LICENSE_FILES, TOKENIZER_FILES
+
+logger = logging.getLogger("dpe_export")
+
+
+def check_output_target(output: Path, model_dir: Path, overwrite: bool) -> None:
+    """Refuse outputs that would clobber data: an existing non-empty dir without overwrite, the model itself."""
+    if output.is_symlink():
+        raise DPEExportError(
+            f"output {output} is a symbolic link; give the path it points to ({output.resolve()}) instead"
+        )
+    if output.exists():
+        if not output.is_dir():
+            raise DPEExportError(f"output {output} exists and is not a directory")
+        if output.resolve() == model_dir.resolve():
+            raise DPEExportError(f"output {output} is the model directory itself; choose another output")
+        if overwrite and _is_within(model_dir.resolve(), output.resolve()):
+            raise DPEExportError(f"the model directory {model_dir} is inside output {output}; --overwrite would delete it")
+        if any(output.iterdir()) and not overwrite:
+            raise DPEExportError(
+                f"output directory {output} already exists and is not empty; pass --overwrite to replace it"
+            )
+        if overwrite and any(output.iterdir()):
+            foreign = foreign_entries(output)
+            if foreign:
+                raise DPEExportError(
+                    f"--overwrite replaces only an empty directory or an earlier DPE export, and {output} "
+                    f"{foreign}; choose another output"
+                )
+    ancestor = output.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise DPEExportError(f"cannot create output {output}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise DPEExportError(f"cannot create output {output}: no write permission in {ancestor}")
+
+
+# What an export directory holds: anything else in it means it is not (only) an export, so it is never deleted.
+_EXPORT_FILE_PATTERNS = (
+    r"config\.json", r"generation_config\.json", r"modeling_dpe\.py", r"dpe_core\.py", r"README\.md",
+    r"model\.safetensors", r"model\.safetensors\.index\.json", r"model-\d+-of-\d+\.safetensors",
+    r"dpe_selected_dims\.safetensors", r"dpe_[a-z_]+\.png", r"eval[\w.-]*\.json", r"\.gitattributes",
+)
+
+
+def foreign_entries(folder: Path) -> Optional[str]:
+    """None when `folder` is a DPE export holding only files an export has; else why it is not (for messages)."""
+    try:
+        raw = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")) if (folder / CONFIG_FILE).is_file() else None
+    except (OSError, ValueError):
+        raw = None
+    if not isinstance(raw, dict) or "dpe" not in raw:
+        names = sorted(p.name for p in folder.iterdir())
+        return f"is not a DPE export (it holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+    allowed = set(TOKENIZER_FILES) | set(LICENSE_FILES)
+    for p in sorted(folder.iterdir()):
+        if p.is_symlink() or not p.is_file():
+            return f"holds {p.name}, which no export writes"
+        if p.name not in allowed and not any(re.fullmatch(pat, p.name) for pat in _EXPORT_FILE_PATTERNS):
+            return f"holds {p.name}, which no export writes"
+    return None
+
+
+_STAGING = re.compile(r"^\.(?P<name>.+)\.dpe-export-(?P<kind>tmp|old|src)-(?P<pid>\d+)-[0-9a-f]{8}$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale_staging(output: Path) -> list[Path]:
+    """Remove the staging directories an interrupted convert of `output` left (its process is gone), and put
+    back an earlier output that such a run had moved aside. Returns what was removed."""
+    removed = []
+    parent = output.parent
+    if not parent.is_dir():
+        return removed
+    for entry in sorted(parent.iterdir()):
+        m = _STAGING.match(entry.name)
+        if not m or (m.group("name") != output.name and m.group("kind") != "src") or _pid_alive(int(m.group("pid"))):
+            continue
+        if entry.is_symlink() or not entry.is_dir():
+            continue
+        if m.group("kind") == "old" and not (output.exists() or output.is_symlink()):
+            os.rename(entry, output)  # the run died between moving the old output aside and replacing it
+            logger.warning("restored %s, which an interrupted convert (pid %s) had moved aside", output, m.group("pid"))
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
+        logger.warning("removed %s, left by an interrupted convert (pid %s)", entry, m.group("pid"))
+    return removed
+
+
+def _is_within(path: Path, parent: Path) -> bool:
+    return path == parent or parent in path.parents
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """mkdir -p path's parent; return the directories created (deepest last)."""
+    created = []
+    for p in reversed(path.parents):
+        if not p.exists():
+            p.mkdir()
+            created.append(p)
+    return created
+
+
+def _sibling_name(output: Path, kind: str) -> Path:
+    return output.parent / f".{output.name}.dpe-export-{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def make_staging_dir(output: Path) -> Path:
+    """A hidden, empty directory beside `output` (same file system, so it can be renamed into place)."""
+    staging = _sibling_name(output, "tmp")
+    staging.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0700
+    return staging
+
+
+def publish(staging: Path, output: Path, overwrite: bool) -> None:
+    """Rename the finished export into place, replacing an existing output if allowed."""
+    if output.is_dir() and not output.is_symlink() and not any(output.iterdir()):
+        output.rmdir()
+    if not (output.exists() or output.is_symlink()):
+        os.rename(staging, output)
+        return
+    if not overwrite:  # it appeared while we were working
+        raise DPEExportError(f"output {output} appeared while exporting; pass --overwrite to replace it")
+    old = _sibling_name(output, "old")
+    os.rename(output, old)  # move the old output aside, so that a failure here can put it back
+    try:
+        os.rename(staging, output)
+    except BaseException:
+        os.rename(old, output)
+        raise
+    if old.is_symlink() or not old.is_dir():
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
+        if old.exists():
+            logger.warning("could not delete all of the replaced output, left at %s", old)
+
+
+def output_summary(output: Path) -> list[tuple[str, int]]:
+    """(name, size in bytes) of each file in an export, sorted by name."""
+    return sorted((p.name, p.stat().st_size) for p in Path(output).iterdir() if p.is_file())
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    _feed(h, path)
+    return h.hexdigest()
+
+
+def _feed(h, path: Path) -> None:
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            h.update(chunk)
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"  # pragma: no cover
+

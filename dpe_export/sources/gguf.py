@@ -1,0 +1,110 @@
+"""A .gguf file as a checkpoint: its metadata read with the gguf package, the model loaded through transformers'
+GGUF support, dequantized and written as safetensors into a temporary directory.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from dpe_export.architectures import get_architecture
+from dpe_export.errors import DPEExportError, first_line
+from dpe_export.sources.model_source import ModelSource
+
+logger = logging.getLogger(__name__)
+
+
+GGUF_MAGIC = b"GGUF"
+
+
+def gguf_metadata(path: Path) -> dict[str, Any]:
+    """Architecture and quantization of a GGUF file, from its header; DPEExportError when it is not one."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise DPEExportError(f"cannot read {path}: {e.strerror or e}") from None
+    if magic != GGUF_MAGIC:
+        raise DPEExportError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        import gguf
+    except ImportError:
+        raise DPEExportError("reading a GGUF file needs the gguf and accelerate packages: "
+                             "pip install 'dpe-export[gguf]'") from None
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # truncated or corrupt files raise ValueError, IndexError, struct errors, ...
+        raise DPEExportError(f"{path} is not a readable GGUF file (truncated or corrupt?): {first_line(e)}") from None
+
+    def field_value(name):
+        f = reader.fields.get(name)
+        if f is None:
+            return None
+        try:
+            return f.contents()
+        except Exception:  # older gguf releases: decode by hand
+            part = f.parts[f.data[0]]
+            return bytes(part).decode("utf-8", "replace") if f.types and f.types[0] == gguf.GGUFValueType.STRING else part[0]
+
+    quant_types = sorted({t.tensor_type.name for t in reader.tensors})
+    file_type = field_value("general.file_type")
+    try:
+        file_type_name = gguf.LlamaFileType(int(file_type)).name.replace("MOSTLY_", "") if file_type is not None else None
+    except (ValueError, TypeError):
+        file_type_name = None
+    return {"architecture": field_value("general.architecture"), "file_type": file_type_name,
+            "tensor_types": quant_types}
+
+
+def _from_gguf(spec: str, path: Path, dtype: Optional[str], workdir: Optional[Path]) -> ModelSource:
+    if not path.is_file():
+        raise DPEExportError(f"GGUF file not found: {path}")
+    meta = gguf_metadata(path)
+    try:
+        import accelerate  # noqa: F401  (transformers' GGUF loading needs it)
+    except ImportError:
+        raise DPEExportError("reading a GGUF file needs the gguf and accelerate packages: "
+                             "pip install 'dpe-export[gguf]'") from None
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+
+    folder, name = str(path.parent), path.name
+    try:
+        config = AutoConfig.from_pretrained(folder, gguf_file=name)
+    except Exception as e:
+        raise DPEExportError(f"transformers cannot read {path} (architecture {meta['architecture']!r}): "
+                             f"{first_line(e)}") from None
+    get_architecture(config)  # refuse an unsupported family before dequantizing anything
+    quantized = any(t not in ("F32", "F16", "BF16") for t in meta["tensor_types"])
+    if dtype in (None, "auto"):
+        float_types = [t for t in meta["tensor_types"] if t in ("F32", "F16", "BF16")]
+        dtype = "bfloat16" if quantized or not float_types else {"F32": "float32", "F16": "float16",
+                                                                  "BF16": "bfloat16"}[max(float_types)]
+    torch_dtype = getattr(torch, dtype)
+    base = Path(workdir) if workdir is not None else path.parent
+    base.mkdir(parents=True, exist_ok=True)
+    import secrets
+
+    tmp = base / f".{path.stem}.dpe-export-src-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    source = ModelSource(spec, "gguf", tmp, gguf={"file": name, "quantization": meta["file_type"] or
+                                                  "/".join(meta["tensor_types"]), "dtype": dtype,
+                                                  "architecture": meta["architecture"]}, temporary=tmp)
+    try:
+        logger.info("dequantizing %s to %s", path, dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model.hf_quantizer = None  # the weights are plain tensors now: save them as safetensors
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+    except BaseException as e:
+        source.cleanup()
+        if isinstance(e, (KeyboardInterrupt, SystemExit, DPEExportError)):
+            raise
+        raise DPEExportError(f"cannot convert {path} to a checkpoint: {first_line(e)}") from None
+    return source
+

@@ -1,0 +1,271 @@
+"""What each command does, end to end: the one library function a CLI command calls.
+
+A workflow resolves the model source, runs the stages in order and cleans up what it made; it reports through
+an `echo` callable (the CLI passes click.echo) and returns what the command prints. Nothing here parses
+arguments or formats tables.
+"""
+from __future__ import annotations
+
+import logging
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from dpe_export import hub, sources
+from dpe_export.calibration import scales
+from dpe_export.calibration.result import (
+    Calibration,
+    read_calibration,
+)
+from dpe_export.calibration.selection import (
+    describe_selection,
+    load_dim_scores,
+    top_k_mask,
+)
+from dpe_export.errors import DPEExportError, UsageError
+from dpe_export.export import card
+from dpe_export.export import convert as export_convert
+from dpe_export.export.files import check_output_target, human_size, output_summary
+from dpe_export.export.presets import Preset, load_preset
+from dpe_export.export.settings import ConvertFlags, ConvertSettings, resolve_settings
+from dpe_export.sources.checkpoint import (
+    ModelInfo,
+    guess_base_model,
+    inspect_model,
+    load_base_config,
+)
+
+logger = logging.getLogger("dpe_export")
+Echo = Callable[..., None]
+
+
+def _silent(*args, **kwargs) -> None:
+    return None
+
+
+def open_model(spec: Optional[str], *, revision=None, gguf_file=None, dtype=None, workdir=None,
+               echo: Echo = _silent) -> sources.ModelSource:
+    """--model SOURCE as a local checkpoint (the caller cleans it up), saying on stderr what was done to it."""
+    if spec is None:
+        raise UsageError(f"give --model SOURCE ({sources.describe_sources()})")
+    source = sources.resolve_model(spec, revision=revision, gguf_file=gguf_file, dtype=dtype, workdir=workdir)
+    if source.text_of:
+        echo(f"Took the text model of the {source.text_of} checkpoint {spec} (the vision tower is left out)",
+             err=True)
+    if source.kind == "gguf":
+        echo(f"Read {spec} ({source.gguf['architecture']}, {source.gguf['quantization']}): dequantized to "
+             f"{source.gguf['dtype']} safetensors", err=True)
+    return source
+
+
+# ----------------------------------------------------------------------------------------------------------
+# calibrate
+# ----------------------------------------------------------------------------------------------------------
+
+
+def calibrate_model(model_dir: Path, output_dir: Path, *, window: Optional[int], pretrain_length=None,
+                    **kw) -> Optional[dict]:
+    """dpe-export calibrate on a local checkpoint: the window defaults to the pretraining length / 8. Returns the
+    calibration record, or None when this was one shard of several."""
+    if window is None:
+        length = pretrain_length or load_base_config(Path(model_dir)).max_position_embeddings
+        window = max(1, length // 8)
+    return scales.calibrate(model_dir, output_dir, window=window, pretrain_length=pretrain_length, **kw)
+
+
+def calibration_summary(result: dict, output_dir: Path) -> str:
+    """What calibrate prints: the grid of scores per (group, scale) and the chosen factors."""
+    lines = [f"\nCalibration at {result['target_length']} tokens, window {result['window']}, "
+             f"{result['metric']} ({result['samples_per_cell']} queries per cell):",
+             "  group   freqs  " + " ".join(f"{'s=' + str(s):>6}" for s in result["scales"]) + "  chosen"]
+    for g, (rng, row, pick) in enumerate(zip(result["groups"], result["grid"], result["chosen"])):
+        cells = " ".join(f"{v:6.2f}" for v in row)
+        lines.append(f"  {g:>5}  {rng[0]:>3}-{rng[1] - 1:<3} {cells}  {pick:>6}")
+    path = Path(output_dir) / "calibration.json"
+    lines.append(f"Chosen scale factors: {','.join(map(str, result['chosen']))}")
+    lines.append(f"Wrote {path}; export with: dpe-export convert MODEL -o OUT --calibration {path}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# convert
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PushRequest:
+    repo_id: str
+    private: bool = False
+    revision: Optional[str] = None
+    commit_message: Optional[str] = None
+    dry_run: bool = False
+
+
+@dataclass(frozen=True)
+class ConvertRequest:
+    """Everything `dpe-export convert` was asked, as typed values."""
+
+    model: str
+    output: Path
+    flags: ConvertFlags = field(default_factory=ConvertFlags)
+    preset: Optional[str] = None
+    calibration_file: Optional[Path] = None
+    calibration_dir: Optional[Path] = None
+    calibration_samples: int = scales.DEFAULT_SAMPLES
+    calibration_device_map: Optional[str] = None
+    eval_json: tuple = ()
+    base_model: Optional[str] = None
+    repo_id: Optional[str] = None
+    overwrite: bool = False
+    link: bool = False
+    model_revision: Optional[str] = None
+    gguf_file: Optional[str] = None
+    dtype: Optional[str] = None
+    push: Optional[PushRequest] = None
+
+
+@dataclass
+class ConvertOutcome:
+    output: Path
+    info: ModelInfo
+    params: Any  # dpe_core.DPEParams
+    selected: Any  # bool tensor or None
+    calibration: Optional[dict] = None  # when convert calibrated first
+    calibration_dir: Optional[Path] = None
+    resumed_push: bool = False  # the output already held this export
+
+
+def check_convert_request(req: ConvertRequest) -> None:
+    """Everything that can be refused before any model file is read."""
+    if req.push is not None:
+        hub.check_repo_id(req.push.repo_id)
+        hub.check_revision(req.push.revision)
+    elif req.repo_id is not None:
+        hub.check_repo_id(req.repo_id)
+    if req.base_model is not None and card.hub_id_or_none(req.base_model) is None:
+        raise UsageError(f"--base-model must be a Hub repo id ORG/NAME, got {req.base_model!r}")
+    if req.calibration_device_map and (req.calibration_file is not None or req.flags.scale_factors is not None
+                                       or req.preset is not None):
+        raise UsageError("--calibration-device-map applies only when convert calibrates (no --scale-factors, "
+                             "--preset or --calibration)")
+    if req.flags.dim_scores is not None and req.flags.topk is None:
+        raise UsageError("--dim-scores needs --topk K")
+
+
+def _calibration_for(req: ConvertRequest, model_dir: Path, preset: Optional[Preset],
+                     echo: Echo) -> tuple[Optional[Calibration], Optional[Path], Optional[dict]]:
+    """The calibration convert uses: the --calibration file, or one it runs now (no factors from anywhere)."""
+    if req.calibration_file is not None:
+        return read_calibration(req.calibration_file, model_dir), req.calibration_file.parent, None
+    if req.flags.scale_factors is not None or preset is not None:
+        return None, None, None
+    if req.flags.target_length is None:
+        raise UsageError("give --scale-factors, a --preset or a --calibration file, or --target-length to "
+                             "calibrate the model first")
+    check_output_target(req.output, model_dir, req.overwrite)  # before minutes of calibration
+    where = req.calibration_dir or req.output.parent / f"{req.output.name}.calibration"
+    f = req.flags
+    record = calibrate_model(model_dir, where, target_length=f.target_length, window=f.window, num_groups=None,
+                             dimension_groups=f.dimension_groups, top_k=f.topk if f.dim_scores is None else None,
+                             pretrain_length=f.pretrain_length, samples=req.calibration_samples, shard=None,
+                             device_map=req.calibration_device_map)
+    return Calibration.from_json(record), where, record
+
+
+def _selection(settings: ConvertSettings, req: ConvertRequest, info: ModelInfo, calibration, calibration_dir):
+    if settings.selection == "dim_scores":
+        scores = load_dim_scores(req.flags.dim_scores, info.num_layers, info.num_heads, 2 * info.num_freqs)
+        return top_k_mask(scores, settings.topk)
+    if settings.selection == "calibration":
+        return calibration.selection(calibration_dir)
+    return None
+
+
+def convert_model(req: ConvertRequest, echo: Echo = _silent) -> ConvertOutcome:
+    """dpe-export convert: resolve the source, calibrate when asked, resolve the settings, export, push."""
+    check_convert_request(req)
+    inputs = card.CardInputs.from_files(req.calibration_file, req.eval_json)
+    if req.push is not None:
+        hub.check_push_ready(req.push.repo_id, dry_run=req.push.dry_run)
+    with open_model(req.model, revision=req.model_revision, gguf_file=req.gguf_file, dtype=req.dtype,
+                    workdir=req.output.parent, echo=echo) as source:
+        model_dir = source.path
+        if source.kind == "gguf":
+            inputs.gguf = source.gguf
+        preset = load_preset(req.preset) if req.preset else None
+        calibration, calibration_dir, ran = _calibration_for(req, model_dir, preset, echo)
+        if ran is not None:
+            echo(calibration_summary(ran, calibration_dir))
+            inputs.calibration = ran
+        settings = resolve_settings(req.flags, preset, calibration)
+        info = inspect_model(model_dir)
+        params = export_convert.build_params(
+            info, local_window_size=settings.window, scale_factors=settings.scale_factors,
+            dimension_groups_range=settings.dimension_groups, target_length=settings.target_length,
+            pretrain_length=settings.pretrain_length)
+        selected = _selection(settings, req, info, calibration, calibration_dir)
+        base_model = _base_model(req, source, info, preset)
+        out, resumed = _write(req, info, params, selected, base_model, inputs)
+    outcome = ConvertOutcome(out, info, params, selected, ran, calibration_dir, resumed)
+    echo(export_summary(outcome))
+    if req.push is not None:
+        push_export(out, req.push, echo, after_convert=True)
+    return outcome
+
+
+def _base_model(req: ConvertRequest, source, info: ModelInfo, preset: Optional[Preset]) -> Optional[str]:
+    if preset is not None and preset.model_type and preset.model_type != info.architecture.model_type:
+        logger.warning("preset %s was tuned for %s (%s), but %s is a %s model", preset.name, preset.base_model,
+                       preset.model_type, req.model, info.architecture.model_type)
+    base = req.base_model or source.hub_id or guess_base_model(info.model_dir)
+    if base is None and preset is not None and preset.model_type == info.architecture.model_type:
+        base = preset.base_model
+    return base
+
+
+def _write(req: ConvertRequest, info: ModelInfo, params, selected, base_model, inputs) -> tuple[Path, bool]:
+    """Write the export, or with --push find the one an interrupted upload left (then it is pushed as it is)."""
+    output = Path(req.output)
+    if req.push is not None and not req.overwrite:
+        difference = export_convert.export_difference(output, info, params, selected)
+        if difference is None:
+            return output, True
+        if Path(output, "config.json").is_file() and difference != "it is not a DPE export":
+            raise DPEExportError(f"{output} holds an export that is not what this convert writes ({difference}); "
+                                 "pass --overwrite to export it again, then push")
+    repo_id = req.push.repo_id if req.push is not None else req.repo_id
+    out = export_convert.convert(info, output, params, selected, overwrite=req.overwrite, link=req.link,
+                                 base_model=base_model, repo_id=repo_id, **inputs.to_json())
+    return out, False
+
+
+def export_summary(outcome: ConvertOutcome) -> str:
+    """What convert prints: the settings, the files with sizes, and how to load the export."""
+
+    p, out = outcome.params, outcome.output
+    lines = []
+    if outcome.resumed_push:
+        lines.append(f"{out} already holds this export (an earlier run's upload did not finish); pushing it")
+    lines.append(f"Exported a DPE {outcome.info.architecture.display_name} checkpoint to {out} "
+                 f"(window {p.local_window_size}, scale factors {','.join(map(str, p.scale_factors))}, "
+                 f"groups {','.join(map(str, p.dimension_groups_range))}, {describe_selection(outcome.selected)}, "
+                 f"target length {p.target_length})")
+    files = output_summary(out)
+    width = max(len(name) for name, _ in files)
+    lines += [f"  {name:<{width}}  {human_size(size):>10}" for name, size in files]
+    lines.append(f"  {'total':<{width}}  {human_size(sum(size for _, size in files)):>10}")
+    lines.append(f"Load it with: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)")
+    return "\n".join(lines)
+
+
+def push_export(out: Path, req: PushRequest, echo: Echo, after_convert: bool = False):
+    """dpe-export push (and convert --push): upload OUT; after a convert, a failure says how to finish."""
+    hint = None
+    if after_convert:  # running convert again would stop at the existing output: say how to finish instead
+        hint = "the export is complete; finish the upload with: "
+        hint += f"dpe-export push {shlex.quote(str(out))} --repo-id {req.repo_id}"
+        hint += f" --revision {shlex.quote(req.revision)}" if req.revision else ""
+        hint += " --private" if req.private else ""
+    return hub.push(out, req.repo_id, private=req.private, revision=req.revision,
+                    commit_message=req.commit_message, dry_run=req.dry_run, echo=echo, retry_hint=hint)
