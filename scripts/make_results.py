@@ -301,7 +301,7 @@ def _label(method: str) -> str:
 
 
 def _fmt_ppl(x: Optional[float]) -> str:
-    return "-" if x is None or not math.isfinite(x) else evaluation.format_ppl(x, 4)
+    return "-" if x is None or not math.isfinite(x) else evaluation.format_ppl(x, 5)
 
 
 def task_table(data: dict[str, Any], task: str) -> list[str]:

@@ -23,7 +23,7 @@ from dpe_export.export.files import (
     file_sha256,
     foreign_entries,
     make_staging_dir,
-    publish,
+    move_into_place,
 )
 from dpe_export.generated import config_auto_map, foreign_code, write_modeling_files
 from dpe_export.runtime import load_dpe_core
@@ -201,7 +201,7 @@ def convert(
             info, params, selected, staging, link=link, base_model=base_model, model_name=output.name,
             repo_id=repo_id, calibration=calibration, eval_records=eval_records, export_dir=output, gguf=gguf,
         )
-        publish(staging, output, overwrite)
+        move_into_place(staging, output, overwrite)
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

@@ -142,7 +142,7 @@ def make_staging_dir(output: Path) -> Path:
     return staging
 
 
-def publish(staging: Path, output: Path, overwrite: bool) -> None:
+def move_into_place(staging: Path, output: Path, overwrite: bool) -> None:
     """Rename the finished export into place, replacing an existing output if allowed."""
     if output.is_dir() and not output.is_symlink() and not any(output.iterdir()):
         output.rmdir()
