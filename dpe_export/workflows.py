@@ -10,9 +10,10 @@ import logging
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Optional
 
-from dpe_export import hub, sources
+from dpe_export import analysis, hub, sources
 from dpe_export.calibration import scales
 from dpe_export.calibration.result import (
     Calibration,
@@ -24,17 +25,23 @@ from dpe_export.calibration.selection import (
     top_k_mask,
 )
 from dpe_export.errors import DPEExportError, UsageError
+from dpe_export.evaluation.results import require_matplotlib
+from dpe_export.evaluation.run import available_memory
 from dpe_export.export import card
 from dpe_export.export import convert as export_convert
 from dpe_export.export.files import check_output_target, human_size, output_summary
 from dpe_export.export.presets import Preset, load_preset
 from dpe_export.export.settings import ConvertFlags, ConvertSettings, resolve_settings
+from dpe_export.progress import progress_bar
 from dpe_export.sources.checkpoint import (
     ModelInfo,
     guess_base_model,
     inspect_model,
     load_base_config,
+    read_config_json,
 )
+from dpe_export.sources.loading import load_model
+from dpe_export.sources.methods import parse_method
 
 logger = logging.getLogger("dpe_export")
 Echo = Callable[..., None]
@@ -269,3 +276,65 @@ def push_export(out: Path, req: PushRequest, echo: Echo, after_convert: bool = F
         hint += " --private" if req.private else ""
     return hub.push(out, req.repo_id, private=req.private, revision=req.revision,
                     commit_message=req.commit_message, dry_run=req.dry_run, echo=echo, retry_hint=hint)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# analyze
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AnalyzeRequest:
+    model: str
+    lengths: str = "1x"
+    samples: int = analysis.DEFAULT_SAMPLES
+    pairs: int = analysis.DEFAULT_PAIRS
+    seed: int = 0
+    json_out: Optional[Path] = None
+    plot_dir: Optional[Path] = None
+    compare: Optional[Path] = None  # an earlier --json (e.g. of the base model) drawn beside this run
+    top: int = 4
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    trust_remote_code: bool = False
+    progress: bool = True
+    model_revision: Optional[str] = None
+    gguf_file: Optional[str] = None
+
+
+def analyze_model(req: AnalyzeRequest, echo: Echo = _silent) -> analysis.HeadAnalysis:
+    """dpe-export analyze: positional scores of every head of a base model or an export, with JSON and plots."""
+    import json
+    import tempfile
+
+
+    compare = None
+    if req.compare is not None:
+        try:
+            compare = analysis.HeadAnalysis.from_json(json.loads(Path(req.compare).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as e:
+            raise DPEExportError(f"cannot read --compare {req.compare}: {e}") from None
+    if req.plot_dir is not None:
+        require_matplotlib()
+    with open_model(req.model, revision=req.model_revision, gguf_file=req.gguf_file, dtype=req.dtype,
+                    workdir=Path(tempfile.gettempdir()), echo=echo) as source:
+        raw = SimpleNamespace(**read_config_json(source.path))  # checked before any weight is read
+        pretrain = (getattr(raw, "dpe", None) or {}).get("pretrain_length") or raw.max_position_embeddings
+        lengths = analysis.parse_lengths(req.lengths, int(pretrain))
+        analysis.check_fits(raw, lengths, available_memory(req.device, None))
+        heads = raw.num_hidden_layers * raw.num_attention_heads
+        if req.top > heads:
+            raise UsageError(f"--top {req.top} is more than the model's {heads} attention heads")
+        loaded = load_model(source.path, parse_method("none"), device=req.device, dtype=req.dtype,
+                            trust_remote_code=req.trust_remote_code)
+        with progress_bar(len(lengths) * req.samples, "analyze", req.progress, unit="prompt") as bar:
+            result = analysis.analyze(loaded.model, loaded.tokenizer, lengths, samples=req.samples, pairs=req.pairs,
+                                      seed=req.seed, progress=bar)
+    echo(analysis.summary_table(result))
+    if req.json_out is not None:
+        Path(req.json_out).write_text(json.dumps({"model": req.model, **result.to_json()}, indent=1) + "\n")
+        echo(f"Wrote {req.json_out}")
+    if req.plot_dir is not None:
+        for path in analysis.plot_analysis(result, req.plot_dir, req.top, compare, "this model", "compare"):
+            echo(f"Wrote {path}")
+    return result

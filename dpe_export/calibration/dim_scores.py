@@ -14,15 +14,17 @@ selections can be reproduced (on tiny models the two pick 0-3 different frequenc
 
 q and k are taken where the attention sees them, after the family's own q/k norms and RoPE (rotations keep
 pair norms): each attention layer is pointed, for the scoring passes only, at a recording attention function
-that then calls the layer's real one. Nothing of q or k is kept beyond a [heads, R/2] sum per layer.
+(dpe_export.attention_capture) that then calls the layer's real one. Nothing of q or k is kept beyond a [heads, R/2] sum per layer.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
 import torch
 
+from dpe_export.attention_capture import capture_attention
 from dpe_export.runtime import load_dpe_core
 from dpe_export.sources.loading import input_device
 
@@ -32,27 +34,10 @@ SCORES_TENSOR = "scores"
 STATISTICS = ("norms", "authors")
 
 
-_RECORDER = "dpe_dim_scores"
-
-
 def _pair_norms(x: torch.Tensor, num_freqs: int) -> torch.Tensor:
     """[B, heads, n, D] -> [B, heads, n, F] norms of the rotary pairs (f, f + F) (float32)."""
     x = x.float()
     return torch.sqrt(x[..., :num_freqs].square() + x[..., num_freqs : 2 * num_freqs].square())
-
-
-def _recording_attention(module, query, key, value, attention_mask, **kwargs):
-    acc, idx, real = module.__dict__["_dpe_recorder"]
-    acc.record(idx, query, key)
-    impl = real._attn_implementation or "eager"
-    if impl == "eager":
-
-        fn = load_dpe_core()._family_eager_attention(type(module))
-    else:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        fn = ALL_ATTENTION_FUNCTIONS[impl]
-    return fn(module, query, key, value, attention_mask, **kwargs)
 
 
 @dataclass
@@ -64,24 +49,16 @@ class DimScoreAccumulator:
     total: Optional[torch.Tensor] = None
     count: int = 0
     _scores: dict = field(default_factory=dict)
-    _patched: list = field(default_factory=list)
 
     def __post_init__(self):
-        from transformers import AttentionInterface
-
-
         if self.statistic not in STATISTICS:
             raise ValueError(f"unknown dimension-score statistic {self.statistic!r}; use one of {', '.join(STATISTICS)}")
         core = load_dpe_core()
         config = self.model.config
         self.heads = config.num_attention_heads
         self.num_freqs = core.rotary_dim_of(config) // 2
-        AttentionInterface.register(_RECORDER, _recording_attention)
-        for idx, layer in enumerate(self.model.get_decoder().layers):
-            attn = core.attention_module(layer)
-            self._patched.append((attn, attn.config))
-            attn.__dict__["_dpe_recorder"] = (self, idx, attn.config)
-            attn.config = core.DPEAttentionConfig(attn.config, _RECORDER)  # dispatch to the recorder
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(capture_attention(self.model, lambda idx, module, q, k, kw: self.record(idx, q, k)))
 
     def record(self, idx: int, query: torch.Tensor, key: torch.Tensor) -> None:
         rep = query.shape[1] // key.shape[1]
@@ -109,10 +86,7 @@ class DimScoreAccumulator:
         return self.total / self.count
 
     def close(self) -> None:
-        for attn, config in self._patched:
-            attn.config = config
-            attn.__dict__.pop("_dpe_recorder", None)
-        self._patched.clear()
+        self._stack.close()
 
 
 def scoring_lengths(window: int, pretrain_length: int) -> list[int]:

@@ -9,6 +9,8 @@ from typing import Optional
 import click
 
 from dpe_export import __version__, workflows
+from dpe_export.analysis import DEFAULT_PAIRS as DEFAULT_ANALYZE_PAIRS
+from dpe_export.analysis import DEFAULT_SAMPLES as DEFAULT_ANALYZE_SAMPLES
 from dpe_export.architectures import WRAPPERS, supported_families
 from dpe_export.calibration import scales
 from dpe_export.cli import options as opt
@@ -406,3 +408,53 @@ def calibrate_command(model_dir, model_source, model_revision, gguf_file, output
             click.echo(f"Shard {shard} done; join the shards with: dpe-export calibrate --merge -d {output_dir}")
             return
     click.echo(workflows.calibration_summary(result, output_dir))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# analyze
+# ----------------------------------------------------------------------------------------------------------
+
+ANALYZE_EPILOG = """\b
+Examples:
+  # the positional heads of a base model at and beyond its training length, with plots
+  dpe-export analyze ./my-llama --lengths 1x,2x --json base-heads.json --plot-dir base-heads
+  # the export, drawn against the base model's run
+  dpe-export analyze ./my-llama-dpe --lengths 1x,2x,4x --json dpe-heads.json --plot-dir dpe-heads \\
+      --compare base-heads.json
+"""
+
+
+@main.command("analyze", epilog=ANALYZE_EPILOG)
+@opt.model_source
+@click.option("--lengths", default="1x", show_default=True, metavar="N1,N2,...",
+              help="Prompt lengths: token counts (1024,4k) or multiples of the pretraining length L (1x,2x).")
+@opt.samples(DEFAULT_ANALYZE_SAMPLES, "Haystack prompts per length; their sampled pairs are pooled.")
+@click.option("--pairs", type=click.IntRange(min=2), default=DEFAULT_ANALYZE_PAIRS, show_default=True, metavar="P",
+              help="(query, key) pairs sampled per prompt and layer: queries uniform, distances log-uniform.")
+@opt.seed(0, "Fixes the text and the sampled pairs.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), metavar="OUT.json",
+              help="Write one record per (length, layer, head): rho, pairs, and D per distance bin.")
+@click.option("--plot-dir", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+              help="Draw the rho heatmap (layer x head) and D against distance of the top heads. Needs matplotlib.")
+@click.option("--compare", type=click.Path(exists=True, dir_okay=False, path_type=Path), metavar="RUN.json",
+              help="An earlier --json (e.g. of the base model) drawn dashed beside this run's curves.")
+@click.option("--top", type=click.IntRange(min=1), default=4, show_default=True, metavar="K",
+              help="Heads drawn in the D-against-distance plot (highest rho at the first length).")
+@opt.device()
+@opt.dtype()
+@click.option("--trust-remote-code", is_flag=True,
+              help="Run a DPE export's own modeling code even when it is not exactly what this dpe-export writes.")
+@opt.no_progress
+def analyze_command(model_dir, model_source, model_revision, gguf_file, no_progress, **rest):
+    """Find the positional heads of MODEL (arXiv 2410.08703): heads whose dominant rotary dimension tracks distance.
+
+    For sampled (query, key) pairs of real forward passes over haystack text, the dominant dimension is
+    D = sum_f softmax_f(c_f) f over the per-frequency contributions c_f to the attention logit, and a head's
+    positional score rho is the Spearman correlation of D with the distance. For a DPE export, pairs beyond the
+    window take the angle the export applies. Prints how many heads have rho > 0.5 and the top heads.
+    """
+    setup_logging()
+    quiet_transformers()
+    request = workflows.AnalyzeRequest(model=opt.model_spec(model_dir, model_source), model_revision=model_revision,
+                                       gguf_file=gguf_file, progress=not no_progress, **rest)
+    workflows.analyze_model(request, echo=click.echo)

@@ -185,7 +185,7 @@ def estimate_memory(raw: dict, task: str, length: int, batch_size: int, bytes_pe
     return kv_bytes + activations + logits
 
 
-def _available_memory(device: Optional[str], device_map: Optional[str]) -> Optional[int]:
+def available_memory(device: Optional[str], device_map: Optional[str]) -> Optional[int]:
     import torch
 
     if device_map is None and device in (None, "auto", "cuda") and torch.cuda.is_available():
@@ -206,7 +206,7 @@ def check_memory(raw: dict, task: str, length: int, batch_size: int, device=None
         raise DPEExportError(f"length {length} is beyond what dpe-export evaluates ({MAX_EVAL_LENGTH} tokens)")
     bpv = 4 if dtype in (None, "auto", "float32") and device in (None, "auto", "cpu") else 2
     need = estimate_memory(raw, task, length, batch_size, 2 if dtype in ("bfloat16", "float16") else bpv)
-    have = _available_memory(device, device_map)
+    have = available_memory(device, device_map)
     if have is None:
         return
     gib = 1 << 30
