@@ -84,6 +84,15 @@ def test_the_package_imports_its_own_modules_at_the_top_of_a_file():
     assert not late, f"imports of dpe_export modules inside functions: {late}"
 
 
+@pytest.mark.parametrize("package", ["dpe_export.evaluation", "dpe_export.sources", "dpe_export.cli"])
+def test_every_public_name_a_package_declares_is_there(package):
+    import importlib
+
+    module = importlib.import_module(package)
+    missing = [name for name in module.__all__ if not hasattr(module, name)]
+    assert not missing, missing
+
+
 def test_functions_are_short():
     long = []
     for name, tree in _modules().items():

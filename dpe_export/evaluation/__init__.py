@@ -7,13 +7,11 @@ ppl          perplexity of held-out text
 run          run_eval(): one evaluation end to end, with memory and progress
 results      EvalResult and the one results API: aggregation, table, JSON, plot
 """
-from dpe_export.evaluation.generation import (
-    greedy_generate,
-    greedy_generate_shared,
-    make_generate_fn,
-)
+from dpe_export.evaluation.generation import eos_ids, greedy_generate, greedy_generate_shared, make_generate_fn
 from dpe_export.evaluation.ppl import evaluate_ppl
 from dpe_export.evaluation.prompts import (
+    NIAH_DIGITS,
+    PASSKEY_DIGITS,
     TASKS,
     max_new_tokens_for,
     sample_seed,
@@ -31,7 +29,8 @@ from dpe_export.evaluation.run import evaluate_niah, evaluate_passkey, run_eval
 from dpe_export.evaluation.tasks import PromptBuilder, score_answer, score_niah
 
 __all__ = [
-    "NIAH_DIGITS", "PASSKEY_DIGITS", "TASKS", "EvalResult", "eos_ids", "format_accuracy", "format_ppl", "PromptBuilder", "aggregate", "bootstrap_interval", "wilson_interval", "evaluate_niah", "evaluate_passkey", "evaluate_ppl",
+    "NIAH_DIGITS", "PASSKEY_DIGITS", "TASKS", "EvalResult", "PromptBuilder", "aggregate", "bootstrap_interval",
+    "eos_ids", "evaluate_niah", "evaluate_passkey", "evaluate_ppl", "format_accuracy", "format_ppl",
     "greedy_generate", "greedy_generate_shared", "make_generate_fn", "max_new_tokens_for", "run_eval",
-    "sample_seed", "score_answer", "score_niah", "task_haystack_seed",
+    "sample_seed", "score_answer", "score_niah", "task_haystack_seed", "wilson_interval",
 ]
