@@ -22,9 +22,12 @@ from typing import Any, Optional, Sequence
 
 from dpe_export.attention_capture import capture_attention
 from dpe_export.errors import DPEExportError
+from dpe_export.evaluation.generation import make_generate_fn
 from dpe_export.evaluation.ppl import ppl_token_stream
-from dpe_export.evaluation.prompts import sample_seed
+from dpe_export.evaluation.prompts import max_new_tokens_for, sample_seed
 from dpe_export.evaluation.results import require_matplotlib
+from dpe_export.evaluation.run import evaluate_niah, evaluate_passkey
+from dpe_export.evaluation.tasks import PromptBuilder
 from dpe_export.runtime import load_dpe_core
 from dpe_export.sources.loading import input_device
 
@@ -342,3 +345,109 @@ def plot_analysis(result: HeadAnalysis, out_dir, top: int = 4, compare: Optional
     fig.savefig(curves, dpi=100, metadata={"Software": None})
     plt.close(fig)
     return [heat, curves]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Ablation: do the positional heads matter more than any heads?
+# ----------------------------------------------------------------------------------------------------------
+
+_OUTPUT_PROJECTIONS = ("o_proj", "dense", "out_proj", "c_proj")
+
+
+def parse_ablation(spec: str, num_heads: int) -> tuple[str, int]:
+    """'top:K' or 'random:K' -> (kind, K), 1 <= K <= the model's number of heads (all layers)."""
+    kind, _, k = str(spec).partition(":")
+    try:
+        k = int(k)
+    except ValueError:
+        k = 0
+    if kind not in ("top", "random") or k < 1:
+        raise DPEExportError(f"--ablate takes top:K or random:K (K >= 1 heads), got {spec!r}")
+    if k > num_heads:
+        raise DPEExportError(f"--ablate {spec}: K is more than the model's {num_heads} attention heads")
+    return kind, k
+
+
+def _output_projection(attn):
+    for name in _OUTPUT_PROJECTIONS:
+        proj = getattr(attn, name, None)
+        if proj is not None and hasattr(proj, "weight"):
+            return proj
+    raise DPEExportError(f"cannot find the output projection of {type(attn).__name__} to zero heads in")
+
+
+class zeroed_heads:
+    """Inside, the chosen (layer, head) pairs contribute nothing: their slice of the output projection's input is
+    zeroed (a forward pre-hook), as if the head's attention output were 0."""
+
+    def __init__(self, model, heads: Sequence[tuple[int, int]]):
+        self.model, self.heads, self.hooks = model, list(heads), []
+
+    def __enter__(self):
+        core = load_dpe_core()
+        head_dim = core.head_dim_of(self.model.config)
+        layers = self.model.get_decoder().layers
+        by_layer: dict[int, list[int]] = {}
+        for layer, head in self.heads:
+            by_layer.setdefault(layer, []).append(head)
+        for layer, heads in by_layer.items():
+            proj = _output_projection(core.attention_module(layers[layer]))
+
+            def hook(module, args, heads=tuple(heads)):
+                x = args[0].clone()
+                for h in heads:
+                    x[..., h * head_dim:(h + 1) * head_dim] = 0
+                return (x, *args[1:])
+
+            self.hooks.append(proj.register_forward_pre_hook(hook))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        self.hooks.clear()
+
+
+def ablate(model, tokenizer, result: HeadAnalysis, spec: str, *, length: int, draws: int = 5, task: str = "passkey",
+           samples: int = 2, seed: int = 0, progress=None) -> dict[str, Any]:
+    """Retrieval accuracy at `length` with no head zeroed, with the top-K heads by rho (at the first analyzed
+    length) zeroed, and with K random heads zeroed in each of `draws` draws (seeded)."""
+    import random
+
+    config = model.config
+    all_heads = [(layer, h) for layer in range(config.num_hidden_layers) for h in range(config.num_attention_heads)]
+    _, k = parse_ablation(spec, len(all_heads))
+    if draws < 1:
+        raise DPEExportError("--draws must be >= 1")
+    builder = PromptBuilder(tokenizer)
+    generate = make_generate_fn(model, tokenizer, max_new_tokens_for(task))
+
+    def accuracy(heads) -> float:
+        with zeroed_heads(model, heads):
+            run = evaluate_passkey if task == "passkey" else evaluate_niah
+            records = run(builder, generate, [length], samples=samples, seed=seed)
+        if progress is not None:
+            progress.update(1)
+        return sum(r["accuracy"] * r["samples"] for r in records) / sum(r["samples"] for r in records)
+
+    first = min(r["length"] for r in result.records)
+    top = result.top_heads(first, k)
+    rng = random.Random(seed)
+    random_draws = [sorted(rng.sample(all_heads, k)) for _ in range(draws)]
+    base = accuracy([])
+    top_acc = accuracy(top)
+    rand = [accuracy(heads) for heads in random_draws]
+    mean = sum(rand) / len(rand)
+    spread = (sum((a - mean) ** 2 for a in rand) / max(1, len(rand) - 1)) ** 0.5
+    return {"task": task, "length": int(length), "k": k, "prompts": samples * 5, "none": base,
+            "top": {"heads": [list(h) for h in top], "accuracy": top_acc},
+            "random": {"draws": [{"heads": [list(h) for h in d], "accuracy": a} for d, a in zip(random_draws, rand)],
+                       "mean": mean, "std": spread, "min": min(rand), "max": max(rand)}}
+
+
+def ablation_table(ab: dict[str, Any]) -> str:
+    r = ab["random"]
+    return (f"ablation ({ab['task']} at {ab['length']} tokens, {ab['prompts']} prompts, K = {ab['k']}): "
+            f"no head zeroed {ab['none']:.2f}; top-{ab['k']} positional heads zeroed {ab['top']['accuracy']:.2f}; "
+            f"{ab['k']} random heads zeroed {r['mean']:.2f} +- {r['std']:.2f} (min {r['min']:.2f}, max {r['max']:.2f}, "
+            f"{len(r['draws'])} draws)")

@@ -300,6 +300,10 @@ class AnalyzeRequest:
     progress: bool = True
     model_revision: Optional[str] = None
     gguf_file: Optional[str] = None
+    ablate: Optional[str] = None  # top:K or random:K
+    draws: int = 5
+    ablate_task: str = "passkey"
+    ablate_samples: int = 2  # prompts per depth (5 depths) at the pretraining length
 
 
 def analyze_model(req: AnalyzeRequest, echo: Echo = _silent) -> analysis.HeadAnalysis:
@@ -325,14 +329,25 @@ def analyze_model(req: AnalyzeRequest, echo: Echo = _silent) -> analysis.HeadAna
         heads = raw.num_hidden_layers * raw.num_attention_heads
         if req.top > heads:
             raise UsageError(f"--top {req.top} is more than the model's {heads} attention heads")
+        if req.ablate is not None:
+            analysis.parse_ablation(req.ablate, heads)
         loaded = load_model(source.path, parse_method("none"), device=req.device, dtype=req.dtype,
                             trust_remote_code=req.trust_remote_code)
         with progress_bar(len(lengths) * req.samples, "analyze", req.progress, unit="prompt") as bar:
             result = analysis.analyze(loaded.model, loaded.tokenizer, lengths, samples=req.samples, pairs=req.pairs,
                                       seed=req.seed, progress=bar)
+        ablation = None
+        if req.ablate is not None:
+            with progress_bar(2 + req.draws, "ablation", req.progress, unit="run") as bar:
+                ablation = analysis.ablate(loaded.model, loaded.tokenizer, result, req.ablate, length=int(pretrain),
+                                           draws=req.draws, task=req.ablate_task, samples=req.ablate_samples,
+                                           seed=req.seed, progress=bar)
     echo(analysis.summary_table(result))
+    if ablation is not None:
+        echo(analysis.ablation_table(ablation))
     if req.json_out is not None:
-        Path(req.json_out).write_text(json.dumps({"model": req.model, **result.to_json()}, indent=1) + "\n")
+        data = {"model": req.model, **result.to_json(), **({"ablation": ablation} if ablation else {})}
+        Path(req.json_out).write_text(json.dumps(data, indent=1) + "\n")
         echo(f"Wrote {req.json_out}")
     if req.plot_dir is not None:
         for path in analysis.plot_analysis(result, req.plot_dir, req.top, compare, "this model", "compare"):

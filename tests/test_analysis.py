@@ -123,3 +123,36 @@ def test_analyze_cli_writes_records_and_refuses_bad_input_in_one_line(tmp_path, 
         r = run_cli("analyze", base, *args, "--no-progress")
         lines = r.stderr.splitlines()
         assert r.exit_code != 0 and len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_zeroing_a_head_equals_zeroing_its_output_projection_columns(tmp_path):
+    base = save_tiny_model(tmp_path / "base", "llama")
+    model = load_model(base, parse_method("none"), device="cpu").model
+    ids = torch.randint(4, 120, (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain = model(ids).logits
+        with analysis.zeroed_heads(model, [(1, 2)]):
+            zeroed = model(ids).logits
+        assert torch.equal(model(ids).logits, plain)  # the hook is gone after the block
+        o_proj = model.model.layers[1].self_attn.o_proj
+        saved = o_proj.weight.clone()
+        o_proj.weight[:, 2 * 16:3 * 16] = 0
+        want = model(ids).logits
+        o_proj.weight.copy_(saved)
+    torch.testing.assert_close(zeroed, want)
+    assert (zeroed - plain).abs().max() > 1e-4
+
+
+def test_ablate_reports_top_k_against_random_draws_and_refuses_k_above_the_head_count(tmp_path, run_cli):
+    base = save_tiny_model(tmp_path / "base", "llama", max_position_embeddings=64)
+    out = tmp_path / "a.json"
+    r = run_cli("analyze", base, "--lengths", "1x", "--samples", "1", "--pairs", "32", "--ablate", "top:2",
+                "--draws", "3", "--ablate-samples", "1", "--json", out, "--no-progress")
+    assert r.exit_code == 0, r.stderr
+    ab = json.loads(out.read_text())["ablation"]
+    assert ab["k"] == 2 and len(ab["top"]["heads"]) == 2 and len(ab["random"]["draws"]) == 3
+    assert "top-2 positional heads zeroed" in r.stdout
+    for spec, needle in (("top:9", "more than the model's 8 attention heads"), ("best:2", "top:K or random:K")):
+        r = run_cli("analyze", base, "--lengths", "1x", "--ablate", spec, "--no-progress")
+        lines = r.stderr.splitlines()
+        assert r.exit_code != 0 and len(lines) == 1 and needle in lines[0], r.stderr

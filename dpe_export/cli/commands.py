@@ -440,6 +440,15 @@ Examples:
               help="An earlier --json (e.g. of the base model) drawn dashed beside this run's curves.")
 @click.option("--top", type=click.IntRange(min=1), default=4, show_default=True, metavar="K",
               help="Heads drawn in the D-against-distance plot (highest rho at the first length).")
+@click.option("--ablate", metavar="top:K|random:K",
+              help="Then zero heads and measure retrieval at the pretraining length: the top-K heads by rho (top:K; "
+                   "with random:K the same K) against K random heads per draw, and no head zeroed.")
+@click.option("--draws", type=click.IntRange(min=1), default=5, show_default=True, metavar="N",
+              help="With --ablate: random draws of K heads.")
+@click.option("--ablate-task", type=click.Choice(["passkey", "niah"]), default="passkey", show_default=True,
+              help="With --ablate: the task measured.")
+@click.option("--ablate-samples", type=click.IntRange(min=1), default=2, show_default=True, metavar="N",
+              help="With --ablate: prompts per depth (5 depths) for each measurement.")
 @opt.device()
 @opt.dtype()
 @click.option("--trust-remote-code", is_flag=True,
