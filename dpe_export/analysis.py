@@ -16,6 +16,7 @@ and the sampled queries are kept, so memory stays bounded at long lengths.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -29,6 +30,7 @@ from dpe_export.evaluation.results import require_matplotlib
 from dpe_export.evaluation.run import evaluate_niah, evaluate_passkey
 from dpe_export.evaluation.tasks import PromptBuilder
 from dpe_export.runtime import load_dpe_core
+from dpe_export.safefiles import safe_file
 from dpe_export.sources.loading import input_device
 
 DEFAULT_PAIRS = 2048  # sampled (query, key) pairs per prompt and layer
@@ -451,3 +453,40 @@ def ablation_table(ab: dict[str, Any]) -> str:
             f"no head zeroed {ab['none']:.2f}; top-{ab['k']} positional heads zeroed {ab['top']['accuracy']:.2f}; "
             f"{ab['k']} random heads zeroed {r['mean']:.2f} +- {r['std']:.2f} (min {r['min']:.2f}, max {r['max']:.2f}, "
             f"{len(r['draws'])} draws)")
+
+
+CARD_BEGIN = "<!-- dpe-export analyze: begin -->"
+CARD_END = "<!-- dpe-export analyze: end -->"
+
+
+def card_section(result: HeadAnalysis, ablation: Optional[dict] = None, top: int = 5) -> str:
+    """The model card's "Positional heads" section (markdown), between markers so a later run replaces it."""
+    lines = [CARD_BEGIN, "## Positional heads", "",
+             "Measured on this export with `dpe-export analyze` (arXiv 2410.08703): per attention head, the Spearman "
+             "correlation rho between token distance and the dominant rotary dimension of sampled pairs.", "",
+             "| length | heads | rho > 0.5 | top heads (layer.head: rho) |", "|---|---|---|---|"]
+    for n in sorted({r["length"] for r in result.records}):
+        rows = [r for r in result.records if r["length"] == n]
+        best = sorted(rows, key=lambda r: -r["rho"])[:top]
+        lines.append(f"| {n} | {len(rows)} | {sum(r['rho'] > 0.5 for r in rows)} | "
+                     + ", ".join(f"{r['layer']}.{r['head']}: {r['rho']:.2f}" for r in best) + " |")
+    if ablation:
+        lines += ["", ablation_table(ablation) + "."]
+    return "\n".join(lines + [CARD_END]) + "\n"
+
+
+def write_card_section(export_dir, section: str) -> Path:
+    """Put `section` into the export's README.md, replacing the one an earlier run wrote (atomically)."""
+    path = safe_file(export_dir, "README.md")
+    if path is None:
+        raise DPEExportError(f"{export_dir} has no README.md model card to add the section to")
+    text = path.read_text(encoding="utf-8")
+    if CARD_BEGIN in text and CARD_END in text:
+        a, b = text.index(CARD_BEGIN), text.index(CARD_END) + len(CARD_END)
+        text = text[:a] + section.rstrip("\n") + text[b:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    tmp = path.with_name(f".{path.name}.dpe-export-tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path

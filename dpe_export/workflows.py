@@ -304,6 +304,7 @@ class AnalyzeRequest:
     draws: int = 5
     ablate_task: str = "passkey"
     ablate_samples: int = 2  # prompts per depth (5 depths) at the pretraining length
+    card: bool = False  # add the result to the export's model card
 
 
 def analyze_model(req: AnalyzeRequest, echo: Echo = _silent) -> analysis.HeadAnalysis:
@@ -331,8 +332,11 @@ def analyze_model(req: AnalyzeRequest, echo: Echo = _silent) -> analysis.HeadAna
             raise UsageError(f"--top {req.top} is more than the model's {heads} attention heads")
         if req.ablate is not None:
             analysis.parse_ablation(req.ablate, heads)
+        if req.card and (not getattr(raw, "dpe", None) or source.kind != "dir"):
+            raise UsageError("--card adds the analysis to the model card of a DPE export in a local directory")
         loaded = load_model(source.path, parse_method("none"), device=req.device, dtype=req.dtype,
                             trust_remote_code=req.trust_remote_code)
+        card_dir = source.path
         with progress_bar(len(lengths) * req.samples, "analyze", req.progress, unit="prompt") as bar:
             result = analysis.analyze(loaded.model, loaded.tokenizer, lengths, samples=req.samples, pairs=req.pairs,
                                       seed=req.seed, progress=bar)
@@ -349,6 +353,8 @@ def analyze_model(req: AnalyzeRequest, echo: Echo = _silent) -> analysis.HeadAna
         data = {"model": req.model, **result.to_json(), **({"ablation": ablation} if ablation else {})}
         Path(req.json_out).write_text(json.dumps(data, indent=1) + "\n")
         echo(f"Wrote {req.json_out}")
+    if req.card:
+        echo(f"Wrote {analysis.write_card_section(card_dir, analysis.card_section(result, ablation))}")
     if req.plot_dir is not None:
         for path in analysis.plot_analysis(result, req.plot_dir, req.top, compare, "this model", "compare"):
             echo(f"Wrote {path}")

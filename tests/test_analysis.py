@@ -156,3 +156,18 @@ def test_ablate_reports_top_k_against_random_draws_and_refuses_k_above_the_head_
         r = run_cli("analyze", base, "--lengths", "1x", "--ablate", spec, "--no-progress")
         lines = r.stderr.splitlines()
         assert r.exit_code != 0 and len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_card_puts_one_positional_heads_section_into_an_exports_card(tmp_path, run_cli):
+    base = save_tiny_model(tmp_path / "base", "llama", max_position_embeddings=64)
+    export = convert(base, tmp_path / "dpe", core.DPEParams(6, [2, 8], [0, 4, 8], target_length=256))
+    before = (export / "README.md").read_text()
+    for lengths in ("1x", "1x,2x"):
+        r = run_cli("analyze", export, "--lengths", lengths, "--samples", "1", "--pairs", "32", "--card",
+                    "--no-progress")
+        assert r.exit_code == 0, r.stderr
+    card = (export / "README.md").read_text()
+    assert card.startswith(before.rstrip("\n")) and card.count(analysis.CARD_BEGIN) == 1
+    assert "## Positional heads" in card and "| 128 |" in card
+    r = run_cli("analyze", base, "--lengths", "1x", "--card", "--no-progress")
+    assert r.exit_code == 2 and "model card of a DPE export" in r.stderr

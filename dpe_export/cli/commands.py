@@ -443,6 +443,8 @@ Examples:
 @click.option("--ablate", metavar="top:K|random:K",
               help="Then zero heads and measure retrieval at the pretraining length: the top-K heads by rho (top:K; "
                    "with random:K the same K) against K random heads per draw, and no head zeroed.")
+@click.option("--card", is_flag=True,
+              help="MODEL is a DPE export: add (or replace) a Positional heads section in its model card.")
 @click.option("--draws", type=click.IntRange(min=1), default=5, show_default=True, metavar="N",
               help="With --ablate: random draws of K heads.")
 @click.option("--ablate-task", type=click.Choice(["passkey", "niah"]), default="passkey", show_default=True,

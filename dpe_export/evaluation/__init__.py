@@ -7,7 +7,12 @@ ppl          perplexity of held-out text
 run          run_eval(): one evaluation end to end, with memory and progress
 results      EvalResult and the one results API: aggregation, table, JSON, plot
 """
-from dpe_export.evaluation.generation import eos_ids, greedy_generate, greedy_generate_shared, make_generate_fn
+from dpe_export.evaluation.generation import (
+    eos_ids,
+    greedy_generate,
+    greedy_generate_shared,
+    make_generate_fn,
+)
 from dpe_export.evaluation.ppl import evaluate_ppl
 from dpe_export.evaluation.prompts import (
     NIAH_DIGITS,
