@@ -276,28 +276,6 @@ def analyze(model, tokenizer, lengths: Sequence[int], *, samples: int = DEFAULT_
     return HeadAnalysis(records)
 
 
-def parse_lengths(spec: str, pretrain_length: int) -> list[int]:
-    """'1024,4096' (token counts, 4k allowed) or '1x,2x' (multiples of the pretraining length L)."""
-    out = []
-    for item in spec.replace(",", " ").split():
-        text = item.lower()
-        try:
-            if text.endswith("x"):
-                n = int(round(float(text[:-1]) * pretrain_length))
-            elif text.endswith("k"):
-                n = int(text[:-1]) * 1024
-            else:
-                n = int(text)
-        except ValueError:
-            n = 0
-        if n < 2:
-            raise DPEExportError(f"--lengths takes token counts (1024,4k) or multiples of L (1x,2x); got {item!r}")
-        out.append(n)
-    if not out:
-        raise DPEExportError("--lengths takes token counts (1024,4k) or multiples of L (1x,2x)")
-    return list(dict.fromkeys(out))
-
-
 def summary_table(result: HeadAnalysis, top: int = 5) -> str:
     """Per length: how many heads have rho > 0.5, and the top heads."""
     lines = ["length  heads  rho>0.5  top heads (layer.head rho)"]

@@ -25,6 +25,7 @@ from dpe_export.calibration.selection import (
     top_k_mask,
 )
 from dpe_export.errors import DPEExportError, UsageError
+from dpe_export.evaluation.prompts import resolve_lengths
 from dpe_export.evaluation.results import require_matplotlib
 from dpe_export.evaluation.run import available_memory
 from dpe_export.export import card
@@ -286,7 +287,7 @@ def push_export(out: Path, req: PushRequest, echo: Echo, after_convert: bool = F
 @dataclass(frozen=True)
 class AnalyzeRequest:
     model: str
-    lengths: str = "1x"
+    lengths: tuple = ("1x",)  # token counts or "Nx" multiples of the pretraining length
     samples: int = analysis.DEFAULT_SAMPLES
     pairs: int = analysis.DEFAULT_PAIRS
     seed: int = 0
@@ -307,6 +308,16 @@ class AnalyzeRequest:
     card: bool = False  # add the result to the export's model card
 
 
+def pretraining_length(model_dir: Path) -> int:
+    """The length 'Nx' multiplies: an export's recorded pretraining length, else max_position_embeddings."""
+    raw = read_config_json(model_dir)
+    value = (raw.get("dpe") or {}).get("pretrain_length") or raw.get("max_position_embeddings")
+    if not isinstance(value, int) or value < 1:
+        raise DPEExportError(f"{model_dir}'s config.json states no max_position_embeddings to multiply (use token "
+                             "counts in --lengths)")
+    return value
+
+
 def analyze_model(req: AnalyzeRequest, echo: Echo = _silent) -> analysis.HeadAnalysis:
     """dpe-export analyze: positional scores of every head of a base model or an export, with JSON and plots."""
     import json
@@ -325,7 +336,7 @@ def analyze_model(req: AnalyzeRequest, echo: Echo = _silent) -> analysis.HeadAna
                     workdir=Path(tempfile.gettempdir()), echo=echo) as source:
         raw = SimpleNamespace(**read_config_json(source.path))  # checked before any weight is read
         pretrain = (getattr(raw, "dpe", None) or {}).get("pretrain_length") or raw.max_position_embeddings
-        lengths = analysis.parse_lengths(req.lengths, int(pretrain))
+        lengths = resolve_lengths(req.lengths, int(pretrain))
         analysis.check_fits(raw, lengths, available_memory(req.device, None))
         heads = raw.num_hidden_layers * raw.num_attention_heads
         if req.top > heads:

@@ -117,7 +117,7 @@ def test_analyze_cli_writes_records_and_refuses_bad_input_in_one_line(tmp_path, 
     assert {"length", "layer", "head", "rho", "dominant_by_distance_bin"} <= set(records[0])
     layers, heads = 2, 4
     assert len(records) == 2 * layers * heads and all(-1 <= x["rho"] <= 1 for x in records)
-    for args, needle in ((["--lengths", "0x"], "--lengths takes token counts"),
+    for args, needle in ((["--lengths", "0x"], "or multiples of the pretraining length"),
                          (["--lengths", "1x", "--top", "99"], "more than the model's 8 attention heads"),
                          (["--lengths", str(1 << 40)], "give shorter --lengths")):
         r = run_cli("analyze", base, *args, "--no-progress")

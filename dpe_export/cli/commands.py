@@ -278,8 +278,7 @@ def presets_command(name: Optional[str]) -> None:
 def _eval_options(f):
     for option in reversed([
         opt.task,
-        click.option("--lengths", required=True, callback=opt.length_list, metavar="N1,N2,...",
-                     help="Prompt lengths in tokens (exact), e.g. 1024,2048,4096 or 4k,8k."),
+        opt.lengths(required=True, help="Prompt lengths (exact)."),
         opt.samples(prompts.DEFAULT_SAMPLES, "passkey: prompts per (length, depth); niah: needles asked per "
                     "(length, depth); ppl: text windows per length."),
         click.option("--depths", callback=opt.depth_list, metavar="D1,D2,...",
@@ -335,6 +334,8 @@ def eval_command(model_dir, model_source, model_revision, gguf_file, task, depth
     quiet_transformers()
     with workflows.open_model(opt.model_spec(model_dir, model_source), revision=model_revision, gguf_file=gguf_file,
                               dtype=dtype, workdir=Path(tempfile.gettempdir()), echo=click.echo) as source:
+        rest["lengths"] = prompts.resolve_lengths(rest["lengths"], workflows.pretraining_length(source.path)
+                                                  if any(isinstance(x, str) for x in rest["lengths"]) else 1)
         result = run_eval(source.path, task, depths=depths, method=spec, dtype=dtype, progress=not no_progress,
                           needles=prompts.DEFAULT_NEEDLES if needles is None else needles, **rest)
     click.echo(results.format_table(result))
@@ -426,8 +427,7 @@ Examples:
 
 @main.command("analyze", epilog=ANALYZE_EPILOG)
 @opt.model_source
-@click.option("--lengths", default="1x", show_default=True, metavar="N1,N2,...",
-              help="Prompt lengths: token counts (1024,4k) or multiples of the pretraining length L (1x,2x).")
+@opt.lengths(default="1x", help="Prompt lengths.")
 @opt.samples(DEFAULT_ANALYZE_SAMPLES, "Haystack prompts per length; their sampled pairs are pooled.")
 @click.option("--pairs", type=click.IntRange(min=2), default=DEFAULT_ANALYZE_PAIRS, show_default=True, metavar="P",
               help="(query, key) pairs sampled per prompt and layer: queries uniform, distances log-uniform.")

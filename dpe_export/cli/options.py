@@ -13,7 +13,7 @@ import click
 
 from dpe_export.calibration.dim_scores import STATISTICS
 from dpe_export.calibration.scales import METRICS
-from dpe_export.evaluation.prompts import TASKS
+from dpe_export.evaluation.prompts import TASKS, parse_length_items
 from dpe_export.sources import describe_sources
 from dpe_export.sources.loading import DEVICE_CHOICES, DEVICE_MAPS, DTYPE_CHOICES
 
@@ -35,24 +35,22 @@ def int_list(ctx: click.Context, param: click.Parameter, value: Optional[str]) -
         raise click.BadParameter(f"give comma-separated integers, e.g. 2,8,2,8; got {value!r}") from None
 
 
-def length_list(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[list[int]]:
-    """'1024,4k' -> [1024, 4096] (distinct, in order)."""
+def length_list(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[list]:
+    """'1024,4k,2x' -> [1024, 4096, '2x']: token counts, or multiples of the model's pretraining length L, which
+    the command resolves once the model is known (evaluation.prompts.resolve_lengths)."""
     if value is None:
         return None
-    out = []
-    for item in value.replace(",", " ").split():
-        text = item.lower()
-        mult = 1024 if text.endswith("k") else 1
-        try:
-            n = int(text[:-1] if mult > 1 else text) * mult
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise click.BadParameter(f"give comma-separated positive token counts, e.g. 1024,2048 or 4k,8k; got {value!r}")
-        out.append(n)
-    if not out:
-        raise click.BadParameter("give comma-separated positive token counts, e.g. 1024,2048 or 4k,8k")
-    return list(dict.fromkeys(out))
+    try:
+        return parse_length_items(value)
+    except ValueError:
+        raise click.BadParameter(f"give comma-separated positive token counts (1024,4k) or multiples of the "
+                                 f"pretraining length (1x,2x); got {value!r}") from None
+
+
+def lengths(required: bool = False, default: Optional[str] = None, help: str = ""):
+    return click.option("--lengths", required=required, default=default, show_default=default is not None,
+                        callback=length_list, metavar="N1,N2,...",
+                        help=help + " Token counts (1024,4k) or multiples of the pretraining length L (1x,2x).")
 
 
 def depth_list(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[list[float]]:

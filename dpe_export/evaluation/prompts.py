@@ -8,6 +8,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
+from dpe_export.errors import DPEExportError
 from dpe_export.evaluation.tasks import (
     NIAH_INTRO,
     NIAH_KEYS,
@@ -121,3 +122,30 @@ def max_new_tokens_for(task: str) -> int:
     """Enough new tokens for the answer: one per digit (tokens never span less than a digit) plus slack."""
     return (PASSKEY_DIGITS if task == "passkey" else NIAH_DIGITS) + ANSWER_SLACK
 
+
+def parse_length_items(spec: str) -> list:
+    """'1024,4k,2x' -> [1024, 4096, '2x'] (ValueError when an item is none of these or not positive)."""
+    out: list = []
+    for item in spec.replace(",", " ").split():
+        text = item.lower()
+        if text.endswith("x"):
+            if not float(text[:-1]) > 0:
+                raise ValueError(item)
+            out.append(text)
+            continue
+        n = int(text[:-1]) * 1024 if text.endswith("k") else int(text)
+        if n < 1:
+            raise ValueError(item)
+        out.append(n)
+    if not out:
+        raise ValueError(spec)
+    return out
+
+
+def resolve_lengths(items, pretrain_length: int) -> list[int]:
+    """Token counts from parse_length_items' items, 'Nx' as N x the pretraining length; distinct, in order."""
+    out = [int(round(float(x[:-1]) * pretrain_length)) if isinstance(x, str) else int(x) for x in items]
+    bad = [n for n in out if n < 2]
+    if bad:
+        raise DPEExportError(f"a length of {bad[0]} tokens is too short; give at least 2 tokens")
+    return list(dict.fromkeys(out))
