@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence
 
 from dpe_export.attention_capture import capture_attention
 from dpe_export.errors import DPEExportError
-from dpe_export.evaluation.generation import make_generate_fn
+from dpe_export.evaluation.generation import make_generate_fn, prefill
 from dpe_export.evaluation.ppl import ppl_token_stream
 from dpe_export.evaluation.prompts import max_new_tokens_for, sample_seed
 from dpe_export.evaluation.results import require_matplotlib
@@ -184,15 +184,9 @@ def analyze_prompt(model, input_ids, pairs: int = DEFAULT_PAIRS, seed: int = 0) 
     i, u = _sample_pairs(n, pairs, seed)
     recorder = _Recorder(torch.unique(i))
     ids = torch.tensor([list(input_ids)], device=input_device(model))
-    cache_name = core.cache_argument(model)
     num_freqs = core.rotary_dim_of(model.config) // 2
-    out = None
     with capture_attention(model, recorder), torch.inference_mode():
-        for a in range(0, n, CHUNK):
-            b = min(a + CHUNK, n)
-            past = {} if out is None else {cache_name: core.output_cache(out)}
-            out = model(input_ids=ids[:, a:b], attention_mask=torch.ones_like(ids[:, :b]), use_cache=True,
-                        logits_to_keep=1, **past)
+        prefill(model, ids, CHUNK)
     return {idx: _layer_pairs(layer, i, u, num_freqs, _visible_distance(model, idx))
             for idx, layer in sorted(recorder.layers.items())}
 

@@ -310,7 +310,10 @@ class AnalyzeRequest:
 
 def pretraining_length(model_dir: Path) -> int:
     """The length 'Nx' multiplies: an export's recorded pretraining length, else max_position_embeddings."""
-    raw = read_config_json(model_dir)
+    return _pretraining_length(read_config_json(model_dir), model_dir)
+
+
+def _pretraining_length(raw: dict, model_dir: Path) -> int:
     value = (raw.get("dpe") or {}).get("pretrain_length") or raw.get("max_position_embeddings")
     if not isinstance(value, int) or value < 1:
         raise DPEExportError(f"{model_dir}'s config.json states no max_position_embeddings to multiply (use token "
@@ -335,7 +338,7 @@ def analyze_model(req: AnalyzeRequest, echo: Echo = _silent) -> analysis.HeadAna
     with open_model(req.model, revision=req.model_revision, gguf_file=req.gguf_file, dtype=req.dtype,
                     workdir=Path(tempfile.gettempdir()), echo=echo) as source:
         raw = SimpleNamespace(**read_config_json(source.path))  # checked before any weight is read
-        pretrain = (getattr(raw, "dpe", None) or {}).get("pretrain_length") or raw.max_position_embeddings
+        pretrain = _pretraining_length(vars(raw), source.path)
         lengths = resolve_lengths(req.lengths, int(pretrain))
         analysis.check_fits(raw, lengths, available_memory(req.device, None))
         heads = raw.num_hidden_layers * raw.num_attention_heads

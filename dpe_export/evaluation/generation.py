@@ -68,6 +68,25 @@ def fixed_rope_for_length(model, total_length: int):
         reset_rope_state(model)
 
 
+def prefill(model, ids, chunk: Optional[int] = PREFILL_CHUNK):
+    """Run prompt ids [B, n] (no padding) through `model` `chunk` tokens at a time (None: at once), each chunk on
+    the cache of the ones before, with logits for its last position only. Returns the last output (its cache holds
+    the whole prompt). Call it under torch.inference_mode()."""
+    import torch
+
+    core = load_dpe_core()
+    cache_name = core.cache_argument(model)  # "past_key_values" before transformers 5.24, "cache" from it on
+    n = ids.shape[1]
+    step = n if not chunk else max(1, int(chunk))
+    mask = torch.ones_like(ids)
+    out = None
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        past = {} if out is None else {cache_name: core.output_cache(out)}
+        out = model(input_ids=ids[:, a:b], attention_mask=mask[:, :b], use_cache=True, logits_to_keep=1, **past)
+    return out
+
+
 def greedy_generate(model, batch: Sequence[Sequence[int]], max_new_tokens: int,
                     eos_token_id: Optional[Any] = None, prefill_chunk: Optional[int] = PREFILL_CHUNK) -> list[list[int]]:
     """Greedy continuation of equal-length prompts (no padding: an attention mask of ones) with a KV cache.
@@ -91,12 +110,7 @@ def greedy_generate(model, batch: Sequence[Sequence[int]], max_new_tokens: int,
     core = load_dpe_core()
     cache_name = core.cache_argument(model)  # "past_key_values" before transformers 5.24, "cache" from it on
     with fixed_rope_for_length(model, ids.shape[1] + max_new_tokens), torch.inference_mode():
-        step_len = ids.shape[1] if not prefill_chunk else max(1, int(prefill_chunk))
-        out = None
-        for a in range(0, ids.shape[1], step_len):
-            b = min(a + step_len, ids.shape[1])
-            past = {} if out is None else {cache_name: core.output_cache(out)}
-            out = model(input_ids=ids[:, a:b], attention_mask=mask[:, :b], use_cache=True, logits_to_keep=1, **past)
+        out = prefill(model, ids, prefill_chunk)
         for step in range(max_new_tokens):
             nxt = out.logits[:, -1].argmax(-1)
             new.append(nxt)
@@ -136,15 +150,8 @@ def greedy_generate_shared(model, prompts: Sequence[Sequence[int]], max_new_toke
     core = load_dpe_core()
     cache_name = core.cache_argument(model)
     ids = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=device)
-    step_len = shared if not prefill_chunk else max(1, int(prefill_chunk))
-    out = None
     with fixed_rope_for_length(model, max(len(p) for p in prompts) + max_new_tokens), torch.inference_mode():
-        for a in range(0, shared, step_len):
-            b = min(a + step_len, shared)
-            past = {} if out is None else {cache_name: core.output_cache(out)}
-            out = model(input_ids=ids[:, a:b], attention_mask=torch.ones(1, b, dtype=torch.long, device=device),
-                        use_cache=True, logits_to_keep=1, **past)
-        prefix_cache = core.output_cache(out)
+        prefix_cache = core.output_cache(prefill(model, ids, prefill_chunk))
         results = []
         for p in prompts:
             results.append(_continue_greedy(model, copy.deepcopy(prefix_cache), p[shared:], shared, max_new_tokens,
