@@ -229,7 +229,7 @@ def markdown(path: Path, notes: Path) -> str:
         "the others sliding-window (512 tokens, theta 1e4), which DPE leaves as they are.", "",
         f"* Machine: this project's 2-core x86_64 CPU machine ({env.get('cpu', '?')}, AVX512-BF16), torch "
         f"{env.get('torch', '?')}, transformers {env.get('transformers', '?')}, {env.get('threads', 2)} threads, "
-        f"{env.get('dtype', 'bfloat16')} weights and compute (Gemma 3's own dtype: 1.5-2x faster than float32 "
+        f"{env.get('dtype', 'bfloat16')} weights and compute (Gemma 3's own dtype: 1.5x faster than float32 "
         f"here), prompts prefilled {env.get('prefill_chunk', 1024)} tokens at a time.",
         "* Command: `python scripts/gemma_table.py --base BASE --export DPE` (resumable: every sample is a line of "
         "`benchmarks/results/gemma3-270m.jsonl`); this section: `python scripts/gemma_table.py --markdown`.",
@@ -258,7 +258,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=4096, help="SelfExtend's neighbour window (DPE's export window)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=1024, help="prompt tokens per prefill forward")
-    ap.add_argument("--dtype", default="bfloat16", help="weights and compute (Gemma 3's own dtype; 1.5-2x faster "
+    ap.add_argument("--dtype", default="bfloat16", help="weights and compute (Gemma 3's own dtype; 1.5x faster "
                     "than float32 on a CPU with AVX512-BF16)")
     ap.add_argument("--summary", metavar="JSONL", help="print the markdown table of a results file and exit")
     ap.add_argument("--markdown", action="store_true", help="write the RESULTS.md section from --out (and "
