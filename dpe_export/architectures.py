@@ -13,6 +13,9 @@ from dpe_export.errors import DPEExportError
 from dpe_export.runtime import load_dpe_core
 
 
+EXPORT_MODEL_TYPE_PREFIX = "dpe_"  # an export of family "llama" has model_type "dpe_llama"
+
+
 @dataclass(frozen=True)
 class Architecture:
     """How one transformers model family maps onto the generated DPE modeling code.
@@ -35,12 +38,19 @@ class Architecture:
     def dpe_causal_lm_class(self) -> str:
         return f"{self.dpe_prefix}ForCausalLM"
 
+    @property
+    def dpe_model_type(self) -> str:
+        """An export's own model_type: transformers knows no such type, so loading an export without its code
+        (no trust_remote_code, or a tool that builds the family's plain classes) fails instead of dropping DPE."""
+        return EXPORT_MODEL_TYPE_PREFIX + self.model_type
+
     def template_variables(self) -> dict[str, str]:
         """Variables for the modeling template (without tool_version)."""
         d = asdict(self)
         d["family"] = d.pop("model_type")
         d.pop("display_name")
         d.pop("test_config")
+        d["dpe_model_type"] = self.dpe_model_type
         return d
 
 
@@ -120,6 +130,15 @@ WRAPPERS: dict[str, Wrapper] = {
             ("vision_feature_layer", -1), ("spatial_merge_size", 1))),
     )
 }
+
+
+def export_architecture(model_type) -> Optional[Architecture]:
+    """The family of an export's config.json model_type: dpe_<family>, or the family's own type as exports of
+    dpe-export 0.2 and earlier wrote it (`dpe-export upgrade` rewrites those)."""
+    if isinstance(model_type, str) and model_type.startswith(EXPORT_MODEL_TYPE_PREFIX):
+        arch = ARCHITECTURES.get(model_type[len(EXPORT_MODEL_TYPE_PREFIX):])
+        return arch if arch is not None and arch.dpe_model_type == model_type else None
+    return ARCHITECTURES.get(model_type)
 
 
 def supported_families() -> str:

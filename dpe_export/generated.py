@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from dpe_export import __version__
-from dpe_export.architectures import ARCHITECTURES, Architecture
+from dpe_export.architectures import Architecture, export_architecture
 from dpe_export.errors import DPEExportError
 from dpe_export.runtime import (
     MODELING_TEMPLATES,
@@ -85,16 +85,18 @@ def write_modeling_files(info, out_dir: Path) -> None:
 
 
 def config_auto_map(arch: Architecture) -> dict[str, str]:
-    """Both Auto classes an export serves: AutoModel must not fall back to the base model's plain attention."""
-    return {"AutoModel": f"{MODELING_FILE[:-3]}.{arch.dpe_prefix}Model",
-            "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.{arch.dpe_causal_lm_class}"}
+    """The config class (the export's own model_type) and both model classes an export serves; AutoModel must not
+    fall back to the base model's plain attention, and any other Auto class fails on the unknown config class."""
+    module = MODELING_FILE[:-3]
+    return {"AutoConfig": f"{module}.{arch.dpe_prefix}Config", "AutoModel": f"{module}.{arch.dpe_prefix}Model",
+            "AutoModelForCausalLM": f"{module}.{arch.dpe_causal_lm_class}"}
 
 
 def foreign_code(export_dir: Path, raw: dict[str, Any]) -> Optional[str]:
     """None when the export's code is exactly what this dpe-export writes (auto_map, modeling_dpe.py and
     dpe_core.py), so that loading it with trust_remote_code runs only our own code; else what differs."""
-    arch = ARCHITECTURES.get(raw.get("model_type"))
-    if arch is None:
+    arch = export_architecture(raw.get("model_type"))
+    if arch is None or raw.get("model_type") != arch.dpe_model_type:
         return f"its model type {raw.get('model_type')!r} is not one this dpe-export writes"
     if raw.get("auto_map") != config_auto_map(arch):
         return f"its config.json auto_map is {json.dumps(raw.get('auto_map'))[:200]}, not {json.dumps(config_auto_map(arch))}"

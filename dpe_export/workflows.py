@@ -11,7 +11,7 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from dpe_export import analysis, hub, sources
 from dpe_export.calibration import scales
@@ -304,7 +304,8 @@ class AnalyzeRequest:
     ablate: Optional[str] = None  # top:K or random:K
     draws: int = 5
     ablate_task: str = "passkey"
-    ablate_samples: int = 2  # prompts per depth (5 depths) at the pretraining length
+    ablate_samples: int = 2  # prompts per depth (5 depths)
+    ablate_length: Sequence = ("1x",)  # one item of parse_length_items: tokens or a multiple of the pretraining length
     card: bool = False  # add the result to the export's model card
 
 
@@ -340,7 +341,10 @@ def analyze_model(req: AnalyzeRequest, echo: Echo = _silent) -> analysis.HeadAna
         raw = SimpleNamespace(**read_config_json(source.path))  # checked before any weight is read
         pretrain = _pretraining_length(vars(raw), source.path)
         lengths = resolve_lengths(req.lengths, int(pretrain))
-        analysis.check_fits(raw, lengths, available_memory(req.device, None))
+        ablate_length = resolve_lengths(req.ablate_length, int(pretrain))
+        if len(ablate_length) != 1:
+            raise UsageError("--ablate-length takes one length")
+        analysis.check_fits(raw, lengths + ablate_length if req.ablate else lengths, available_memory(req.device, None))
         heads = raw.num_hidden_layers * raw.num_attention_heads
         if req.top > heads:
             raise UsageError(f"--top {req.top} is more than the model's {heads} attention heads")
@@ -357,7 +361,7 @@ def analyze_model(req: AnalyzeRequest, echo: Echo = _silent) -> analysis.HeadAna
         ablation = None
         if req.ablate is not None:
             with progress_bar(2 + req.draws, "ablation", req.progress, unit="run") as bar:
-                ablation = analysis.ablate(loaded.model, loaded.tokenizer, result, req.ablate, length=int(pretrain),
+                ablation = analysis.ablate(loaded.model, loaded.tokenizer, result, req.ablate, length=ablate_length[0],
                                            draws=req.draws, task=req.ablate_task, samples=req.ablate_samples,
                                            seed=req.seed, progress=bar)
     echo(analysis.summary_table(result))

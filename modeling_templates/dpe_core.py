@@ -223,13 +223,18 @@ def rotary_dim_of(config, rotary=None) -> int:
     return dim - dim % 2
 
 
+def base_model_type(config) -> str:
+    """The family's model_type: an export's config class states it (its own model_type is dpe_<family>)."""
+    return getattr(config, "dpe_base_model_type", None) or config.model_type
+
+
 def _family_rotary(config):
     """The family's rotary embedding module built from `config` (None where that cannot be done)."""
     try:
         from transformers.models.auto.configuration_auto import model_type_to_module_name
 
-        module = importlib.import_module(f"transformers.models.{model_type_to_module_name(config.model_type)}."
-                                         f"modeling_{model_type_to_module_name(config.model_type)}")
+        name = model_type_to_module_name(base_model_type(config))
+        module = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
     except Exception:
         return None
     classes = [c for n, c in vars(module).items() if n.endswith("RotaryEmbedding") and isinstance(c, type)
@@ -314,6 +319,11 @@ def dpe_delta_positions(positions: torch.Tensor, scale: torch.Tensor, window: in
     return shift
 
 
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half-precision inputs (and float32), float64 for float64: never below the input's precision."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def rotate_by(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     """Rotate x [B, H, n, D] further by shift [B, n, R/2] * inv_freq (a pure rotation, no attention scaling).
 
@@ -323,12 +333,13 @@ def rotate_by(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor, rota
     """
     wide = torch.float32 if x.device.type == "mps" else torch.float64
     angle = shift.to(wide) * inv_freq.to(device=x.device, dtype=wide)
-    cos, sin = angle.cos().float()[:, None], angle.sin().float()[:, None]  # [B, 1, n, R/2]
+    work = _work_dtype(x.dtype)
+    cos, sin = angle.cos().to(work)[:, None], angle.sin().to(work)[:, None]  # [B, 1, n, R/2]
     h = rotary_dim // 2
-    x1, x2 = x[..., :h].float(), x[..., h:rotary_dim].float()
+    x1, x2 = x[..., :h].to(work), x[..., h:rotary_dim].to(work)
     parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
     if rotary_dim < x.shape[-1]:
-        parts.append(x[..., rotary_dim:].float())
+        parts.append(x[..., rotary_dim:].to(work))
     return torch.cat(parts, dim=-1).to(x.dtype)
 
 
@@ -375,19 +386,20 @@ def attention_with_lse(q, k, v, *, scale: float, causal: bool = False, mask: Opt
 def _attention_with_lse_math(q, k, v, *, scale, causal=False, mask=None, chunk: int = 1024):
     rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, rep), repeat_kv(v, rep)
+    work = _work_dtype(q.dtype)
     outs, lses = [], []
     n = k.shape[2]
     for a in range(0, q.shape[2], chunk):
         b = min(a + chunk, q.shape[2])
-        s = torch.matmul(q[:, :, a:b].float(), k.float().transpose(-1, -2)) * scale
+        s = torch.matmul(q[:, :, a:b].to(work), k.to(work).transpose(-1, -2)) * scale
         if causal:
             t = torch.arange(a, b, device=q.device)[:, None]
             s = s.masked_fill(torch.arange(n, device=q.device)[None, :] > t, float("-inf"))
         if mask is not None:
-            s = s + mask[a:b].float()
+            s = s + mask[a:b].to(work)
         lse = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - lse[..., None])
-        outs.append(torch.matmul(p, v.float()).to(q.dtype))
+        outs.append(torch.matmul(p, v.to(work)).to(q.dtype))
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
@@ -478,7 +490,11 @@ def dpe_attention(
         key_valid = None
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q_plain, q_scaled, k_local, k_far, v))
     fused = backend != "eager" and softcap is None and not dropout and not needs_grad
-    if fused and 1 < m < n and key_valid is None and not backend.startswith("flash_attention"):
+    # Several queries on a cache (a prompt fed in chunks), and one-token decoding of an every-frequency export:
+    # fused kernels. Decoding with a selection stays on the two-matmul path below, which reads the scaled and
+    # plain keys in place instead of gathering a key per query head.
+    if (fused and m < n and key_valid is None and not backend.startswith("flash_attention")
+            and (m > 1 or selected is None)):
         return _dpe_prefill_continued(q_plain, q_scaled, k_local, local_start, k_far, k_far_plain, v, window, scale,
                                       selected)
     if m != n or not fused:
@@ -556,15 +572,16 @@ def _merge_lse(parts, m: int):
     lse = l0.clone()
     for a, _, l in parts[1:]:
         lse[:, :, a : a + l.shape[2]] = torch.logaddexp(lse[:, :, a : a + l.shape[2]], l)
-    out = o0.float() * torch.exp(l0 - lse)[..., None]
+    work = _work_dtype(o0.dtype)
+    out = o0.to(work) * torch.exp(l0 - lse)[..., None]
     for a, o, l in parts[1:]:
-        out[:, :, a : a + l.shape[2]] += o.float() * torch.exp(l - lse[:, :, a : a + l.shape[2]])[..., None]
+        out[:, :, a : a + l.shape[2]] += o.to(work) * torch.exp(l - lse[:, :, a : a + l.shape[2]])[..., None]
     return out.to(o0.dtype)
 
 
 def _dpe_prefill_continued(q_plain, q_scaled, k_local, local_start, k_far, k_far_plain, v, window, scale, selected,
                            block: Optional[int] = None):
-    """The last m of n positions (1 < m < n, no padding) with fused kernels: a prompt fed in chunks on a cache.
+    """The last m of n positions (m < n, no padding) with fused kernels: a prompt fed in chunks on a cache, or decoding.
 
     Query a (position P + a, P = n - m) sees local keys P + a - w < j <= P + a and far keys j <= P + a - w.
     Local: blocks of queries against their keys with a band mask (block x (block + w) scores at most). Far: keys
@@ -583,8 +600,10 @@ def _dpe_prefill_continued(q_plain, q_scaled, k_local, local_start, k_far, k_far
         lo = max(0, p + a - w + 1)
         i = torch.arange(p + a, p + b, device=q_plain.device)[:, None]
         j = torch.arange(lo, p + b, device=q_plain.device)[None, :]
-        band = torch.zeros(i.shape[0], j.shape[1], dtype=q_plain.dtype, device=q_plain.device)
-        band.masked_fill_(((i - j) < 0) | ((i - j) >= w), float("-inf"))
+        band = None  # a single query sees every key from lo on: no mask
+        if b - a > 1:
+            band = torch.zeros(i.shape[0], j.shape[1], dtype=q_plain.dtype, device=q_plain.device)
+            band.masked_fill_(((i - j) < 0) | ((i - j) >= w), float("-inf"))
         o, lse = attention_with_lse(q_plain[:, :, a:b], k_local[:, :, lo - local_start : p + b - local_start],
                                     v[:, :, lo : p + b], scale=scale, mask=band)
         local.append((o, lse))
@@ -655,6 +674,7 @@ def _dpe_attention_materialized(q_plain, q_scaled, k_local, local_start, k_far, 
     bsz, h, m, d = q_plain.shape
     n, w = v.shape[2], window
     offset = n - m  # global index of the first query
+    work = _work_dtype(q_plain.dtype)  # scores and softmax in float32 at least
     if selected is not None:  # far scores = (q_plain on unselected) . k_plain + (q_scaled on selected) . k_scaled
         sel = _selection_mask(selected, d)
         zero = torch.zeros((), dtype=q_plain.dtype, device=q_plain.device)
@@ -670,7 +690,7 @@ def _dpe_attention_materialized(q_plain, q_scaled, k_local, local_start, k_far, 
             raise ValueError(f"local keys start at {local_start}, but a query needs key {loc_start}")
         j_loc = torch.arange(loc_start, offset + b, device=q_plain.device)[None, :]
         k_loc = k_local[:, :, loc_start - local_start : offset + b - local_start]
-        s_loc = _grouped_scores(q_plain[:, :, a:b], k_loc).float() * scale
+        s_loc = _grouped_scores(q_plain[:, :, a:b], k_loc).to(work) * scale
         ok_loc = ((i - j_loc) >= 0) & ((i - j_loc) < w)
         ok_loc = ok_loc[None, None] if key_valid is None else ok_loc & key_valid[:, None, None, loc_start : offset + b]
         if softcap is not None:
@@ -683,7 +703,7 @@ def _dpe_attention_materialized(q_plain, q_scaled, k_local, local_start, k_far, 
             else:
                 s_far = (_grouped_scores(q_far_plain[:, :, a:b], k_far_plain[:, :, :far_end])
                          + _grouped_scores(q_far_scaled[:, :, a:b], k_far[:, :, :far_end]))
-            s_far = s_far.float() * scale
+            s_far = s_far.to(work) * scale
             if softcap is not None:
                 s_far = torch.tanh(s_far / softcap) * softcap
             ok_far = (i - j_far) >= w
@@ -1350,6 +1370,49 @@ def _copy_code_files(model, save_directory) -> None:
                 shutil.copyfile(path, target)
 
 
+SERVING_ENGINES = ("vllm", "sglang", "text_generation_server", "tensorrt_llm", "lmdeploy")
+
+
+def refuse_serving_engines(config=None) -> None:
+    """Refuse, in one line, to be built by a serving engine: engines run their own attention and paged KV
+    cache, which do not apply DPE (vLLM's Transformers backend swaps in its paged attention), so an export
+    served by one would answer as the plain base model, or as garbage. Checked when the config is loaded and
+    when a model is built, from the calling code's module names and the attention implementation."""
+    implementation = getattr(config, "_attn_implementation", None) if config is not None else None
+    engine = implementation if implementation in SERVING_ENGINES else None
+    frame = sys._getframe(1)
+    while engine is None and frame is not None:
+        name = str(frame.f_globals.get("__name__", ""))
+        engine = next((e for e in SERVING_ENGINES if name == e or name.startswith(e + ".")), None)
+        frame = frame.f_back
+    if engine is not None:
+        raise DPEServingError(
+            f"This is a DPE export (dimension-wise RoPE scaling, arXiv 2504.18857); {engine} cannot serve it: its "
+            "attention and KV cache do not apply DPE, so answers would be the base model's or wrong. Run it with "
+            "transformers (AutoModelForCausalLM.from_pretrained(repo, trust_remote_code=True)).")
+
+
+class DPEServingError(RuntimeError):
+    """An engine that cannot run DPE tried to load an export."""
+
+    def __str__(self) -> str:  # one line, whatever the engine prints around it
+        return " ".join(super().__str__().split())
+
+
+class DPEConfigMixin:
+    """Mixed into an export's config class (model_type dpe_<family>): refuses serving engines on load."""
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):  # noqa: D102
+        refuse_serving_engines()
+        return super().from_pretrained(*args, **kwargs)
+
+    @classmethod
+    def from_dict(cls, *args, **kwargs):  # noqa: D102
+        refuse_serving_engines()
+        return super().from_dict(*args, **kwargs)
+
+
 class DPEPretrainedMixin:
     """from_pretrained / save_pretrained of an export's classes: the selection file and the code files."""
 
@@ -1389,6 +1452,7 @@ class DPEForCausalLMMixin(DPEPretrainedMixin):
 
     def __init__(self, config, *args, **kwargs):
         check_transformers_version()
+        refuse_serving_engines(config)
         super().__init__(config, *args, **kwargs)
         install_dpe(self, DPEParams.from_dict(config.dpe), self.dpe_model_class)
         self.dpe_selected_dims = None
@@ -1399,6 +1463,7 @@ class DPEBaseModelMixin(DPEPretrainedMixin, DPEModelMixin):
 
     def __init__(self, config, *args, **kwargs):
         check_transformers_version()
+        refuse_serving_engines(config)
         super().__init__(config, *args, **kwargs)
         install_dpe(self, DPEParams.from_dict(config.dpe), type(self))
         self.dpe_selected_dims = None

@@ -152,8 +152,15 @@ def test_ablate_reports_top_k_against_random_draws_and_refuses_k_above_the_head_
     ab = json.loads(out.read_text())["ablation"]
     assert ab["k"] == 2 and len(ab["top"]["heads"]) == 2 and len(ab["random"]["draws"]) == 3
     assert "top-2 positional heads zeroed" in r.stdout
-    for spec, needle in (("top:9", "more than the model's 8 attention heads"), ("best:2", "top:K or random:K")):
-        r = run_cli("analyze", base, "--lengths", "1x", "--ablate", spec, "--no-progress")
+    assert ab["length"] == 64  # --ablate-length defaults to the pretraining length
+    r = run_cli("analyze", base, "--lengths", "1x", "--samples", "1", "--pairs", "32", "--ablate", "top:2",
+                "--draws", "1", "--ablate-samples", "1", "--ablate-length", "48", "--json", out, "--no-progress")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(out.read_text())["ablation"]["length"] == 48
+    for args, needle in ((("--ablate", "top:9"), "more than the model's 8 attention heads"),
+                         (("--ablate", "best:2"), "top:K or random:K"),
+                         (("--ablate", "top:2", "--ablate-length", "32,48"), "--ablate-length takes one length")):
+        r = run_cli("analyze", base, "--lengths", "1x", *args, "--no-progress")
         lines = r.stderr.splitlines()
         assert r.exit_code != 0 and len(lines) == 1 and needle in lines[0], r.stderr
 

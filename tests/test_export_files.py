@@ -66,10 +66,11 @@ def test_convert_writes_a_complete_export(run_cli, tiny_dirs, tmp_path, family):
     }
     assert dpe_core.DPEParams.from_dict(config["dpe"]).validate(16)
     assert config["auto_map"] == {"AutoModelForCausalLM": f"modeling_dpe.{PREFIX[family]}ForCausalLM",
-                                  "AutoModel": f"modeling_dpe.{PREFIX[family]}Model"}
+                                  "AutoModel": f"modeling_dpe.{PREFIX[family]}Model",
+                                  "AutoConfig": f"modeling_dpe.{PREFIX[family]}Config"}
     assert config["architectures"] == [f"{PREFIX[family]}ForCausalLM"]
     assert config["max_position_embeddings"] == 256
-    assert config["model_type"] == family
+    assert config["model_type"] == f"dpe_{family}"  # the export's own config class: no plain load without DPE
     for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "rope_parameters"):
         assert config[key] == base[key], key
 

@@ -37,6 +37,9 @@ def _old_export(tiny_dirs, out: Path) -> Path:
         shutil.copyfile(OLD / name, out / name)
     config = json.loads((out / "config.json").read_text())
     config.pop("dpe_export_version")
+    # 0.1.0 kept the family's model_type and named the causal LM only
+    config["model_type"] = "llama"
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_dpe.DPELlamaForCausalLM"}
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
 
@@ -69,6 +72,7 @@ def test_upgrade_rewrites_only_the_generated_files_and_fixes_the_export(tiny_dir
     assert (out / "dpe_core.py").read_bytes() == (REPO_ROOT / "modeling_templates" / "dpe_core.py").read_bytes()
     config = json.loads((out / "config.json").read_text())
     assert config["dpe_export_version"] == __version__
+    assert config["model_type"] == "dpe_llama" and config["auto_map"]["AutoConfig"] == "modeling_dpe.DPELlamaConfig"
     assert _cached_equals_uncached(out)
     # A fresh export of the same model computes the same logits.
     from transformers import AutoModelForCausalLM

@@ -441,7 +441,7 @@ Examples:
 @click.option("--top", type=click.IntRange(min=1), default=4, show_default=True, metavar="K",
               help="Heads drawn in the D-against-distance plot (highest rho at the first length).")
 @click.option("--ablate", metavar="top:K|random:K",
-              help="Then zero heads and measure retrieval at the pretraining length: the top-K heads by rho (top:K; "
+              help="Then zero heads and measure retrieval at --ablate-length: the top-K heads by rho (top:K; "
                    "with random:K the same K) against K random heads per draw, and no head zeroed.")
 @click.option("--card", is_flag=True,
               help="MODEL is a DPE export: add (or replace) a Positional heads section in its model card.")
@@ -451,6 +451,9 @@ Examples:
               help="With --ablate: the task measured.")
 @click.option("--ablate-samples", type=click.IntRange(min=1), default=2, show_default=True, metavar="N",
               help="With --ablate: prompts per depth (5 depths) for each measurement.")
+@click.option("--ablate-length", default="1x", show_default=True, callback=opt.length_list, metavar="N",
+              help="With --ablate: the prompt length, in tokens (8192, 8k) or a multiple of the pretraining length "
+                   "(1x).")
 @opt.device()
 @opt.dtype()
 @click.option("--trust-remote-code", is_flag=True,

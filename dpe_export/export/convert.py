@@ -124,9 +124,12 @@ def write_config(info: ModelInfo, params, out_dir: Path) -> None:
     config.dpe = params.to_dict()
     config.dpe_export_version = __version__  # which dpe-export wrote this export (`dpe-export upgrade` rewrites it)
     config.save_pretrained(str(out_dir))
-    written = json.loads((out_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    path = out_dir / CONFIG_FILE
+    written = json.loads(path.read_text(encoding="utf-8"))
     if written.get("dpe") != params.to_dict():  # pragma: no cover - guards against transformers dropping keys
         raise DPEExportError("transformers did not write the dpe section to config.json")
+    written["model_type"] = arch.dpe_model_type  # the config class in modeling_dpe.py (see architectures.py)
+    path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def write_selected_dims(selected, out_dir: Path) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from dpe_export import __version__
-from dpe_export.architectures import ARCHITECTURES, supported_families
+from dpe_export.architectures import export_architecture, supported_families
 from dpe_export.errors import DPEExportError
 from dpe_export.export.files import file_sha256
 from dpe_export.generated import (
@@ -72,7 +72,7 @@ def upgrade_export(export_dir) -> UpgradeResult:
         raise DPEExportError(f"cannot read {files[CONFIG_FILE]}: {e}") from None
     if not isinstance(config, dict) or not isinstance(config.get("dpe"), dict) or MODELING_FILE not in files:
         raise DPEExportError(f"{export_dir} is not a DPE export (no dpe section in {CONFIG_FILE} or no {MODELING_FILE})")
-    arch = ARCHITECTURES.get(config.get("model_type"))
+    arch = export_architecture(config.get("model_type"))
     if arch is None:
         raise DPEExportError(f"{export_dir}: model type {config.get('model_type')!r} is not one this dpe-export "
                              f"supports ({supported_families()})")
@@ -84,8 +84,8 @@ def upgrade_export(export_dir) -> UpgradeResult:
     generated = {MODELING_FILE, DPE_CORE_FILE, CONFIG_FILE}
     before = {name: file_sha256(path) for name, path in files.items() if name not in generated}
 
-    new_config = dict(config, auto_map=config_auto_map(arch), architectures=[arch.dpe_causal_lm_class],
-                      dpe_export_version=__version__)
+    new_config = dict(config, model_type=arch.dpe_model_type, auto_map=config_auto_map(arch),
+                      architectures=[arch.dpe_causal_lm_class], dpe_export_version=__version__)
     wanted = {
         MODELING_FILE: render_modeling_source(arch).encode("utf-8"),
         DPE_CORE_FILE: dpe_core_path().read_bytes(),

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from dpe_export.architectures import export_architecture
 from dpe_export.errors import DPEExportError, first_line
 from dpe_export.generated import foreign_code
 from dpe_export.runtime import load_dpe_core
@@ -164,10 +165,17 @@ def check_eval_model(model_dir, method: Optional[MethodSpec] = None,
 
 def load_tokenizer(model_dir):
     """The checkpoint's tokenizer (AutoTokenizer); DPEExportError when there is none."""
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
+    kwargs = {}
+    raw = read_config_json(Path(model_dir)) if safe_file(Path(model_dir), "config.json") is not None else {}
+    arch = export_architecture(raw.get("model_type")) if "dpe" in raw else None
+    if arch is not None and raw.get("model_type") != arch.model_type:
+        # An export's config class is in its own code (model_type dpe_<family>); the tokenizer needs none of it:
+        # its family's config stands in, so no code runs and transformers does not ask for trust_remote_code.
+        kwargs["config"] = AutoConfig.for_model(arch.model_type)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **kwargs)
     except Exception as e:
         raise DPEExportError(f"cannot load a tokenizer from {model_dir}: {first_line(e)}") from None
     if tokenizer is None or isinstance(tokenizer, bool):  # pragma: no cover - defensive
