@@ -96,10 +96,12 @@ def foreign_code(export_dir: Path, raw: dict[str, Any]) -> Optional[str]:
     """None when the export's code is exactly what this dpe-export writes (auto_map, modeling_dpe.py and
     dpe_core.py), so that loading it with trust_remote_code runs only our own code; else what differs."""
     arch = export_architecture(raw.get("model_type"))
-    if arch is None or raw.get("model_type") != arch.dpe_model_type:
+    if arch is None:
         return f"its model type {raw.get('model_type')!r} is not one this dpe-export writes"
-    if raw.get("auto_map") != config_auto_map(arch):
+    if raw.get("auto_map") != config_auto_map(arch):  # the code that would run, named first
         return f"its config.json auto_map is {json.dumps(raw.get('auto_map'))[:200]}, not {json.dumps(config_auto_map(arch))}"
+    if raw.get("model_type") != arch.dpe_model_type:
+        return f"its model type {raw.get('model_type')!r} is not {arch.dpe_model_type!r}"
     for name, want in ((MODELING_FILE, render_modeling_source(arch).encode("utf-8")),
                        (DPE_CORE_FILE, dpe_core_path().read_bytes())):
         path = safe_file(export_dir, name)

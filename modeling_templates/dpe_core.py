@@ -25,7 +25,9 @@
 # model's forward gets a fresh DynamicCache it turns its full-attention layers into DPE layers (a subclass of
 # DynamicLayer) that hold every key in its scaled rotation (what the far part reads) plus the plain keys of
 # the last w - 1 positions (what the local part reads): about the base model's cache size, and decoding never
-# re-rotates the cache. With a top-K selection the layer holds both rotations of every key.
+# re-rotates the cache. A top-K selection on which the query heads sharing each KV head agree is per-head scale
+# factors (1 on the frequencies not selected) and is stored the same way; otherwise the layer holds both
+# rotations of every key.
 #
 # What this file relies on in transformers, and why (checked on every 5.x release by scripts/compat_matrix.py):
 # - AttentionInterface.register("dpe", fn) and ALL_ATTENTION_FUNCTIONS[name]: public, the documented way to
@@ -310,9 +312,13 @@ def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_sc
 def dpe_delta_positions(positions: torch.Tensor, scale: torch.Tensor, window: int, query: bool) -> torch.Tensor:
     """Per-frequency position shift [B, n, R/2] that turns the plain rotation at p into DPE's scaled one.
 
-    Keys: j//s - j. Queries: i//s + w - w//s - i. `scale` is the long tensor [R/2] of each frequency's scale.
+    Keys: j//s - j. Queries: i//s + w - w//s - i. `scale` is the long tensor [R/2] of each frequency's scale, or
+    [heads, R/2] of each head's (a selection folded into scales, 1 where plain), giving a shift [B, heads, n, R/2].
     """
-    p = positions[..., None]
+    if scale.dim() == 2:
+        p, scale = positions[:, None, :, None], scale[None, :, None, :]
+    else:
+        p = positions[..., None]
     shift = torch.div(p, scale, rounding_mode="floor") - p
     if query:
         shift = shift + (window - torch.div(torch.full_like(scale, window), scale, rounding_mode="floor"))
@@ -325,7 +331,8 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def rotate_by(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    """Rotate x [B, H, n, D] further by shift [B, n, R/2] * inv_freq (a pure rotation, no attention scaling).
+    """Rotate x [B, H, n, D] further by shift [B, n, R/2] (or per head, [B, H, n, R/2]) * inv_freq (a pure
+    rotation, no attention scaling).
 
     Pairs x[f] with x[f + R/2] over the first R = rotary_dim dims, as transformers' rotate_half does; the other
     dims are left alone. Angles are formed in float64 (float32 where the device has none) and the rotation is
@@ -334,7 +341,9 @@ def rotate_by(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor, rota
     wide = torch.float32 if x.device.type == "mps" else torch.float64
     angle = shift.to(wide) * inv_freq.to(device=x.device, dtype=wide)
     work = _work_dtype(x.dtype)
-    cos, sin = angle.cos().to(work)[:, None], angle.sin().to(work)[:, None]  # [B, 1, n, R/2]
+    cos, sin = angle.cos().to(work), angle.sin().to(work)
+    if shift.dim() == 3:  # one shift for every head
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, n, R/2]
     h = rotary_dim // 2
     x1, x2 = x[..., :h].to(work), x[..., h:rotary_dim].to(work)
     parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
@@ -739,20 +748,54 @@ class DPELayerState:
         self.rotary_dim = rotary_dim
         self.first = first  # the first DPE layer checks what every layer receives (positions, cache lengths)
         self.selected: Optional[torch.Tensor] = None  # bool [H, R/2], or None for every frequency
+        # A selection on which the query heads sharing each KV head agree is the same as per-head scale factors
+        # that are 1 on the frequencies not selected (angle d, plain RoPE): then keys are stored once, in their
+        # scaled rotation, as without a selection. [H, R/2] lists of each query head's scales, or None.
+        self.folded: Optional[list] = None
+        self.selection_version = 0  # a cache filled under one selection is refused under another
         self._decoder = weakref.ref(decoder)
         self._scale: dict = {}
         self._local = threading.local()
 
     @property
     def layout(self) -> str:
-        """How DPE cache layers of this layer store keys: scaled only, or [plain | scaled] on the last axis."""
-        return "scaled" if self.selected is None else "both"
+        """How DPE cache layers of this layer store keys: scaled only, or [plain | scaled] heads (a selection
+        whose query heads disagree within a KV group needs both rotations of every key)."""
+        return "scaled" if self.selected is None or self.folded is not None else "both"
+
+    def set_selection(self, selected: Optional[torch.Tensor], num_kv_heads: int) -> None:
+        """bool [H, R/2] or None; folded into per-head scales when every KV group's query heads agree."""
+        self.selected, self.folded, self._scale = selected, None, {}
+        self.selection_version += 1
+        if selected is None:
+            return
+        sel = selected.detach().cpu()
+        heads = sel.shape[0]
+        if num_kv_heads and heads % num_kv_heads == 0:
+            groups = sel.view(num_kv_heads, heads // num_kv_heads, -1)
+            if bool((groups == groups[:, :1]).all()):
+                self.folded = [[s if on else 1 for s, on in zip(self.scale_list, row)] for row in sel.tolist()]
+        self._num_kv_heads = num_kv_heads
 
     def scale(self, device) -> torch.Tensor:
+        """Each frequency's scale factor, long [R/2] (the groups' factors, whatever the selection)."""
         s = self._scale.get(device)
         if s is None:
             s = self._scale[device] = torch.tensor(self.scale_list, dtype=torch.long, device=device)
         return s
+
+    def query_key_scales(self, device) -> tuple:
+        """(query scales, key scales) for the rotations: [R/2] each, or with a folded selection [H, R/2] and
+        [Hkv, R/2]."""
+        if self.folded is None:
+            s = self.scale(device)
+            return s, s
+        key = ("folded", device)
+        pair = self._scale.get(key)
+        if pair is None:
+            q = torch.tensor(self.folded, dtype=torch.long, device=device)
+            pair = self._scale[key] = (q, q[:: q.shape[0] // self._num_kv_heads].contiguous())
+        return pair
 
     def inv_freq(self) -> torch.Tensor:
         """The inverse frequencies the family's rotary embedding is using now (dynamic RoPE updates them)."""
@@ -974,7 +1017,7 @@ def dpe_attention_forward(module, query, key, value, attention_mask, dropout: fl
     if layer is not None:
         if getattr(layer, "keys", None) is not key or layer._dpe_pending != m:
             raise DPERuntimeError("the keys reaching DPE attention are not the ones its cache layer just stored")
-        if layer._dpe_layout != state.layout:
+        if layer._dpe_layout != state.layout or layer._dpe_version != state.selection_version:
             raise DPERuntimeError("the top-K selection changed while a KV cache was in use; start a new cache")
     elif getattr(key, "shape", (0, 0, 0, d))[-1] != d:
         raise DPERuntimeError(f"keys of width {key.shape[-1]} for queries of width {d}")
@@ -1001,19 +1044,20 @@ def dpe_attention_forward(module, query, key, value, attention_mask, dropout: fl
     if state.first and not _compiling():
         _check_positions(pos, key_pos, key_valid, n)
 
-    scale_f = state.scale(query.device)
+    q_scale, k_scale = state.query_key_scales(query.device)
+    selected = None if state.folded is not None else state.selected  # a folded selection is in the scales
     inv_freq = state.inv_freq()
     k_far_plain = None
     if layer is not None:  # a DPE cache layer: store the new keys in their scaled rotation
         hkv = value.shape[1]
         if layer._dpe_layout == "both":  # [plain heads | scaled heads] on the head axis
-            new_scaled = rotate_by(key[:, :hkv, n - m :], dpe_delta_positions(pos, scale_f, w, query=False),
+            new_scaled = rotate_by(key[:, :hkv, n - m :], dpe_delta_positions(pos, k_scale, w, query=False),
                                    inv_freq, rdim)
             key[:, hkv:, n - m :].copy_(new_scaled)
             k_local, local_start, k_far, k_far_plain = key[:, :hkv], 0, key[:, hkv:], key[:, :hkv]
         else:
-            k_local, local_start = _window_plain_keys(layer, key, pos, key_pos, scale_f, inv_freq, w, rdim)
-            key[:, :, n - m :].copy_(rotate_by(key[:, :, n - m :], dpe_delta_positions(pos, scale_f, w, query=False),
+            k_local, local_start = _window_plain_keys(layer, key, pos, key_pos, k_scale, inv_freq, w, rdim)
+            key[:, :, n - m :].copy_(rotate_by(key[:, :, n - m :], dpe_delta_positions(pos, k_scale, w, query=False),
                                                inv_freq, rdim))
             k_far = key
         layer._dpe_pending = 0
@@ -1026,15 +1070,14 @@ def dpe_attention_forward(module, query, key, value, attention_mask, dropout: fl
             base = _base_attention_function(module, implementation)
             return base(module, query, full_key, full_value, full_mask, dropout=dropout, scaling=scaling, **kwargs)
         k_local, local_start = key, 0
-        k_far = rotate_by(key, dpe_delta_positions(key_pos, scale_f, w, query=False), inv_freq, rdim)
-        k_far_plain = key if state.selected is not None else None
+        k_far = rotate_by(key, dpe_delta_positions(key_pos, k_scale, w, query=False), inv_freq, rdim)
+        k_far_plain = key if selected is not None else None
 
     if backend == "flash_attention_2":
         _require_flash_attn()
-    selected = state.selected
     if selected is not None and selected.device != query.device:  # layers placed by a device map
         selected = state.selected = selected.to(query.device)
-    q_scaled = rotate_by(query, dpe_delta_positions(pos, scale_f, w, query=True), inv_freq, rdim)
+    q_scaled = rotate_by(query, dpe_delta_positions(pos, q_scale, w, query=True), inv_freq, rdim)
     out = dpe_attention(
         query, q_scaled, k_local, k_far, value, window=w, scale=scale, selected=selected, k_far_plain=k_far_plain,
         local_start=local_start, key_valid=key_valid, backend=backend or "sdpa", softcap=softcap, dropout=dropout,
@@ -1042,7 +1085,7 @@ def dpe_attention_forward(module, query, key, value, attention_mask, dropout: fl
     return out, None
 
 
-def _window_plain_keys(layer, key, pos, key_pos, scale_f, inv_freq, w: int, rdim: int):
+def _window_plain_keys(layer, key, pos, key_pos, k_scale, inv_freq, w: int, rdim: int):
     """The plain keys the local part reads, from a DPE cache layer that keeps keys scaled: the last w - 1 cached
     ones and the m new ones (still plain in `key`). Returns (k_local, local_start).
 
@@ -1066,7 +1109,7 @@ def _window_plain_keys(layer, key, pos, key_pos, scale_f, inv_freq, w: int, rdim
         old = buf[:, :, blen - keep : blen]
     else:  # rebuild the window's plain keys from their scaled rotation
         lo = n - m - keep
-        shift = dpe_delta_positions(key_pos[:, lo : n - m], scale_f, w, query=False)
+        shift = dpe_delta_positions(key_pos[:, lo : n - m], k_scale, w, query=False)
         old = rotate_by(key[:, :, lo : n - m], -shift, inv_freq, rdim)
     k_local = new_plain.clone() if old is None else torch.cat((old, new_plain), dim=2)
     tail = k_local[:, :, k_local.shape[2] - min(k_local.shape[2], max(w - 1, 0)) :]
@@ -1129,6 +1172,7 @@ def _dpe_cache_layer(layer, state: DPELayerState):
     layer._dpe_tail_len = 0
     layer._dpe_seen = None
     layer._dpe_layout = state.layout
+    layer._dpe_version = state.selection_version
     return layer
 
 
@@ -1326,7 +1370,8 @@ def set_dpe_selection(model, selected: Optional[torch.Tensor]) -> None:
         weight = next(attn.parameters(), None)
         if sel is not None and weight is not None and weight.device.type != "meta":  # meta: offloaded
             sel = sel.to(weight.device)
-        state.selected = sel
+        state.set_selection(sel, int(getattr(model.config, "num_key_value_heads", None)
+                                     or model.config.num_attention_heads))
     model.dpe_selected_dims = selected
 
 

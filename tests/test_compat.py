@@ -253,3 +253,32 @@ def test_automodel_loads_the_dpe_base_model_not_the_plain_one(export):
         want = causal(ids, output_hidden_states=True).hidden_states[-1]
         got = base(ids).last_hidden_state
     assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_a_selection_the_kv_groups_agree_on_keeps_each_key_once_and_stays_exact(tmp_path):
+    """Query heads sharing a KV head select the same frequencies: the selection folds into per-head scales (1 on
+    the frequencies not selected), the cache holds each key once (1 + w/n of the base) and every logit, prefill
+    and step by step, equals the dense reference."""
+    from dpe_export.export.convert import convert
+
+    g = torch.Generator().manual_seed(8)
+    per_kv = torch.rand(2, 2, 8, generator=g) < 0.5  # [layers, KV heads, frequencies]
+    selected = per_kv.repeat_interleave(2, dim=1)  # 4 query heads, 2 per KV head
+    base = save_tiny_model(tmp_path / "base", "llama")
+    params = dpe_core.DPEParams(WINDOW, SCALES, dpe_core.even_group_boundaries(8, 4), target_length=512)
+    model = _load(convert(base, tmp_path / "out", params, selected))
+    ref = reference_model(tiny_model("llama"), WINDOW, SCALES, dpe_core.even_group_boundaries(8, 4), selected)
+    states = model.model.__dict__["_dpe_states"]
+    assert all(s.folded is not None and s.layout == "scaled" for s in states.values())
+    n = 200
+    ids = torch.randint(4, 128, (1, n), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        want = ref(ids).logits.float()
+    torch.testing.assert_close(out.logits, want, rtol=1e-4, atol=1e-4)
+    held = sum(t.numel() * t.element_size() for layer in dpe_core.output_cache(out).layers
+               for t in (layer.keys, layer.values, layer._dpe_tail) if t is not None)
+    assert held / (2 * 2 * n * 2 * 16 * 4) <= 1 + WINDOW / n
+    with torch.no_grad():
+        stepped, _ = _step_logits(model, ids[:, :40], DynamicCache())
+    torch.testing.assert_close(stepped, ref(ids[:, :40]).logits.float(), rtol=1e-4, atol=1e-4)

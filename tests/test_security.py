@@ -189,7 +189,9 @@ def test_eval_does_not_run_an_exports_foreign_code_without_consent(run_cli, llam
     cfg = json.loads((out / "config.json").read_text())
     for name in ("modeling_dpe.py", "dpe_core.py"):
         shutil.copyfile(REPO_ROOT / "tests" / "fixtures" / "dpe-export-0.1.0" / name, out / name)
-    cfg["auto_map"]["AutoConfig"] = "evil.EvilConfig"
+    # (an export as 0.1.0 wrote it: the family's model_type, only the causal LM in auto_map)
+    cfg["model_type"] = "llama"
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_dpe.DPELlamaForCausalLM", "AutoConfig": "evil.EvilConfig"}
     (out / "config.json").write_text(json.dumps(cfg))
     assert "auto_map" in one_error(run_cli(*args))
     del cfg["auto_map"]["AutoConfig"]

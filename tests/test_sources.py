@@ -251,7 +251,8 @@ def test_a_multimodal_checkpoint_converts_to_its_text_model(model_type, tmp_path
     assert names and all(n.startswith(("model.", "lm_head.")) for n in names)
     assert not any("vision" in n or "projector" in n for n in names)
     export = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-    assert export.config.model_type == wrap.text_model_type
+    assert export.config.model_type == "dpe_" + wrap.text_model_type
+    assert export.config.dpe_base_model_type == wrap.text_model_type
     ids = torch.randint(4, 120, (2, 6), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want, got = model(input_ids=ids).logits, export(ids).logits
