@@ -1046,6 +1046,9 @@ def dpe_attention_forward(module, query, key, value, attention_mask, dropout: fl
 
     q_scale, k_scale = state.query_key_scales(query.device)
     selected = None if state.folded is not None else state.selected  # a folded selection is in the scales
+    if k_scale.dim() == 2 and k_scale.shape[0] != value.shape[1]:
+        raise DPERuntimeError(f"the selection was folded for {k_scale.shape[0]} KV heads, but the attention has "
+                              f"{value.shape[1]}")
     inv_freq = state.inv_freq()
     k_far_plain = None
     if layer is not None:  # a DPE cache layer: store the new keys in their scaled rotation
@@ -1370,8 +1373,10 @@ def set_dpe_selection(model, selected: Optional[torch.Tensor]) -> None:
         weight = next(attn.parameters(), None)
         if sel is not None and weight is not None and weight.device.type != "meta":  # meta: offloaded
             sel = sel.to(weight.device)
-        state.set_selection(sel, int(getattr(model.config, "num_key_value_heads", None)
-                                     or model.config.num_attention_heads))
+        # KV heads as the attention module computes them (a config may carry a num_key_value_heads its family
+        # ignores, e.g. GPT-NeoX, which is always multi-head)
+        rep = int(getattr(attn, "num_key_value_groups", 1) or 1)
+        state.set_selection(sel, max(1, int(model.config.num_attention_heads) // rep))
     model.dpe_selected_dims = selected
 
 
@@ -1398,9 +1403,15 @@ def _register_weight_conversions(cls) -> None:
     base = next((k for k in cls.__mro__[1:] if k.__module__.startswith("transformers.models.")), None)
     if base is None:
         return
-    mapping = get(base.__name__) or get(getattr(getattr(base, "config_class", None), "model_type", None))
+    base_type = getattr(getattr(base, "config_class", None), "model_type", None)
+    mapping = get(base.__name__) or get(base_type)
     if mapping:
         register(cls.__name__, mapping, overwrite=True)
+        # Releases that look conversions up by config.model_type only (5.0) need them under the export's own
+        # model_type (dpe_<family>) too.
+        own_type = getattr(getattr(cls, "config_class", None), "model_type", None)
+        if own_type and own_type != base_type:
+            register(own_type, mapping, overwrite=True)
 
 
 def _copy_code_files(model, save_directory) -> None:
