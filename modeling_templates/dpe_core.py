@@ -607,10 +607,10 @@ def _dpe_prefill_continued(q_plain, q_scaled, k_local, local_start, k_far, k_far
     for a in range(0, m, block):
         b = min(a + block, m)
         lo = max(0, p + a - w + 1)
-        i = torch.arange(p + a, p + b, device=q_plain.device)[:, None]
-        j = torch.arange(lo, p + b, device=q_plain.device)[None, :]
-        band = None  # a single query sees every key from lo on: no mask
+        band = None  # a single query (decoding) sees every key from lo on: no mask to build
         if b - a > 1:
+            i = torch.arange(p + a, p + b, device=q_plain.device)[:, None]
+            j = torch.arange(lo, p + b, device=q_plain.device)[None, :]
             band = torch.zeros(i.shape[0], j.shape[1], dtype=q_plain.dtype, device=q_plain.device)
             band.masked_fill_(((i - j) < 0) | ((i - j) >= w), float("-inf"))
         o, lse = attention_with_lse(q_plain[:, :, a:b], k_local[:, :, lo - local_start : p + b - local_start],
