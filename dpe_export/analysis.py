@@ -25,9 +25,10 @@ from dpe_export.attention_capture import capture_attention
 from dpe_export.errors import DPEExportError
 from dpe_export.evaluation.generation import make_generate_fn, prefill
 from dpe_export.evaluation.ppl import ppl_token_stream
-from dpe_export.evaluation.prompts import max_new_tokens_for, sample_seed
+from dpe_export.evaluation.prompts import sample_seed
+from dpe_export.evaluation.registry import max_new_tokens_for
 from dpe_export.evaluation.results import require_matplotlib
-from dpe_export.evaluation.run import evaluate_niah, evaluate_passkey
+from dpe_export.evaluation.run import evaluate_task
 from dpe_export.evaluation.tasks import PromptBuilder
 from dpe_export.runtime import load_dpe_core
 from dpe_export.safefiles import safe_file
@@ -398,8 +399,7 @@ def ablate(model, tokenizer, result: HeadAnalysis, spec: str, *, length: int, dr
 
     def accuracy(heads) -> float:
         with zeroed_heads(model, heads):
-            run = evaluate_passkey if task == "passkey" else evaluate_niah
-            records = run(builder, generate, [length], samples=samples, seed=seed)
+            records = evaluate_task(task, builder, generate, [length], samples=samples, seed=seed)
         if progress is not None:
             progress.update(1)
         return sum(r["accuracy"] * r["samples"] for r in records) / sum(r["samples"] for r in records)

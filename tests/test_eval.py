@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from helpers import byte_tokenizer  # noqa: E402
 
 from dpe_export.errors import DPEExportError  # noqa: E402
+from dpe_export.evaluation.registry import get_task  # noqa: E402
 from dpe_export.evaluation import generation, ppl, results
 from dpe_export.evaluation import prompts as eval_prompts
 from dpe_export.evaluation import run as evalrun
@@ -132,7 +133,7 @@ def test_niah_partial_score_is_fraction_of_needles(chars, builder):
 def test_minimum_prompt_length_is_buildable_and_shorter_is_a_clear_error(builder):
     for task, items in (("passkey", lambda n: eval_prompts.passkey_prompts(builder, n, [0, 1], 2, 0)),
                         ("niah", lambda n: eval_prompts.niah_prompts(builder, n, [0, 0.5, 1], 4, 4, 0))):
-        n = eval_prompts.minimum_prompt_length(builder, task, 4)  # exact for passkey, an upper bound for niah
+        n = get_task(task).min_length(builder, 4)  # exact for passkey, an upper bound for niah
         assert {len(item.prompt.input_ids) for item in items(n)} == {n}
         short = n - 1 if task == "passkey" else n // 2
         with pytest.raises(DPEExportError, match=f"cannot build a {task} prompt of {short} tokens"):

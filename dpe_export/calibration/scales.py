@@ -43,7 +43,7 @@ from dpe_export.calibration.result import (
     write_json_atomic,
 )
 from dpe_export.errors import DPEExportError
-from dpe_export.evaluation import generation, prompts
+from dpe_export.evaluation import generation, prompts, registry
 from dpe_export.evaluation import run as evalrun
 from dpe_export.evaluation.ppl import ppl_token_stream
 from dpe_export.evaluation.tasks import PromptBuilder
@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 CELLS_GLOB = "cells*.jsonl"
 
 
-METRICS = ("niah", "passkey")
+METRICS = registry.calibration_metrics()
 
 
 DEFAULT_SAMPLES = 8  # NIAH contexts per cell (x needles queries)
@@ -358,14 +358,13 @@ class Calibrator:
         if self._builder is None:
             self._builder = PromptBuilder(self.tokenizer, haystack_path=self.haystack,
                                           haystack_seed=prompts.task_haystack_seed(self.plan.seed))
-        generate_fn = generation.make_generate_fn(self.model, self.tokenizer,
-                                                prompts.max_new_tokens_for(self.plan.metric))
+        task = registry.get_task(self.plan.metric)
+        generate_fn = generation.make_generate_fn(self.model, self.tokenizer, task.max_new_tokens)
         depths = list(prompts.DEFAULT_DEPTHS)
         per_depth = -(-self.plan.samples * self.plan.needles // len(depths))
-        kwargs = {"needles": self.plan.needles} if self.plan.metric == "niah" else {}
-        run = evalrun.evaluate_niah if self.plan.metric == "niah" else evalrun.evaluate_passkey
-        records = run(self._builder, generate_fn, [self.plan.target_length], depths, samples=per_depth,
-                      seed=self.plan.seed, batch_size=self.batch_size, **kwargs)
+        records = evalrun.evaluate_task(task, self._builder, generate_fn, [self.plan.target_length], depths,
+                                        samples=per_depth, needles=self.plan.needles, seed=self.plan.seed,
+                                        batch_size=self.batch_size)
         correct = sum(r["accuracy"] * r["samples"] for r in records)
         total = sum(r["samples"] for r in records)
         return {"score": correct / total, "samples": total}
@@ -496,7 +495,7 @@ def build_calibration(plan: CalibrationPlan, cells: dict[tuple[int, int], dict],
         "top_k": plan.top_k,
         "dim_scores": DIM_SCORES_FILE if plan.top_k else None,
         "dim_statistic": plan.dim_statistic if plan.top_k else None,
-        "metric": f"{plan.needles}-needle NIAH accuracy" if plan.metric == "niah" else "pass-key accuracy",
+        "metric": registry.get_task(plan.metric).metric_label(plan.needles),
         "higher_is_better": True,
         # what ran (queries spread evenly over the depths can round the asked samples x needles up)
         "samples_per_cell": max(int(cells[c]["samples"]) for c in plan.cells()),

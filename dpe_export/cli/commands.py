@@ -16,7 +16,8 @@ from dpe_export.calibration import scales
 from dpe_export.cli import options as opt
 from dpe_export.cli.app import main, quiet_transformers, setup_logging
 from dpe_export.errors import UsageError
-from dpe_export.evaluation import prompts, results
+from dpe_export.evaluation import prompts, registry, results
+from dpe_export.evaluation.harness import run_harness as harness_run
 from dpe_export.evaluation.run import run_eval
 from dpe_export.export.presets import list_presets, load_preset
 from dpe_export.export.settings import ConvertFlags
@@ -60,6 +61,18 @@ Examples:
   dpe-export eval ./my-llama-dpe --task niah --lengths 16k,32k --needles 4 --batch-size 4 --device cuda
   # perplexity of held-out text at several lengths
   dpe-export eval ./my-llama-dpe --task ppl --lengths 2048,8192 --samples 4
+  # RULER through lm-evaluation-harness (pip install 'dpe-export[eval]'): its offline subtasks, or some
+  dpe-export eval ./my-llama-dpe --task ruler --lengths 4k,8k,16k --samples 10 --json ruler.json
+  dpe-export eval ./my-llama --task ruler:niah_single_1,vt --lengths 4k,8k --method self-extend:1024,8
+  # any lm-eval task; max_length = its longest request, the same for base and export
+  dpe-export eval ./my-llama-dpe --harness lm-eval --tasks my_task --include-path ./tasks --limit 20
+
+\b
+Tasks (--task): passkey, niah and ppl are dpe-export's own exact-length prompts; ruler runs lm-eval's RULER
+(default: its subtasks that need no download: niah_single_1, niah_multikey_2, niah_multikey_3, vt, cwe, fwe;
+the essay subtasks run when baber/paul_graham_essays is in the local Hugging Face cache, qa_squad and
+qa_hotpot with --data-file squad=PATH / hotpotqa=PATH). RULER scores are lm-eval's string match, one lm-eval
+run per subtask and length, --samples samples each, max_length = the longest length for every model.
 
 \b
 Methods (--method, base models only):
@@ -278,7 +291,7 @@ def presets_command(name: Optional[str]) -> None:
 def _eval_options(f):
     for option in reversed([
         opt.task,
-        opt.lengths(required=True, help="Prompt lengths (exact)."),
+        opt.lengths(help="Prompt lengths (exact; RULER: its prompts' maximum). Required but with --harness."),
         opt.samples(prompts.DEFAULT_SAMPLES, "passkey: prompts per (length, depth); niah: needles asked per "
                     "(length, depth); ppl: text windows per length."),
         click.option("--depths", callback=opt.depth_list, metavar="D1,D2,...",
@@ -306,6 +319,20 @@ def _eval_options(f):
                      help="Run a DPE export's own modeling code even when it is not exactly what this dpe-export "
                           "writes (an export edited by hand, or from another tool). Never needed for base models."),
         opt.no_progress,
+        click.option("--harness", type=click.Choice(["lm-eval"]),
+                     help="Run lm-evaluation-harness tasks (--tasks) instead of --task, on this model loaded the "
+                          "dpe-export way. Needs dpe-export[eval]."),
+        click.option("--tasks", "harness_tasks", metavar="NAME1,NAME2", help="With --harness: lm-eval task names."),
+        click.option("--limit", type=click.IntRange(min=1), metavar="N", help="With --harness: samples per task."),
+        click.option("--max-length", type=click.IntRange(min=2), metavar="N",
+                     help="With --harness: lm-eval's max_length. Default: the tasks' longest request, so no "
+                          "prompt is cut (give the same value to every model you compare)."),
+        click.option("--include-path", type=click.Path(file_okay=False, path_type=Path), metavar="DIR",
+                     help="With --harness: a directory of local lm-eval task YAML files."),
+        click.option("--num-fewshot", type=click.IntRange(min=0), metavar="N", help="With --harness: few-shot examples."),
+        click.option("--data-file", "data_files", multiple=True, metavar="KEY=PATH", callback=opt.key_paths,
+                     help="--task ruler: local data for subtasks that download it (squad=dev-v2.0.json, "
+                          "hotpotqa=hotpot_dev_distractor_v1.json)."),
     ]):
         f = option(f)
     return opt.model_source(f)
@@ -314,7 +341,8 @@ def _eval_options(f):
 @main.command("eval", epilog=EVAL_EPILOG)
 @_eval_options
 def eval_command(model_dir, model_source, model_revision, gguf_file, task, depths, needles, method, json_out,
-                 plot_out, dtype, no_progress, **rest) -> None:
+                 plot_out, dtype, no_progress, harness, harness_tasks, limit, max_length, include_path, num_fewshot,
+                 data_files, **rest) -> None:
     """Evaluate MODEL on pass-key retrieval, multi-needle NIAH or perplexity at the given lengths.
 
     MODEL is a base checkpoint directory or a DPE export. An export's code (modeling_dpe.py, dpe_core.py) runs
@@ -323,10 +351,23 @@ def eval_command(model_dir, model_source, model_revision, gguf_file, task, depth
     exactly the requested number of tokens. Prints a table (per length and depth: accuracy and sample count,
     plus an `all` row per length); --json and --plot save the results. Generation is greedy.
     """
-    if task == "ppl" and depths is not None:
-        raise click.UsageError("--depths applies to passkey and niah, not to ppl")
-    if task != "niah" and needles is not None:
+    task_def = registry.get_task(task)
+    harness_only = {"--tasks": harness_tasks, "--limit": limit, "--max-length": max_length,
+                    "--include-path": include_path, "--num-fewshot": num_fewshot}
+    if harness is None:
+        given = [k for k, v in harness_only.items() if v is not None]
+        if given:
+            raise click.UsageError(f"{given[0]} needs --harness lm-eval")
+        if rest["lengths"] is None:
+            raise click.UsageError("give --lengths")
+    elif not harness_tasks:
+        raise click.UsageError("--harness lm-eval needs --tasks NAME1,NAME2")
+    if depths is not None and not task_def.uses_depths:
+        raise click.UsageError(f"--depths applies to {', '.join(t for t in registry.TASKS if registry.get_task(t).uses_depths)}, not to {task}")
+    if needles is not None and not task_def.uses_needles:
         raise click.UsageError("--needles applies to --task niah only")
+    if data_files and task_def.name != "ruler":
+        raise click.UsageError("--data-file applies to --task ruler only")
     spec = parse_method(method)
     if plot_out is not None:
         results.require_matplotlib()
@@ -334,10 +375,18 @@ def eval_command(model_dir, model_source, model_revision, gguf_file, task, depth
     quiet_transformers()
     with workflows.open_model(opt.model_spec(model_dir, model_source), revision=model_revision, gguf_file=gguf_file,
                               dtype=dtype, workdir=Path(tempfile.gettempdir()), echo=click.echo) as source:
-        rest["lengths"] = prompts.resolve_lengths(rest["lengths"], workflows.pretraining_length(source.path)
-                                                  if any(isinstance(x, str) for x in rest["lengths"]) else 1)
-        result = run_eval(source.path, task, depths=depths, method=spec, dtype=dtype, progress=not no_progress,
-                          needles=prompts.DEFAULT_NEEDLES if needles is None else needles, **rest)
+        if harness is not None:
+            result = harness_run(source.path, harness_tasks.split(","), limit=limit, max_length=max_length,
+                                 include_path=include_path, num_fewshot=num_fewshot, method=spec, dtype=dtype,
+                                 progress=not no_progress, seed=rest["seed"], batch_size=rest["batch_size"],
+                                 device=rest["device"], attn=rest["attn"], device_map=rest["device_map"],
+                                 trust_remote_code=rest["trust_remote_code"])
+        else:
+            rest["lengths"] = prompts.resolve_lengths(rest["lengths"], workflows.pretraining_length(source.path)
+                                                      if any(isinstance(x, str) for x in rest["lengths"]) else 1)
+            result = run_eval(source.path, task, depths=depths, method=spec, dtype=dtype, progress=not no_progress,
+                              needles=prompts.DEFAULT_NEEDLES if needles is None else needles,
+                              data_files=data_files, **rest)
     click.echo(results.format_table(result))
     if json_out is not None:
         click.echo(f"Wrote {results.write_json(result, json_out)}")

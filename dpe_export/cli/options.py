@@ -12,8 +12,9 @@ from typing import Optional
 import click
 
 from dpe_export.calibration.dim_scores import STATISTICS
-from dpe_export.calibration.scales import METRICS
-from dpe_export.evaluation.prompts import TASKS, parse_length_items
+from dpe_export.errors import DPEExportError
+from dpe_export.evaluation import registry
+from dpe_export.evaluation.prompts import parse_length_items
 from dpe_export.sources import describe_sources
 from dpe_export.sources.loading import DEVICE_CHOICES, DEVICE_MAPS, DTYPE_CHOICES
 
@@ -51,6 +52,19 @@ def lengths(required: bool = False, default: Optional[str] = None, help: str = "
     return click.option("--lengths", required=required, default=default, show_default=default is not None,
                         callback=length_list, metavar="N1,N2,...",
                         help=help + " Token counts (1024,4k) or multiples of the pretraining length L (1x,2x).")
+
+
+def key_paths(ctx: click.Context, param: click.Parameter, value) -> dict:
+    """('squad=a.json', ...) -> {'squad': Path('a.json')}; each file must exist."""
+    out = {}
+    for item in value or ():
+        key, sep, path = str(item).partition("=")
+        if not sep or not key.strip() or not path.strip():
+            raise click.BadParameter(f"expected KEY=PATH, got {item!r}")
+        if not Path(path).is_file():
+            raise click.BadParameter(f"file not found: {path}")
+        out[key.strip()] = Path(path)
+    return out
 
 
 def depth_list(ctx: click.Context, param: click.Parameter, value: Optional[str]) -> Optional[list[float]]:
@@ -174,16 +188,28 @@ def device_map(name: str = "--device-map", dest: str = "device_map", help: Optio
                      f"accelerate ({', '.join(DEVICE_MAPS)}). Replaces --device.")
 
 
+def _task_spec(ctx, param, value):
+    if value is None:
+        return value
+    try:
+        registry.get_task(value)
+    except DPEExportError as e:
+        raise click.BadParameter(str(e)) from None
+    return value
+
+
 def task(f):
+    names = registry.task_names()
     return click.option(
-        "--task", type=click.Choice(TASKS), default=TASKS[0], show_default=True,
-        help="passkey: one 5-digit pass key hidden in filler; niah: several 6-digit needles per context, each "
-             "asked for in turn (score: fraction retrieved); ppl: perplexity of held-out text.")(f)
+        "--task", default=names[0], show_default=True, callback=_task_spec, metavar="|".join(names),
+        help="; ".join(f"{t}: {registry.get_task(t).help}" for t in names) + ".")(f)
 
 
 def metric(f):
+    choices = registry.calibration_metrics()
     return click.option(
-        "--metric", type=click.Choice(METRICS), default=METRICS[0], show_default=True,
+        "--metric", type=click.Choice(choices), default="niah" if "niah" in choices else choices[0],
+        show_default=True,
         help="What scores a cell: K-needle NIAH (the authors' choice), or pass-key retrieval for models whose "
              "multi-needle retrieval is weak even at their pretraining length (samples x needles prompts per cell "
              "either way).")(f)

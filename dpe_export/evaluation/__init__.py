@@ -1,6 +1,8 @@
 """Stage 2: measuring retrieval and perplexity (the public API; the modules say how).
 
+registry     the tasks, as data: prompts, answers, scorer, generation length, labels
 prompts      which prompts an evaluation runs (seeds, depth grids, lengths)
+harness      RULER and any lm-evaluation-harness task, on base models and exports alike
 tasks        building pass-key and NIAH prompts of an exact length, and scoring answers; haystack: the filler
 generation   greedy decoding with chunked prefill and a shared prefix
 ppl          perplexity of held-out text
@@ -17,11 +19,10 @@ from dpe_export.evaluation.ppl import evaluate_ppl
 from dpe_export.evaluation.prompts import (
     NIAH_DIGITS,
     PASSKEY_DIGITS,
-    TASKS,
-    max_new_tokens_for,
     sample_seed,
     task_haystack_seed,
 )
+from dpe_export.evaluation.registry import TASKS, Task, get_task, max_new_tokens_for, register_task
 from dpe_export.evaluation.results import (
     EvalResult,
     aggregate,
@@ -30,11 +31,11 @@ from dpe_export.evaluation.results import (
     format_ppl,
     wilson_interval,
 )
-from dpe_export.evaluation.run import evaluate_niah, evaluate_passkey, run_eval
+from dpe_export.evaluation.run import evaluate_niah, evaluate_passkey, evaluate_task, run_eval
 from dpe_export.evaluation.tasks import PromptBuilder, score_answer, score_niah
 
 __all__ = [
-    "NIAH_DIGITS", "PASSKEY_DIGITS", "TASKS", "EvalResult", "PromptBuilder", "aggregate", "bootstrap_interval",
+    "NIAH_DIGITS", "PASSKEY_DIGITS", "TASKS", "EvalResult", "Task", "evaluate_task", "get_task", "register_task", "PromptBuilder", "aggregate", "bootstrap_interval",
     "eos_ids", "evaluate_niah", "evaluate_passkey", "evaluate_ppl", "format_accuracy", "format_ppl",
     "greedy_generate", "greedy_generate_shared", "make_generate_fn", "max_new_tokens_for", "run_eval",
     "sample_seed", "score_answer", "score_niah", "task_haystack_seed", "wilson_interval",

@@ -22,9 +22,6 @@ from dpe_export.evaluation.tasks import (
 logger = logging.getLogger("dpe_export")
 
 
-TASKS = ("passkey", "niah", "ppl")
-
-
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -102,25 +99,21 @@ def niah_prompts(builder, length: int, depths: Sequence[float], samples: int, ne
             yield _Item(p, length, needle_depths[k], c)
 
 
-def minimum_prompt_length(builder, task: str, needles: int = DEFAULT_NEEDLES) -> int:
-    """The shortest length a prompt of ``task`` can have (its intro, needles and question, no filler)."""
-
-    if task == "passkey":
-        pieces = [PASSKEY_NEEDLE.format(key="9" * PASSKEY_DIGITS), PASSKEY_QUERY]
-        intro = PASSKEY_INTRO
-    else:  # the key that tokenizes longest, in every needle and the question: an upper bound
-
-        key = max(NIAH_KEYS, key=lambda k: len(builder.encode_piece(NIAH_QUERY.format(key=k))))
-        pieces = [NIAH_NEEDLE.format(key=key, value="9" * NIAH_DIGITS)] * needles
-        pieces.append(NIAH_QUERY.format(key=key))
-        intro = NIAH_INTRO
+def _min_length(builder, intro: str, pieces: Sequence[str]) -> int:
     n = len(builder.prefix_ids) + len(builder.encode_piece(intro, leading_space=False))
     return n + sum(len(builder.encode_piece(p)) for p in pieces)
 
 
-def max_new_tokens_for(task: str) -> int:
-    """Enough new tokens for the answer: one per digit (tokens never span less than a digit) plus slack."""
-    return (PASSKEY_DIGITS if task == "passkey" else NIAH_DIGITS) + ANSWER_SLACK
+def passkey_min_length(builder) -> int:
+    """The shortest pass-key prompt (intro, needle and question, no filler) with this builder's tokenizer."""
+    return _min_length(builder, PASSKEY_INTRO, [PASSKEY_NEEDLE.format(key="9" * PASSKEY_DIGITS), PASSKEY_QUERY])
+
+
+def niah_min_length(builder, needles: int = DEFAULT_NEEDLES) -> int:
+    """An upper bound of the shortest NIAH prompt: the key that tokenizes longest in every needle and the question."""
+    key = max(NIAH_KEYS, key=lambda k: len(builder.encode_piece(NIAH_QUERY.format(key=k))))
+    pieces = [NIAH_NEEDLE.format(key=key, value="9" * NIAH_DIGITS)] * needles + [NIAH_QUERY.format(key=key)]
+    return _min_length(builder, NIAH_INTRO, pieces)
 
 
 def parse_length_items(spec: str) -> list:

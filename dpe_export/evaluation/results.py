@@ -51,7 +51,17 @@ class EvalResult:
         return [{**head, **r} for r in self.records]
 
     def overall(self) -> list[dict[str, Any]]:
-        """Per length: accuracy over all its samples (retrieval) or the perplexity (ppl)."""
+        """Per length: accuracy over all its samples (retrieval), the perplexity (ppl), or the unweighted mean
+        over subtasks (RULER, as RULER averages)."""
+        if self.task == "lm-eval":
+            return []
+        if any("subtask" in r for r in self.records):
+            by_length: dict[int, list[dict[str, Any]]] = {}
+            for r in self.records:
+                by_length.setdefault(r["length"], []).append(r)
+            return [{"length": n, "samples": sum(r["samples"] for r in rs),
+                     "accuracy": sum(r["accuracy"] for r in rs) / len(rs), "subtasks": len(rs)}
+                    for n, rs in by_length.items()]
         out: dict[int, dict[str, Any]] = {}
         for r in self.records:
             o = out.setdefault(r["length"], {"length": r["length"], "samples": 0, "_correct": 0.0})
@@ -129,8 +139,26 @@ def format_table(result) -> str:
     if needles:
         task += f" ({needles} needles)"
     header = f"task {task}  |  model {result.model}  |  method {result.method}  |  seed {result.seed}"
+    if result.settings.get("harness"):
+        header += f"  |  {result.settings['harness']}, max_length {result.settings.get('max_length')}"
     lines = [header]
-    if result.task == "ppl":
+    if result.task == "lm-eval":
+        rows = [("task", "metric", "value", "stderr", "samples")]
+        for r in result.records:
+            stderr = r.get("stderr")
+            rows.append((r["subtask"], r["metric"], f"{r['value']:.4f}",
+                         "-" if not isinstance(stderr, (int, float)) else f"{stderr:.4f}", str(r.get("samples") or "-")))
+    elif any("subtask" in r for r in result.records):
+        lengths = sorted({r["length"] for r in result.records})
+        cells = {(r["subtask"], r["length"]): r for r in result.records}
+        subtasks = list(dict.fromkeys(r["subtask"] for r in result.records))
+        rows = [("subtask", *map(str, lengths))]
+        for s in subtasks:
+            rows.append((s, *(format_accuracy(cells[(s, n)]["accuracy"]) + f" ({cells[(s, n)]['samples']})"
+                              if (s, n) in cells else "-" for n in lengths)))
+        overall = {o["length"]: o for o in result.overall()}
+        rows.append(("average", *(format_accuracy(overall[n]["accuracy"]) for n in lengths)))
+    elif result.task == "ppl":
         rows = [("length", "samples", "tokens", "perplexity")]
         for r in result.records:
             rows.append((str(r["length"]), str(r["samples"]), str(r["tokens"]), format_ppl(r["perplexity"])))
@@ -177,6 +205,8 @@ def require_matplotlib() -> None:
 
 def plot_result(result, path) -> Path:
     """Save a PNG: a depth x length accuracy heatmap (retrieval), or perplexity against length (ppl)."""
+    if any("subtask" in r for r in result.records):
+        raise DPEExportError("--plot draws pass-key, NIAH and perplexity results; RULER and lm-eval print a table")
     require_matplotlib()
     import matplotlib
 

@@ -32,16 +32,12 @@ from dpe_export.evaluation.prompts import (
     DEFAULT_DEPTHS,
     DEFAULT_NEEDLES,
     DEFAULT_SAMPLES,
-    TASKS,
     _Item,
-    max_new_tokens_for,
-    minimum_prompt_length,
-    niah_prompts,
-    passkey_prompts,
     task_haystack_seed,
 )
+from dpe_export.evaluation.registry import Task, get_task
 from dpe_export.evaluation.results import EvalResult, aggregate
-from dpe_export.evaluation.tasks import NIAH_KEYS, PromptBuilder, score_answer
+from dpe_export.evaluation.tasks import NIAH_KEYS, PromptBuilder
 from dpe_export.progress import progress_bar
 from dpe_export.sources import loading, methods
 
@@ -72,20 +68,20 @@ def _checked(items: Iterable[_Item], task: str, length: int) -> Iterator[_Item]:
         yield item
 
 
-def _run_retrieval(task: str, items_for: Callable[[int], Iterable[_Item]], generate_fn: GenerateFn,
+def _run_retrieval(task: Task, items_for: Callable[[int], Iterable[_Item]], generate_fn: GenerateFn,
                    lengths: Sequence[int], total: int, batch_size: int, progress: bool) -> list[dict[str, Any]]:
 
     if batch_size < 1:
         raise DPEExportError("the batch size must be >= 1")
     details: list[dict[str, Any]] = []
-    with progress_bar(total, task, progress) as bar:
+    with progress_bar(total, task.name, progress) as bar:
         for length in lengths:
             bar.set_postfix(length=length)
-            for batch in _batches(_checked(items_for(length), task, length), batch_size):
+            for batch in _batches(_checked(items_for(length), task.name, length), batch_size):
                 ids = [list(item.prompt.input_ids) for item in batch]
                 bad = [len(x) for x in ids if len(x) != length]
                 if bad:  # pragma: no cover - the prompt builder guarantees exact lengths
-                    raise DPEExportError(f"a {task} prompt has {bad[0]} tokens instead of {length}")
+                    raise DPEExportError(f"a {task.name} prompt has {bad[0]} tokens instead of {length}")
                 texts = generate_fn(ids)
                 if len(texts) != len(batch):
                     raise DPEExportError(f"generate_fn returned {len(texts)} texts for {len(batch)} prompts")
@@ -93,39 +89,47 @@ def _run_retrieval(task: str, items_for: Callable[[int], Iterable[_Item]], gener
                     details.append({
                         "length": length, "depth": item.depth, "sample": item.sample,
                         "answer": item.prompt.answer, "generated": text,
-                        "correct": bool(score_answer(text, item.prompt.answer)),
+                        "correct": bool(task.score(text, item.prompt.answer)),
                     })
                 bar.update(len(batch))
     return details
+
+
+def evaluate_task(task, builder, generate_fn: GenerateFn, lengths: Sequence[int],
+                  depths: Sequence[float] = DEFAULT_DEPTHS, samples: int = DEFAULT_SAMPLES,
+                  needles: int = DEFAULT_NEEDLES, seed: int = 0, batch_size: int = 1, progress: bool = False,
+                  details_out: Optional[list] = None) -> list[dict[str, Any]]:
+    """Accuracy of a registered retrieval task per (length, depth). ``builder``: a tasks.PromptBuilder;
+    ``generate_fn`` as above; ``details_out``: a list that receives one dict per prompt (answer, generated text,
+    correct). NIAH: per (length, depth) the fraction of needles retrieved."""
+    task = get_task(task) if isinstance(task, str) else task
+    if task.kind != "retrieval":
+        raise DPEExportError(f"task {task.name} is not a retrieval task")
+    total = len(lengths) * len(depths) * samples
+    details = _run_retrieval(task, lambda n: task.build(builder, n, depths, samples, seed, needles),
+                             generate_fn, lengths, total, batch_size, progress)
+    if details_out is not None:
+        details_out.extend(details)
+    extra = {"needles": needles} if task.uses_needles else None
+    return aggregate(details, extra, count_contexts=task.count_contexts)
 
 
 def evaluate_passkey(builder, generate_fn: GenerateFn, lengths: Sequence[int],
                      depths: Sequence[float] = DEFAULT_DEPTHS, samples: int = DEFAULT_SAMPLES, seed: int = 0,
                      batch_size: int = 1, progress: bool = False,
                      details_out: Optional[list] = None) -> list[dict[str, Any]]:
-    """Pass-key accuracy per (length, depth). ``builder``: a tasks.PromptBuilder; ``generate_fn`` as above.
-
-    ``details_out``: a list that receives one dict per prompt (answer, generated text, correct).
-    """
-    total = len(lengths) * len(depths) * samples
-    details = _run_retrieval("passkey", lambda n: passkey_prompts(builder, n, depths, samples, seed),
-                             generate_fn, lengths, total, batch_size, progress)
-    if details_out is not None:
-        details_out.extend(details)
-    return aggregate(details)
+    """Pass-key accuracy per (length, depth): :func:`evaluate_task` for ``passkey``."""
+    return evaluate_task("passkey", builder, generate_fn, lengths, depths, samples, seed=seed,
+                         batch_size=batch_size, progress=progress, details_out=details_out)
 
 
 def evaluate_niah(builder, generate_fn: GenerateFn, lengths: Sequence[int],
                   depths: Sequence[float] = DEFAULT_DEPTHS, samples: int = DEFAULT_SAMPLES,
                   needles: int = DEFAULT_NEEDLES, seed: int = 0, batch_size: int = 1, progress: bool = False,
                   details_out: Optional[list] = None) -> list[dict[str, Any]]:
-    """NIAH with ``needles`` needles per context: per (length, depth) the fraction of needles retrieved."""
-    total = len(lengths) * len(depths) * samples
-    details = _run_retrieval("niah", lambda n: niah_prompts(builder, n, depths, samples, needles, seed),
-                             generate_fn, lengths, total, batch_size, progress)
-    if details_out is not None:
-        details_out.extend(details)
-    return aggregate(details, {"needles": needles}, count_contexts=True)
+    """NIAH with ``needles`` needles per context: :func:`evaluate_task` for ``niah``."""
+    return evaluate_task("niah", builder, generate_fn, lengths, depths, samples, needles, seed, batch_size,
+                         progress, details_out)
 
 
 class _WarningsToLog(warnings.catch_warnings):
@@ -224,8 +228,9 @@ def run_eval(model_dir, task: str, lengths: Sequence[int], *, samples: int = DEF
              haystack: Optional[Path] = None, seed: int = 0, batch_size: int = 1, device: Optional[str] = None,
              dtype: Optional[str] = None, attn: str = "sdpa", progress: bool = False,
              chunk_size: Optional[int] = None, device_map: Optional[str] = None,
-             trust_remote_code: bool = False) -> EvalResult:
-    """Load ``model_dir`` (with ``method`` applied), run ``task`` at ``lengths`` and return the scores.
+             trust_remote_code: bool = False, data_files: Optional[dict] = None) -> EvalResult:
+    """Load ``model_dir`` (with ``method`` applied), run ``task`` (a registered task name; ``ruler:sub,...`` for
+    harness subtasks) at ``lengths`` and return the scores.
 
     A DPE export is loaded with its own code only when that code is exactly what this dpe-export writes, or
     with ``trust_remote_code``.
@@ -233,22 +238,28 @@ def run_eval(model_dir, task: str, lengths: Sequence[int], *, samples: int = DEF
     Fast checks (directory, weights, method, prompt lengths) run before the weights are loaded.
     """
 
-    if task not in TASKS:
-        raise DPEExportError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    spec_name = task
+    task_def = get_task(task)
     lengths = [int(n) for n in lengths]
     if not lengths or any(n < 1 for n in lengths):
         raise DPEExportError("give one or more positive lengths")
     if samples < 1:
         raise DPEExportError("the number of samples must be >= 1")
     spec = method if isinstance(method, methods.MethodSpec) else methods.parse_method(method)
-    depths = list(DEFAULT_DEPTHS if depths is None else depths)
-    if task != "ppl":
-        if not depths or any(not 0.0 <= float(d) <= 1.0 for d in depths):
-            raise DPEExportError("depths must be numbers between 0 and 1")
-        if task == "niah":
+    if task_def.kind == "harness":
+        from dpe_export.evaluation import harness
 
-            if not 1 <= needles <= len(NIAH_KEYS):
-                raise DPEExportError(f"the number of needles must be between 1 and {len(NIAH_KEYS)}")
+        return harness.run_ruler(model_dir, spec_name, lengths, samples=samples, method=spec, seed=seed,
+                                 batch_size=batch_size, device=device, dtype=dtype, attn=attn, progress=progress,
+                                 device_map=device_map, trust_remote_code=trust_remote_code, data_files=data_files)
+    if data_files:
+        raise DPEExportError("data files apply to RULER only")
+    task = task_def.name
+    depths = list(DEFAULT_DEPTHS if depths is None else depths)
+    if task_def.uses_depths and (not depths or any(not 0.0 <= float(d) <= 1.0 for d in depths)):
+        raise DPEExportError("depths must be numbers between 0 and 1")
+    if task_def.uses_needles and not 1 <= needles <= len(NIAH_KEYS):
+        raise DPEExportError(f"the number of needles must be between 1 and {len(NIAH_KEYS)}")
     if haystack is not None and not Path(haystack).is_file():
         raise DPEExportError(f"haystack file not found: {haystack}")
 
@@ -264,10 +275,9 @@ def run_eval(model_dir, task: str, lengths: Sequence[int], *, samples: int = DEF
     torch.manual_seed(seed)
     with _WarningsToLog():
         builder = None
-        if task != "ppl":
-
+        if task_def.kind == "retrieval":
             builder = PromptBuilder(tokenizer, haystack_path=haystack, haystack_seed=task_haystack_seed(seed))
-            shortest = minimum_prompt_length(builder, task, needles)
+            shortest = task_def.min_length(builder, needles)
             if min(lengths) < shortest:
                 raise DPEExportError(
                     f"length {min(lengths)} is too short for a {task} prompt with this tokenizer "
@@ -277,20 +287,19 @@ def run_eval(model_dir, task: str, lengths: Sequence[int], *, samples: int = DEF
                                         target_length=max(lengths), tokenizer=tokenizer, device_map=device_map,
                                         trust_remote_code=trust_remote_code)
         settings = {
-            "lengths": lengths, "samples": samples, "depths": None if task == "ppl" else [float(d) for d in depths],
-            "needles": needles if task == "niah" else None, "haystack": str(haystack) if haystack else None,
-            "batch_size": batch_size, "device": str(loaded.device), "device_map": device_map, "dtype": str(loaded.dtype).replace("torch.", ""),
+            "lengths": lengths, "samples": samples,
+            "depths": [float(d) for d in depths] if task_def.uses_depths else None,
+            "needles": needles if task_def.uses_needles else None, "haystack": str(haystack) if haystack else None,
+            "batch_size": batch_size, "device": str(loaded.device), "device_map": device_map,
+            "dtype": str(loaded.dtype).replace("torch.", ""),
             "attn": attn, "model_kind": loaded.describe(), "pretrain_length": loaded.pretrain_length,
         }
         details: list[dict[str, Any]] = []
-        if task == "ppl":
+        if task_def.kind == "ppl":
             records = evaluate_ppl(loaded.model, tokenizer, lengths, samples, seed, haystack, batch_size,
                                    chunk_size, progress)
         else:
-            generate_fn = make_generate_fn(loaded.model, tokenizer, max_new_tokens_for(task))
-            evaluate = evaluate_passkey if task == "passkey" else evaluate_niah
-            kwargs = {"needles": needles} if task == "niah" else {}
-            records = evaluate(builder, generate_fn, lengths, depths, samples, seed=seed, batch_size=batch_size,
-                               progress=progress, details_out=details, **kwargs)
+            generate_fn = make_generate_fn(loaded.model, tokenizer, task_def.max_new_tokens)
+            records = evaluate_task(task_def, builder, generate_fn, lengths, depths, samples, needles, seed=seed,
+                                    batch_size=batch_size, progress=progress, details_out=details)
     return EvalResult(task, str(model_dir), str(spec), seed, records, settings, details)
-

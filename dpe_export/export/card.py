@@ -320,11 +320,13 @@ def eval_tables(records: Sequence[dict[str, Any]], base_dir=None, export_dir=Non
 
     `base_dir` / `export_dir` help tell the base model's runs from the export's (see run_kind).
     """
-    tasks: dict[str, dict[tuple[str, str], dict[int, Cell]]] = {}
+    tasks: dict[str, dict[tuple[str, str], dict[tuple[int, str], Cell]]] = {}
     for r in records:
         task = str(r.get("task") or "eval")
         run = (str(r.get("model") or "?"), str(r.get("method") or "none"))
-        cell = tasks.setdefault(task, {}).setdefault(run, {}).setdefault(int(r["length"]), Cell())
+        # RULER: a row per (length, subtask), then the subtasks' average per length
+        row = (int(r["length"]), " ".join(_CONTROL.sub(" ", str(r.get("subtask") or "")).split())[:40])
+        cell = tasks.setdefault(task, {}).setdefault(run, {}).setdefault(row, Cell())
         samples = r.get("samples") if _is_number(r.get("samples")) and r.get("samples") > 0 else 1
         if _is_number(r.get("accuracy")):
             cell.samples += samples
@@ -342,15 +344,24 @@ def eval_tables(records: Sequence[dict[str, Any]], base_dir=None, export_dir=Non
         kinds = {run: run_kind(*run, base_dir=base_dir, export_dir=export_dir) for run in runs}
         order = sorted(runs, key=lambda run: rank[kinds[run]])
         labels = _run_labels(order, [kinds[run] for run in order])
-        lengths = sorted({n for cells in runs.values() for n in cells})
+        keys = list(dict.fromkeys(k for cells in runs.values() for k in cells))
         rows = []
-        for n in lengths:
-            cells = []
-            for run in order:
-                c = runs[run].get(n)
-                v = None if c is None else (c.perplexity() if is_ppl else c.accuracy())
-                cells.append("–" if v is None else (format_ppl(v, 3) if is_ppl else format_accuracy(v)))
-            rows.append({"length": f"{n:,}", "cells": cells})
+        for n in sorted({k[0] for k in keys}):
+            subs = [k[1] for k in keys if k[0] == n]
+            for s in subs:
+                cells = []
+                for run in order:
+                    c = runs[run].get((n, s))
+                    v = None if c is None else (c.perplexity() if is_ppl else c.accuracy())
+                    cells.append("–" if v is None else (format_ppl(v, 3) if is_ppl else format_accuracy(v)))
+                rows.append({"length": f"{s} @ {n:,}" if s else f"{n:,}", "cells": cells})
+            if any(subs):  # the unweighted mean over subtasks, as RULER reports it
+                cells = []
+                for run in order:
+                    accs = [runs[run][(n, s)].accuracy() for s in subs if (n, s) in runs[run]]
+                    accs = [a for a in accs if a is not None]
+                    cells.append(format_accuracy(sum(accs) / len(accs)) if len(accs) == len(subs) else "–")
+                rows.append({"length": f"average @ {n:,}", "cells": cells})
         tables.append({
             "task": task,
             "metric": "perplexity (lower is better)" if is_ppl else "accuracy",

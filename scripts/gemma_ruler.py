@@ -1,0 +1,129 @@
+"""RULER on Gemma-3-270M, inside its 32K context: base vs DPE export vs SelfExtend, through lm-eval.
+
+Every sample's result is appended to a JSONL file as its chunk finishes, so a run that is cut off resumes
+where it stopped. Lengths run shortest first, every method at a length before the next length. Each model is
+loaded once per run; lm-eval's max_length is the longest length of the plan for every model (so no prompt is
+cut and every model gets the same setting), and every model gets the same prompts (checked by hash).
+
+    python scripts/gemma_ruler.py --base /path/gemma3-270m-base --export /path/gemma3-270m-dpe \
+        --out benchmarks/results/gemma3-270m-ruler.jsonl
+    python scripts/gemma_ruler.py --out benchmarks/results/gemma3-270m-ruler.jsonl --markdown
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+K = 1024
+LENGTHS = (4 * K, 8 * K, 16 * K)
+METHODS = {"base": ("base", "none"), "dpe": ("export", "none"), "self-extend": ("base", "self-extend:4096,2")}
+CHUNK = 5
+
+
+def samples_wanted(length: int) -> int:
+    return 10 if length <= 8 * K else 5
+
+
+def read_done(path: Path) -> dict[tuple, dict]:
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[(rec["method"], rec["subtask"], rec["length"], rec["sample"])] = rec
+    return done
+
+
+def run(args) -> None:
+    import torch
+
+    from dpe_export.evaluation import harness
+    from dpe_export.sources import load_model, parse_method
+    from dpe_export.sources.loading import load_tokenizer
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dirs = {"base": args.base, "export": args.export}
+    subtasks = harness.resolve_subtasks("ruler")
+    tokenizer = load_tokenizer(args.base)
+    max_length = max(LENGTHS)
+    loaded: dict[str, object] = {}
+    for length in LENGTHS:
+        for method, (which, spec) in METHODS.items():
+            for sub in subtasks:
+                done = read_done(out)
+                missing = [i for i in range(samples_wanted(length)) if (method, sub.name, length, i) not in done]
+                while missing:
+                    ids, missing = missing[:CHUNK], missing[CHUNK:]
+                    if method not in loaded:
+                        loaded.clear()  # one model in memory at a time
+                        model = load_model(dirs[which], parse_method(spec), device="cpu", dtype=args.dtype,
+                                           target_length=max_length, tokenizer=tokenizer,
+                                           trust_remote_code=which == "export").model
+                        loaded[method] = harness.make_lm(model, tokenizer, max_length)
+                    t0 = time.time()
+                    _, details = harness.run_ruler_on(loaded[method], tokenizer, [sub], [length], len(ids),
+                                                      sample_ids=ids)
+                    wall = (time.time() - t0) / len(details)
+                    with out.open("a", encoding="utf-8") as f:
+                        for d in details:
+                            f.write(json.dumps({"method": method, "spec": spec, **d, "wall_s": round(wall, 1),
+                                                "max_length": max_length, "dtype": args.dtype,
+                                                "threads": args.threads, "machine": MACHINE}) + "\n")
+                    print(f"{method} {sub.name} {length}: samples {ids} "
+                          f"{sum(d['score'] for d in details) / len(details):.2f} ({wall:.0f} s/sample)", flush=True)
+
+
+MACHINE = f"{platform.machine()}, {os.cpu_count()} cores"
+
+
+def markdown(path: Path) -> str:
+    from dpe_export.evaluation.results import bootstrap_interval, format_accuracy
+
+    done = read_done(path)
+    rows = {}
+    for (method, sub, length, _), rec in done.items():
+        rows.setdefault((length, sub), {}).setdefault(method, []).append(rec)
+    lines = ["| length | subtask | " + " | ".join(METHODS) + " |", "|---|---|" + "---|" * len(METHODS)]
+    for (length, sub) in sorted(rows, key=lambda k: (k[0], k[1])):
+        cells = []
+        for method in METHODS:
+            recs = rows[(length, sub)].get(method, [])
+            if not recs:
+                cells.append("–")
+                continue
+            scores = [r["score"] for r in recs]
+            lo, hi = bootstrap_interval(scores)
+            wall = sum(r["wall_s"] for r in recs) / len(recs)
+            cells.append(f"{format_accuracy(sum(scores) / len(scores))} [{format_accuracy(lo, 0, False)}-"
+                         f"{format_accuracy(hi, 0, False)}] n={len(scores)}, {wall:.0f} s")
+        lines.append(f"| {length:,} | {sub} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base")
+    ap.add_argument("--export")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--markdown", action="store_true", help="print the table of what the JSONL holds")
+    args = ap.parse_args()
+    if args.markdown:
+        print(markdown(Path(args.out)))
+        return
+    if not (args.base and args.export):
+        ap.error("--base and --export are needed to run")
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""The task registry, and RULER / any lm-eval task through lm-evaluation-harness (the `[eval]` extra)."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpe_export.errors import DPEExportError
+from dpe_export.evaluation import harness, registry
+from dpe_export.evaluation.prompts import DEFAULT_NEEDLES
+from dpe_export.evaluation.results import EvalResult, format_table
+from dpe_export.evaluation.run import evaluate_task
+from dpe_export.evaluation.tasks import PromptBuilder
+from dpe_export.sources import loading
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+TESTBED = FIXTURES / "testbed-llama"
+
+needs_lm_eval = pytest.mark.skipif(
+    __import__("importlib").util.find_spec("lm_eval") is None, reason="lm-eval not installed (pip install '.[eval]')")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return loading.load_tokenizer(TESTBED)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _subsequence(needle, hay) -> bool:
+    n = len(needle)
+    return any(hay[i:i + n] == needle for i in range(len(hay) - n + 1))
+
+
+@pytest.mark.parametrize("name", registry.task_names("retrieval"))
+def test_every_retrieval_task_builds_exact_length_prompts_that_contain_their_answers(tokenizer, name):
+    task = registry.get_task(name)
+    builder = PromptBuilder(tokenizer)
+    shortest = task.min_length(builder, DEFAULT_NEEDLES)
+    for length in (shortest + 3, 300, 517):
+        items = list(task.build(builder, length, [0.0, 0.5, 1.0], 2, 0, DEFAULT_NEEDLES))
+        assert items and all(len(it.prompt.input_ids) == length for it in items)
+        for it in items:
+            assert _subsequence(it.prompt.answer_ids, it.prompt.input_ids)
+            assert it.prompt.answer in tokenizer.decode(it.prompt.input_ids).replace(" ", "")
+            assert len(it.prompt.answer) == task.answer_digits
+
+
+@pytest.mark.parametrize("name", registry.task_names("retrieval"))
+def test_a_model_answering_from_the_ground_truth_scores_100_and_a_wrong_one_0(tokenizer, name):
+    task = registry.get_task(name)
+    builder = PromptBuilder(tokenizer)
+    depths, samples, length = [0.0, 0.5, 1.0], 3, 400
+    truth = {tuple(it.prompt.input_ids): it.prompt.answer
+             for it in task.build(builder, length, depths, samples, 0, DEFAULT_NEEDLES)}
+
+    def right(batch):
+        return [" " + truth[tuple(ids)] + "." for ids in batch]
+
+    def wrong(batch):
+        return [" " + str(int(truth[tuple(ids)]) + 1) for ids in batch]
+
+    for fn, expected in ((right, 1.0), (wrong, 0.0)):
+        records = evaluate_task(name, builder, fn, [length], depths, samples, seed=0)
+        assert {r["accuracy"] for r in records} == {expected}
+        assert sum(r["samples"] for r in records) == len(depths) * samples
+
+
+def test_the_cli_the_calibration_and_the_card_read_the_registry(run_cli):
+    from dpe_export.calibration import scales
+
+    out = run_cli("eval", "--help").stdout
+    for name in registry.task_names():
+        assert f"{name}:" in out
+    assert set(scales.METRICS) == set(registry.calibration_metrics()) == {"passkey", "niah"}
+    assert registry.get_task("niah").metric_label(3) == "3-needle NIAH accuracy"
+    assert registry.max_new_tokens_for("passkey") == 5 + 3
+
+
+def test_a_registered_task_runs_through_the_same_loop(tokenizer):
+    task = registry.Task(
+        name="passkey-any-number", kind="retrieval", help="test", metric="any number", answer_digits=5,
+        uses_depths=True, make_prompts=registry.PASSKEY.make_prompts, min_length=registry.PASSKEY.min_length,
+        score=lambda generated, answer: any(c.isdigit() for c in generated))
+    registry.register_task(task)
+    try:
+        assert "passkey-any-number" in registry.task_names()
+        records = evaluate_task("passkey-any-number", PromptBuilder(tokenizer), lambda b: [" 1"] * len(b), [200],
+                                [0.5], 2)
+        assert records[0]["accuracy"] == 1.0
+        with pytest.raises(ValueError, match="already registered"):
+            registry.register_task(task)
+    finally:
+        registry._REGISTRY.pop("passkey-any-number")
+
+
+def test_unknown_tasks_and_subtasks_are_one_line_errors(run_cli):
+    with pytest.raises(DPEExportError, match="unknown task 'nope'"):
+        registry.get_task("nope")
+    with pytest.raises(DPEExportError, match="has no subtasks"):
+        registry.get_task("passkey:a")
+    r = run_cli("eval", str(TESTBED), "--task", "bogus", "--lengths", "300")
+    assert r.exit_code == 2 and "unknown task 'bogus'" in r.stderr
+    r = run_cli("eval", str(TESTBED), "--task", "passkey", "--lengths", "300", "--tasks", "x")
+    assert r.exit_code == 2 and "--tasks needs --harness lm-eval" in r.stderr
+    r = run_cli("eval", str(TESTBED), "--harness", "lm-eval")
+    assert r.exit_code == 2 and "needs --tasks" in r.stderr
+    with pytest.raises(DPEExportError, match="unknown RULER subtask 'bogus'"):
+        harness.resolve_subtasks("ruler:bogus")
+
+
+def test_without_lm_eval_ruler_says_how_to_install_it(run_cli, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    with pytest.raises(DPEExportError, match=r"pip install 'dpe-export\[eval\]'"):
+        harness.require_lm_eval()
+    r = run_cli("eval", str(TESTBED), "--task", "ruler", "--lengths", "2048")
+    assert r.exit_code == 1 and "pip install 'dpe-export[eval]'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ruler_and_lm_eval_tables():
+    result = EvalResult("ruler", "m", "none", 0, [
+        {"subtask": "vt", "length": 2048, "depth": None, "accuracy": 0.5, "samples": 4},
+        {"subtask": "cwe", "length": 2048, "depth": None, "accuracy": 1.0, "samples": 4},
+        {"subtask": "vt", "length": 4096, "depth": None, "accuracy": 0.0, "samples": 4}],
+        {"harness": "lm-eval 0.4.13", "max_length": 4096})
+    table = format_table(result)
+    assert "average" in table and "75.0%" in table and "50.0% (4)" in table and "max_length 4096" in table
+    assert {o["length"]: o["accuracy"] for o in result.overall()} == {2048: 0.75, 4096: 0.0}
+
+
+def test_card_shows_a_ruler_table():
+    from dpe_export.export.card import eval_tables
+
+    records = [{"task": "ruler", "model": "./base", "method": "none", "subtask": s, "length": 4096,
+                "accuracy": a, "samples": 10} for s, a in (("vt", 0.2), ("cwe", 0.4))]
+    records += [{"task": "ruler", "model": "./export-dpe", "method": "none", "subtask": s, "length": 4096,
+                 "accuracy": a, "samples": 10} for s, a in (("vt", 0.6), ("cwe", 0.8))]
+    (table,) = eval_tables(records, base_dir="./base", export_dir="./export-dpe")
+    labels = [row["length"] for row in table["rows"]]
+    assert labels == ["vt @ 4,096", "cwe @ 4,096", "average @ 4,096"]
+    assert table["rows"][-1]["cells"] == ["30.0%", "70.0%"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# RULER through lm-eval
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Scripted:
+    """An lm-eval LM answering each RULER request from its document's ground truth (or wrongly)."""
+
+    def __new__(cls, right: bool):
+        from lm_eval.api.model import LM
+
+        class Scripted(LM):
+            def generate_until(self, requests, disable_tqdm=False):
+                return [" ".join(r.doc["outputs"]) if right else "nothing here" for r in requests]
+
+            def loglikelihood(self, requests, disable_tqdm=False):
+                raise NotImplementedError
+
+            def loglikelihood_rolling(self, requests, disable_tqdm=False):
+                raise NotImplementedError
+
+        return Scripted()
+
+
+@needs_lm_eval
+def test_ruler_scripted_models_score_100_and_0_on_every_offline_subtask_with_the_same_prompts(tokenizer):
+    from transformers import AutoTokenizer
+
+    subtasks = harness.resolve_subtasks("ruler")
+    assert [s.name for s in subtasks] == list(harness.OFFLINE_SUBTASKS)
+    records, details = harness.run_ruler_on(_Scripted(True), tokenizer, subtasks, [2048], 2)
+    assert [(r["subtask"], r["accuracy"], r["samples"]) for r in records] == [(s.name, 1.0, 2) for s in subtasks]
+    assert all(d["prompt_tokens"] <= 2048 for d in details)
+    some = [s for s in subtasks if s.name in ("niah_single_1", "cwe")]  # cwe: a module-level random generator
+    wrong, wrong_details = harness.run_ruler_on(_Scripted(False), tokenizer, some, [2048], 2)
+    assert {r["accuracy"] for r in wrong} == {0.0}
+    # a second run in the same process got exactly the same prompts (lm-eval's generators are seeded)
+    assert [d["prompt_sha"] for d in details if d["subtask"] in ("niah_single_1", "cwe")] == \
+        [d["prompt_sha"] for d in wrong_details]
+    assert AutoTokenizer.from_pretrained.__func__.__qualname__.startswith("AutoTokenizer")  # restored
+
+
+@needs_lm_eval
+def test_ruler_known_failures_and_missing_data_are_refused_in_one_line(tokenizer, tmp_path):
+    one = lambda spec, n: harness.run_ruler_on(_Scripted(True), tokenizer, harness.resolve_subtasks(spec), [n], 1)  # noqa: E731
+    with pytest.raises(DPEExportError, match="RULER vt at 1024 tokens: needs at least about .* loop forever"):
+        one("ruler:vt", 1024)
+    for n in (1024, 4096):
+        with pytest.raises(DPEExportError, match=f"RULER cwe at {n} tokens: needs more than"):
+            one("ruler:cwe", n)
+    with pytest.raises(DPEExportError, match="needs the dataset baber/paul_graham_essays in the local"):
+        one("ruler:niah_single_2", 2048)
+    with pytest.raises(DPEExportError, match="RULER qa_squad downloads its data at run time; fetch SQuAD"):
+        one("ruler:qa_squad", 2048)
+
+
+@needs_lm_eval
+def test_ruler_never_loads_a_tokenizer_by_name(tokenizer):
+    from transformers import AutoTokenizer
+
+    with harness._ruler_tokenizer(tokenizer) as key:
+        assert AutoTokenizer.from_pretrained(key) is tokenizer
+        with pytest.raises(DPEExportError, match="by name"):
+            AutoTokenizer.from_pretrained(str(TESTBED), trust_remote_code=True)
+    assert AutoTokenizer.from_pretrained(str(TESTBED)).vocab_size == tokenizer.vocab_size
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Any lm-eval task, on a real testbed export
+# ----------------------------------------------------------------------------------------------------------
+
+
+@needs_lm_eval
+def test_lm_eval_local_passkey_task_scores_the_export_above_the_base_at_the_same_max_length(tmp_path, tokenizer):
+    from dpe_export.export.convert import convert
+    from dpe_export.runtime import load_dpe_core
+
+    torch.set_num_threads(1)
+    params = load_dpe_core().DPEParams(32, [8, 16, 32, 32], [0, 4, 8, 12, 16], target_length=4096)
+    export = convert(TESTBED, tmp_path / "dpe", params)
+    tasks = harness.write_passkey_task(tmp_path / "tasks", tokenizer, 1024, samples=5)
+    lines = (tasks / "dpe_passkey.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and all(json.loads(x)["answer"] in json.loads(x)["text"] for x in lines)
+    runs = {}
+    for name, model in (("base", TESTBED), ("dpe", export)):
+        runs[name] = harness.run_harness(model, ["dpe_passkey"], include_path=tasks, device="cpu")
+    (base,), (dpe,) = runs["base"].records, runs["dpe"].records
+    assert base["metric"] == dpe["metric"] == "exact_match (first-number)" and base["samples"] == 5
+    # the same max_length for both: the longest request, so the base model's prompts are not cut
+    assert runs["base"].settings["max_length"] == runs["dpe"].settings["max_length"] > 1024
+    assert dpe["value"] >= 0.8 and base["value"] <= 0.4, (base, dpe)
