@@ -44,6 +44,7 @@ from typing import Any, Optional, Sequence
 REPO = Path(__file__).resolve().parents[1]
 
 from dpe_export import evaluation  # noqa: E402
+from dpe_export.evaluation import registry  # noqa: E402
 
 MULTIPLES = (1, 2, 4, 8, 16)
 QUICK_MULTIPLES = (1, 2)
@@ -53,7 +54,11 @@ SEED = 0
 EXTENSION_FACTOR = 16
 SE_GROUPS = (2, 4, 8, 16, 32)
 DPE_CANDIDATES = ((2, 4, 8, 16), (4, 8, 16, 32), (2, 8, 32, 32), (8, 16, 32, 64))
-TASK_ORDER = ("passkey", "niah", "ppl")
+TASK_ORDER = registry.task_names("retrieval") + registry.task_names("ppl")
+
+
+def _is_ppl(task: str) -> bool:
+    return registry.get_task(task).kind == "ppl"
 METHOD_LABELS = {"none": "plain RoPE", "linear": "linear (PI)", "dynamic": "dynamic NTK", "yarn": "YaRN",
                  "self-extend": "SelfExtend", "dpe": "DPE (hand-set)"}
 
@@ -133,12 +138,8 @@ class Bench:
         ev = self.ev
         gen = ev.make_generate_fn(model, self.tokenizer, ev.max_new_tokens_for(task))
         details: list[dict[str, Any]] = []
-        if task == "passkey":
-            records = ev.evaluate_passkey(self.builder(seed), gen, lengths, depths, samples_per_depth, seed=seed,
-                                          batch_size=batch_size, details_out=details)
-        else:
-            records = ev.evaluate_niah(self.builder(seed), gen, lengths, depths, samples_per_depth, NEEDLES,
-                                       seed=seed, batch_size=batch_size, details_out=details)
+        records = ev.evaluate_task(task, self.builder(seed), gen, lengths, depths, samples_per_depth, NEEDLES,
+                                   seed=seed, batch_size=batch_size, details_out=details)
         return records, details
 
     def ppl(self, model, lengths: Sequence[int], windows: int, seed: int):
@@ -239,19 +240,19 @@ def run_model(model_dir: Path, args, out_dir: Path, plot: bool) -> dict[str, Any
         entry: dict[str, Any] = {"method": method, "model_kind": loaded.describe(), "tasks": {}, "seconds": {}}
         for task in TASK_ORDER:
             t1 = time.perf_counter()
-            if task == "ppl":
+            if _is_ppl(task):
                 records, details = bench.ppl(loaded.model, lengths, args.ppl_windows, SEED), []
                 task_settings = {"lengths": lengths, "samples": args.ppl_windows}
             else:
                 records, details = bench.retrieval(loaded.model, task, lengths, spd, SEED,
                                                    batch_size=args.batch_size)
                 task_settings = {"lengths": lengths, "samples": spd, "depths": list(DEPTHS),
-                                 "needles": NEEDLES if task == "niah" else None}
+                                 "needles": NEEDLES if registry.get_task(task).uses_needles else None}
             res = bench.result(task, method, records, details, task_settings)
             entry["tasks"][task] = res.to_dict()
             entry["seconds"][task] = round(time.perf_counter() - t1, 1)
             summary = ", ".join(
-                f"{o['length']}: " + (f"{o['perplexity']:.3g}" if task == "ppl" else f"{100 * o['accuracy']:.0f}%")
+                f"{o['length']}: " + (f"{o['perplexity']:.3g}" if _is_ppl(task) else f"{100 * o['accuracy']:.0f}%")
                 for o in res.overall())
             log(f"{name} {method} {task}: {summary} ({entry['seconds'][task]} s)")
             if plot and task == "niah":
@@ -313,11 +314,11 @@ def task_table(data: dict[str, Any], task: str) -> list[str]:
     cells: dict[str, dict[int, float]] = {}
     for method, entry in data["methods"].items():
         ov = _overall(entry["tasks"][task])
-        cells[method] = {n: (ov[n]["perplexity"] if task == "ppl" else ov[n]["accuracy"]) for n in lengths if n in ov}
+        cells[method] = {n: (ov[n]["perplexity"] if _is_ppl(task) else ov[n]["accuracy"]) for n in lengths if n in ov}
     for n in lengths:
         vals = [c[n] for c in cells.values() if n in c and c[n] is not None and math.isfinite(c[n])]
         if vals:
-            best[n] = min(vals) if task == "ppl" else max(vals)
+            best[n] = min(vals) if _is_ppl(task) else max(vals)
     for method, c in cells.items():
         row = [_label(method)]
         for n in lengths:
@@ -325,7 +326,7 @@ def task_table(data: dict[str, Any], task: str) -> list[str]:
             if v is None:
                 row.append("-")
                 continue
-            text = _fmt_ppl(v) if task == "ppl" else f"{100 * v:.0f}"
+            text = _fmt_ppl(v) if _is_ppl(task) else f"{100 * v:.0f}"
             row.append(f"**{text}**" if n in best and v == best[n] else text)
         lines.append("| " + " | ".join(row) + " |")
     return lines
@@ -356,11 +357,11 @@ def dpe_comparison(data: dict[str, Any]) -> list[str]:
             for m, e in data["methods"].items():
                 o = _overall(e["tasks"][task]).get(n)
                 if o is not None:
-                    vals[m] = o["perplexity"] if task == "ppl" else o["accuracy"]
+                    vals[m] = o["perplexity"] if _is_ppl(task) else o["accuracy"]
             if dpe not in vals or len(vals) < 2:
                 continue
             others = {m: v for m, v in vals.items() if m != dpe}
-            if task == "ppl":
+            if _is_ppl(task):
                 bm = min(others, key=others.get)
                 d = vals[dpe] - others[bm]
                 better, worse = d < -1e-9, d > 1e-9
