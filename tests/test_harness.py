@@ -111,6 +111,10 @@ def test_unknown_tasks_and_subtasks_are_one_line_errors(run_cli):
     assert r.exit_code == 2 and "--tasks needs --harness lm-eval" in r.stderr
     r = run_cli("eval", str(TESTBED), "--harness", "lm-eval")
     assert r.exit_code == 2 and "needs --tasks" in r.stderr
+    r = run_cli("eval", str(TESTBED), "--task", "ruler", "--lengths", "2048", "--plot", "x.png")
+    assert r.exit_code == 2 and "RULER and lm-eval print a table" in r.stderr
+    r = run_cli("eval", str(TESTBED), "--task", "passkey", "--lengths", "300", "--data-file", f"squad={TESTBED / 'config.json'}")
+    assert r.exit_code == 2 and "--data-file applies to --task ruler only" in r.stderr
     with pytest.raises(DPEExportError, match="unknown RULER subtask 'bogus'"):
         harness.resolve_subtasks("ruler:bogus")
 

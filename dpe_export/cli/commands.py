@@ -368,6 +368,10 @@ def eval_command(model_dir, model_source, model_revision, gguf_file, task, depth
         raise click.UsageError("--needles applies to --task niah only")
     if data_files and task_def.name != "ruler":
         raise click.UsageError("--data-file applies to --task ruler only")
+    if (harness is not None or task_def.kind == "harness") and plot_out is not None:
+        raise click.UsageError("--plot draws passkey, niah and ppl results; RULER and lm-eval print a table")
+    if (harness is not None or task_def.kind == "harness") and rest.get("haystack") is not None:
+        raise click.UsageError("--haystack applies to passkey, niah and ppl")
     spec = parse_method(method)
     if plot_out is not None:
         results.require_matplotlib()
