@@ -27,7 +27,8 @@ from dpe_export.calibration.selection import (
 from dpe_export.errors import DPEExportError, UsageError
 from dpe_export.evaluation.prompts import resolve_lengths
 from dpe_export.evaluation.results import require_matplotlib
-from dpe_export.evaluation.run import available_memory
+from dpe_export.evaluation.harness import run_harness
+from dpe_export.evaluation.run import available_memory, run_eval
 from dpe_export.export import card
 from dpe_export.export import convert as export_convert
 from dpe_export.export.files import check_output_target, human_size, output_summary
@@ -312,6 +313,22 @@ class AnalyzeRequest:
 def pretraining_length(model_dir: Path) -> int:
     """The length 'Nx' multiplies: an export's recorded pretraining length, else max_position_embeddings."""
     return _pretraining_length(read_config_json(model_dir), model_dir)
+
+
+_HARNESS_SHARED = ("method", "dtype", "progress", "seed", "batch_size", "device", "attn", "device_map",
+                   "trust_remote_code")
+
+
+def evaluate(model_dir: Path, task: str, *, harness: Optional[str] = None, harness_options: Optional[dict] = None,
+             **kwargs):
+    """dpe-export eval: lm-eval tasks (``harness``, with ``harness_options``: tasks, limit, max_length,
+    include_path, num_fewshot) or a registered task at ``kwargs['lengths']`` ('Nx' items resolved against the
+    pretraining length). Returns an EvalResult."""
+    if harness is not None:
+        return run_harness(model_dir, **(harness_options or {}), **{k: kwargs[k] for k in _HARNESS_SHARED if k in kwargs})
+    lengths = kwargs.pop("lengths")
+    lengths = resolve_lengths(lengths, pretraining_length(model_dir) if any(isinstance(x, str) for x in lengths) else 1)
+    return run_eval(model_dir, task, lengths, **kwargs)
 
 
 def _pretraining_length(raw: dict, model_dir: Path) -> int:

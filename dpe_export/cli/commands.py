@@ -17,8 +17,6 @@ from dpe_export.cli import options as opt
 from dpe_export.cli.app import main, quiet_transformers, setup_logging
 from dpe_export.errors import UsageError
 from dpe_export.evaluation import prompts, registry, results
-from dpe_export.evaluation.harness import run_harness as harness_run
-from dpe_export.evaluation.run import run_eval
 from dpe_export.export.presets import list_presets, load_preset
 from dpe_export.export.settings import ConvertFlags
 from dpe_export.export.upgrade import upgrade_export
@@ -338,12 +336,39 @@ def _eval_options(f):
     return opt.model_source(f)
 
 
+def _check_eval_options(task_def, harness, harness_options, depths, needles, data_files, plot_out, rest) -> None:
+    """Usage errors of `eval`: options that belong to another task, or to --harness."""
+    flags = {"tasks": "--tasks", "limit": "--limit", "max_length": "--max-length", "include_path": "--include-path",
+             "num_fewshot": "--num-fewshot"}
+    if harness is None:
+        given = [flags[k] for k, v in harness_options.items() if v is not None]
+        if given:
+            raise click.UsageError(f"{given[0]} needs --harness lm-eval")
+        if rest["lengths"] is None:
+            raise click.UsageError("give --lengths")
+    elif not harness_options["tasks"]:
+        raise click.UsageError("--harness lm-eval needs --tasks NAME1,NAME2")
+    if depths is not None and not task_def.uses_depths:
+        with_depths = [t for t in registry.TASKS if registry.get_task(t).uses_depths]
+        raise click.UsageError(f"--depths applies to {', '.join(with_depths)}, not to {task_def.name}")
+    if needles is not None and not task_def.uses_needles:
+        raise click.UsageError("--needles applies to --task niah only")
+    if data_files and task_def.name != "ruler":
+        raise click.UsageError("--data-file applies to --task ruler only")
+    table_only = harness is not None or task_def.kind == "harness"
+    if table_only and plot_out is not None:
+        raise click.UsageError("--plot draws passkey, niah and ppl results; RULER and lm-eval print a table")
+    if table_only and rest.get("haystack") is not None:
+        raise click.UsageError("--haystack applies to passkey, niah and ppl")
+
+
 @main.command("eval", epilog=EVAL_EPILOG)
 @_eval_options
 def eval_command(model_dir, model_source, model_revision, gguf_file, task, depths, needles, method, json_out,
                  plot_out, dtype, no_progress, harness, harness_tasks, limit, max_length, include_path, num_fewshot,
                  data_files, **rest) -> None:
-    """Evaluate MODEL on pass-key retrieval, multi-needle NIAH or perplexity at the given lengths.
+    """Evaluate MODEL on pass-key retrieval, multi-needle NIAH, perplexity or RULER at the given lengths (or on
+    any lm-evaluation-harness task with --harness lm-eval).
 
     MODEL is a base checkpoint directory or a DPE export. An export's code (modeling_dpe.py, dpe_core.py) runs
     only when it is byte for byte what this dpe-export writes (`dpe-export upgrade` makes an older export so),
@@ -351,27 +376,10 @@ def eval_command(model_dir, model_source, model_revision, gguf_file, task, depth
     exactly the requested number of tokens. Prints a table (per length and depth: accuracy and sample count,
     plus an `all` row per length); --json and --plot save the results. Generation is greedy.
     """
-    task_def = registry.get_task(task)
-    harness_only = {"--tasks": harness_tasks, "--limit": limit, "--max-length": max_length,
-                    "--include-path": include_path, "--num-fewshot": num_fewshot}
-    if harness is None:
-        given = [k for k, v in harness_only.items() if v is not None]
-        if given:
-            raise click.UsageError(f"{given[0]} needs --harness lm-eval")
-        if rest["lengths"] is None:
-            raise click.UsageError("give --lengths")
-    elif not harness_tasks:
-        raise click.UsageError("--harness lm-eval needs --tasks NAME1,NAME2")
-    if depths is not None and not task_def.uses_depths:
-        raise click.UsageError(f"--depths applies to {', '.join(t for t in registry.TASKS if registry.get_task(t).uses_depths)}, not to {task}")
-    if needles is not None and not task_def.uses_needles:
-        raise click.UsageError("--needles applies to --task niah only")
-    if data_files and task_def.name != "ruler":
-        raise click.UsageError("--data-file applies to --task ruler only")
-    if (harness is not None or task_def.kind == "harness") and plot_out is not None:
-        raise click.UsageError("--plot draws passkey, niah and ppl results; RULER and lm-eval print a table")
-    if (harness is not None or task_def.kind == "harness") and rest.get("haystack") is not None:
-        raise click.UsageError("--haystack applies to passkey, niah and ppl")
+    harness_options = {"tasks": harness_tasks.split(",") if harness_tasks else None, "limit": limit,
+                       "max_length": max_length, "include_path": include_path, "num_fewshot": num_fewshot}
+    _check_eval_options(registry.get_task(task), harness, harness_options, depths, needles, data_files, plot_out,
+                        rest)
     spec = parse_method(method)
     if plot_out is not None:
         results.require_matplotlib()
@@ -379,18 +387,11 @@ def eval_command(model_dir, model_source, model_revision, gguf_file, task, depth
     quiet_transformers()
     with workflows.open_model(opt.model_spec(model_dir, model_source), revision=model_revision, gguf_file=gguf_file,
                               dtype=dtype, workdir=Path(tempfile.gettempdir()), echo=click.echo) as source:
-        if harness is not None:
-            result = harness_run(source.path, harness_tasks.split(","), limit=limit, max_length=max_length,
-                                 include_path=include_path, num_fewshot=num_fewshot, method=spec, dtype=dtype,
-                                 progress=not no_progress, seed=rest["seed"], batch_size=rest["batch_size"],
-                                 device=rest["device"], attn=rest["attn"], device_map=rest["device_map"],
-                                 trust_remote_code=rest["trust_remote_code"])
-        else:
-            rest["lengths"] = prompts.resolve_lengths(rest["lengths"], workflows.pretraining_length(source.path)
-                                                      if any(isinstance(x, str) for x in rest["lengths"]) else 1)
-            result = run_eval(source.path, task, depths=depths, method=spec, dtype=dtype, progress=not no_progress,
-                              needles=prompts.DEFAULT_NEEDLES if needles is None else needles,
-                              data_files=data_files, **rest)
+        if harness is None:
+            rest.update(depths=depths, needles=prompts.DEFAULT_NEEDLES if needles is None else needles,
+                        data_files=data_files)
+        result = workflows.evaluate(source.path, task, harness=harness, harness_options=harness_options,
+                                    method=spec, dtype=dtype, progress=not no_progress, **rest)
     click.echo(results.format_table(result))
     if json_out is not None:
         click.echo(f"Wrote {results.write_json(result, json_out)}")

@@ -29,6 +29,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from dpe_export.errors import DPEExportError
+from dpe_export.evaluation import prompts
+from dpe_export.evaluation.registry import split_task
+from dpe_export.evaluation.results import EvalResult
+from dpe_export.evaluation.tasks import PromptBuilder
+from dpe_export.progress import progress_bar
+from dpe_export.sources import loading, methods
 
 logger = logging.getLogger("dpe_export")
 
@@ -169,8 +175,6 @@ _QA_URLS = {"squad": "dev-v2.0.json", "hotpotqa": "hotpot_dev_distractor_v1.json
 
 def resolve_subtasks(spec: str) -> list[RulerSubtask]:
     """'ruler' -> the offline subtasks; 'ruler:vt,cwe' -> those (ruler_ prefixes accepted); one-line errors."""
-    from dpe_export.evaluation.registry import split_task
-
     _, names = split_task(spec)
     if names is None:
         return [_RULER[n] for n in OFFLINE_SUBTASKS]
@@ -332,8 +336,6 @@ def run_ruler_on(lm, tokenizer, subtasks: Sequence[RulerSubtask], lengths: Seque
     _quiet_lm_eval()
     records: list[dict[str, Any]] = []
     details: list[dict[str, Any]] = []
-    from dpe_export.progress import progress_bar
-
     with progress_bar(len(subtasks) * len(lengths), "ruler", progress) as bar, _ruler_tokenizer(tokenizer) as key, \
             _local_json(data_files):
         for n in lengths:
@@ -377,9 +379,6 @@ def run_ruler(model_dir, task: str, lengths: Sequence[int], *, samples: int = 10
               trust_remote_code: bool = False, data_files: Optional[dict[str, Path]] = None):
     """``dpe-export eval --task ruler[:subtasks]``: load the model as for every other task, run RULER on it
     through lm-eval with ``max_length`` = the longest requested length, and return an EvalResult."""
-    from dpe_export.evaluation.results import EvalResult
-    from dpe_export.sources import loading, methods
-
     require_lm_eval()
     subtasks = resolve_subtasks(task)
     check_subtask_data(subtasks, dict(data_files or {}))
@@ -466,9 +465,6 @@ def run_harness(model_dir, tasks: Sequence[str], *, limit: Optional[int] = None,
     """Run lm-eval ``tasks`` on one model loaded the dpe-export way. ``max_length`` defaults to the longest
     request of the tasks (measured with the model's tokenizer, so base and export get the same one and
     nothing is cut); returns an EvalResult with one record per (task, metric)."""
-    from dpe_export.evaluation.results import EvalResult
-    from dpe_export.sources import loading, methods
-
     lm_eval = require_lm_eval()
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager, get_task_dict
@@ -544,9 +540,6 @@ def write_passkey_task(out_dir, tokenizer, length: int, samples: int = 10, seed:
     comparison through lm-eval by hand (``lm-eval run --include_path OUT_DIR --tasks NAME``). Returns OUT_DIR."""
     import json
     import re
-
-    from dpe_export.evaluation import prompts
-    from dpe_export.evaluation.tasks import PromptBuilder
 
     if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", name):
         raise DPEExportError("a task name is lower-case letters, digits and underscores")

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from dpe_export.errors import DPEExportError
+from dpe_export.evaluation import harness
 from dpe_export.evaluation.generation import GenerateFn, make_generate_fn
 from dpe_export.evaluation.ppl import evaluate_ppl
 from dpe_export.evaluation.prompts import (
@@ -247,8 +248,6 @@ def run_eval(model_dir, task: str, lengths: Sequence[int], *, samples: int = DEF
         raise DPEExportError("the number of samples must be >= 1")
     spec = method if isinstance(method, methods.MethodSpec) else methods.parse_method(method)
     if task_def.kind == "harness":
-        from dpe_export.evaluation import harness
-
         return harness.run_ruler(model_dir, spec_name, lengths, samples=samples, method=spec, seed=seed,
                                  batch_size=batch_size, device=device, dtype=dtype, attn=attn, progress=progress,
                                  device_map=device_map, trust_remote_code=trust_remote_code, data_files=data_files)
