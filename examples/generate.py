@@ -39,7 +39,7 @@ def main():
     args = ap.parse_args()
 
     model = AutoModelForCausalLM.from_pretrained(args.export, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.export)
+    tokenizer = AutoTokenizer.from_pretrained(args.export, trust_remote_code=True)  # the export has its own model_type
     dpe = model.config.dpe
     length = args.length or 8 * dpe["pretrain_length"]
     print(f"{type(model).__name__}: window {dpe['local_window_size']}, scale factors {dpe['scale_factors']}, "

@@ -84,6 +84,28 @@ def run(args) -> None:
 MACHINE = f"{platform.machine()}, {os.cpu_count()} cores"
 
 
+def section(path: Path) -> str:
+    """The RESULTS.md section: what ran, how, the table, and how much of the plan is done."""
+    done = read_done(path)
+    planned = sum(samples_wanted(n) for n in LENGTHS) * len(METHODS) * 6
+    machines = sorted({r.get("machine", "?") for r in done.values()})
+    head = [
+        "### Gemma-3-270M: RULER through lm-evaluation-harness (inside its 32K context)", "",
+        f"**In progress: {len(done)} of {planned} planned samples measured** (plan: lm-eval's six offline RULER "
+        "subtasks at 4K, 8K and 16K; 10 samples per subtask and length up to 8K, 5 at 16K; base model, the DPE "
+        "export and SelfExtend (window 4096, group 2) on the base). `scripts/gemma_ruler.py` appends every sample "
+        "to `results/gemma3-270m-ruler.jsonl` and resumes from it.", "",
+        "Run with lm-eval 0.4.13's own RULER task definitions on the models dpe-export loads (bfloat16, CPU, "
+        f"2 threads; {', '.join(machines)}); lm-eval's max_length is 16384 for every model, so no prompt is cut; "
+        "every model gets the same prompts (their hashes are in the JSONL). A cell: mean of lm-eval's string-match "
+        "score over its samples [95% bootstrap interval], n samples, wall time per sample (prefill and up to 128 "
+        "generated tokens).", "",
+    ]
+    notes = sorted({(r["method"], r["subtask"], r["length"], r["note"]) for r in done.values() if r.get("note")})
+    tail = [""] + [f"* {m}, {s}, {n:,}: {note}." for m, s, n, note in notes] if notes else []
+    return "\n".join(head) + "\n" + markdown(path) + "\n" + "\n".join(tail) + ("\n" if tail else "")
+
+
 def markdown(path: Path) -> str:
     from dpe_export.evaluation.results import bootstrap_interval, format_accuracy
 
@@ -116,9 +138,13 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--markdown", action="store_true", help="print the table of what the JSONL holds")
+    ap.add_argument("--write-section", metavar="MD", help="write the RESULTS.md section (embedded by make_results)")
     args = ap.parse_args()
     if args.markdown:
         print(markdown(Path(args.out)))
+        return
+    if args.write_section:
+        Path(args.write_section).write_text(section(Path(args.out)), encoding="utf-8")
         return
     if not (args.base and args.export):
         ap.error("--base and --export are needed to run")
