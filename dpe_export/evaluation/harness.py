@@ -213,6 +213,17 @@ def check_subtask_data(subtasks: Sequence[RulerSubtask], data_files: dict[str, P
                                  f"fetch it with {sub.fetch}")
 
 
+def check_ruler(subtasks: Sequence[RulerSubtask], tokenizer, lengths: Sequence[int],
+                data_files: Optional[dict[str, Path]] = None) -> None:
+    """Refuse, in one line and before anything runs, missing data and lengths lm-eval cannot build samples for."""
+    check_subtask_data(subtasks, dict(data_files or {}))
+    for sub in subtasks:
+        for n in lengths:
+            why = sub.min_length(tokenizer, n) if sub.min_length else None
+            if why:
+                raise DPEExportError(f"RULER {sub.name} at {n} tokens: {why}; use a longer length")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Running lm-eval on a loaded model
 # ----------------------------------------------------------------------------------------------------------
@@ -314,25 +325,22 @@ def _sha(text: str) -> str:
 def run_ruler_on(lm, tokenizer, subtasks: Sequence[RulerSubtask], lengths: Sequence[int], samples: int,
                  data_files: Optional[dict[str, Path]] = None, progress: bool = False,
                  on_cell: Optional[Callable[[dict[str, Any], list[dict[str, Any]]], None]] = None,
-                 sample_ids: Optional[Sequence[int]] = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+                 sample_ids: Optional[Sequence[int]] = None, check: bool = True,
+                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Run RULER ``subtasks`` at each length on an lm-eval LM: (records, details).
 
     One lm-eval run per (subtask, length), ``limit=samples`` (lm-eval generates its samples from fixed seeds, so
     every model gets the same prompts). ``lm`` is anything lm-eval accepts as a model (an HFLM, or a scripted
     LM in tests). ``on_cell(record, details)`` is called as each cell finishes. ``sample_ids``: run these
-    samples of each cell instead of the first ``samples`` (to resume a long measurement).
+    samples of each cell instead of the first ``samples`` (to resume a long measurement). ``check``: run
+    :func:`check_ruler` first (off when the caller already did).
     """
     lm_eval = require_lm_eval()
     from lm_eval import simple_evaluate
 
     data_files = dict(data_files or {})
-    check_subtask_data(subtasks, data_files)
-    for sub in subtasks:
-        for n in lengths:
-            if sub.min_length is not None:
-                why = sub.min_length(tokenizer, n)
-                if why:
-                    raise DPEExportError(f"RULER {sub.name} at {n} tokens: {why}; use a longer length")
+    if check:
+        check_ruler(subtasks, tokenizer, lengths, data_files)
     _quiet_lm_eval()
     records: list[dict[str, Any]] = []
     details: list[dict[str, Any]] = []
@@ -379,18 +387,13 @@ def run_ruler(model_dir, task: str, lengths: Sequence[int], *, samples: int = 10
               trust_remote_code: bool = False, data_files: Optional[dict[str, Path]] = None):
     """``dpe-export eval --task ruler[:subtasks]``: load the model as for every other task, run RULER on it
     through lm-eval with ``max_length`` = the longest requested length, and return an EvalResult."""
-    require_lm_eval()
+    lm_eval = require_lm_eval()
     subtasks = resolve_subtasks(task)
-    check_subtask_data(subtasks, dict(data_files or {}))
     spec = method if isinstance(method, methods.MethodSpec) else methods.parse_method(method)
     loading.check_eval_model(model_dir, spec, trust_remote_code)
     loading.check_device_map(device_map, device)
     tokenizer = loading.load_tokenizer(model_dir)
-    for sub in subtasks:  # refuse before loading the weights
-        for n in lengths:
-            why = sub.min_length(tokenizer, n) if sub.min_length else None
-            if why:
-                raise DPEExportError(f"RULER {sub.name} at {n} tokens: {why}; use a longer length")
+    check_ruler(subtasks, tokenizer, lengths, data_files)  # before the weights load
     import torch
 
     torch.manual_seed(seed)
@@ -398,8 +401,7 @@ def run_ruler(model_dir, task: str, lengths: Sequence[int], *, samples: int = 10
                                 tokenizer=tokenizer, device_map=device_map, trust_remote_code=trust_remote_code)
     max_length = max(lengths)
     lm = make_lm(loaded.model, tokenizer, max_length, batch_size)
-    records, details = run_ruler_on(lm, tokenizer, subtasks, lengths, samples, data_files, progress)
-    import lm_eval
+    records, details = run_ruler_on(lm, tokenizer, subtasks, lengths, samples, data_files, progress, check=False)
 
     settings = {"lengths": list(lengths), "samples": samples, "subtasks": [s.name for s in subtasks],
                 "max_length": max_length, "harness": f"lm-eval {lm_eval.__version__}", "batch_size": batch_size,
