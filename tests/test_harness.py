@@ -1,6 +1,7 @@
 """The task registry, and RULER / any lm-eval task through lm-evaluation-harness (the `[eval]` extra)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -242,3 +243,33 @@ def test_lm_eval_local_passkey_task_scores_the_export_above_the_base_at_the_same
     # the same max_length for both: the longest request, so the base model's prompts are not cut
     assert runs["base"].settings["max_length"] == runs["dpe"].settings["max_length"] > 1024
     assert dpe["value"] >= 0.8 and base["value"] <= 0.4, (base, dpe)
+
+
+@pytest.mark.parametrize("method", ["dpe-export", "self-extend:32,8", "dynamic:4"])
+def test_generate_prefills_in_chunks_with_the_same_tokens_and_never_chunks_dynamic_rope(tmp_path, tokenizer, method):
+    from dpe_export.evaluation.generation import reset_rope_state, set_generate_prefill_chunk
+    from dpe_export.export.convert import convert
+    from dpe_export.runtime import load_dpe_core
+    from dpe_export.sources import methods
+
+    torch.set_num_threads(1)
+    if method == "dpe-export":
+        params = load_dpe_core().DPEParams(32, [8, 16, 32, 32], [0, 4, 8, 12, 16], target_length=4096)
+        model = loading.load_model(convert(TESTBED, tmp_path / "dpe", params), methods.parse_method("none"),
+                                   device="cpu", trust_remote_code=True).model
+    else:
+        model = loading.load_model(TESTBED, methods.parse_method(method), device="cpu", target_length=1024).model
+    ids = torch.randint(5, 200, (1, 700), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for chunk in (None, 96):
+        used = set_generate_prefill_chunk(model, chunk)
+        reset_rope_state(model)  # dynamic RoPE keeps the frequencies of the longest sequence seen otherwise
+        runs.append(model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False))
+    if method.startswith("dynamic"):
+        assert used is None and model.generation_config.prefill_chunk_size is None  # frequencies follow the length
+    else:
+        assert used == 96 == model.generation_config.prefill_chunk_size
+    assert torch.equal(runs[0], runs[1])
+    if importlib.util.find_spec("lm_eval") is not None:
+        harness.make_lm(model, tokenizer, 1024, prefill_chunk=128)
+        assert model.generation_config.prefill_chunk_size == (None if method.startswith("dynamic") else 128)

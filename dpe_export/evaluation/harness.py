@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from dpe_export.errors import DPEExportError
 from dpe_export.evaluation import prompts
+from dpe_export.evaluation.generation import GENERATE_PREFILL_CHUNK, set_generate_prefill_chunk
 from dpe_export.evaluation.registry import split_task
 from dpe_export.evaluation.results import EvalResult
 from dpe_export.evaluation.tasks import PromptBuilder
@@ -306,9 +307,12 @@ def _quiet_lm_eval() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def make_lm(model, tokenizer, max_length: int, batch_size: int = 1):
-    """lm-eval's HFLM around an already loaded model, with an explicit ``max_length``."""
+def make_lm(model, tokenizer, max_length: int, batch_size: int = 1,
+            prefill_chunk: Optional[int] = GENERATE_PREFILL_CHUNK):
+    """lm-eval's HFLM around an already loaded model, with an explicit ``max_length``; generation prefills prompts
+    ``prefill_chunk`` tokens at a time (None: whole; see :func:`generation.set_generate_prefill_chunk`)."""
     require_lm_eval()
+    set_generate_prefill_chunk(model, prefill_chunk)
     _quiet_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
