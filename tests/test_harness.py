@@ -273,3 +273,8 @@ def test_generate_prefills_in_chunks_with_the_same_tokens_and_never_chunks_dynam
     if importlib.util.find_spec("lm_eval") is not None:
         harness.make_lm(model, tokenizer, 1024, prefill_chunk=128)
         assert model.generation_config.prefill_chunk_size == (None if method.startswith("dynamic") else 128)
+        # a dynamic-RoPE model under lm-eval: the answer to a prompt does not depend on the longer one before it
+        longer = torch.randint(5, 200, (1, 1000), generator=torch.Generator().manual_seed(1))
+        model.generate(longer, attention_mask=torch.ones_like(longer), max_new_tokens=2, do_sample=False)
+        again = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+        assert torch.equal(again, runs[0])

@@ -93,6 +93,17 @@ def set_generate_prefill_chunk(model, chunk: Optional[int] = GENERATE_PREFILL_CH
     return chunk
 
 
+def reset_rope_state_on_every_call(model) -> bool:
+    """For a dynamic-RoPE model: undo, before each top-level forward, what earlier calls left in its rotary
+    frequencies (transformers keeps those of the longest sequence seen, so an lm-eval score would depend on the
+    order of the samples). Within one generate() the frequencies then follow the length as transformers'
+    own do. Returns whether a hook was added (once per model)."""
+    if not uses_dynamic_rope(model) or getattr(model, "_dpe_rope_reset_hook", None) is not None:
+        return False
+    model._dpe_rope_reset_hook = model.register_forward_pre_hook(lambda module, args: reset_rope_state(module))
+    return True
+
+
 def prefill(model, ids, chunk: Optional[int] = PREFILL_CHUNK):
     """Run prompt ids [B, n] (no padding) through `model` `chunk` tokens at a time (None: at once), each chunk on
     the cache of the ones before, with logits for its last position only. Returns the last output (its cache holds

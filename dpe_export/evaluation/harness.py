@@ -30,7 +30,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from dpe_export.errors import DPEExportError
 from dpe_export.evaluation import prompts
-from dpe_export.evaluation.generation import GENERATE_PREFILL_CHUNK, set_generate_prefill_chunk
+from dpe_export.evaluation.generation import (GENERATE_PREFILL_CHUNK, reset_rope_state_on_every_call,
+                                              set_generate_prefill_chunk)
 from dpe_export.evaluation.registry import split_task
 from dpe_export.evaluation.results import EvalResult
 from dpe_export.evaluation.tasks import PromptBuilder
@@ -310,9 +311,11 @@ def _quiet_lm_eval() -> None:
 def make_lm(model, tokenizer, max_length: int, batch_size: int = 1,
             prefill_chunk: Optional[int] = GENERATE_PREFILL_CHUNK):
     """lm-eval's HFLM around an already loaded model, with an explicit ``max_length``; generation prefills prompts
-    ``prefill_chunk`` tokens at a time (None: whole; see :func:`generation.set_generate_prefill_chunk`)."""
+    ``prefill_chunk`` tokens at a time (None: whole; see :func:`generation.set_generate_prefill_chunk`), and a
+    dynamic-RoPE model starts every call from its base frequencies."""
     require_lm_eval()
     set_generate_prefill_chunk(model, prefill_chunk)
+    reset_rope_state_on_every_call(model)  # dynamic RoPE: a sample's score must not depend on the ones before
     _quiet_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
