@@ -190,7 +190,6 @@ def convert(
         logger.warning("the base model states no license (README.md front matter or config.json), so the model "
                        "card states none; check the base model's terms before publishing")
     if calibration is not None:
-
         try:
             calibration = normalize_calibration(calibration, info.num_freqs)
         except ValueError as e:
