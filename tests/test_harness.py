@@ -242,6 +242,7 @@ def test_lm_eval_local_passkey_task_scores_the_export_above_the_base_at_the_same
     assert base["metric"] == dpe["metric"] == "exact_match (first-number)" and base["samples"] == 5
     # the same max_length for both: the longest request, so the base model's prompts are not cut
     assert runs["base"].settings["max_length"] == runs["dpe"].settings["max_length"] > 1024
+    assert runs["base"].settings["prefill_chunk"] == runs["dpe"].settings["prefill_chunk"] == 2048
     assert dpe["value"] >= 0.8 and base["value"] <= 0.4, (base, dpe)
 
 
@@ -271,6 +272,8 @@ def test_generate_prefills_in_chunks_with_the_same_tokens_and_never_chunks_dynam
         assert used == 96 == model.generation_config.prefill_chunk_size
     assert torch.equal(runs[0], runs[1])
     if importlib.util.find_spec("lm_eval") is not None:
+        harness.make_lm(model, tokenizer, 1024, batch_size=2, prefill_chunk=128)
+        assert model.generation_config.prefill_chunk_size is None  # padded batches prefill whole
         harness.make_lm(model, tokenizer, 1024, prefill_chunk=128)
         assert model.generation_config.prefill_chunk_size == (None if method.startswith("dynamic") else 128)
         # a dynamic-RoPE model under lm-eval: the answer to a prompt does not depend on the longer one before it

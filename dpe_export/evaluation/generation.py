@@ -85,11 +85,11 @@ def set_generate_prefill_chunk(model, chunk: Optional[int] = GENERATE_PREFILL_CH
     only: on Gemma-3-270M at 8K tokens on 2 CPU cores, 16 s instead of 39 s (base) and 20 s instead of 53 s (DPE
     export, 2,048-token chunks). Dynamic-RoPE models keep whole-prompt prefill: their frequencies follow the
     length seen so far, so chunks would be rotated differently from each other."""
-    if chunk is not None and uses_dynamic_rope(model):
-        chunk = None
+    chunk = int(chunk) if chunk and not uses_dynamic_rope(model) else None  # 0 or None: whole, as in prefill()
     config = getattr(model, "generation_config", None)
-    if config is not None:
-        config.prefill_chunk_size = None if chunk is None else max(1, int(chunk))
+    if config is None:
+        return None
+    config.prefill_chunk_size = chunk
     return chunk
 
 

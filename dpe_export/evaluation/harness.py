@@ -310,11 +310,14 @@ def _quiet_lm_eval() -> None:
 
 def make_lm(model, tokenizer, max_length: int, batch_size: int = 1,
             prefill_chunk: Optional[int] = GENERATE_PREFILL_CHUNK):
-    """lm-eval's HFLM around an already loaded model, with an explicit ``max_length``; generation prefills prompts
-    ``prefill_chunk`` tokens at a time (None: whole; see :func:`generation.set_generate_prefill_chunk`), and a
-    dynamic-RoPE model starts every call from its base frequencies."""
+    """lm-eval's HFLM around an already loaded model, with an explicit ``max_length``; at batch size 1 generation
+    prefills prompts ``prefill_chunk`` tokens at a time (None: whole; see
+    :func:`generation.set_generate_prefill_chunk`), and a dynamic-RoPE model starts every call from its base
+    frequencies."""
     require_lm_eval()
-    set_generate_prefill_chunk(model, prefill_chunk)
+    # One prompt per batch only: a padded batch takes DPE's unfused path, and transformers' chunked prefill once
+    # ignored left padding in its positions (transformers issue 43082, in a 5.0 release candidate).
+    set_generate_prefill_chunk(model, prefill_chunk if batch_size == 1 else None)
     reset_rope_state_on_every_call(model)  # dynamic RoPE: a sample's score must not depend on the ones before
     _quiet_lm_eval()
     from lm_eval.models.huggingface import HFLM
@@ -323,6 +326,11 @@ def make_lm(model, tokenizer, max_length: int, batch_size: int = 1,
         tokenizer.model_max_length = int(max_length)
 
     return HFLM(pretrained=model, tokenizer=tokenizer, max_length=int(max_length), batch_size=batch_size)
+
+
+def _prefill_chunk(model) -> Optional[int]:
+    """The prompt tokens per forward generate() uses on ``model`` (None: the whole prompt)."""
+    return getattr(getattr(model, "generation_config", None), "prefill_chunk_size", None)
 
 
 def _sha(text: str) -> str:
@@ -412,6 +420,7 @@ def run_ruler(model_dir, task: str, lengths: Sequence[int], *, samples: int = 10
 
     settings = {"lengths": list(lengths), "samples": samples, "subtasks": [s.name for s in subtasks],
                 "max_length": max_length, "harness": f"lm-eval {lm_eval.__version__}", "batch_size": batch_size,
+                "prefill_chunk": _prefill_chunk(loaded.model),
                 "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""), "attn": attn,
                 "model_kind": loaded.describe(), "pretrain_length": loaded.pretrain_length}
     return EvalResult("ruler", str(model_dir), str(spec), seed, records, settings, details)
@@ -508,7 +517,8 @@ def run_harness(model_dir, tasks: Sequence[str], *, limit: Optional[int] = None,
     samples = {k: int(v.get("effective", v.get("original", 0))) for k, v in (out.get("n-samples") or {}).items()}
     records = [{**r, "length": int(max_length), "depth": None} for r in _metric_rows(out["results"], samples)]
     settings = {"tasks": names, "limit": limit, "max_length": int(max_length), "num_fewshot": num_fewshot,
-                "harness": f"lm-eval {lm_eval.__version__}", "batch_size": batch_size, "device": str(loaded.device),
+                "harness": f"lm-eval {lm_eval.__version__}", "batch_size": batch_size,
+                "prefill_chunk": _prefill_chunk(loaded.model), "device": str(loaded.device),
                 "dtype": str(loaded.dtype).replace("torch.", ""), "attn": attn, "model_kind": loaded.describe()}
     return EvalResult("lm-eval", str(model_dir), str(spec), seed, records, settings, [])
 
