@@ -281,3 +281,46 @@ def test_generate_prefills_in_chunks_with_the_same_tokens_and_never_chunks_dynam
         model.generate(longer, attention_mask=torch.ones_like(longer), max_new_tokens=2, do_sample=False)
         again = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
         assert torch.equal(again, runs[0])
+
+
+@needs_lm_eval
+def test_ruler_subtasks_that_download_data_run_from_given_files_and_from_the_local_hub_cache(tokenizer, tmp_path,
+                                                                                             monkeypatch):
+    import huggingface_hub.constants
+    import nltk
+
+    words = "The town by the river has a market, a school and an old stone bridge. "
+    squad = {"data": [{"title": f"t{i}", "paragraphs": [{"context": f"Paragraph {i}. " + words * 3, "qas": [
+        {"question": f"What does paragraph {i} say?", "answers": [{"text": f"answer {i}"}], "is_impossible": False}]}]}
+        for i in range(520)]}  # lm-eval builds 500 samples, one question each
+    hotpot = [{"question": f"Which title is {i}?", "answer": f"title {i}",
+               "context": [[f"title {i}", [f"Sentence {i}. ", words]], [f"other {i}", [words]]]} for i in range(520)]
+    files = {"squad": tmp_path / "dev-v2.0.json", "hotpotqa": tmp_path / "hotpot.json"}
+    files["squad"].write_text(json.dumps(squad))
+    files["hotpotqa"].write_text(json.dumps(hotpot))
+    # an essay dataset as `huggingface-cli download` leaves it in the hub cache; no network (HF_HUB_OFFLINE)
+    repo = tmp_path / "hub" / "datasets--baber--paul_graham_essays"
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit / "data").mkdir(parents=True)
+    (repo / "snapshots" / commit / "data" / "train.jsonl").write_text(
+        "".join(json.dumps({"text": f"Essay {i}. " + words * 60}) + "\n" for i in range(3)))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    essays = harness.resolve_subtasks("ruler:niah_single_2")
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "nltk_data")])
+    with pytest.raises(DPEExportError, match=r"needs NLTK's punkt_tab data; .*python -m nltk.downloader punkt_tab"):
+        harness.run_ruler_on(_Scripted(True), tokenizer, essays, [1024], 1)
+    # punkt_tab's four tables, empty: sentences end at full stops (the real data knows abbreviations)
+    punkt = tmp_path / "nltk_data" / "tokenizers" / "punkt_tab" / "english"
+    punkt.mkdir(parents=True)
+    for name in ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab"):
+        (punkt / name).write_text("")
+    subtasks = harness.resolve_subtasks("ruler:qa_squad,qa_hotpot,niah_single_2")
+    records, details = harness.run_ruler_on(_Scripted(True), tokenizer, subtasks, [1024], 2, data_files=files)
+    assert [(r["subtask"], r["accuracy"], r["samples"]) for r in records] == [
+        ("qa_squad", 1.0, 2), ("qa_hotpot", 1.0, 2), ("niah_single_2", 1.0, 2)]
+    assert all(d["prompt_tokens"] <= 1024 for d in details)
+    # (offline, datasets.load_dataset of the essays by name fails: niah_single_2 read the snapshot's files)
+    wrong, _ = harness.run_ruler_on(_Scripted(False), tokenizer, subtasks[:1], [1024], 1, data_files=files)
+    assert {r["accuracy"] for r in wrong} == {0.0}

@@ -80,6 +80,7 @@ class RulerSubtask:
     lm_eval_task: str
     data: Optional[str] = None  # "hf-dataset:<repo>" (found in the local HF cache) or "file:<key>" (--data-file)
     fetch: str = ""  # what to run to get the data
+    nltk: tuple[str, ...] = ()  # NLTK resources its generator reads (found on nltk.data.path)
     min_length: Optional[Callable[[Any, int], Optional[str]]] = None  # (tokenizer, length) -> refusal or None
 
     @property
@@ -160,7 +161,8 @@ _ESSAYS = "baber/paul_graham_essays"
 for _name in ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multiquery", "niah_multivalue"):
     register_ruler_subtask(RulerSubtask(
         _name, _name, data=f"hf-dataset:{_ESSAYS}",
-        fetch=f"`huggingface-cli download {_ESSAYS} --repo-type dataset` on a machine with network"))
+        fetch=f"`huggingface-cli download {_ESSAYS} --repo-type dataset` on a machine with network",
+        nltk=("tokenizers/punkt_tab",)))  # sentence splitting, to put needles between sentences
 register_ruler_subtask(RulerSubtask(
     "qa_squad", "ruler_qa_squad", data="file:squad",
     fetch="SQuAD 2.0's dev-v2.0.json, then pass --data-file squad=PATH"))
@@ -190,14 +192,18 @@ def resolve_subtasks(spec: str) -> list[RulerSubtask]:
     return out
 
 
-def _hf_dataset_cached(repo: str) -> bool:
+def _hf_dataset_snapshot(repo: str) -> Optional[str]:
+    """The directory of ``repo``'s dataset snapshot in the local Hugging Face cache, or None."""
     try:
         from huggingface_hub import snapshot_download
 
-        snapshot_download(repo, repo_type="dataset", local_files_only=True)
-        return True
+        return snapshot_download(repo, repo_type="dataset", local_files_only=True)
     except Exception:  # noqa: BLE001 - any failure means: not in the local cache
-        return False
+        return None
+
+
+def _hf_dataset_cached(repo: str) -> bool:
+    return _hf_dataset_snapshot(repo) is not None
 
 
 def check_subtask_data(subtasks: Sequence[RulerSubtask], data_files: dict[str, Path]) -> None:
@@ -213,6 +219,21 @@ def check_subtask_data(subtasks: Sequence[RulerSubtask], data_files: dict[str, P
         elif not _hf_dataset_cached(ref):
             raise DPEExportError(f"RULER {sub.name} needs the dataset {ref} in the local Hugging Face cache; "
                                  f"fetch it with {sub.fetch}")
+        for resource in sub.nltk:
+            if not _nltk_has(resource):
+                name = resource.rsplit("/", 1)[-1]
+                raise DPEExportError(f"RULER {sub.name} needs NLTK's {name} data; fetch it with "
+                                     f"`python -m nltk.downloader {name}` on a machine with network")
+
+
+def _nltk_has(resource: str) -> bool:
+    try:
+        import nltk
+
+        nltk.data.find(resource)
+        return True
+    except (ImportError, LookupError):
+        return False
 
 
 def check_ruler(subtasks: Sequence[RulerSubtask], tokenizer, lengths: Sequence[int],
@@ -292,6 +313,30 @@ def _local_json(data_files: dict[str, Path]) -> Iterator[None]:
         requests.get = original
 
 
+@contextlib.contextmanager
+def _local_hf_datasets(subtasks: Sequence[RulerSubtask]) -> Iterator[None]:
+    """lm-eval's essay subtasks call ``datasets.load_dataset(NAME)``, which offline reads only datasets' own
+    processed cache; a snapshot in the Hugging Face hub cache (what ``huggingface-cli download`` leaves) is
+    loaded from its directory instead, so the subtasks run with no network."""
+    repos = {s.data.partition(":")[2] for s in subtasks if s.data and s.data.startswith("hf-dataset:")}
+    snapshots = {repo: path for repo in sorted(repos) if (path := _hf_dataset_snapshot(repo)) is not None}
+    if not snapshots:
+        yield
+        return
+    import datasets
+
+    original = datasets.load_dataset
+
+    def load_dataset(path, *args, **kwargs):
+        return original(snapshots.get(path, path) if isinstance(path, str) else path, *args, **kwargs)
+
+    datasets.load_dataset = load_dataset
+    try:
+        yield
+    finally:
+        datasets.load_dataset = original
+
+
 def _fresh_ruler_modules() -> None:
     """Forget lm-eval's RULER generator modules, so the next run imports them afresh, as a new process would:
     some keep a module-level random generator (cwe) that would otherwise give the second model compared in
@@ -360,7 +405,7 @@ def run_ruler_on(lm, tokenizer, subtasks: Sequence[RulerSubtask], lengths: Seque
     records: list[dict[str, Any]] = []
     details: list[dict[str, Any]] = []
     with progress_bar(len(subtasks) * len(lengths), "ruler", progress) as bar, _ruler_tokenizer(tokenizer) as key, \
-            _local_json(data_files):
+            _local_json(data_files), _local_hf_datasets(subtasks):
         for n in lengths:
             for sub in subtasks:
                 bar.set_postfix(subtask=sub.name, length=n)
