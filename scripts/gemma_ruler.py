@@ -116,8 +116,12 @@ def section(path: Path) -> str:
         "A cell: mean of lm-eval's string-match score over its samples [95% bootstrap interval], n samples, wall "
         "time per sample (prefill and up to 128 generated tokens).", "",
     ]
-    notes = sorted({(r["method"], r["subtask"], r["length"], r["note"]) for r in done.values() if r.get("note")})
-    tail = [""] + [f"* {m}, {s}, {n:,}: {note}." for m, s, n, note in notes] if notes else []
+    notes: dict[tuple, list[int]] = {}
+    for r in done.values():
+        if r.get("note"):
+            notes.setdefault((r["length"], r["method"], r["subtask"], r["note"]), []).append(r["sample"])
+    tail = [""] + [f"* {m}, {s}, {n:,}, samples {', '.join(map(str, sorted(ids)))}: {note}."
+                   for (n, m, s, note), ids in sorted(notes.items())] if notes else []
     return "\n".join(head) + "\n" + markdown(path) + "\n" + "\n".join(tail) + ("\n" if tail else "")
 
 
@@ -142,7 +146,20 @@ def markdown(path: Path) -> str:
             cells.append(f"{format_accuracy(sum(scores) / len(scores))} [{format_accuracy(lo, 0, False)}-"
                          f"{format_accuracy(hi, 0, False)}] n={len(scores)}, {wall:.0f} s")
         lines.append(f"| {length:,} | {sub} | " + " | ".join(cells) + " |")
+        if sub == max(k[1] for k in rows if k[0] == length):  # after a length's last subtask: RULER's average
+            lines.append(f"| {length:,} | **average** | " + " | ".join(
+                _average(rows, length, method) for method in METHODS) + " |")
     return "\n".join(lines)
+
+
+def _average(rows: dict, length: int, method: str) -> str:
+    """RULER's unweighted mean over the subtasks, once every subtask of the plan has all its samples."""
+    from dpe_export.evaluation.results import format_accuracy
+
+    cells = [recs.get(method, []) for (n, _), recs in rows.items() if n == length]
+    if len(cells) < 6 or any(len(c) < samples_wanted(length) for c in cells):
+        return "–"
+    return "**" + format_accuracy(sum(sum(r["score"] for r in c) / len(c) for c in cells) / len(cells)) + "**"
 
 
 def main() -> None:
