@@ -36,10 +36,9 @@ def _model_device(model):
 def reset_rope_state(model) -> None:
     """Undo what dynamic RoPE scaling kept from earlier, longer sequences, so that every prompt is scored
     with the frequencies its own length gives (transformers only resets below the base length)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    rotary = getattr(decoder, "rotary_emb", None)
-    if rotary is None or "dynamic" not in str(getattr(rotary, "rope_type", "")):
+    if not uses_dynamic_rope(model):
         return
+    rotary = model.get_decoder().rotary_emb
     original = getattr(rotary, "original_inv_freq", None)
     base_len = getattr(rotary, "original_max_seq_len", None)
     if original is not None and base_len is not None and rotary.max_seq_len_cached != base_len:

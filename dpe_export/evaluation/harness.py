@@ -202,10 +202,6 @@ def _hf_dataset_snapshot(repo: str) -> Optional[str]:
         return None
 
 
-def _hf_dataset_cached(repo: str) -> bool:
-    return _hf_dataset_snapshot(repo) is not None
-
-
 def check_subtask_data(subtasks: Sequence[RulerSubtask], data_files: dict[str, Path]) -> None:
     """Refuse, in one line, a subtask whose data is neither in the local cache nor given as a file."""
     for sub in subtasks:
@@ -216,7 +212,7 @@ def check_subtask_data(subtasks: Sequence[RulerSubtask], data_files: dict[str, P
             path = data_files.get(ref)
             if path is None or not Path(path).is_file():
                 raise DPEExportError(f"RULER {sub.name} downloads its data at run time; fetch {sub.fetch}")
-        elif not _hf_dataset_cached(ref):
+        elif _hf_dataset_snapshot(ref) is None:
             raise DPEExportError(f"RULER {sub.name} needs the dataset {ref} in the local Hugging Face cache; "
                                  f"fetch it with {sub.fetch}")
         for resource in sub.nltk:
