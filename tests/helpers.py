@@ -102,3 +102,15 @@ def left_padded(prompts):
     for row, p in enumerate(prompts):
         ids[row, width - len(p):], mask[row, width - len(p):] = p, 1
     return ids, mask
+
+
+def assert_batch_generates_as_alone(model, prompts, new_tokens, label="", **generate_kwargs):
+    """Greedy generation of a left-padded batch of `prompts` equals each prompt generated alone (row by row)."""
+    ids, mask = left_padded(prompts)
+    width = ids.shape[1]
+    fixed = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    with torch.no_grad():
+        batch = model.generate(ids, attention_mask=mask, **fixed, **generate_kwargs)
+        for row, p in enumerate(prompts):
+            alone = model.generate(p[None], **fixed)
+            assert batch[row, width:].tolist() == alone[0, len(p):].tolist(), (label, row)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import left_padded, save_tiny_model, tiny_model
+from helpers import assert_batch_generates_as_alone, save_tiny_model, tiny_model
 from reference import reference_model
 
 from dpe_export.runtime import load_dpe_core
@@ -185,15 +185,8 @@ def test_left_padded_batch_with_a_static_cache_equals_each_prompt_alone(export):
     model = _load(out)
     g = torch.Generator().manual_seed(10)
     prompts = [torch.randint(4, 128, (n,), generator=g) for n in (14, 5)]
-    ids, mask = left_padded(prompts)
-    width = ids.shape[1]
-    with torch.no_grad():
-        for impl in (None, "static"):
-            batch = model.generate(ids, attention_mask=mask, max_new_tokens=15, min_new_tokens=15, do_sample=False,
-                                   cache_implementation=impl)
-            for row, p in enumerate(prompts):
-                alone = model.generate(p[None], max_new_tokens=15, min_new_tokens=15, do_sample=False)
-                assert batch[row, width:].tolist() == alone[0, len(p):].tolist(), (impl, row)
+    for impl in (None, "static"):
+        assert_batch_generates_as_alone(model, prompts, 15, impl, cache_implementation=impl)
 
 
 def test_dpe_cache_layers_hold_about_the_base_models_bytes(export):

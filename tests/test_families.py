@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 from family_reference import reference_logits, tiny_family_model
-from helpers import left_padded, tiny_tokenizer
+from helpers import assert_batch_generates_as_alone, tiny_tokenizer
 
 from dpe_export.architectures import ARCHITECTURES
 from dpe_export.runtime import load_dpe_core
@@ -141,13 +141,7 @@ def test_a_left_padded_batch_generates_what_each_prompt_generates_alone(fam):
     model = fam.load(False, fam.attns()[0])
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(4, 128, (n,), generator=g) for n in (17, 6)]
-    ids, mask = left_padded(prompts)
-    width = ids.shape[1]
-    with torch.no_grad():
-        batch = model.generate(ids, attention_mask=mask, max_new_tokens=10, min_new_tokens=10, do_sample=False)
-        for row, p in enumerate(prompts):
-            alone = model.generate(p[None], max_new_tokens=10, min_new_tokens=10, do_sample=False)
-            assert batch[row, width:].tolist() == alone[0, len(p):].tolist(), row
+    assert_batch_generates_as_alone(model, prompts, 10)
 
 
 def test_the_export_loads_without_dpe_export_and_its_card_names_the_dpe_layers(fam, tmp_path):

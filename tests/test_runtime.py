@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import left_padded, save_tiny_model, tiny_model
+from helpers import assert_batch_generates_as_alone, save_tiny_model, tiny_model
 from reference import reference_model
 
 from dpe_export.runtime import load_dpe_core
@@ -131,14 +131,7 @@ def test_padded_batch_generates_what_each_prompt_generates_alone(tmp_path):
     g = torch.Generator().manual_seed(6)
     prompts = [torch.randint(4, 128, (n,), generator=g) for n in (30, 11, 19)]
     for attn in ("sdpa", "eager"):
-        model = load_export(out, attn)
-        ids, mask = left_padded(prompts)
-        width = ids.shape[1]
-        with torch.no_grad():
-            batch = model.generate(ids, attention_mask=mask, max_new_tokens=12, min_new_tokens=12, do_sample=False)
-            for row, p in enumerate(prompts):
-                alone = model.generate(p[None], max_new_tokens=12, min_new_tokens=12, do_sample=False)
-                assert batch[row, width:].tolist() == alone[0, len(p):].tolist(), (attn, row)
+        assert_batch_generates_as_alone(load_export(out, attn), prompts, 12, attn)
 
 
 def test_export_loads_where_dpe_export_cannot_be_imported(tmp_path):
