@@ -378,6 +378,19 @@ def _sha(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
+def _ruler_task_manager(length: int, tokenizer_key: str):
+    """lm-eval's TaskManager over its RULER folder only, with the metadata simple_evaluate would give its own.
+
+    simple_evaluate without a task manager indexes every task YAML lm-eval ships (200,000 YAML loads, 20-40 s
+    per call on 2 CPU cores, most of a short RULER run); RULER's YAMLs include only each other.
+    """
+    import lm_eval.tasks
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=str(Path(lm_eval.tasks.__file__).parent / "ruler"), include_defaults=False,
+                       metadata={"max_seq_lengths": [length], "tokenizer": tokenizer_key})
+
+
 def run_ruler_on(lm, tokenizer, subtasks: Sequence[RulerSubtask], lengths: Sequence[int], samples: int,
                  data_files: Optional[dict[str, Path]] = None, progress: bool = False,
                  on_cell: Optional[Callable[[dict[str, Any], list[dict[str, Any]]], None]] = None,
@@ -409,7 +422,7 @@ def run_ruler_on(lm, tokenizer, subtasks: Sequence[RulerSubtask], lengths: Seque
                 which = ({"limit": samples} if sample_ids is None
                          else {"samples": {sub.lm_eval_task: [int(i) for i in sample_ids]}})
                 out = simple_evaluate(model=lm, tasks=[sub.lm_eval_task], log_samples=True, **which,
-                                      metadata={"max_seq_lengths": [int(n)], "tokenizer": key},
+                                      task_manager=_ruler_task_manager(int(n), key),
                                       verbosity="ERROR", bootstrap_iters=0)
                 rows = (out or {}).get("samples", {}).get(sub.lm_eval_task, [])
                 if not rows:
