@@ -381,8 +381,9 @@ def _sha(text: str) -> str:
 def _ruler_task_manager(length: int, tokenizer_key: str):
     """lm-eval's TaskManager over its RULER folder only, with the metadata simple_evaluate would give its own.
 
-    simple_evaluate without a task manager indexes every task YAML lm-eval ships (200,000 YAML loads, 20-40 s
-    per call on 2 CPU cores, most of a short RULER run); RULER's YAMLs include only each other.
+    simple_evaluate without a task manager indexes every task YAML lm-eval ships (lm-eval 0.4.13: about 27,000
+    YAML loads and 21 s per call, profiled on 2 busy CPU cores; most of a short RULER run). RULER's YAMLs include
+    only each other. Built per cell, after _fresh_ruler_modules, as simple_evaluate would build its own.
     """
     import lm_eval.tasks
     from lm_eval.tasks import TaskManager
