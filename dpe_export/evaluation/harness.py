@@ -333,14 +333,40 @@ def _local_hf_datasets(subtasks: Sequence[RulerSubtask]) -> Iterator[None]:
         datasets.load_dataset = original
 
 
+# RULER modules kept from one cell to the next: importing prepare_niah builds and sorts every adjective-noun pair
+# (seconds per import on 2 CPU cores) and it holds no state but its functools caches, which are cleared instead.
+_KEPT_RULER_MODULES = ("lm_eval.tasks.ruler.prepare_niah",)
+
+
 def _fresh_ruler_modules() -> None:
-    """Forget lm-eval's RULER generator modules, so the next run imports them afresh, as a new process would:
-    some keep a module-level random generator (cwe) that would otherwise give the second model compared in
-    one process other prompts than the first."""
+    """Give the next lm-eval run RULER's generator modules as a new process would: forget them, so they are imported
+    afresh (some keep a module-level random generator, cwe's, that would otherwise give the second model compared
+    in one process other prompts than the first), except the costly ones in _KEPT_RULER_MODULES, whose caches
+    (a haystack read from data given to an earlier run, say) are emptied."""
+    import functools
     import sys
 
     for name in [n for n in sys.modules if n.startswith("lm_eval.tasks.ruler.")]:
-        del sys.modules[name]
+        if name not in _KEPT_RULER_MODULES:
+            del sys.modules[name]
+            continue
+        for value in list(vars(sys.modules[name]).values()):
+            if isinstance(value, functools._lru_cache_wrapper):
+                value.cache_clear()
+
+
+@contextlib.contextmanager
+def _without_env_report() -> Iterator[None]:
+    """Skip lm-eval's environment report for the duration: every simple_evaluate call runs ``pip list`` and other
+    commands for it (about a second a call here) and dpe-export's records never read it."""
+    import lm_eval.evaluator as evaluator
+
+    original = evaluator.add_env_info
+    evaluator.add_env_info = lambda storage: None
+    try:
+        yield
+    finally:
+        evaluator.add_env_info = original
 
 
 def _quiet_lm_eval() -> None:
@@ -415,7 +441,7 @@ def run_ruler_on(lm, tokenizer, subtasks: Sequence[RulerSubtask], lengths: Seque
     records: list[dict[str, Any]] = []
     details: list[dict[str, Any]] = []
     with progress_bar(len(subtasks) * len(lengths), "ruler", progress) as bar, _ruler_tokenizer(tokenizer) as key, \
-            _local_json(data_files), _local_hf_datasets(subtasks):
+            _local_json(data_files), _local_hf_datasets(subtasks), _without_env_report():
         for n in lengths:
             for sub in subtasks:
                 bar.set_postfix(subtask=sub.name, length=n)
@@ -530,6 +556,18 @@ def _metric_rows(results: dict[str, Any], samples: dict[str, int]) -> list[dict[
     return rows
 
 
+def _harness_task_manager(names: Sequence[str], include_path: Optional[Path]):
+    """lm-eval's TaskManager for ``names``: over ``include_path`` alone when it defines every one of them (indexing
+    every task lm-eval ships takes seconds a call, see _ruler_task_manager), else over lm-eval's tasks as well."""
+    from lm_eval.tasks import TaskManager
+
+    if include_path is not None:
+        local = TaskManager(include_path=str(include_path), include_defaults=False)
+        if all(n in local.all_tasks for n in names):
+            return local
+    return TaskManager(include_path=str(include_path) if include_path else None)
+
+
 def run_harness(model_dir, tasks: Sequence[str], *, limit: Optional[int] = None, max_length: Optional[int] = None,
                 include_path: Optional[Path] = None, num_fewshot: Optional[int] = None, method: Any = None,
                 seed: int = 0, batch_size: int = 1, device: Optional[str] = None, dtype: Optional[str] = None,
@@ -540,7 +578,7 @@ def run_harness(model_dir, tasks: Sequence[str], *, limit: Optional[int] = None,
     nothing is cut); returns an EvalResult with one record per (task, metric)."""
     lm_eval = require_lm_eval()
     from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager, get_task_dict
+    from lm_eval.tasks import get_task_dict
 
     names = [t.strip() for t in tasks if t and t.strip()]
     if not names:
@@ -551,7 +589,7 @@ def run_harness(model_dir, tasks: Sequence[str], *, limit: Optional[int] = None,
     loading.check_eval_model(model_dir, spec, trust_remote_code)
     loading.check_device_map(device_map, device)
     _quiet_lm_eval()
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    manager = _harness_task_manager(names, include_path)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise DPEExportError(f"lm-eval {lm_eval.__version__} has no task {unknown[0]!r} (see `lm-eval ls tasks`"
@@ -567,8 +605,9 @@ def run_harness(model_dir, tasks: Sequence[str], *, limit: Optional[int] = None,
     loaded = loading.load_model(model_dir, spec, device=device, dtype=dtype, attn=attn, target_length=max_length,
                                 tokenizer=tokenizer, device_map=device_map, trust_remote_code=trust_remote_code)
     lm = make_lm(loaded.model, tokenizer, max_length, batch_size)
-    out = simple_evaluate(model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot, task_manager=manager,
-                          log_samples=False, verbosity="ERROR")
+    with _without_env_report():
+        out = simple_evaluate(model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot, task_manager=manager,
+                              log_samples=False, verbosity="ERROR")
     samples = {k: int(v.get("effective", v.get("original", 0))) for k, v in (out.get("n-samples") or {}).items()}
     records = [{**r, "length": int(max_length), "depth": None} for r in _metric_rows(out["results"], samples)]
     settings = {"tasks": names, "limit": limit, "max_length": int(max_length), "num_fewshot": num_fewshot,
