@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -105,7 +106,8 @@ def section(path: Path) -> str:
     machines = sorted({r.get("machine", "?") for r in done.values()})
     head = [
         "### Gemma-3-270M: RULER through lm-evaluation-harness (inside its 32K context)", "",
-        f"**In progress: {len(done)} of {planned} planned samples measured** (plan: lm-eval's six offline RULER "
+        (f"**All {planned} planned samples measured**" if len(done) >= planned else
+         f"**In progress: {len(done)} of {planned} planned samples measured**") + " (plan: lm-eval's six offline RULER "
         "subtasks at 4K, 8K and 16K; 10 samples per subtask and length up to 8K, 5 at 16K; base model, the DPE "
         "export and SelfExtend (window 4096, group 2) on the base). `scripts/gemma_ruler.py` appends every sample "
         "to `results/gemma3-270m-ruler.jsonl` and resumes from it.", "",
@@ -122,7 +124,40 @@ def section(path: Path) -> str:
             notes.setdefault((r["length"], r["method"], r["subtask"], r["note"]), []).append(r["sample"])
     tail = [""] + [f"* {m}, {s}, {n:,}, samples {', '.join(map(str, sorted(ids)))}: {note}."
                    for (n, m, s, note), ids in sorted(notes.items())] if notes else []
-    return "\n".join(head) + "\n" + markdown(path) + "\n" + "\n".join(tail) + ("\n" if tail else "")
+    return ("\n".join(head) + "\n" + markdown(path) + "\n" + "\n".join(tail) + ("\n" if tail else "")
+            + "\n" + paired(path) + "\n")
+
+
+def sign_test(higher: int, lower: int) -> float:
+    """Exact two-sided sign test over the prompts whose scores differ (ties dropped)."""
+    n, k = higher + lower, min(higher, lower)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired(path: Path) -> str:
+    """Each method against the base model prompt by prompt (the same prompts: their hashes are checked)."""
+    done = read_done(path)
+    lines = ["Prompt by prompt against the base model (a prompt's score is lm-eval's, 0-1; the sign test drops ties):",
+             "", "| length | method | prompts | higher | lower | same score | same generated text | sign test p |",
+             "|---|---|---|---|---|---|---|---|"]
+    for length in LENGTHS:
+        for method in METHODS:
+            if method == "base":
+                continue
+            pairs = [(done[("base", s, n, i)], rec) for (m, s, n, i), rec in done.items()
+                     if m == method and n == length and ("base", s, n, i) in done]
+            if not pairs:
+                continue
+            if any(b["prompt_sha"] != r["prompt_sha"] for b, r in pairs):
+                raise SystemExit(f"{method} at {length} saw other prompts than the base model")
+            higher = sum(r["score"] > b["score"] for b, r in pairs)
+            lower = sum(r["score"] < b["score"] for b, r in pairs)
+            text = sum(r["generated"] == b["generated"] for b, r in pairs)
+            lines.append(f"| {length:,} | {method} | {len(pairs)} | {higher} | {lower} | {len(pairs) - higher - lower} "
+                         f"| {text} | {sign_test(higher, lower):.2f} |")
+    return "\n".join(lines)
 
 
 def markdown(path: Path) -> str:
