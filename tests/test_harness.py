@@ -219,6 +219,32 @@ def test_ruler_never_loads_a_tokenizer_by_name(tokenizer):
     assert AutoTokenizer.from_pretrained(str(TESTBED)).vocab_size == tokenizer.vocab_size
 
 
+@needs_lm_eval
+def test_ruler_never_downloads_nltk_data(tokenizer, monkeypatch):
+    """lm-eval's prepare_niah calls nltk.download at import when punkt_tab is missing; a RULER run keeps it off."""
+    import sys
+
+    import nltk
+
+    calls = []
+    monkeypatch.setattr(nltk, "download", lambda *a, **k: calls.append(a))
+    real_find = nltk.data.find
+
+    def find(resource, *args, **kwargs):
+        if "punkt" in resource:
+            raise LookupError(resource)
+        return real_find(resource, *args, **kwargs)
+
+    monkeypatch.setattr(nltk.data, "find", find)
+    monkeypatch.delitem(sys.modules, "lm_eval.tasks.ruler.prepare_niah", raising=False)  # imported afresh below
+    records, _ = harness.run_ruler_on(_Scripted(True), tokenizer, harness.resolve_subtasks("ruler:niah_single_1"),
+                                      [2048], 1)
+    assert records[0]["accuracy"] == 1.0 and calls == []
+    assert "lm_eval.tasks.ruler.prepare_niah" in sys.modules  # it was imported inside the run
+    nltk.download("x")
+    assert calls == [("x",)]  # restored
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Any lm-eval task, on a real testbed export
 # ----------------------------------------------------------------------------------------------------------

@@ -356,6 +356,24 @@ def _fresh_ruler_modules() -> None:
 
 
 @contextlib.contextmanager
+def _no_nltk_download() -> Iterator[None]:
+    """Keep lm-eval's RULER off the network: importing its prepare_niah calls ``nltk.download("punkt_tab")`` when
+    the data is missing, which fails or waits on an offline machine. Only the essay haystacks read that data, and
+    check_subtask_data has already refused them without it; the other subtasks never use it."""
+    try:
+        import nltk
+    except ImportError:
+        yield
+        return
+    original = nltk.download
+    nltk.download = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        nltk.download = original
+
+
+@contextlib.contextmanager
 def _without_env_report() -> Iterator[None]:
     """Skip lm-eval's environment report for the duration: every simple_evaluate call runs ``pip list`` and other
     commands for it (about a second a call here) and dpe-export's records never read it."""
@@ -441,7 +459,8 @@ def run_ruler_on(lm, tokenizer, subtasks: Sequence[RulerSubtask], lengths: Seque
     records: list[dict[str, Any]] = []
     details: list[dict[str, Any]] = []
     with progress_bar(len(subtasks) * len(lengths), "ruler", progress) as bar, _ruler_tokenizer(tokenizer) as key, \
-            _local_json(data_files), _local_hf_datasets(subtasks), _without_env_report():
+            _local_json(data_files), _local_hf_datasets(subtasks), _without_env_report(), \
+            _no_nltk_download():
         for n in lengths:
             for sub in subtasks:
                 bar.set_postfix(subtask=sub.name, length=n)
