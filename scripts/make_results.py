@@ -477,6 +477,7 @@ def write_results_md(out_dir: Path, results: Sequence[dict[str, Any]], missing: 
 
     path = out_dir / "RESULTS.md"
     real = "\n".join(x for x in (embedded("gemma3-270m.md"), embedded("gemma3-270m-ruler.md"),
+                                 embedded("gemma3-270m-ruler-notes.md"),
                                  embedded("positional-heads.md"), embedded("speed.md"), embedded("serving.md")) if x)
     path.write_text(render(results, out_dir, missing, embedded("discussion.md"), embedded("calibration.md"), real))
     return path
