@@ -15,6 +15,15 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`-n N`) each worker gets its share of the cores for torch, not all of them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory):
     """Build tiny checkpoints on first use: tiny_dirs("llama"), tiny_dirs("mistral", sliding_window=32), ..."""
