@@ -102,7 +102,8 @@ def run_checks(version: str, target: Path, tests: list[str], timeout: float, pyt
     try:
         parallel = ["-n", "2"] if importlib.util.find_spec("xdist") else []  # pytest-xdist, from the [test] extra
         proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:warnings",
-                               *parallel, *pytest_args, *tests], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+                               *parallel, *pytest_args, *tests],
+                              capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
         output, rc = proc.stdout + proc.stderr, proc.returncode
     except subprocess.TimeoutExpired as e:
         output, rc = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or ""), -1

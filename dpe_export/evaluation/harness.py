@@ -275,6 +275,17 @@ def _ruler_tokenizer(tokenizer) -> Iterator[str]:
 
 
 @contextlib.contextmanager
+def _replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
+    """``owner.name`` is ``value`` for the duration, then what it was (a module's function, here)."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+@contextlib.contextmanager
 def _local_json(data_files: dict[str, Path]) -> Iterator[None]:
     """lm-eval's RULER QA tasks read their JSON from files given with --data-file instead of the network."""
     if not data_files:
@@ -302,11 +313,8 @@ def _local_json(data_files: dict[str, Path]) -> Iterator[None]:
                 return _Response(json.loads(Path(data_files[key]).read_text(encoding="utf-8")))
         return original(url, *args, **kwargs)
 
-    requests.get = get
-    try:
+    with _replaced(requests, "get", get):
         yield
-    finally:
-        requests.get = original
 
 
 @contextlib.contextmanager
@@ -326,11 +334,8 @@ def _local_hf_datasets(subtasks: Sequence[RulerSubtask]) -> Iterator[None]:
     def load_dataset(path, *args, **kwargs):
         return original(snapshots.get(path, path) if isinstance(path, str) else path, *args, **kwargs)
 
-    datasets.load_dataset = load_dataset
-    try:
+    with _replaced(datasets, "load_dataset", load_dataset):
         yield
-    finally:
-        datasets.load_dataset = original
 
 
 # RULER modules kept from one cell to the next: importing prepare_niah builds and sorts every adjective-noun pair
@@ -365,12 +370,8 @@ def _no_nltk_download() -> Iterator[None]:
     except ImportError:
         yield
         return
-    original = nltk.download
-    nltk.download = lambda *args, **kwargs: False
-    try:
+    with _replaced(nltk, "download", lambda *args, **kwargs: False):
         yield
-    finally:
-        nltk.download = original
 
 
 @contextlib.contextmanager
@@ -379,12 +380,8 @@ def _without_env_report() -> Iterator[None]:
     commands for it (about a second a call here) and dpe-export's records never read it."""
     import lm_eval.evaluator as evaluator
 
-    original = evaluator.add_env_info
-    evaluator.add_env_info = lambda storage: None
-    try:
+    with _replaced(evaluator, "add_env_info", lambda storage: None):
         yield
-    finally:
-        evaluator.add_env_info = original
 
 
 def _quiet_lm_eval() -> None:
