@@ -41,7 +41,8 @@
 # - Cache, DynamicCache, DynamicLayer (`keys`, `values`, `is_initialized`, `update(k, v, *args, **kwargs)`),
 #   `cache.layers`: public. DPE layers subclass DynamicLayer; any other layer type is read as plain keys.
 # - The base model's forward takes the cache as `past_key_values` (5.0-5.23) or `cache` (5.24+); the name is
-#   read from its signature, and a Cache under any other name is an error, never ignored.
+#   read from its signature (the newest listed: 5.25 starts listing the old name beside the new one as a
+#   deprecated alias, which is moved to the new name), and a Cache under any other name is an error, never ignored.
 # Every assumption about what arrives is checked where it is used (positions present and consistent with the
 # keys, the keys being the cache's) and a broken one raises DPERuntimeError naming the transformers version.
 from __future__ import annotations
@@ -1211,14 +1212,24 @@ class DPEModelMixin:
 
     def forward(self, *args, **kwargs):
         params = _forward_parameters(type(self))
-        name = next((p for p in CACHE_ARGUMENT_NAMES if p in params), None)
-        for key, value in kwargs.items():
-            if key != name and _is_cache(value):
-                raise DPERuntimeError(f"{type(self).__name__}.forward got a KV cache as {key!r}; this transformers "
-                                      f"release takes it as {name!r}")
-        if name is None:
+        listed = [p for p in CACHE_ARGUMENT_NAMES if p in params]
+        if not listed:
             raise DPERuntimeError(f"{type(self).__name__}.forward takes no KV cache argument DPE knows "
                                   f"({', '.join(CACHE_ARGUMENT_NAMES)})")
+        # The newest name the forward lists is the cache's; an older one listed beside it is a deprecated alias
+        # (transformers' deprecate_kwarg(..., expose_in_signature=True) adds the old name to a signature).
+        name = listed[-1]
+        for key in list(kwargs):
+            value = kwargs[key]
+            if key == name or not (key in listed or _is_cache(value)):
+                continue
+            if key in listed and (value is None or (_is_cache(value) and kwargs.get(name) is None)):
+                del kwargs[key]
+                if value is not None:
+                    kwargs[name] = value
+            else:
+                raise DPERuntimeError(f"{type(self).__name__}.forward got a KV cache as {key!r}; this transformers "
+                                      f"release takes it as {name!r}")
         idx = params.index(name)
         cache = args[idx] if len(args) > idx else kwargs.get(name)
         if cache is None:

@@ -162,6 +162,57 @@ def test_a_cache_under_an_unknown_name_is_refused_by_the_model(export):
         model.model(torch.tensor([[5, 6, 7]]), kv_store=DynamicCache())
 
 
+def _expose_old_cache_name(monkeypatch, model_cls, seen):
+    """Make model_cls.forward take the cache as `cache` and list `past_key_values` beside it, as transformers'
+    deprecate_kwarg(..., expose_in_signature=True) does from 5.25 on (so far on its mask functions only)."""
+    import inspect
+
+    forward = model_cls.forward
+    sig = inspect.signature(forward)
+    real = "cache" if "cache" in sig.parameters else "past_key_values"
+    params = [p.replace(name="cache") if p.name == real else p for p in sig.parameters.values()]
+    alias = inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None)
+    params.insert(len(params) - (params[-1].kind is inspect.Parameter.VAR_KEYWORD), alias)
+
+    def exposed(self, *args, cache=None, past_key_values=None, **kwargs):
+        cache = past_key_values if cache is None else cache  # what the deprecation wrapper does
+        seen.append(cache)
+        return forward(self, *args, **{real: cache}, **kwargs)
+
+    exposed.__signature__ = sig.replace(parameters=params)
+    monkeypatch.setattr(model_cls, "forward", exposed)
+
+
+def test_a_forward_that_lists_the_old_cache_name_beside_the_new_one_takes_the_cache_under_either(export, monkeypatch):
+    import sys
+
+    from transformers.models.llama.modeling_llama import LlamaModel
+
+    out, _ = export
+    model = _load(out)
+    mixin = next(k for k in type(model.model).__mro__ if k.__name__ == "DPEModelMixin")
+    core = sys.modules[mixin.__module__]  # the export's own copy of dpe_core
+    prompt = torch.randint(4, 128, (1, 20), generator=torch.Generator().manual_seed(12))
+    with torch.no_grad():
+        expected = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    seen: list = []
+    _expose_old_cache_name(monkeypatch, LlamaModel, seen)
+    core._forward_parameters.cache_clear()
+    try:
+        with torch.no_grad():
+            assert model.generate(prompt, max_new_tokens=12, do_sample=False).tolist() == expected.tolist()
+            for name in ("cache", "past_key_values"):
+                model.model(prompt, use_cache=True, **{name: DynamicCache()})
+                assert type(seen[-1].layers[0]).__name__.startswith("DPE"), name
+            model.model(prompt, use_cache=True, past_key_values=None)  # a caller passing the old name empty
+            assert type(seen[-1].layers[0]).__name__.startswith("DPE")
+            with pytest.raises(Exception, match="got a KV cache as 'past_key_values'"):
+                model.model(prompt, cache=DynamicCache(), past_key_values=DynamicCache())
+    finally:
+        monkeypatch.undo()
+        core._forward_parameters.cache_clear()
+
+
 def test_positions_that_disagree_with_the_keys_raise(export):
     out, _ = export
     model = _load(out)
