@@ -12,6 +12,11 @@ table. Each model is loaded once per run.
 A sample: pass-key, one prompt (correct or not); NIAH, one context with 4 needles, asked about each needle
 (the context is prefilled once and its cache copied per question), scored by the needles found. The prompts
 depend only on (task, length, sample), so every method sees the same ones.
+
+One results file holds one dtype (a run refuses a file whose records used another): float32 by default, because
+bfloat16 matmuls run about 130x slower than float32 on a CPU without AVX512-BF16 (this project's AVX2 machine of
+2026-12-03), while on one with it bfloat16 was 1.5x faster. The first 41 samples, run in bfloat16 on such a
+machine, are kept in gemma3-270m-bf16.jsonl and compared sample by sample with the float32 ones.
 """
 from __future__ import annotations
 
@@ -85,10 +90,10 @@ def run_one(loaded, builder, task: str, length: int, sample: int, chunk: int) ->
 
     prompts = build_prompts(builder, task, length, sample)
     eos = eos_ids(loaded.model, loaded.tokenizer) or None
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     rows = greedy_generate_shared(loaded.model, [p.input_ids for p in prompts], max_new_tokens_for(task), eos,
                                   prefill_chunk=chunk)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     texts = [loaded.tokenizer.decode(r, skip_special_tokens=True) for r in rows]
     found = [bool(score_answer(t, p.answer)) for t, p in zip(texts, prompts)]
     return {
@@ -96,6 +101,8 @@ def run_one(loaded, builder, task: str, length: int, sample: int, chunk: int) ->
         "depths": [float(d) for d in (prompts[0].depths if task == "niah" else [prompts[0].depths[0]])],
         "answers": [p.answer for p in prompts], "generated": texts, "found": found,
         "score": sum(found) / len(found), "prompt_tokens": len(prompts[0].input_ids), "seconds": round(seconds, 2),
+        # CPU time of all threads: well under threads x seconds means other work shared the cores
+        "cpu_seconds": round(cpu_seconds, 2),
     }
 
 
@@ -123,6 +130,10 @@ def run(args) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     done = read_done(out)
+    used = {r.get("dtype") for r in done.values()}
+    if used - {args.dtype}:
+        raise SystemExit(f"{out} holds {', '.join(sorted(map(str, used)))} records; this run would add {args.dtype} "
+                         "ones (one dtype per results file: pass --dtype or another --out)")
     dirs = {"base": args.base, "export": args.export}
     methods = method_plan(args.export, args.window)
     chosen = [m for m in methods if not args.methods or m in args.methods.split(",")]
@@ -266,8 +277,9 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=2048,
                     help="prompt tokens per prefill forward (2048: the fastest of 1024/2048/4096 here for the DPE "
                          "export at 8K and 16K; the first 31 records used 1024)")
-    ap.add_argument("--dtype", default="bfloat16", help="weights and compute (Gemma 3's own dtype; 1.5x faster "
-                    "than float32 on a CPU with AVX512-BF16)")
+    ap.add_argument("--dtype", default="float32", help="weights and compute, one per results file (bfloat16 is "
+                    "Gemma 3's own: 1.5x faster than float32 on a CPU with AVX512-BF16, about 130x slower per "
+                    "matmul on one without)")
     ap.add_argument("--summary", metavar="JSONL", help="print the markdown table of a results file and exit")
     ap.add_argument("--markdown", action="store_true", help="write the RESULTS.md section from --out (and "
                     "benchmarks/results/gemma3-270m-notes.md) to benchmarks/results/gemma3-270m.md and exit")
