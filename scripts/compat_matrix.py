@@ -76,13 +76,41 @@ def resolve(names: list[str], releases: list[str]) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+# A dependency a release asks for that this package index may lack, and what the checks then set so that the
+# release runs without it. transformers 5.25 requires kernels>=0.19.1 and, with hub kernels on (its default),
+# refuses every from_pretrained when kernels is missing; on CPU its kernel mapping replaces nothing anyway.
+WITHOUT = {"kernels": {"USE_HUB_KERNELS": "0"}}
+
+
+def _pip(target: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                           "--target", str(target), "--upgrade", *args], capture_output=True, text=True)
+
+
+def _unavailable(stderr: str) -> str | None:
+    """The requirement pip found no distribution of on the index, if that is why it failed."""
+    m = re.search(r"No matching distribution found for ([A-Za-z0-9_.-]+)", stderr)
+    return re.sub(r"[-_.]+", "-", m.group(1)).lower() if m else None
+
+
 def install(version: str, root: Path) -> Path:
+    """transformers==version and its dependencies into root/transformers-<version>. A dependency the index does
+    not have is left out when the checks can run without it (WITHOUT); target/.missing lists it."""
     target = root / f"transformers-{version}"
     if (target / ".complete").is_file():
         return target
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--target", str(target),
-           "--upgrade", f"transformers=={version}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = _pip(target, f"transformers=={version}")
+    missing = _unavailable(proc.stderr) if proc.returncode else None
+    if missing in WITHOUT:
+        from importlib.metadata import PathDistribution
+
+        proc = _pip(target, "--no-deps", f"transformers=={version}")
+        if not proc.returncode:
+            info = next(target.glob(f"transformers-{version}.dist-info"))
+            needs = [r.split(";")[0] for r in PathDistribution(info).requires or [] if "extra ==" not in r]
+            needs = [r for r in needs if re.sub(r"[-_.]+", "-", re.split(r"[<>=!~ \[]", r, 1)[0]).lower() != missing]
+            proc = _pip(target, *needs)
+        (target / ".missing").write_text(json.dumps([missing]))
     if proc.returncode:
         raise SystemExit(f"pip could not install transformers {version}:\n{proc.stderr[-3000:]}")
     # torch comes from this Python: a dependency that pulled another build of it into the target is an error.
@@ -94,8 +122,11 @@ def install(version: str, root: Path) -> Path:
 
 
 def run_checks(version: str, target: Path, tests: list[str], timeout: float, pytest_args: list[str] = ()) -> dict:
+    missing = json.loads((target / ".missing").read_text()) if (target / ".missing").is_file() else []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), str(REPO)]), HF_HUB_OFFLINE="1",
                PYTHONDONTWRITEBYTECODE="1")
+    for name in missing:
+        env.update(WITHOUT[name])
     probe = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"],
                            capture_output=True, text=True, env=env, cwd=REPO)
     t0 = time.time()
@@ -120,6 +151,7 @@ def run_checks(version: str, target: Path, tests: list[str], timeout: float, pyt
         "failures": failures[:20],
         "seconds": round(time.time() - t0, 1),
         "python": sys.version.split()[0],
+        **({"without": {name: WITHOUT[name] for name in missing}} if missing else {}),
     }
 
 
@@ -136,7 +168,9 @@ def _code_hash() -> str:
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| transformers | result | checks passed | failed | skipped | seconds |", "|---|---|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['release']} | {r['result']} | {r['passed']} | {r['failed'] + r['error']} | "
+        without = "".join(f" (without {name}: {', '.join(f'{k}={v}' for k, v in env.items())})"
+                          for name, env in r.get("without", {}).items())
+        lines.append(f"| {r['release']}{without} | {r['result']} | {r['passed']} | {r['failed'] + r['error']} | "
                      f"{r.get('skipped', 0)} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -185,6 +219,9 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"  transformers {version}: {row['result']} ({row['passed']} passed, {row['failed']} failed, "
               f"{row['error']} errors, {row['seconds']} s)", flush=True)
+        for name, env in row.get("without", {}).items():
+            print(f"    {name} is not on this package index: checked without it "
+                  f"({', '.join(f'{k}={v}' for k, v in env.items())})", flush=True)
         for f in row["failures"]:
             print(f"    {f}", flush=True)
         if args.jsonl:
