@@ -1480,6 +1480,31 @@ class DPEConfigMixin:
         return super().from_dict(*args, **kwargs)
 
 
+def _tie_unloaded_weights(model) -> None:
+    """Tie each tied weight that loading left on the meta device to its loaded source.
+
+    transformers 5.3.0 drops a remote-code model's tied weights from the keys it treats as missing, then finds
+    "both present" and ties nothing: the output embedding of every export with tied embeddings (Gemma, small
+    Llama and Qwen models) stays unloaded and the logits are garbage. 5.4.0 fixed it; on other releases a tied
+    weight is never left on the meta device, so this does nothing. A source that is itself on the meta device
+    (offloaded with accelerate) is left to accelerate.
+    """
+    expand = getattr(model, "get_expanded_tied_weights_keys", None)
+    if expand is None:
+        return
+    for target, source in expand(all_submodels=True).items():
+        try:
+            target_param, source_param = model.get_parameter(target), model.get_parameter(source)
+        except AttributeError:
+            continue
+        if target_param.device.type == "meta" and source_param.device.type != "meta":
+            parent, _, name = target.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, name, source_param)
+            tied = getattr(model, "all_tied_weights_keys", None)
+            if isinstance(tied, dict):
+                tied[target] = source  # what save_pretrained and resize_token_embeddings read
+
+
 class DPEPretrainedMixin:
     """from_pretrained / save_pretrained of an export's classes: the selection file and the code files."""
 
@@ -1487,6 +1512,7 @@ class DPEPretrainedMixin:
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         _register_weight_conversions(cls)
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        _tie_unloaded_weights(model)
         name = model.config.dpe.get("selected_dims")
         if name:
             from safetensors.torch import load_file

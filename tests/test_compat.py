@@ -326,3 +326,32 @@ def test_a_selection_the_kv_groups_agree_on_keeps_each_key_once_and_stays_exact(
     with torch.no_grad():
         stepped, _ = _step_logits(model, ids[:, :40], DynamicCache())
     torch.testing.assert_close(stepped, ref(ids[:, :40]).logits.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_a_tied_output_embedding_left_unloaded_is_tied_to_the_loaded_one(tmp_path, monkeypatch):
+    """transformers 5.3.0 dropped a remote-code model's tied weights from its missing keys, then tied nothing: the
+    output embedding stayed on the meta device and the logits were garbage. Reproduced here on any release by tying
+    nothing during loading; the export ties it itself."""
+    from transformers import PreTrainedModel
+
+    from dpe_export.export.convert import convert
+
+    base = save_tiny_model(tmp_path / "base", "llama", tie_word_embeddings=True)
+    params = dpe_core.DPEParams(WINDOW, SCALES, dpe_core.even_group_boundaries(8, 4), target_length=512)
+    out = convert(base, tmp_path / "out", params)
+    ids = torch.randint(4, 128, (1, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(base).eval()(ids).logits
+
+    original = PreTrainedModel.tie_weights
+
+    def tie_nothing_while_loading(self, *args, missing_keys=None, **kwargs):  # where 5.3.0 ended up
+        if missing_keys is None:
+            original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreTrainedModel, "tie_weights", tie_nothing_while_loading)
+    model = _load(out)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert "lm_head.weight" in model.all_tied_weights_keys
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, want, atol=1e-5)
