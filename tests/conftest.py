@@ -5,6 +5,20 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+# Remote code gets its own module cache per test process, made here and removed at exit. transformers 5.0-5.7
+# copy a local export's code to modules/transformers_modules/<directory name>/, so two pytest-xdist workers
+# loading different exports that are both called "out" overwrite each other's files and one can import the
+# other's model code (a Mistral check failed so under 5.2 and 5.3 in the release matrix; reproduced with two
+# processes: the Llama one imported the Mistral export's module and found no DPELlamaConfig). 5.8 added a
+# content hash to the path. It also keeps the tests out of the user's own cache.
+_MODULES = tempfile.mkdtemp(prefix="dpe-export-tests-modules-")
+os.environ["HF_MODULES_CACHE"] = _MODULES
+atexit.register(shutil.rmtree, _MODULES, True)
+
 import subprocess
 import sys
 from dataclasses import dataclass

@@ -119,6 +119,7 @@ def test_cached_decoding_equals_full_forward(tmp_path, attn):
         step = model(cached[:, :3], use_cache=True)
         past, logits = step.past_key_values, [step.logits]
         for t in range(3, cached.shape[1]):
+            # the cache under its pre-5.24 name on purpose: callers still pass it so, and it must keep working
             step = model(cached[:, t : t + 1], past_key_values=past, use_cache=True)
             past = step.past_key_values
             logits.append(step.logits)
