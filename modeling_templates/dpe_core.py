@@ -48,7 +48,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import importlib
 import inspect
 import sys
@@ -905,7 +904,21 @@ def _key_valid_from_mask(attention_mask, n_kv: int) -> Optional[torch.Tensor]:
     return row > torch.finfo(row.dtype).min / 2
 
 
-@functools.lru_cache(maxsize=None)
+def _per_class(fn):
+    """Cache fn(cls) per class in a plain dict: torch.compile traces it as a dict lookup (it warns on lru_cache)."""
+    results: dict = {}
+
+    def cached(cls: type):
+        if cls not in results:
+            results[cls] = fn(cls)
+        return results[cls]
+
+    cached.__doc__ = fn.__doc__
+    cached.cache_clear = results.clear
+    return cached
+
+
+@_per_class
 def _family_eager_attention(attention_class: type):
     """The eager attention function of the family's own modeling module (transformers registers no "eager"
     interface: each modeling file carries its own), so the base path below the window is the base model's."""
@@ -1196,7 +1209,7 @@ def prepare_cache(cache, states: dict) -> None:
             layers[idx] = _dpe_cache_layer(layers[idx], state)
 
 
-@functools.lru_cache(maxsize=None)
+@_per_class
 def _forward_parameters(cls: type) -> tuple:
     """Parameter names (without self) of the first forward after DPEModelMixin in cls's MRO."""
     mro = cls.__mro__

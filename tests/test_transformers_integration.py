@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 
+import warnings
+
 import pytest
 import torch
 from helpers import save_tiny_model, tiny_model
@@ -149,10 +151,14 @@ def test_torch_compile_forward_and_generate_equal_eager_mode_past_the_window(exp
     compiled_model = _load(export)
     ids = _ids(n=24)  # 4 windows: most pairs are far; short, to keep the compile time small
     compiled = torch.compile(compiled_model)  # inductor
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         want = eager(ids).logits
         got = compiled(ids).logits  # the cache is on (use_cache defaults to True)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    # Dynamo traces the runtime without warnings about it (it warned of "potential silent incorrectness" on the
+    # lru_cache the runtime used to have).
+    assert not [str(w.message) for w in caught if "dpe_core" in str(w.message)]
     compiled_model.forward = torch.compile(compiled_model.forward)
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(compiled_model.generate(ids, **kw), eager.generate(ids, **kw))
