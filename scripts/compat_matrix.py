@@ -6,7 +6,8 @@
 
 For every release, transformers and the dependencies it asks for are installed with pip into
 .compat/transformers-X/ (a --target directory put first on PYTHONPATH, so the rest of this Python's
-packages, torch included, stay as they are) and pytest runs the runtime checks there: identity below the
+packages, torch included, stay as they are; those only this Python's own transformers asks for, such as kernels,
+are hidden from the release) and pytest runs the runtime checks there: identity below the
 window, the dense reference beyond it (sdpa and eager, with and without a top-K selection), cached decoding
 equal to uncached and to the reference step by step (DPE cache layers, a plain DynamicCache, a static cache),
 a left-padded batch equal to single prompts, loading where dpe_export cannot be imported, save/reload,
@@ -121,10 +122,51 @@ def install(version: str, root: Path) -> Path:
     return target
 
 
+def _requirement_names(requires) -> set[str]:
+    return {re.sub(r"[-_.]+", "-", re.split(r"[<>=!~ ;\[(]", r, 1)[0]).lower()
+            for r in requires or [] if "extra ==" not in r}
+
+
+def hide_host_extras(version: str, target: Path) -> list[str]:
+    """Hide from the release the packages this Python has only because its own transformers asks for them.
+
+    The release's environment is target/ first, then this Python's packages (torch and pytest come from there).
+    A package the installed transformers requires and the release does not (kernels, since 5.25) would still be
+    imported by the release, and an old release can break on a new one (5.0.0's hub_kernels raises at import
+    with kernels 0.19), which no user installing that release gets. Each such package gets a stub that raises
+    ImportError, in target/.hidden/ (after target/ on the path, so the release's own packages still win).
+    Returns the distributions hidden."""
+    import importlib.metadata as md
+    import shutil
+
+    hidden_dir = target / ".hidden"
+    shutil.rmtree(hidden_dir, ignore_errors=True)  # made by this function only
+    try:
+        host = _requirement_names(md.requires("transformers"))
+    except md.PackageNotFoundError:
+        return []
+    info = next(target.glob(f"transformers-{version}.dist-info"), None)
+    wanted = _requirement_names(md.PathDistribution(info).requires) if info else set()
+    in_target = {re.sub(r"[-_.]+", "-", d.metadata["Name"]).lower() for d in md.distributions(path=[str(target)])}
+    modules: dict[str, list[str]] = {}
+    for module, dists in md.packages_distributions().items():
+        for dist in dists:
+            modules.setdefault(re.sub(r"[-_.]+", "-", dist).lower(), []).append(module)
+    hidden = sorted(name for name in host - wanted - in_target if modules.get(name))
+    for name in hidden:
+        for module in modules[name]:
+            stub = hidden_dir / module / "__init__.py"
+            stub.parent.mkdir(parents=True, exist_ok=True)
+            stub.write_text(f"raise ImportError({module!r} ' is hidden: transformers {version} does not require "
+                            f"{name} (scripts/compat_matrix.py)')\n")
+    return hidden
+
+
 def run_checks(version: str, target: Path, tests: list[str], timeout: float, pytest_args: list[str] = ()) -> dict:
     missing = json.loads((target / ".missing").read_text()) if (target / ".missing").is_file() else []
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), str(REPO)]), HF_HUB_OFFLINE="1",
-               PYTHONDONTWRITEBYTECODE="1")
+    hidden = hide_host_extras(version, target)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), str(target / ".hidden"), str(REPO)]),
+               HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
     for name in missing:
         env.update(WITHOUT[name])
     probe = subprocess.run([sys.executable, "-c", "import transformers; print(transformers.__version__)"],
@@ -152,6 +194,7 @@ def run_checks(version: str, target: Path, tests: list[str], timeout: float, pyt
         "seconds": round(time.time() - t0, 1),
         "python": sys.version.split()[0],
         **({"without": {name: WITHOUT[name] for name in missing}} if missing else {}),
+        **({"hidden": hidden} if hidden else {}),
     }
 
 
