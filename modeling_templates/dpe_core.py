@@ -1283,7 +1283,26 @@ class DPEModelMixin:
         warnings.warn(
             f"DPE: this input reaches {past + x.shape[1]} tokens, past the {target} this export was made for "
             f"(pretrained on {dpe.get('pretrain_length')}, window {dpe.get('local_window_size')}, scale factors "
-            f"{dpe.get('scale_factors')}); quality beyond {target} tokens was not calibrated", stacklevel=3)
+            f"{dpe.get('scale_factors')}); quality beyond {target} tokens was not calibrated",
+            stacklevel=_caller_stacklevel())
+
+
+# Frames a warning should not point at: the export's own code, and what runs a model's forward for the user.
+_LIBRARY_MODULES = ("torch", "transformers", "transformers_modules", "accelerate", "peft")
+
+
+def _caller_stacklevel() -> int:
+    """The warnings stacklevel, seen from the function that calls this, of the first frame outside this file
+    and the libraries that call a model's forward (torch, transformers and its remote code, accelerate, peft):
+    the user's model(...) or generate(...) line rather than torch's module dispatch."""
+    frame, level = sys._getframe(2), 2
+    while frame is not None:
+        name = frame.f_globals.get("__name__") or ""
+        if frame.f_globals is not globals() and not any(
+                name == m or name.startswith(m + ".") for m in _LIBRARY_MODULES):
+            return level
+        frame, level = frame.f_back, level + 1
+    return 2
 
 
 def cache_argument(model) -> str:

@@ -443,3 +443,4 @@ def test_the_tokenizer_states_the_target_length_and_a_longer_input_warns_once(ll
             model(torch.randint(4, 128, (1, 70)))
     dpe = [w for w in caught if "past the 48 this export was made for" in str(w.message)]
     assert len(dpe) == 1
+    assert dpe[0].filename == __file__  # the line that called the model, not torch's module dispatch
