@@ -419,7 +419,7 @@ def render(results: Sequence[dict[str, Any]], out_dir: Path, missing: Sequence[s
                   "* Commands and wall times: " + "; ".join(
                       f"{r['model']}: `{r.get('command', '')}` ({r['wall_s'] / 60:.1f} min)" for r in results) + ".",
                   "* Lengths: 1x, 2x, 4x, 8x, 16x the training length L (= `max_position_embeddings`). "
-                  "Greedy decoding, exact-length prompts from `dpe_export.tasks` on generated haystack text, "
+                  "Greedy decoding, exact-length prompts from `dpe_export.evaluation.tasks` on generated haystack text, "
                   f"seed {results[0]['settings']['seed']} (the same prompts for every method).",
                   f"* `linear`, `dynamic` and `yarn` use factor {EXTENSION_FACTOR}: the largest extension "
                   "measured (16x), the standard way these are configured for a 16x target length. At shorter "
