@@ -22,10 +22,10 @@
 #
 # The KV cache. With any cache transformers offers (dynamic, static, offloaded, one the user built) the cache
 # holds the family's plain keys and DPE rotates them on the fly: exact, and slower past the window. When the
-# model's forward gets a fresh DynamicCache it turns its full-attention layers into DPE layers (a subclass of
-# DynamicLayer) that hold every key in its scaled rotation (what the far part reads) plus the plain keys of
-# the last w - 1 positions (what the local part reads): about the base model's cache size, and decoding never
-# re-rotates the cache. A top-K selection on which the query heads sharing each KV head agree is per-head scale
+# model's forward gets a fresh DynamicCache outside torch.compile it turns its full-attention layers into DPE
+# layers (a subclass of DynamicLayer) that hold every key in its scaled rotation (what the far part reads) plus
+# the plain keys of the last w - 1 positions (what the local part reads): about the base model's cache size, and
+# decoding never re-rotates the cache. A top-K selection on which the query heads sharing each KV head agree is per-head scale
 # factors (1 on the frequencies not selected) and is stored the same way; otherwise the layer holds both
 # rotations of every key.
 #
@@ -1086,9 +1086,13 @@ def dpe_attention_forward(module, query, key, value, attention_mask, dropout: fl
         if n <= w:  # no pair is as far apart as the window: exactly the base model's attention
             base = _base_attention_function(module, implementation)
             return base(module, query, full_key, full_value, full_mask, dropout=dropout, scaling=scaling, **kwargs)
-        k_local, local_start = key, 0
-        k_far = rotate_by(key, dpe_delta_positions(key_pos, k_scale, w, query=False), inv_freq, rdim)
-        k_far_plain = key if selected is not None else None
+        if selected is not None and selected.device != query.device:  # layers placed by a device map
+            selected = state.selected = selected.to(query.device)
+        args = (query, key, value, pos, key_pos, q_scale, k_scale, inv_freq, key_valid, selected, w, rdim, scale,
+                backend or "sdpa", softcap, float(dropout))
+        if _compiling() and not torch.is_grad_enabled():
+            return _COMPILED_ATTENTION(*args), None
+        return _attention_on_plain_keys(*args), None
 
     if backend == "flash_attention_2":
         _require_flash_attn()
@@ -1100,6 +1104,53 @@ def dpe_attention_forward(module, query, key, value, attention_mask, dropout: fl
         local_start=local_start, key_valid=key_valid, backend=backend or "sdpa", softcap=softcap, dropout=dropout,
     )
     return out, None
+
+
+def _attention_on_plain_keys(query, key, value, pos, key_pos, q_scale, k_scale, inv_freq, key_valid, selected,
+                             w: int, rdim: int, scale: float, backend: str, softcap, dropout: float):
+    """DPE attention over keys in their plain rotation (no DPE cache layer): the scaled keys made on the fly."""
+    if backend == "flash_attention_2":
+        _require_flash_attn()
+    k_far = rotate_by(key, dpe_delta_positions(key_pos, k_scale, w, query=False), inv_freq, rdim)
+    q_scaled = rotate_by(query, dpe_delta_positions(pos, q_scale, w, query=True), inv_freq, rdim)
+    return dpe_attention(query, q_scaled, key, k_far, value, window=w, scale=scale, selected=selected,
+                         k_far_plain=key if selected is not None else None, key_valid=key_valid, backend=backend,
+                         softcap=softcap, dropout=dropout)
+
+
+def _define_compiled_attention_op():
+    """_attention_on_plain_keys as a torch custom op, which torch.compile calls as one opaque kernel.
+
+    Traced into, DPE attention came out of inductor (torch 2.13) with wrong numbers past the window: it reused
+    buffers the attention still read (issue 33; tests/test_transformers_integration.py and tests/fuzz_runtime.py
+    have the cases). As one functional op (fresh output, inputs untouched) there is nothing of it to plan.
+    Defined at import, once per copy of this file (two exports' runtimes in one process keep their own).
+    """
+    import hashlib
+
+    qualname = "dpe_export::attention_" + hashlib.sha1(__name__.encode()).hexdigest()[:16]
+
+    def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, pos: torch.Tensor,
+                  key_pos: torch.Tensor, q_scale: torch.Tensor, k_scale: torch.Tensor, inv_freq: torch.Tensor,
+                  key_valid: Optional[torch.Tensor], selected: Optional[torch.Tensor], w: int, rdim: int,
+                  scale: float, backend: str, softcap: Optional[float], dropout: float) -> torch.Tensor:
+        return _attention_on_plain_keys(query, key, value, pos, key_pos, q_scale, k_scale, inv_freq, key_valid,
+                                        selected, w, rdim, scale, backend, softcap, dropout).contiguous()
+
+    try:
+        op = torch.library.custom_op(qualname, mutates_args=())(attention)
+    except RuntimeError:  # this file imported again under the same name (a reload): the op defined then serves
+        return getattr(torch.ops.dpe_export, qualname.split("::")[1])
+
+    @op.register_fake
+    def _(query, *args):
+        bsz, h, m, d = query.shape
+        return query.new_empty(bsz, m, h, d)
+
+    return op
+
+
+_COMPILED_ATTENTION = _define_compiled_attention_op()
 
 
 def _window_plain_keys(layer, key, pos, key_pos, k_scale, inv_freq, w: int, rdim: int):
@@ -1262,7 +1313,11 @@ class DPEModelMixin:
                     kwargs[name] = cache
         past = 0
         if cache is not None:
-            prepare_cache(cache, self.__dict__.get("_dpe_states", {}))
+            # Under torch.compile the cache keeps plain keys (DPE rotates them on the fly, as for a static cache):
+            # inductor (torch 2.13) freed and reused the buffer of a DPE layer it made inside the compiled graph
+            # while the layer still held it, and the logits past the window were wrong (issue 33).
+            if not _compiling():
+                prepare_cache(cache, self.__dict__.get("_dpe_states", {}))
             past = kwargs["dpe_past_length"] = int(cache.get_seq_length())  # where this forward's keys start
         self._dpe_warn_past_target(past, args, kwargs, params)
         return super().forward(*args, **kwargs)

@@ -5,8 +5,8 @@ serving engines)."""
 from __future__ import annotations
 
 import os
-
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,23 +145,74 @@ def test_trainer_steps_lower_the_loss_and_the_trained_export_reloads(export, tmp
 # torch.compile
 # ----------------------------------------------------------------------------------------------------------
 
-def test_torch_compile_forward_and_generate_equal_eager_mode_past_the_window(export):
+REPORTED_LENGTHS = (33, 64, 100, 128, 323)  # issue 33: wrong from the window on at all but 100 before the fix
+
+
+@pytest.fixture(scope="module")
+def testbed_export(tmp_path_factory):
+    """The README's own export: the shipped Llama testbed, window 32, scale factors 128,128,64,8."""
+    from dpe_export.export.convert import convert
+
+    base = Path(__file__).parent / "fixtures" / "testbed-llama"
+    params = dpe_core.DPEParams(32, [128, 128, 64, 8], [0, 4, 8, 12, 16], target_length=4096)
+    return convert(base, tmp_path_factory.mktemp("testbed") / "out", params)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static-shapes", "dynamic-shapes"])
+def test_torch_compile_equals_eager_mode_at_the_reported_lengths(testbed_export, dynamic):
+    """The issue's reproduction at its own sizes: the README's export, sdpa, inductor, the cache on (the
+    default). Before the fix every length but 100 was wrong past the window (max |diff| 7-16)."""
     torch._dynamo.reset()
-    eager = _load(export)
-    compiled_model = _load(export)
-    ids = _ids(n=24)  # 4 windows: most pairs are far; short, to keep the compile time small
-    compiled = torch.compile(compiled_model)  # inductor
+    model = _load(testbed_export)
+    compiled = torch.compile(model, dynamic=dynamic)
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        want = eager(ids).logits
-        got = compiled(ids).logits  # the cache is on (use_cache defaults to True)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for n in REPORTED_LENGTHS:
+            ids = torch.randint(5, model.config.vocab_size, (1, n), generator=g)
+            want = model(ids).logits
+            got = compiled(ids).logits
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"n = {n}: {m}")
     # Dynamo traces the runtime without warnings about it (it warned of "potential silent incorrectness" on the
     # lru_cache the runtime used to have).
     assert not [str(w.message) for w in caught if "dpe_core" in str(w.message)]
-    compiled_model.forward = torch.compile(compiled_model.forward)
-    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert torch.equal(compiled_model.generate(ids, **kw), eager.generate(ids, **kw))
+
+
+def test_compiled_generation_equals_eager_generation(testbed_export):
+    """generate() with the forward compiled, on a dynamic cache, and the way transformers compiles generation
+    itself: a static cache and a compile config (the prefill eager, every decoding step compiled, fullgraph)."""
+    from transformers import CompileConfig
+
+    torch._dynamo.reset()
+    eager, model = _load(testbed_export), _load(testbed_export)
+    ids = torch.randint(5, model.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    want = eager.generate(ids, **kw)
+    config = CompileConfig(fullgraph=True, mode="default")
+    config._compile_all_devices = True  # transformers compiles generation on accelerators only unless told
+    got = model.generate(ids, cache_implementation="static", compile_config=config, **kw)
+    assert torch.equal(got, want)
+    model.forward = torch.compile(model.forward)
+    assert torch.equal(model.generate(ids, **kw), want)
+
+
+def test_a_cache_made_in_eager_mode_continues_under_torch_compile(testbed_export):
+    """A prompt prefilled eagerly (the DPE cache layers keep scaled keys), then chunks and single tokens through
+    the compiled model on that cache."""
+    from transformers import DynamicCache
+
+    torch._dynamo.reset()
+    model = _load(testbed_export)
+    compiled = torch.compile(model)
+    ids = torch.randint(5, model.config.vocab_size, (1, 100), generator=torch.Generator().manual_seed(2))
+    name = dpe_core.cache_argument(model)
+    with torch.no_grad():
+        want = model(ids, use_cache=False).logits
+        cache = DynamicCache()
+        logits = [model(ids[:, :50], **{name: cache}).logits]
+        for a, b in ((50, 90), (90, 91), (91, 92)):
+            logits.append(compiled(ids[:, a:b], **{name: cache}).logits)
+    torch.testing.assert_close(torch.cat(logits, dim=1), want[:, :92], rtol=1e-4, atol=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------
