@@ -1,0 +1,53 @@
+"""The differential fuzzer (tests/fuzz_runtime.py) on a fixed budget: 300 seeds without torch.compile in blocks,
+and a few with it (a compile costs 10-60 s on 2 cores). Every failure names the command that reproduces it; the
+long mode runs any number of seeds (`python tests/fuzz_runtime.py --minutes 60`)."""
+from __future__ import annotations
+
+import pytest
+from fuzz_runtime import describe, draw, run_case, warnings_off
+
+warnings_off()
+_SEEDS = range(0, 1200)
+EAGER_SEEDS = [s for s in _SEEDS if draw(s).compile == "off"][:300]
+COMPILE_SEEDS = ([s for s in _SEEDS if draw(s).compile == "all" and draw(s).inputs == "ids"][:1]
+                 + [s for s in _SEEDS if draw(s).compile == "all" and len(draw(s).lengths) > 1][:1]
+                 + [s for s in _SEEDS if draw(s).compile == "decode" and draw(s).cache == "fresh"][:1])
+BLOCK = 50
+
+
+def _check(seeds) -> None:
+    failures = []
+    for seed in seeds:
+        record = run_case(seed)
+        if not record["ok"]:
+            failures.append(f"seed {seed} ({describe(draw(seed))}): {record['error']}\n"
+                            f"  reproduce: python tests/fuzz_runtime.py --seed {seed}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("block", range(0, len(EAGER_SEEDS), BLOCK))
+def test_fuzz_cases_without_compile(block):
+    _check(EAGER_SEEDS[block : block + BLOCK])
+
+
+@pytest.mark.parametrize("seed", COMPILE_SEEDS)
+def test_fuzz_cases_under_torch_compile(seed):
+    _check([seed])
+
+
+def test_the_cases_cover_what_the_fuzzer_promises():
+    """The fixed budget draws every family, selection kind, cache kind, dtype, generation mode and input form."""
+    from dpe_export.architectures import ARCHITECTURES
+
+    cases = [draw(s) for s in EAGER_SEEDS]
+    assert {c.family for c in cases} == set(ARCHITECTURES)
+    assert {c.selection for c in cases} == {"none", "folded", "mixed"}
+    assert {c.cache for c in cases} == {"fresh", "dynamic", "static"}
+    assert {c.dtype for c in cases} == {"float32", "bfloat16"}
+    assert {c.generate for c in cases} == {"none", "beam", "assisted"}
+    assert {c.inputs for c in cases} == {"ids", "mask", "mask+positions"}
+    assert {c.attn for c in cases} == {"sdpa", "eager"}
+    assert any(len(c.lengths) > 1 and len(set(c.lengths)) > 1 for c in cases)  # left padding
+    assert any(len(c.chunks) > 1 for c in cases) and any(c.decode for c in cases)
+    assert any(1 in c.scales for c in cases) and any(any(c.window % s for s in c.scales) for c in cases)
+    assert {draw(s).compile for s in COMPILE_SEEDS} == {"all", "decode"}
