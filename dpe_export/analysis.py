@@ -16,7 +16,6 @@ and the sampled queries are kept, so memory stays bounded at long lengths.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -30,6 +29,7 @@ from dpe_export.evaluation.registry import max_new_tokens_for
 from dpe_export.evaluation.results import require_matplotlib
 from dpe_export.evaluation.run import evaluate_task
 from dpe_export.evaluation.tasks import PromptBuilder
+from dpe_export.output_files import write_output
 from dpe_export.runtime import load_dpe_core
 from dpe_export.safefiles import safe_file
 from dpe_export.sources.loading import input_device
@@ -458,7 +458,4 @@ def write_card_section(export_dir, section: str) -> Path:
         text = text[:a] + section.rstrip("\n") + text[b:]
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    tmp = path.with_name(f".{path.name}.dpe-export-tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_output(path, text)

@@ -15,12 +15,13 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from dpe_export import __version__
 from dpe_export.errors import DPEExportError, first_line
-from dpe_export.export.files import _feed, file_sha256, human_size
-from dpe_export.safefiles import links_in
+from dpe_export.export.files import _feed, file_sha256, human_size, is_export_file
+from dpe_export.generated import foreign_code
+from dpe_export.safefiles import check_model_tree, links_in
 
 logger = logging.getLogger("dpe_export")
 
@@ -59,29 +60,48 @@ class PushResult:
     repo_url: str
 
 
-def check_export_dir(folder) -> Path:
-    """`folder` as a Path, after checking that it is a finished dpe-export output."""
+def check_export_dir(folder, include: Sequence[str] = ()) -> Path:
+    """`folder` as a Path, after checking that it holds what dpe-export wrote and nothing else: its config.json
+    is an export's (read first, so that a folder that is not an export is named so before anything is walked),
+    no link and no hard link leads out of it (the rules of every command that reads a model directory), its
+    generated code is exactly what this dpe-export writes, and every other file is one an export has, or is
+    named in `include` (paths relative to the folder)."""
     folder = Path(folder)
     if not folder.exists():
         raise DPEExportError(f"export directory not found: {folder}")
     if folder.is_symlink() or not folder.is_dir():
         raise DPEExportError(f"{folder} is not a directory")
-
-    links = links_in(folder)
-    if links:
-        raise DPEExportError(f"{links[0]} is a symbolic link; dpe-export publishes regular files only and never "
-                             "follows links (replace it with the file, or remove it)")
     config = folder / "config.json"
     try:
+        if config.is_symlink():
+            raise OSError
         raw = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         raise DPEExportError(
-            f"{folder} has no readable config.json; give the output directory of dpe-export convert"
+            f"{folder} has no readable config.json; it is not a DPE export (give the output directory of "
+            "dpe-export convert)"
         ) from None
     if not isinstance(raw, dict) or "dpe" not in raw:
         raise DPEExportError(
             f"{folder} is not a DPE export (its config.json has no dpe section); run dpe-export convert first"
         )
+    links = links_in(folder)
+    if links:
+        raise DPEExportError(f"{links[0]} is a symbolic link; dpe-export publishes regular files only and never "
+                             "follows links (replace it with the file, or remove it)")
+    check_model_tree(folder)
+    why = foreign_code(folder, raw)
+    if why is not None:
+        raise DPEExportError(f"{folder} is not as dpe-export wrote it: {why}; run `dpe-export upgrade` on it (or "
+                             "convert again) before publishing")
+    named = {Path(p).as_posix().strip("/") for p in include}
+    for rel, _ in local_files(folder):
+        if rel not in named and not is_export_file(rel):
+            raise DPEExportError(f"{folder / rel} is not a file dpe-export writes; publish it with --include {rel}, "
+                                 "or remove it")
+    missing = sorted(n for n in named if not (folder / n).is_file())
+    if missing:
+        raise DPEExportError(f"--include {missing[0]}: no such file in {folder}")
     return folder
 
 
@@ -180,10 +200,11 @@ def _remote_files(api, repo_id: str, revision: str) -> dict:
 
 
 def plan_push(
-    folder, repo_id: str, revision: str = DEFAULT_REVISION, *, api=None, check_remote: bool = True
+    folder, repo_id: str, revision: str = DEFAULT_REVISION, *, api=None, check_remote: bool = True,
+    include: Sequence[str] = (),
 ) -> PushPlan:
     """What a push of `folder` would upload: each file with its size and status (new / changed / unchanged)."""
-    folder = check_export_dir(folder)
+    folder = check_export_dir(folder, include)
     files = local_files(folder)
     note = None
     remote = None
@@ -215,20 +236,21 @@ def push(
     dry_run: bool = False,
     echo: Callable[[str], None] = print,
     retry_hint: Optional[str] = None,
+    include: Sequence[str] = (),
 ) -> Optional[PushResult]:
     """Publish the export in `folder` to the Hub repo `repo_id`; DPEExportError (one line) when it fails.
 
     Creates the repo if needed (private with `private`; an existing repo keeps its visibility) and the branch
     `revision` if it is not main, then uploads the new and changed files in one commit. With `dry_run` it only
     prints what would be uploaded. Returns None for a dry run. `retry_hint` replaces "run the same command
-    again" in the failure message.
+    again" in the failure message. `include`: files beside the export's own that the user chose to publish.
     """
-    folder = check_export_dir(folder)
+    folder = check_export_dir(folder, include)
     check_revision(revision)
     token = check_push_ready(repo_id, dry_run=dry_run, folder=folder)
     revision = revision or DEFAULT_REVISION
     if dry_run:
-        plan = plan_push(folder, repo_id, revision, check_remote=_online() and _token() is not None)
+        plan = plan_push(folder, repo_id, revision, check_remote=_online() and _token() is not None, include=include)
         if plan.remote_note is None and not plan.remote_checked:
             plan.remote_note = "offline" if not _online() else "no token to read the repo"
         _echo_plan(plan, echo, dry_run=True)
@@ -239,7 +261,7 @@ def push(
         repo_url = str(api.create_repo(repo_id, private=True if private else None, exist_ok=True, repo_type="model"))
         if revision != DEFAULT_REVISION:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        plan = plan_push(folder, repo_id, revision, api=api)
+        plan = plan_push(folder, repo_id, revision, api=api, include=include)
         if plan.remote_note is not None:
             raise DPEExportError(plan.remote_note)
         _echo_plan(plan, echo, dry_run=False)

@@ -33,6 +33,7 @@ from dpe_export.export import card
 from dpe_export.export import convert as export_convert
 from dpe_export.export.files import check_output_target, human_size, output_summary
 from dpe_export.export.presets import Preset, load_preset
+from dpe_export.output_files import write_output
 from dpe_export.export.settings import ConvertFlags, ConvertSettings, resolve_settings
 from dpe_export.progress import progress_bar
 from dpe_export.sources.checkpoint import (
@@ -109,6 +110,7 @@ class PushRequest:
     revision: Optional[str] = None
     commit_message: Optional[str] = None
     dry_run: bool = False
+    include: tuple = ()  # files beside the export's own to publish too
 
 
 @dataclass(frozen=True)
@@ -198,7 +200,7 @@ def convert_model(req: ConvertRequest, echo: Echo = _silent) -> ConvertOutcome:
     if req.push is not None:
         hub.check_push_ready(req.push.repo_id, dry_run=req.push.dry_run)
     with open_model(req.model, revision=req.model_revision, gguf_file=req.gguf_file, dtype=req.dtype,
-                    workdir=req.output.parent, echo=echo) as source:
+                    workdir=req.output, echo=echo) as source:
         model_dir = source.path
         if source.kind == "gguf":
             inputs.gguf = source.gguf
@@ -277,7 +279,8 @@ def push_export(out: Path, req: PushRequest, echo: Echo, after_convert: bool = F
         hint += f" --revision {shlex.quote(req.revision)}" if req.revision else ""
         hint += " --private" if req.private else ""
     return hub.push(out, req.repo_id, private=req.private, revision=req.revision,
-                    commit_message=req.commit_message, dry_run=req.dry_run, echo=echo, retry_hint=hint)
+                    commit_message=req.commit_message, dry_run=req.dry_run, echo=echo, retry_hint=hint,
+                    include=req.include)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -354,7 +357,7 @@ def analyze_model(req: AnalyzeRequest, echo: Echo = _silent) -> analysis.HeadAna
     if req.plot_dir is not None:
         require_matplotlib()
     with open_model(req.model, revision=req.model_revision, gguf_file=req.gguf_file, dtype=req.dtype,
-                    workdir=Path(tempfile.gettempdir()), echo=echo) as source:
+                    workdir=Path(tempfile.gettempdir()) / "dpe-export-source", echo=echo) as source:
         raw = SimpleNamespace(**read_config_json(source.path))  # checked before any weight is read
         pretrain = _pretraining_length(vars(raw), source.path)
         lengths = resolve_lengths(req.lengths, int(pretrain))
@@ -386,8 +389,7 @@ def analyze_model(req: AnalyzeRequest, echo: Echo = _silent) -> analysis.HeadAna
         echo(analysis.ablation_table(ablation))
     if req.json_out is not None:
         data = {"model": req.model, **result.to_json(), **({"ablation": ablation} if ablation else {})}
-        Path(req.json_out).write_text(json.dumps(data, indent=1) + "\n")
-        echo(f"Wrote {req.json_out}")
+        echo(f"Wrote {write_output(req.json_out, json.dumps(data, indent=1) + chr(10))}")
     if req.card:
         echo(f"Wrote {analysis.write_card_section(card_dir, analysis.card_section(result, ablation))}")
     if req.plot_dir is not None:

@@ -12,9 +12,10 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_llama_gguf(model, tokenizer, path: Path, quantize: str = "F32") -> Path:
+def write_llama_gguf(model, tokenizer, path: Path, quantize: str = "F32", skip=(), block_count=None) -> Path:
     """`model`: a transformers LlamaForCausalLM; `tokenizer`: a byte-level BPE tokenizer (tests/helpers.py).
-    quantize: "F32", "F16" or "Q8_0" for the 2-D weights (norms stay F32, as in llama.cpp)."""
+    quantize: "F32", "F16" or "Q8_0" for the 2-D weights (norms stay F32, as in llama.cpp). A broken file for
+    the tests: `skip` leaves those tensors out, `block_count` announces another number of blocks."""
     import gguf
 
     cfg = model.config
@@ -22,7 +23,7 @@ def write_llama_gguf(model, tokenizer, path: Path, quantize: str = "F32") -> Pat
     w.add_name("tiny-llama")
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
+    w.add_block_count(cfg.num_hidden_layers if block_count is None else block_count)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
@@ -51,6 +52,8 @@ def write_llama_gguf(model, tokenizer, path: Path, quantize: str = "F32") -> Pat
     w.add_unk_token_id(tokenizer.unk_token_id)
 
     def add(name: str, t, two_d: bool = True):
+        if name in skip:
+            return
         arr = t.detach().float().numpy().astype(np.float32)
         if two_d and quantize == "F16":
             w.add_tensor(name, arr.astype(np.float16))

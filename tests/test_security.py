@@ -154,7 +154,8 @@ def test_sigkill_mid_copy_is_cleaned_by_the_next_run(run_cli, llama_dir, tmp_pat
     proc.kill()
     proc.wait(timeout=60)
     left = _staging(tmp_path)
-    assert len(left) == 1  # SIGKILL cannot be handled: the staging directory stays ...
+    # SIGKILL cannot be handled: the staging directory (and the lock file beside it, no longer held) stays ...
+    assert len(left) == 2 and left[1] == left[0] + ".lock"
     r = run_cli("convert", llama_dir, "-o", out, *CONVERT)
     assert r.exit_code == 0, r.stderr
     assert "left by an interrupted convert" in r.stderr  # ... until the next run removes it, and says so

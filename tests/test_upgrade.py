@@ -115,18 +115,24 @@ def test_push_after_upgrade_uploads_only_the_changed_files(tiny_dirs, tmp_path):
                    HF_TOKEN=TOKEN, HF_HUB_DISABLE_PROGRESS_BARS="1", PYTHONPATH=str(REPO_ROOT),
                    NO_PROXY="127.0.0.1", no_proxy="127.0.0.1")
 
-        def cli(*args):
+        def cli(*args, code=0):
             proc = subprocess.run([sys.executable, "-m", "dpe_export", *map(str, args)], cwd=REPO_ROOT, env=env,
                                   capture_output=True, text=True, timeout=180)
-            assert proc.returncode == 0, proc.stderr[-2000:]
+            assert proc.returncode == code, proc.stderr[-2000:]
             return proc
 
-        cli("push", out, "--repo-id", "my-org/tiny-dpe")
+        # This dpe-export refuses to publish the old export's code, and says what to do ...
+        assert "dpe-export upgrade" in cli("push", out, "--repo-id", "my-org/tiny-dpe", code=1).stderr
+        # ... which the dpe-export that wrote it published (here: huggingface_hub's own upload, as it did)
+        upload = ("from huggingface_hub import HfApi; api = HfApi(); api.create_repo('my-org/tiny-dpe', exist_ok=True); "
+                  f"api.upload_folder(folder_path={str(out)!r}, repo_id='my-org/tiny-dpe')")
+        proc = subprocess.run([sys.executable, "-c", upload], env=env, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-2000:]
         puts = len(hub.lfs_puts)
         cli("upgrade", out)
         cli("push", out, "--repo-id", "my-org/tiny-dpe")
         repo = hub.repos["my-org/tiny-dpe"]
         assert len(repo.commits) == 2
-        assert repo.commits[-1]["paths"] == ["config.json", "dpe_core.py", "modeling_dpe.py"]
+        assert sorted(repo.commits[-1]["paths"]) == ["config.json", "dpe_core.py", "modeling_dpe.py"]
         assert len(hub.lfs_puts) == puts  # the weights did not go up again
         assert hub.files("my-org/tiny-dpe")["dpe_core.py"] == (out / "dpe_core.py").read_bytes()

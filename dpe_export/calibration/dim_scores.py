@@ -25,6 +25,7 @@ from typing import Iterable, Optional
 import torch
 
 from dpe_export.attention_capture import capture_attention
+from dpe_export.output_files import write_output
 from dpe_export.runtime import load_dpe_core
 from dpe_export.sources.loading import input_device
 
@@ -113,8 +114,8 @@ def compute_dim_scores(model, samples: Iterable[torch.Tensor], progress=None, st
 
 
 def save_dim_scores(scores: torch.Tensor, path, metadata: Optional[dict] = None) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    save_file({SCORES_TENSOR: scores.float().contiguous()}, str(path),
-              metadata={k: str(v) for k, v in (metadata or {}).items()})
+    write_output(path, save({SCORES_TENSOR: scores.float().contiguous()},
+                            metadata={k: str(v) for k, v in (metadata or {}).items()}))
 

@@ -7,13 +7,13 @@ import hashlib
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from dpe_export.calibration import selection
 from dpe_export.errors import DPEExportError
+from dpe_export.output_files import write_output
 from dpe_export.safefiles import safe_file
 
 logger = logging.getLogger(__name__)
@@ -101,9 +101,7 @@ def check_calibration_for(calibration: dict, model_dir) -> None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_output(path, json.dumps(data, indent=2) + "\n")
 
 
 def selection_from(calibration: dict, calibration_dir: Path):

@@ -201,6 +201,7 @@ def _valid_cell(cell: dict, path: Path, lineno: int) -> dict:
 def read_cells(out_dir: Path, plan: CalibrationPlan) -> dict[tuple[int, int], dict]:
     """Finished cells of this plan from every results file in out_dir (a cut-off last line is ignored)."""
     done: dict[tuple[int, int], dict] = {}
+    seen: dict[tuple[int, int], str] = {}
     key = plan.key()
     for path in sorted(Path(out_dir).glob(CELLS_GLOB)):
         lines = path.read_text(encoding="utf-8").split("\n")
@@ -221,7 +222,12 @@ def read_cells(out_dir: Path, plan: CalibrationPlan) -> dict[tuple[int, int], di
                         "use another --output-dir")
                 continue
             cell = _valid_cell(cell, path, lineno)
-            done[(cell["group"], cell["scale"])] = cell
+            where = (cell["group"], cell["scale"])
+            if where in done:
+                raise DPEExportError(
+                    f"{path} line {lineno} repeats the cell of group {where[0]} and scale {where[1]} (first at "
+                    f"{seen[where]}); keep one of the two lines")
+            done[where], seen[where] = cell, f"{path.name} line {lineno}"
     return done
 
 
@@ -338,10 +344,8 @@ class Calibrator:
             with tqdm(total=len(batches), desc="key dimensions", unit="sample", disable=not progress) as bar:
                 scores = dim_scores.compute_dim_scores(self.model, batches, progress=bar,
                                                        statistic=self.plan.dim_statistic)
-            tmp = out_dir / f".{DIM_SCORES_FILE}.tmp-{os.getpid()}"
-            dim_scores.save_dim_scores(scores, tmp, {"lengths": lengths, "samples": self.plan.samples,
-                                                     "statistic": self.plan.dim_statistic})
-            os.replace(tmp, path)
+            dim_scores.save_dim_scores(scores, path, {"lengths": lengths, "samples": self.plan.samples,
+                                                      "statistic": self.plan.dim_statistic})
         self.selected = selection.top_k_mask(scores, self.plan.top_k)
         return self.selected
 
@@ -424,6 +428,8 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
     if is_export:
         raise DPEExportError(f"{model_dir} is already a DPE export; calibrate its base model")
     loading.check_device_map(device_map, device)
+    evalrun.check_memory(raw, metric if metric in ("niah", "passkey") else "niah", target_length, batch_size, device,
+                         dtype, device_map)  # the longest context of the grid must fit, as eval checks
     config = load_base_config(model_dir)
 
     get_architecture(config)

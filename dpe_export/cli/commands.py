@@ -219,7 +219,11 @@ def convert_command(model_dir, model_source, output, window, scale_factors, dime
 @main.command("push")
 @click.argument("out", metavar="OUT", type=click.Path(path_type=Path))
 @opt.push_target(after_convert=False)
-def push_command(out: Path, repo_id: str, private: bool, revision, commit_message, dry_run: bool) -> None:
+@click.option("--include", "include", multiple=True, metavar="FILE",
+              help="Publish this file of OUT too (a path inside OUT; repeat for several). By default only the "
+                   "files dpe-export writes are published, and an export holding anything else is refused.")
+def push_command(out: Path, repo_id: str, private: bool, revision, commit_message, dry_run: bool,
+                 include: tuple) -> None:
     """Publish the DPE export in OUT to the Hugging Face Hub repo ORG/NAME.
 
     huggingface_hub does the upload: the token comes from HF_TOKEN or the stored login (hf auth login), the
@@ -232,7 +236,8 @@ def push_command(out: Path, repo_id: str, private: bool, revision, commit_messag
       dpe-export push ./llama3-dpe --repo-id my-org/Llama-3-8B-Instruct-DPE --private
     """
     setup_logging()
-    workflows.push_export(out, workflows.PushRequest(repo_id, private, revision, commit_message, dry_run),
+    workflows.push_export(out, workflows.PushRequest(repo_id, private, revision, commit_message, dry_run,
+                                                     tuple(include)),
                           click.echo)
 
 
@@ -386,7 +391,7 @@ def eval_command(model_dir, model_source, model_revision, gguf_file, task, depth
     setup_logging()
     quiet_transformers()
     with workflows.open_model(opt.model_spec(model_dir, model_source), revision=model_revision, gguf_file=gguf_file,
-                              dtype=dtype, workdir=Path(tempfile.gettempdir()), echo=click.echo) as source:
+                              dtype=dtype, workdir=Path(tempfile.gettempdir()) / "dpe-export-source", echo=click.echo) as source:
         if harness is None:
             rest.update(depths=depths, needles=prompts.DEFAULT_NEEDLES if needles is None else needles,
                         data_files=data_files)
@@ -456,7 +461,7 @@ def calibrate_command(model_dir, model_source, model_revision, gguf_file, output
             raise click.UsageError("give --model SOURCE and --target-length (or --merge to join shards)")
         quiet_transformers()
         with workflows.open_model(opt.model_spec(model_dir, model_source), revision=model_revision,
-                                  gguf_file=gguf_file, dtype=dtype, workdir=output_dir, echo=click.echo) as source:
+                                  gguf_file=gguf_file, dtype=dtype, workdir=Path(output_dir) / "source", echo=click.echo) as source:
             result = workflows.calibrate_model(source.path, output_dir, target_length=target_length, top_k=topk,
                                                shard=scales.parse_shard(shard), dtype=dtype, **rest)
         if result is None:

@@ -3,15 +3,16 @@ the CLI's table, the JSON file, the heatmap, and the number formats every table 
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from dpe_export.errors import DPEExportError
+from dpe_export.output_files import write_output
 
 logger = logging.getLogger("dpe_export")
 
@@ -182,17 +183,8 @@ def format_table(result) -> str:
 
 
 def write_json(result, path) -> Path:
-    """Write ``result.to_dict()`` to ``path`` (parent directories created), via a temporary file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    """Write ``result.to_dict()`` to ``path`` (dpe_export.output_files: devices and pipes written through)."""
+    return write_output(path, json.dumps(result.to_dict(), indent=2) + "\n")
 
 
 def require_matplotlib() -> None:
@@ -248,9 +240,10 @@ def plot_result(result, path) -> Path:
         fig.colorbar(image, ax=ax, label="accuracy")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=120, format="png")
     plt.close(fig)
-    return path
+    return write_output(path, png.getvalue())
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:

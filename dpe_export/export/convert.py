@@ -19,15 +19,14 @@ from dpe_export.export.card import read_base_license
 from dpe_export.export.files import (
     _make_parents,
     check_output_target,
-    clean_stale_staging,
     file_sha256,
     foreign_entries,
-    make_staging_dir,
     move_into_place,
 )
 from dpe_export.generated import config_auto_map, foreign_code, write_modeling_files
 from dpe_export.runtime import load_dpe_core
 from dpe_export.safefiles import safe_file
+from dpe_export.staging import clean_stale_staging, make_staging_dir, release_staging
 from dpe_export.sources.checkpoint import (
     CONFIG_FILE,
     LICENSE_FILES,
@@ -207,12 +206,14 @@ def convert(
     except BaseException:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+            release_staging(staging)
         for parent in reversed(created_parents):
             try:
                 parent.rmdir()
             except OSError:
                 break
         raise
+    release_staging(staging)
     return output
 
 

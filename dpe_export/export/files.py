@@ -11,12 +11,12 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 from pathlib import Path
 from typing import Optional
 
 from dpe_export.errors import DPEExportError
+from dpe_export.staging import claim_staging, release_staging
 from dpe_export.sources.checkpoint import CONFIG_FILE, LICENSE_FILES, TOKENIZER_FILES
 
 logger = logging.getLogger("dpe_export")
@@ -63,6 +63,12 @@ _EXPORT_FILE_PATTERNS = (
 )
 
 
+def is_export_file(rel: str) -> bool:
+    """Whether a path inside an export (relative, forward slashes) is one that dpe-export writes."""
+    return "/" not in rel and (rel in set(TOKENIZER_FILES) | set(LICENSE_FILES)
+                               or any(re.fullmatch(pat, rel) for pat in _EXPORT_FILE_PATTERNS))
+
+
 def foreign_entries(folder: Path) -> Optional[str]:
     """None when `folder` is a DPE export holding only files an export has; else why it is not (for messages)."""
     try:
@@ -72,49 +78,10 @@ def foreign_entries(folder: Path) -> Optional[str]:
     if not isinstance(raw, dict) or "dpe" not in raw:
         names = sorted(p.name for p in folder.iterdir())
         return f"is not a DPE export (it holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-    allowed = set(TOKENIZER_FILES) | set(LICENSE_FILES)
     for p in sorted(folder.iterdir()):
-        if p.is_symlink() or not p.is_file():
-            return f"holds {p.name}, which no export writes"
-        if p.name not in allowed and not any(re.fullmatch(pat, p.name) for pat in _EXPORT_FILE_PATTERNS):
+        if p.is_symlink() or not p.is_file() or not is_export_file(p.name):
             return f"holds {p.name}, which no export writes"
     return None
-
-
-_STAGING = re.compile(r"^\.(?P<name>.+)\.dpe-export-(?P<kind>tmp|old|src)-(?P<pid>\d+)-[0-9a-f]{8}$")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def clean_stale_staging(output: Path) -> list[Path]:
-    """Remove the staging directories an interrupted convert of `output` left (its process is gone), and put
-    back an earlier output that such a run had moved aside. Returns what was removed."""
-    removed = []
-    parent = output.parent
-    if not parent.is_dir():
-        return removed
-    for entry in sorted(parent.iterdir()):
-        m = _STAGING.match(entry.name)
-        if not m or (m.group("name") != output.name and m.group("kind") != "src") or _pid_alive(int(m.group("pid"))):
-            continue
-        if entry.is_symlink() or not entry.is_dir():
-            continue
-        if m.group("kind") == "old" and not (output.exists() or output.is_symlink()):
-            os.rename(entry, output)  # the run died between moving the old output aside and replacing it
-            logger.warning("restored %s, which an interrupted convert (pid %s) had moved aside", output, m.group("pid"))
-            continue
-        shutil.rmtree(entry, ignore_errors=True)
-        removed.append(entry)
-        logger.warning("removed %s, left by an interrupted convert (pid %s)", entry, m.group("pid"))
-    return removed
 
 
 def _is_within(path: Path, parent: Path) -> bool:
@@ -131,17 +98,6 @@ def _make_parents(path: Path) -> list[Path]:
     return created
 
 
-def _sibling_name(output: Path, kind: str) -> Path:
-    return output.parent / f".{output.name}.dpe-export-{kind}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def make_staging_dir(output: Path) -> Path:
-    """A hidden, empty directory beside `output` (same file system, so it can be renamed into place)."""
-    staging = _sibling_name(output, "tmp")
-    staging.mkdir()  # honours the umask, unlike tempfile.mkdtemp's 0700
-    return staging
-
-
 def move_into_place(staging: Path, output: Path, overwrite: bool) -> None:
     """Rename the finished export into place, replacing an existing output if allowed."""
     if output.is_dir() and not output.is_symlink() and not any(output.iterdir()):
@@ -151,19 +107,22 @@ def move_into_place(staging: Path, output: Path, overwrite: bool) -> None:
         return
     if not overwrite:  # it appeared while we were working
         raise DPEExportError(f"output {output} appeared while exporting; pass --overwrite to replace it")
-    old = _sibling_name(output, "old")
-    os.rename(output, old)  # move the old output aside, so that a failure here can put it back
+    old = claim_staging(output, "old")
     try:
-        os.rename(staging, output)
-    except BaseException:
-        os.rename(old, output)
-        raise
-    if old.is_symlink() or not old.is_dir():
-        old.unlink()
-    else:
-        shutil.rmtree(old, ignore_errors=True)
-        if old.exists():
-            logger.warning("could not delete all of the replaced output, left at %s", old)
+        os.rename(output, old)  # move the old output aside, so that a failure here can put it back
+        try:
+            os.rename(staging, output)
+        except BaseException:
+            os.rename(old, output)
+            raise
+        if old.is_symlink() or not old.is_dir():
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+            if old.exists():
+                logger.warning("could not delete all of the replaced output, left at %s", old)
+    finally:
+        release_staging(old)
 
 
 def output_summary(output: Path) -> list[tuple[str, int]]:

@@ -39,7 +39,8 @@ def resolve_model(spec, *, revision: Optional[str] = None, gguf_file: Optional[s
                   dtype: Optional[str] = None, workdir: Optional[Path] = None) -> ModelSource:
     """Resolve SOURCE; DPEExportError (one line) when it is none of the three or cannot be had.
 
-    `workdir`: where a GGUF's dequantized checkpoint is written (a hidden directory beside the output).
+    `workdir`: the path a GGUF's dequantized checkpoint (or a multimodal model's text model) is written beside, in
+    a hidden, locked staging directory named after it: the output of a convert.
     """
     spec = str(spec)
     path = Path(spec).expanduser()

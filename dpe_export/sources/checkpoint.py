@@ -17,13 +17,14 @@ from typing import Any, Optional, Sequence
 
 from dpe_export.architectures import (
     ARCHITECTURES,
+    EXPORT_MODEL_TYPE_PREFIX,
     Architecture,
     get_architecture,
     supported_families,
 )
-from dpe_export.errors import DPEExportError
+from dpe_export.errors import DPEExportError, first_line
 from dpe_export.runtime import load_dpe_core
-from dpe_export.safefiles import safe_file
+from dpe_export.safefiles import check_model_tree, safe_file
 
 logger = logging.getLogger("dpe_export")
 
@@ -103,6 +104,7 @@ def inspect_model(model_dir) -> ModelInfo:
         raise DPEExportError(f"{model_dir / CONFIG_FILE} has no valid max_position_embeddings (got {max_pos!r})")
     check_weight_headers(model_dir, weight_files)
     check_weight_shapes(model_dir, weight_files, config)
+    check_tensor_coverage(model_dir, weight_files, config)
     return ModelInfo(
         model_dir=model_dir,
         config=config,
@@ -126,6 +128,7 @@ def check_model_dir(model_dir: Path) -> None:
             f"{model_dir} has no {CONFIG_FILE}; give a Hugging Face checkpoint directory "
             "(e.g. a local clone or a snapshot from huggingface-cli download)"
         )
+    check_model_tree(model_dir)  # every command that reads a model directory comes through here
 
 
 def find_weight_files(model_dir: Path) -> list[str]:
@@ -200,7 +203,8 @@ def check_weight_headers(model_dir: Path, weight_files: Sequence[str]) -> None:
 
 
 def read_config_json(model_dir: Path) -> dict[str, Any]:
-    """config.json as a dict; DPEExportError when it cannot be read or is not a JSON object."""
+    """config.json as a dict, its sizes checked (check_config_sizes); DPEExportError when it cannot be read, is not
+    a JSON object, or describes a model no machine could hold."""
     path = Path(model_dir) / CONFIG_FILE
     try:
         if safe_file(model_dir, CONFIG_FILE) is None:
@@ -208,15 +212,43 @@ def read_config_json(model_dir: Path) -> dict[str, Any]:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DPEExportError(f"cannot read {path}: {e}") from None
+    except RecursionError:
+        raise DPEExportError(f"{path} is nested too deeply to be a model config") from None
     if not isinstance(raw, dict):
         raise DPEExportError(f"{path} must hold a JSON object")
+    check_config_sizes(raw, path)
     return raw
+
+
+# Far beyond any released model (Llama 3.1 405B: 126 layers, 128 heads, hidden 16384; Gemma 3: vocabulary
+# 262144), and small enough that nothing sized by them is allocated before the weights are checked.
+SIZE_LIMITS = {"num_hidden_layers": 1 << 12, "num_attention_heads": 1 << 12, "num_key_value_heads": 1 << 12,
+               "head_dim": 1 << 12, "hidden_size": 1 << 17, "intermediate_size": 1 << 20,
+               "moe_intermediate_size": 1 << 20, "num_experts": 1 << 12, "vocab_size": 1 << 24,
+               "max_position_embeddings": 1 << 30}
+
+
+def check_config_sizes(raw: dict[str, Any], where) -> None:
+    """Refuse, before anything is allocated, a config whose sizes no model has (SIZE_LIMITS): every command
+    reads the config first and sizes lists, caches and estimates from it."""
+    for cfg in (raw, raw.get("text_config")):
+        if not isinstance(cfg, dict):
+            continue
+        for key, limit in SIZE_LIMITS.items():
+            value = cfg.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value <= limit:
+                raise DPEExportError(f"{where}: {key} = {value} is not a size any model has (dpe-export accepts "
+                                     f"0 to {limit})")
 
 
 def load_base_config(model_dir: Path):
     """The base config via transformers.AutoConfig (which standardizes rope_parameters); never runs remote code."""
     path = model_dir / CONFIG_FILE
     raw = read_config_json(model_dir)
+    model_type = raw.get("model_type")
+    if isinstance(model_type, str) and model_type.startswith(EXPORT_MODEL_TYPE_PREFIX) and "dpe" not in raw:
+        raise DPEExportError(f"{path} has the model type {model_type!r} of a DPE export but no dpe section (edited or "
+                             "damaged); convert the base model again")
     from transformers import AutoConfig
 
     try:
@@ -283,6 +315,63 @@ def check_weight_shapes(model_dir: Path, weight_files: Sequence[str], config) ->
     if layers and max(layers) + 1 != int(config.num_hidden_layers):
         raise DPEExportError(f"{model_dir}: the weights have {max(layers) + 1} layers, but {CONFIG_FILE} says "
                              f"num_hidden_layers={config.num_hidden_layers}")
+
+
+def check_tensor_coverage(model_dir: Path, weight_files: Sequence[str], config) -> None:
+    """Every tensor the architecture needs is in the weights (from the safetensors headers): a tensor missing
+    there would be freshly initialised, at random, wherever the export is loaded. The model is built on the meta
+    device (nothing allocated); a tensor is present when the weights hold it, or when its module holds no tensor of
+    its own in the weights but tensors of submodules (checkpoints that store in parts what transformers fuses, such
+    as Qwen3-MoE's experts)."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    keys: set[str] = set()
+    for name in weight_files:
+        if name.endswith(".safetensors"):
+            with safe_open(str(model_dir / name), framework="pt") as f:
+                keys.update(f.keys())
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:  # pragma: no cover - the config loaded above; this is not expected to fail
+        raise DPEExportError(f"transformers cannot build the model {model_dir / CONFIG_FILE} describes: "
+                             f"{first_line(e)}") from None
+    expected = model.state_dict()
+    loaded = _names_after_loading(keys, model, expected)
+    if loaded is None:  # a release without the conversion API: names as saved, the base-model prefix either way
+        prefix = getattr(model, "base_model_prefix", "model") + "."
+        loaded = keys | {k[len(prefix):] for k in keys if k.startswith(prefix)} | {prefix + k for k in keys}
+    direct = {k.rsplit(".", 1)[0] for k in loaded}  # modules holding tensors of their own
+    deeper = {k[:i] for k in loaded for i in range(len(k)) if k[i] == "."} - direct  # only through submodules
+    tied = set()
+    if getattr(config.get_text_config() if hasattr(config, "get_text_config") else config, "tie_word_embeddings",
+               False):
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {}) or {k for k in expected if
+                                                                            k.startswith("lm_head.")}
+    missing = [k for k in expected if k not in loaded and k not in tied and k.rsplit(".", 1)[0] not in deeper]
+    if missing:
+        raise DPEExportError(f"{model_dir}: the weights lack {len(missing)} tensor(s) the {config.model_type} "
+                             f"architecture needs (e.g. {missing[0]}); transformers would fill them with random "
+                             "values: is the checkpoint complete?")
+
+
+def _names_after_loading(keys: set[str], model, expected: dict) -> Optional[set[str]]:
+    """The parameter names transformers loads these checkpoint names as (its renamings and conversions, e.g.
+    GPT-NeoX's embed_out -> lm_head, Qwen3-MoE's per-expert weights -> fused experts); None where the release has
+    no such API (they came with transformers 5's loader; PEFT uses the same two functions)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        prefix = getattr(model, "base_model_prefix", None)
+        return {rename_source_key(k, renamings, converters, prefix, expected)[0] for k in keys}
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return None
 
 
 def head_dim_of(config) -> int:

@@ -4,13 +4,15 @@ GGUF support, dequantized and written as safetensors into a temporary directory.
 from __future__ import annotations
 
 import logging
-import os
+import re
 from pathlib import Path
 from typing import Any, Optional
 
 from dpe_export.architectures import get_architecture
 from dpe_export.errors import DPEExportError, first_line
+from dpe_export.sources.checkpoint import check_config_sizes
 from dpe_export.sources.model_source import ModelSource
+from dpe_export.staging import clean_stale_staging, make_staging_dir
 
 logger = logging.getLogger(__name__)
 
@@ -48,13 +50,31 @@ def gguf_metadata(path: Path) -> dict[str, Any]:
             return bytes(part).decode("utf-8", "replace") if f.types and f.types[0] == gguf.GGUFValueType.STRING else part[0]
 
     quant_types = sorted({t.tensor_type.name for t in reader.tensors})
+    arch = field_value("general.architecture")
+    block_count = field_value(f"{arch}.block_count") if isinstance(arch, str) else None
+    blocks = {int(m.group(1)) for t in reader.tensors for m in [re.match(r"blk\.(\d+)\.", str(t.name))] if m}
     file_type = field_value("general.file_type")
     try:
         file_type_name = gguf.LlamaFileType(int(file_type)).name.replace("MOSTLY_", "") if file_type is not None else None
     except (ValueError, TypeError):
         file_type_name = None
-    return {"architecture": field_value("general.architecture"), "file_type": file_type_name,
-            "tensor_types": quant_types}
+    return {"architecture": arch, "file_type": file_type_name, "tensor_types": quant_types,
+            "block_count": block_count, "blocks": blocks}
+
+
+def check_blocks(path: Path, meta: dict[str, Any]) -> None:
+    """The blocks the header announces are the blocks the file holds tensors for (before anything is sized by the
+    announced count: a 436 KB file claiming 20000 blocks would be built as 20000 layers)."""
+    count, blocks = meta["block_count"], meta["blocks"]
+    if count is None:
+        return
+    try:
+        count = int(count)
+    except (TypeError, ValueError):
+        raise DPEExportError(f"{path}: {meta['architecture']}.block_count is {count!r}, not a number") from None
+    if count != len(blocks) or (blocks and max(blocks) + 1 != count):
+        raise DPEExportError(f"{path} says it has {count} blocks ({meta['architecture']}.block_count) but holds "
+                             f"tensors for {len(blocks)}; the file is incomplete or inconsistent")
 
 
 def _from_gguf(spec: str, path: Path, dtype: Optional[str], workdir: Optional[Path]) -> ModelSource:
@@ -76,26 +96,38 @@ def _from_gguf(spec: str, path: Path, dtype: Optional[str], workdir: Optional[Pa
     except Exception as e:
         raise DPEExportError(f"transformers cannot read {path} (architecture {meta['architecture']!r}): "
                              f"{first_line(e)}") from None
+    check_config_sizes(config.to_dict(), path)
     get_architecture(config)  # refuse an unsupported family before dequantizing anything
+    check_blocks(path, meta)
     quantized = any(t not in ("F32", "F16", "BF16") for t in meta["tensor_types"])
     if dtype in (None, "auto"):
         float_types = [t for t in meta["tensor_types"] if t in ("F32", "F16", "BF16")]
         dtype = "bfloat16" if quantized or not float_types else {"F32": "float32", "F16": "float16",
                                                                   "BF16": "bfloat16"}[max(float_types)]
     torch_dtype = getattr(torch, dtype)
-    base = Path(workdir) if workdir is not None else path.parent
-    base.mkdir(parents=True, exist_ok=True)
-    import secrets
-
-    tmp = base / f".{path.stem}.dpe-export-src-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    # The dequantized checkpoint goes into a locked staging directory named after its owner: the output being
+    # converted (so only a later convert of that output may clear it if this run dies), else the GGUF itself.
+    owner = Path(workdir) if workdir is not None else path
+    owner.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_staging(owner)
+    tmp = make_staging_dir(owner, "src")
     source = ModelSource(spec, "gguf", tmp, gguf={"file": name, "quantization": meta["file_type"] or
                                                   "/".join(meta["tensor_types"]), "dtype": dtype,
                                                   "architecture": meta["architecture"]}, temporary=tmp)
     try:
         logger.info("dequantizing %s to %s", path, dtype)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype)
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        model, info = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype,
+                                                           output_loading_info=True)
+        missing = sorted(info.get("missing_keys") or [])
+        if missing:  # transformers filled them with fresh random weights: never export those
+            raise DPEExportError(f"{path} lacks {len(missing)} tensor(s) the {config.model_type} architecture needs "
+                                 f"(e.g. {missing[0]}); the file is incomplete")
+        mismatched = info.get("mismatched_keys") or []
+        if mismatched:
+            first = mismatched[0][0] if isinstance(mismatched[0], (tuple, list)) else mismatched[0]
+            raise DPEExportError(f"{path}: {len(mismatched)} tensor(s) do not have the shape the config describes "
+                                 f"(e.g. {first})")
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
         model.hf_quantizer = None  # the weights are plain tensors now: save them as safetensors
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

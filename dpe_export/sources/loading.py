@@ -175,7 +175,9 @@ def load_tokenizer(model_dir):
         # its family's config stands in, so no code runs and transformers does not ask for trust_remote_code.
         kwargs["config"] = AutoConfig.for_model(arch.model_type)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), **kwargs)
+        # trust_remote_code=False: a base model's tokenizer code (an auto_map) never runs, and with a terminal
+        # transformers does not ask about it either
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False, **kwargs)
     except Exception as e:
         raise DPEExportError(f"cannot load a tokenizer from {model_dir}: {first_line(e)}") from None
     if tokenizer is None or isinstance(tokenizer, bool):  # pragma: no cover - defensive

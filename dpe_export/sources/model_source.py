@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from dpe_export.staging import release_staging
+
 logger = logging.getLogger(__name__)
 
 
@@ -33,8 +35,10 @@ class ModelSource:
     text_of: Optional[str] = None  # the multimodal model type whose text model `path` holds
 
     def cleanup(self) -> None:
-        if self.temporary is not None and self.temporary.exists():
-            shutil.rmtree(self.temporary, ignore_errors=True)
+        if self.temporary is not None:
+            if self.temporary.exists():
+                shutil.rmtree(self.temporary, ignore_errors=True)
+            release_staging(self.temporary)
         self.temporary = None
 
     def __enter__(self) -> "ModelSource":

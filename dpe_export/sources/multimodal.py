@@ -4,7 +4,6 @@ written as a checkpoint of that family.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -21,6 +20,7 @@ from dpe_export.sources.checkpoint import (
     read_config_json,
 )
 from dpe_export.sources.model_source import ModelSource
+from dpe_export.staging import clean_stale_staging, make_staging_dir
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +48,10 @@ def text_model_of(source: ModelSource, workdir: Optional[Path] = None) -> ModelS
     if "tie_word_embeddings" in raw:  # the multimodal model ties (or not) by its own config, not the text one's
         text["tie_word_embeddings"] = raw["tie_word_embeddings"]
     names = find_weight_files(source.path)
-    base = Path(workdir) if workdir is not None else source.path.parent
-    base.mkdir(parents=True, exist_ok=True)
-    import secrets
-
-    tmp = base / f".{source.path.name}.dpe-export-text-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    owner = Path(workdir) if workdir is not None else source.path  # as for a GGUF (sources/gguf.py)
+    owner.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_staging(owner)
+    tmp = make_staging_dir(owner, "src")
     out = ModelSource(source.spec, source.kind, tmp, hub_id=source.hub_id, revision=source.revision,
                       temporary=tmp, text_of=wrap.model_type)
     try:
