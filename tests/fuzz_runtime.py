@@ -24,6 +24,7 @@ tests/test_fuzz.py runs a fixed set of seeds in CI.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -368,7 +369,7 @@ def run_case(seed: int, verbose: bool = False, case: Optional[Case] = None) -> d
     t0 = time.time()
     cpu0 = time.process_time()
     record = {"seed": seed, "case": asdict(case)}
-    with tempfile.TemporaryDirectory(prefix="dpe-fuzz-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="dpe-fuzz-") as tmp, quiet():
         try:
             record["notes"] = Runner(case, Path(tmp), verbose).run()
             record["ok"] = True
@@ -398,7 +399,6 @@ def main(argv=None) -> int:
     ap.add_argument("--minutes", type=float, default=None, help="keep drawing seeds for this long")
     ap.add_argument("--jsonl", type=Path, help="append one record per case to this file (skips seeds in it)")
     args = ap.parse_args(argv)
-    warnings_off()
     if args.seed:
         seeds, verbose = list(args.seed), True
     else:
@@ -442,18 +442,31 @@ def _forever(start: int):
         seed += 1
 
 
-def warnings_off() -> None:
+@contextlib.contextmanager
+def quiet():
+    """Warnings, progress bars and library logging off for the duration (a case prints only what it finds), then
+    as they were: inside pytest the next test's warnings are its own."""
     import logging
     import warnings
 
-    warnings.filterwarnings("ignore")
-    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    logging.getLogger("dpe_export").setLevel(logging.ERROR)
-    logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+    loggers = {name: logging.getLogger(name).level for name in ("dpe_export", "torch._dynamo")}
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        for name in loggers:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for name, level in loggers.items():
+                logging.getLogger(name).setLevel(level)
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -4,9 +4,8 @@ long mode runs any number of seeds (`python tests/fuzz_runtime.py --minutes 60`)
 from __future__ import annotations
 
 import pytest
-from fuzz_runtime import describe, draw, run_case, warnings_off
+from fuzz_runtime import describe, draw, run_case
 
-warnings_off()
 _SEEDS = range(0, 1200)
 EAGER_SEEDS = [s for s in _SEEDS if draw(s).compile == "off"][:300]
 COMPILE_SEEDS = ([s for s in _SEEDS if draw(s).compile == "all" and draw(s).inputs == "ids"][:1]
