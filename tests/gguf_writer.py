@@ -12,10 +12,12 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_llama_gguf(model, tokenizer, path: Path, quantize: str = "F32", skip=(), block_count=None) -> Path:
+def write_llama_gguf(model, tokenizer, path: Path, quantize: str = "F32", skip=(), block_count=None,
+                     vocab_size=None) -> Path:
     """`model`: a transformers LlamaForCausalLM; `tokenizer`: a byte-level BPE tokenizer (tests/helpers.py).
     quantize: "F32", "F16" or "Q8_0" for the 2-D weights (norms stay F32, as in llama.cpp). A broken file for
-    the tests: `skip` leaves those tensors out, `block_count` announces another number of blocks."""
+    the tests: `skip` leaves those tensors out, `block_count` announces another number of blocks, `vocab_size`
+    another vocabulary size."""
     import gguf
 
     cfg = model.config
@@ -32,7 +34,7 @@ def write_llama_gguf(model, tokenizer, path: Path, quantize: str = "F32", skip=(
     w.add_value_length(cfg.head_dim)
     w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
+    w.add_vocab_size(cfg.vocab_size if vocab_size is None else vocab_size)
     file_type = {"F32": gguf.LlamaFileType.ALL_F32, "F16": gguf.LlamaFileType.MOSTLY_F16,
                  "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quantize]
     w.add_file_type(int(file_type))

@@ -405,3 +405,30 @@ def test_a_repeated_calibration_cell_is_refused_not_replaced(tmp_path):
     (tmp_path / "cells.jsonl").write_text(json.dumps(line) + "\n" + json.dumps(dict(line, score=0.9)) + "\n")
     with pytest.raises(DPEExportError, match="line 2 repeats the cell of group 0 and scale 2"):
         scales.read_cells(tmp_path, plan)
+
+
+@pytest.mark.parametrize("at", ["first file", "weights"])
+def test_a_full_disk_while_converting_is_one_line_naming_the_file(run_cli, llama_dir, tmp_path, monkeypatch, at):
+    import errno
+
+    real = os.sendfile
+
+    def full(out_fd, in_fd, offset, count):
+        if at == "weights" and os.fstat(in_fd).st_size < 50_000:  # the small files go through; the weights do not
+            return real(out_fd, in_fd, offset, count)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "sendfile", full)
+    err = one_error(run_cli("convert", llama_dir, "-o", tmp_path / "out", *CONVERT))
+    assert "No space left on device" in err and str(tmp_path) in err  # the file it was writing is named
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_a_gguf_whose_header_disagrees_with_its_tensors_names_the_tensor(gguf_model, tmp_path, run_cli):
+    """Before: "... look at the above report!", of a report that TRANSFORMERS_VERBOSITY=error hides."""
+    from gguf_writer import write_llama_gguf
+
+    big = tiny_model("llama", vocab_size=len(byte_tokenizer()) + 40, max_position_embeddings=64)
+    path = write_llama_gguf(big, byte_tokenizer(), tmp_path / "vocab.gguf", vocab_size=len(byte_tokenizer()))
+    err = one_error(run_cli("convert", "--model", path, "-o", tmp_path / "out", *CONVERT))
+    assert "has shape [300, 64] in the file" in err and "above report" not in err

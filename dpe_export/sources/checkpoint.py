@@ -425,7 +425,10 @@ def _copy_present(model_dir: Path, out_dir: Path, names: Sequence[str]) -> list[
     for name in names:
         src = safe_file(model_dir, name)
         if src is not None:
-            shutil.copyfile(src, out_dir / name)
+            try:
+                shutil.copyfile(src, out_dir / name)
+            except OSError as e:
+                raise DPEExportError(f"cannot write {out_dir / name}: {e.strerror or e}") from None
             copied.append(name)
     return copied
 
@@ -466,7 +469,15 @@ def copy_weights(model_dir: Path, out_dir: Path, names: Sequence[str], link: boo
 
 
 def copy_file_with_progress(src: Path, dst: Path, update) -> None:
-    """Copy bytes from src to dst (kernel-side where possible), calling update(n) as they go."""
+    """Copy bytes from src to dst (kernel-side where possible), calling update(n) as they go; a write error (a full
+    disk) is one line naming dst."""
+    try:
+        _copy_bytes(src, dst, update)
+    except OSError as e:
+        raise DPEExportError(f"cannot write {dst}: {e.strerror or e}") from None
+
+
+def _copy_bytes(src: Path, dst: Path, update) -> None:
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         use_sendfile = hasattr(os, "sendfile")
         while True:

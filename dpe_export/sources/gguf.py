@@ -116,17 +116,21 @@ def _from_gguf(spec: str, path: Path, dtype: Optional[str], workdir: Optional[Pa
                                                   "architecture": meta["architecture"]}, temporary=tmp)
     try:
         logger.info("dequantizing %s to %s", path, dtype)
+        # mismatched sizes are reported here rather than raised ("look at the above report!" of a report that
+        # TRANSFORMERS_VERBOSITY=error hides), and refused below with the tensor and its shapes
         model, info = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch_dtype,
-                                                           output_loading_info=True)
+                                                           output_loading_info=True, ignore_mismatched_sizes=True)
         missing = sorted(info.get("missing_keys") or [])
         if missing:  # transformers filled them with fresh random weights: never export those
             raise DPEExportError(f"{path} lacks {len(missing)} tensor(s) the {config.model_type} architecture needs "
                                  f"(e.g. {missing[0]}); the file is incomplete")
-        mismatched = info.get("mismatched_keys") or []
+        mismatched = sorted(info.get("mismatched_keys") or [], key=str)
         if mismatched:
-            first = mismatched[0][0] if isinstance(mismatched[0], (tuple, list)) else mismatched[0]
-            raise DPEExportError(f"{path}: {len(mismatched)} tensor(s) do not have the shape the config describes "
-                                 f"(e.g. {first})")
+            first = mismatched[0]
+            what = (f"{first[0]} has shape {list(first[1])} in the file, the header describes {list(first[2])}"
+                    if isinstance(first, (tuple, list)) and len(first) == 3 else str(first))
+            raise DPEExportError(f"{path}: {len(mismatched)} tensor(s) do not have the shape its header describes "
+                                 f"({what})")
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
         model.hf_quantizer = None  # the weights are plain tensors now: save them as safetensors
         if hasattr(model.config, "quantization_config"):
