@@ -814,6 +814,14 @@ class DPELayerState:
     def base_implementation(self) -> str:
         return self._decoder().config._attn_implementation or "eager"
 
+    def set_past_length(self, past: Optional[int]) -> None:
+        """Tokens in the cache before the current forward (DPEModelMixin sets it for every layer; not a keyword
+        argument, which some families' decoder layers do not pass on to their attention, e.g. StableLM's)."""
+        self._local.past = past
+
+    def past_length(self) -> Optional[int]:
+        return getattr(self._local, "past", None)
+
     def set_pending(self, layer) -> None:
         self._local.pending = weakref.ref(layer)
 
@@ -1036,7 +1044,7 @@ def dpe_attention_forward(module, query, key, value, attention_mask, dropout: fl
     elif getattr(key, "shape", (0, 0, 0, d))[-1] != d:
         raise DPERuntimeError(f"keys of width {key.shape[-1]} for queries of width {d}")
 
-    past = kwargs.pop("dpe_past_length", None)  # tokens in the cache before this forward (DPEModelMixin)
+    past = state.past_length()  # tokens in the cache before this forward (DPEModelMixin), None without a cache
     full_key, full_value, full_mask = key, value, attention_mask
     n = key.shape[2]
     key_valid = _key_valid_from_mask(attention_mask, n)
@@ -1312,15 +1320,22 @@ class DPEModelMixin:
                 else:
                     kwargs[name] = cache
         past = 0
+        states = self.__dict__.get("_dpe_states", {})
         if cache is not None:
             # Under torch.compile the cache keeps plain keys (DPE rotates them on the fly, as for a static cache):
             # inductor (torch 2.13) freed and reused the buffer of a DPE layer it made inside the compiled graph
             # while the layer still held it, and the logits past the window were wrong (issue 33).
             if not _compiling():
-                prepare_cache(cache, self.__dict__.get("_dpe_states", {}))
-            past = kwargs["dpe_past_length"] = int(cache.get_seq_length())  # where this forward's keys start
+                prepare_cache(cache, states)
+            past = int(cache.get_seq_length())  # where this forward's keys start
         self._dpe_warn_past_target(past, args, kwargs, params)
-        return super().forward(*args, **kwargs)
+        for state in states.values():
+            state.set_past_length(past if cache is not None else None)
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            for state in states.values():
+                state.set_past_length(None)
 
     def _dpe_warn_past_target(self, past: int, args, kwargs, params) -> None:
         """One warning per model when an input reaches past the length the export was made for."""
