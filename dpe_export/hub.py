@@ -19,7 +19,14 @@ from typing import Callable, Optional, Sequence
 
 from dpe_export import __version__
 from dpe_export.errors import DPEExportError, first_line
-from dpe_export.export.files import _feed, file_sha256, human_size, is_export_file
+from dpe_export.export.files import (
+    _feed,
+    file_sha256,
+    human_size,
+    is_export_file,
+    manifest_difference,
+    read_manifest,
+)
 from dpe_export.generated import foreign_code
 from dpe_export.safefiles import check_model_tree, links_in
 
@@ -95,10 +102,17 @@ def check_export_dir(folder, include: Sequence[str] = ()) -> Path:
         raise DPEExportError(f"{folder} is not as dpe-export wrote it: {why}; run `dpe-export upgrade` on it (or "
                              "convert again) before publishing")
     named = {Path(p).as_posix().strip("/") for p in include}
-    for rel, _ in local_files(folder):
-        if rel not in named and not is_export_file(rel):
-            raise DPEExportError(f"{folder / rel} is not a file dpe-export writes; publish it with --include {rel}, "
+    present = [rel for rel, _ in local_files(folder)]
+    manifest = read_manifest(folder)  # None: an export of a dpe-export before manifests; its file names decide
+    for rel in present:
+        if rel not in named and not (rel in manifest if manifest is not None else is_export_file(rel)):
+            raise DPEExportError(f"{folder / rel} is not a file dpe-export wrote; publish it with --include {rel}, "
                                  "or remove it")
+    if manifest is not None:
+        why = manifest_difference(folder, manifest, present)
+        if why is not None:
+            raise DPEExportError(f"{folder} is not as dpe-export wrote it: {why}; convert again (or publish it "
+                                 "with huggingface_hub yourself)")
     missing = sorted(n for n in named if not (folder / n).is_file())
     if missing:
         raise DPEExportError(f"--include {missing[0]}: no such file in {folder}")

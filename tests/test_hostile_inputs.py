@@ -359,7 +359,7 @@ def test_push_refuses_extra_files_edited_code_and_hard_links_to_secrets(run_cli,
     (out / "notes").mkdir()
     (out / "notes" / "private.txt").write_text("private")
     err = one_error(_push(run_cli, out))
-    assert "notes/private.txt is not a file dpe-export writes" in err and "--include notes/private.txt" in err
+    assert "notes/private.txt is not a file dpe-export wrote" in err and "--include notes/private.txt" in err
     r = _push(run_cli, out, "--include", "notes/private.txt")
     assert r.exit_code == 0 and "notes/private.txt" in r.stdout
     shutil.rmtree(out / "notes")
@@ -432,3 +432,27 @@ def test_a_gguf_whose_header_disagrees_with_its_tensors_names_the_tensor(gguf_mo
     path = write_llama_gguf(big, byte_tokenizer(), tmp_path / "vocab.gguf", vocab_size=len(byte_tokenizer()))
     err = one_error(run_cli("convert", "--model", path, "-o", tmp_path / "out", *CONVERT))
     assert "has shape [300, 64] in the file" in err and "above report" not in err
+
+
+def test_push_publishes_what_the_manifest_names_with_the_hashes_it_records(run_cli, llama_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("convert", llama_dir, "-o", out, *CONVERT).exit_code == 0
+    manifest = json.loads((out / ".dpe-export-manifest.json").read_text())["files"]
+    published = {p.name for p in out.iterdir() if not p.name.startswith(".")}
+    assert set(manifest) == published and "sha256" in manifest["model.safetensors"]
+    (out / "tokenizer.json").write_text((out / "tokenizer.json").read_text().replace("w1", "w9"))
+    assert "tokenizer.json changed after convert wrote it" in one_error(_push(run_cli, out))
+    assert run_cli("convert", llama_dir, "-o", out, *CONVERT, "--overwrite").exit_code == 0
+    with open(out / "README.md", "a") as f:  # the card is the user's to edit (analyze --card does)
+        f.write("\nA note of mine.\n")
+    assert _push(run_cli, out).exit_code == 0
+    (out / "config.json").unlink()
+    assert "is not a DPE export" in one_error(_push(run_cli, out))
+
+
+def test_json_to_dev_stdout_prints_the_results(run_cli_subprocess, llama_dir):
+    r = run_cli_subprocess("eval", llama_dir, *EVAL, "--json", "/dev/stdout")
+    assert r.exit_code == 0, r.stderr
+    start = r.stdout.index("{")
+    data, _ = json.JSONDecoder().raw_decode(r.stdout[start:])
+    assert data["records"]

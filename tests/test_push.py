@@ -62,7 +62,9 @@ def run_dpe_export(hub: FakeHub, *args, token=WRITE_TOKEN, tmp_home: Path, timeo
 
 
 def local_files(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """The files a push publishes: every file but hidden ones (the export's own manifest among them)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)}
 
 
 def digests(folder: Path) -> dict[str, str]:

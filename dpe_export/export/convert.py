@@ -22,6 +22,7 @@ from dpe_export.export.files import (
     file_sha256,
     foreign_entries,
     move_into_place,
+    write_manifest,
 )
 from dpe_export.generated import config_auto_map, foreign_code, write_modeling_files
 from dpe_export.runtime import load_dpe_core
@@ -202,6 +203,7 @@ def convert(
             info, params, selected, staging, link=link, base_model=base_model, model_name=output.name,
             repo_id=repo_id, calibration=calibration, eval_records=eval_records, export_dir=output, gguf=gguf,
         )
+        write_manifest(staging)
         move_into_place(staging, output, overwrite)
     except BaseException:
         if staging is not None:

@@ -60,7 +60,57 @@ _EXPORT_FILE_PATTERNS = (
     r"config\.json", r"generation_config\.json", r"modeling_dpe\.py", r"dpe_core\.py", r"README\.md",
     r"model\.safetensors", r"model\.safetensors\.index\.json", r"model-\d+-of-\d+\.safetensors",
     r"dpe_selected_dims\.safetensors", r"dpe_[a-z_]+\.png", r"eval[\w.-]*\.json", r"\.gitattributes",
+    r"\.dpe-export-manifest\.json",
 )
+
+# What convert wrote, with hashes: push publishes exactly these files (and what the user names), and refuses an
+# export whose files no longer have the hashes they were written with. The card is listed without a hash: it is
+# the user's to edit (analyze --card adds a section). Hidden, so it is never published itself.
+MANIFEST_FILE = ".dpe-export-manifest.json"
+UNHASHED = ("README.md",)
+
+
+def write_manifest(folder: Path, keep: Optional[dict] = None) -> None:
+    """Record every (non-hidden) file of `folder` with its size and sha256 (README.md without), in MANIFEST_FILE.
+    `keep`: entries of an earlier manifest to carry over for files that are not rewritten (upgrade)."""
+    files = {}
+    for path in sorted(Path(folder).rglob("*")):
+        rel = path.relative_to(folder).as_posix()
+        if not path.is_file() or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        if keep is not None and rel in keep:
+            files[rel] = keep[rel]
+            continue
+        files[rel] = {"size": path.stat().st_size} if rel in UNHASHED else {"sha256": file_sha256(path)}
+    text = json.dumps({"version": 1, "files": files}, indent=1, sort_keys=True) + "\n"
+    (Path(folder) / MANIFEST_FILE).write_text(text, encoding="utf-8")
+
+
+def read_manifest(folder: Path) -> Optional[dict]:
+    """The manifest's files ({name: entry}), or None for an export written before manifests (or without one)."""
+    path = Path(folder) / MANIFEST_FILE
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        files = data["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        raise DPEExportError(f"{path} is not a manifest dpe-export wrote; convert again") from None
+    return files
+
+
+def manifest_difference(folder: Path, files: dict, present: list[str]) -> Optional[str]:
+    """Why `folder`'s files (`present`, relative names) are not the ones its manifest records, or None."""
+    for rel in sorted(files):
+        if rel not in present:
+            return f"{rel}, which convert wrote, is missing"
+    for rel in present:
+        entry = files.get(rel)
+        if entry is not None and "sha256" in entry and file_sha256(Path(folder) / rel) != entry["sha256"]:
+            return f"{rel} changed after convert wrote it"
+    return None
 
 
 def is_export_file(rel: str) -> bool:

@@ -14,7 +14,7 @@ from typing import Optional
 from dpe_export import __version__
 from dpe_export.architectures import export_architecture, supported_families
 from dpe_export.errors import DPEExportError
-from dpe_export.export.files import file_sha256
+from dpe_export.export.files import MANIFEST_FILE, file_sha256, read_manifest, write_manifest
 from dpe_export.generated import (
     DPE_CORE_FILE,
     MODELING_FILE,
@@ -22,7 +22,7 @@ from dpe_export.generated import (
     render_modeling_source,
 )
 from dpe_export.runtime import dpe_core_path, load_dpe_core
-from dpe_export.safefiles import links_in
+from dpe_export.safefiles import check_model_tree, links_in
 from dpe_export.sources.checkpoint import CONFIG_FILE
 
 logger = logging.getLogger("dpe_export")
@@ -66,6 +66,7 @@ def upgrade_export(export_dir) -> UpgradeResult:
     files = _regular_files(export_dir)
     if CONFIG_FILE not in files:
         raise DPEExportError(f"{export_dir} has no {CONFIG_FILE}; it is not a model directory")
+    check_model_tree(export_dir)  # the rules of every command that reads a model directory
     try:
         config = json.loads(files[CONFIG_FILE].read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -81,7 +82,8 @@ def upgrade_export(export_dir) -> UpgradeResult:
     except (TypeError, ValueError) as e:
         raise DPEExportError(f"{export_dir}: the dpe section of {CONFIG_FILE} is invalid: {e}") from None
     written_by = config.get("dpe_export_version")
-    generated = {MODELING_FILE, DPE_CORE_FILE, CONFIG_FILE}
+    generated = {MODELING_FILE, DPE_CORE_FILE, CONFIG_FILE, MANIFEST_FILE}
+    manifest = read_manifest(export_dir)
     before = {name: file_sha256(path) for name, path in files.items() if name not in generated}
 
     new_config = dict(config, model_type=arch.dpe_model_type, auto_map=config_auto_map(arch),
@@ -104,6 +106,10 @@ def upgrade_export(export_dir) -> UpgradeResult:
             if tmp.exists():
                 tmp.unlink()
         changed.append(name)
+    # The manifest: the rewritten files get their new hashes; every other entry stays as convert recorded it (an
+    # export from before manifests gets one of its files as they are now: upgrading it says they are the export).
+    write_manifest(export_dir, keep=None if manifest is None else {k: v for k, v in manifest.items()
+                                                                   if k not in wanted})
     after = {name: file_sha256(path) for name, path in _regular_files(export_dir).items() if name not in generated}
     if after != before:  # pragma: no cover - nothing above writes these
         raise DPEExportError(f"files other than the generated ones changed in {export_dir}: "
