@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -114,3 +115,16 @@ def assert_batch_generates_as_alone(model, prompts, new_tokens, label="", **gene
         for row, p in enumerate(prompts):
             alone = model.generate(p[None], **fixed)
             assert batch[row, width:].tolist() == alone[0, len(p):].tolist(), (label, row)
+
+
+def one_error(r) -> str:
+    """The one "Error:" line of a CLI result that failed with status 1, and no traceback."""
+    assert r.exit_code == 1, (r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

@@ -18,23 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import byte_tokenizer, tiny_model
+from helpers import byte_tokenizer, copy_model, one_error, tiny_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONVERT = ("--window", "8", "--scale-factors", "2,4")
 EVAL = ("--task", "passkey", "--lengths", "64", "--samples", "1", "--depths", "0.5", "--no-progress")
-
-
-def one_error(r) -> str:
-    assert r.exit_code == 1, (r.stdout, r.stderr)
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    return lines[0]
-
-
-def copy_model(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
 
 
 def _device(tmp_path: Path, name: str, major: int, minor: int) -> Path:

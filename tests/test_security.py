@@ -12,21 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import copy_model, one_error
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONVERT = ("--window", "8", "--scale-factors", "2,4")
-
-
-def one_error(r) -> str:
-    assert r.exit_code == 1, (r.stdout, r.stderr)
-    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("Error:")]
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    return lines[0]
-
-
-def copy_model(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
 
 
 @pytest.mark.parametrize("name", ["LICENSE", "tokenizer.json", "model.safetensors", "README.md"])
