@@ -1,6 +1,6 @@
 """torch.compile against eager mode at every prompt length from 1 to 12 windows + 1, for every registered family
 (sdpa and eager) and for the README's testbed export: one compile with dynamic shapes per (model, attention),
-then every length through it; each result appended to a JSONL file as it finishes.
+then every length through it (or, with --dynamic false, a graph per length); each result appended to a JSONL file as it finishes.
 
     python scripts/compile_sweep.py --jsonl benchmarks/results/compile-sweep.jsonl
 
@@ -31,14 +31,19 @@ dpe_core = load_dpe_core()
 WINDOW = 4
 
 
-def sweep(export: Path, attn: str, window: int, vocab: int, max_len: int) -> dict:
+DYNAMIC = {"true": True, "false": False, "none": None}
+
+
+def sweep(export: Path, attn: str, window: int, vocab: int, max_len: int, dynamic: bool | None) -> dict:
     from transformers import AutoModelForCausalLM
 
     torch._dynamo.reset()
-    torch._dynamo.config.recompile_limit = 64
+    # dynamic=False compiles a graph per length: the limit must let every length have its own (none falls back
+    # to eager, which would make the comparison vacuous)
+    torch._dynamo.config.recompile_limit = max_len + 8
     torch._dynamo.config.fail_on_recompile_limit_hit = True
     model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, attn_implementation=attn).eval()
-    compiled = torch.compile(model, dynamic=True)
+    compiled = torch.compile(model, dynamic=dynamic)
     g = torch.Generator().manual_seed(0)
     worst, worst_n = 0.0, None
     t0 = time.time()
@@ -60,6 +65,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jsonl", type=Path, required=True)
     ap.add_argument("--families", default=",".join(sorted(ARCHITECTURES)))
+    ap.add_argument("--dynamic", choices=sorted(DYNAMIC), default="true",
+                    help="torch.compile's dynamic: true (one graph for all lengths), false (a graph per length), "
+                         "none (automatic: static first, dynamic after a recompile)")
     ap.add_argument("--no-testbed", action="store_true", help="leave out the README's export (12 x 32 lengths)")
     args = ap.parse_args()
     failures = 0
@@ -83,8 +91,9 @@ def main() -> int:
             jobs.append((family, export, WINDOW, 128, attns))
         for name, export, window, vocab, attns in jobs:
             for attn in attns:
-                result = sweep(export, attn, window, vocab, 12 * window + 1)
-                record = {"model": name, "attn": attn, "window": window, "torch": torch.__version__,
+                result = sweep(export, attn, window, vocab, 12 * window + 1, DYNAMIC[args.dynamic])
+                record = {"model": name, "attn": attn, "window": window, "dynamic": args.dynamic,
+                          "torch": torch.__version__,
                           "threads": torch.get_num_threads(), **result}
                 print(json.dumps(record), flush=True)
                 with open(args.jsonl, "a") as f:
