@@ -14,7 +14,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Optional, Sequence
 
 from dpe_export import analysis, hub, sources
-from dpe_export.calibration import scales
+from dpe_export.calibration import procedures
 from dpe_export.calibration.result import (
     Calibration,
     read_calibration,
@@ -81,16 +81,19 @@ def calibrate_model(model_dir: Path, output_dir: Path, *, window: Optional[int],
     if window is None:
         length = pretrain_length or load_base_config(Path(model_dir)).max_position_embeddings
         window = max(1, length // 8)
-    return scales.calibrate(model_dir, output_dir, window=window, pretrain_length=pretrain_length, **kw)
+    return procedures.calibrate(model_dir, output_dir, window=window, pretrain_length=pretrain_length, **kw)
 
 
 def calibration_summary(result: dict, output_dir: Path) -> str:
     """What calibrate prints: the grid of scores per (group, scale) and the chosen factors."""
-    lines = [f"\nCalibration at {result['target_length']} tokens, window {result['window']}, "
-             f"{result['metric']} ({result['samples_per_cell']} queries per cell):",
+    proc = procedures.get_procedure(result.get("procedure", "grid"))
+    per_cell = ("queries per cell" if proc.name == "grid"
+                else "needles per setting in the last round; the scores are means over the contexts each setting had")
+    lines = [f"\nCalibration at {result['target_length']} tokens, window {result['window']}, procedure {proc.name} "
+             f"({proc.title}): {result['metric']} ({result['samples_per_cell']} {per_cell}):",
              "  group   freqs  " + " ".join(f"{'s=' + str(s):>6}" for s in result["scales"]) + "  chosen"]
     for g, (rng, row, pick) in enumerate(zip(result["groups"], result["grid"], result["chosen"])):
-        cells = " ".join(f"{v:6.2f}" for v in row)
+        cells = " ".join("     -" if v is None else f"{v:6.2f}" for v in row)
         lines.append(f"  {g:>5}  {rng[0]:>3}-{rng[1] - 1:<3} {cells}  {pick:>6}")
     path = Path(output_dir) / "calibration.json"
     lines.append(f"Chosen scale factors: {','.join(map(str, result['chosen']))}")
@@ -123,7 +126,7 @@ class ConvertRequest:
     preset: Optional[str] = None
     calibration_file: Optional[Path] = None
     calibration_dir: Optional[Path] = None
-    calibration_samples: int = scales.DEFAULT_SAMPLES
+    calibration_samples: Optional[int] = None  # the procedure's default
     calibration_device_map: Optional[str] = None
     eval_json: tuple = ()
     base_model: Optional[str] = None

@@ -6,7 +6,7 @@ import json
 import pytest
 from helpers import byte_tokenizer, save_tiny_model
 
-from dpe_export.calibration import scales
+from dpe_export.calibration import procedures, scales
 from dpe_export.errors import DPEExportError
 
 
@@ -92,7 +92,7 @@ def test_shards_split_the_grid_and_merge_joins_them(plan, tmp_path):
         counts.append(len(calls))
     assert sum(counts) == 20 and max(counts) - min(counts) <= 1
     assert len(list(out.glob("cells.shard-*-of-3.jsonl"))) == 3
-    merged = scales.merge(out)
+    merged = procedures.merge(out)
     assert merged["chosen"] == [2, 8, 1, 4]
     assert json.loads((out / "calibration.json").read_text())["chosen"] == [2, 8, 1, 4]
 
@@ -102,7 +102,7 @@ def test_merge_with_missing_cells_says_what_is_left(plan, tmp_path):
     scales.save_plan(out, plan)
     scales.run_grid(plan, scripted([2, 8, 1, 4], []), out, shard=(0, 2), progress=False)
     with pytest.raises(DPEExportError, match="10 of 20 calibration cells are not done"):
-        scales.merge(out)
+        procedures.merge(out)
 
 
 def test_results_of_other_settings_are_refused(plan, tmp_path):
@@ -133,7 +133,7 @@ def byte_model(tmp_path_factory):
 def test_calibrate_then_convert_end_to_end(byte_model, tmp_path, run_cli):
     cal = tmp_path / "cal"
     res = run_cli("calibrate", str(byte_model), "-d", str(cal), "--target-length", "512", "--window", "128",
-                  "--groups", "2", "--topk", "3", "--samples", "1", "--device", "cpu")
+                  "--groups", "2", "--topk", "3", "--samples", "1", "--device", "cpu", "--procedure", "grid")
     assert res.exit_code == 0, (res.stdout + res.stderr)
     data = json.loads((cal / "calibration.json").read_text())
     assert data["scales"] == [1, 2, 4] and len(data["grid"]) == 2 and len(data["chosen"]) == 2
@@ -156,7 +156,7 @@ def test_calibrate_then_convert_end_to_end(byte_model, tmp_path, run_cli):
 
 def test_convert_without_factors_calibrates_first(byte_model, tmp_path, run_cli):
     out = tmp_path / "out"
-    res = run_cli("convert", str(byte_model), "-o", str(out), "--target-length", "512", "--window", "256",
+    res = run_cli("convert", str(byte_model), "-o", str(out), "--target-length", "2048", "--window", "512",
                   "--dimension-groups", "0,4,8", "--calibration-samples", "1")
     assert res.exit_code == 0, (res.stdout + res.stderr)
     assert (tmp_path / "out.calibration" / "calibration.json").is_file()
@@ -167,7 +167,7 @@ def test_convert_without_factors_calibrates_first(byte_model, tmp_path, run_cli)
 def test_a_calibration_from_another_model_is_refused(byte_model, tmp_path, run_cli):
     cal = tmp_path / "cal"
     res = run_cli("calibrate", str(byte_model), "-d", str(cal), "--target-length", "512", "--window", "256",
-                  "--groups", "1", "--samples", "1", "--device", "cpu")
+                  "--groups", "1", "--samples", "1", "--needles", "2", "--device", "cpu")
     assert res.exit_code == 0, (res.stdout + res.stderr)
     other = save_tiny_model(tmp_path / "other", "llama", num_hidden_layers=3)
     res = run_cli("convert", str(other), "-o", str(tmp_path / "out"), "--calibration", str(cal / "calibration.json"))
@@ -184,7 +184,7 @@ def test_a_model_without_tokenizer_is_refused_before_loading(tmp_path, run_cli):
 def test_passkey_metric(byte_model, tmp_path, run_cli):
     cal = tmp_path / "cal"
     res = run_cli("calibrate", str(byte_model), "-d", str(cal), "--target-length", "512", "--window", "256",
-                  "--groups", "1", "--samples", "1", "--metric", "passkey", "--device", "cpu")
+                  "--groups", "1", "--samples", "1", "--metric", "passkey", "--device", "cpu", "--procedure", "grid")
     assert res.exit_code == 0, res.stdout + res.stderr
     data = json.loads((cal / "calibration.json").read_text())
     assert data["metric"] == "pass-key accuracy" and data["scales"] == [1, 2]

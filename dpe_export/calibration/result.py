@@ -176,6 +176,8 @@ def normalize_calibration(data: Any, num_freqs: Optional[int] = None) -> dict[st
         "higher_is_better": bool(data.get("higher_is_better", True)),
         "length": int(data["length"]) if _is_int(data.get("length")) else None,
         "window": int(data["window"]) if _is_int(data.get("window")) else None,
+        # a name only: the card shows the registered procedure's own words for it, never the file's
+        "procedure": data["procedure"] if isinstance(data.get("procedure"), str) else None,
     }
     return out
 

@@ -20,23 +20,19 @@ recomputes nothing, shards split the grid across processes or machines, and ``me
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
-import os
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from dpe_export import __version__
-from dpe_export.architectures import get_architecture
-from dpe_export.calibration import dim_scores, selection
+from dpe_export.calibration import dim_scores, engine, selection
+from dpe_export.calibration.engine import plan_lines
 from dpe_export.calibration.dim_scores import STATISTICS
 from dpe_export.calibration.result import (
-    CALIBRATION_FILE,
     CALIBRATION_SCHEMA_VERSION,
     DIM_SCORES_FILE,
     config_hash,
@@ -48,13 +44,8 @@ from dpe_export.evaluation import run as evalrun
 from dpe_export.evaluation.ppl import ppl_token_stream
 from dpe_export.evaluation.tasks import PromptBuilder
 from dpe_export.runtime import load_dpe_core
-from dpe_export.sources import loading, methods
-from dpe_export.sources.checkpoint import load_base_config
 
 logger = logging.getLogger(__name__)
-
-
-CELLS_GLOB = "cells*.jsonl"
 
 
 METRICS = registry.calibration_metrics()
@@ -104,6 +95,8 @@ class CalibrationPlan:
     seed: int = DEFAULT_SEED
     metric: str = "niah"  # or "passkey", for models whose multi-needle retrieval is weak even at L
     dim_statistic: str = "norms"  # the 2-norm score of stage 1 (dpe_export.dim_scores.STATISTICS)
+    procedure: str = "grid"  # how stage 2 spends its prefills (dpe_export.calibration.procedures); plans written
+    # before procedures existed are grids
 
     @property
     def num_groups(self) -> int:
@@ -112,8 +105,9 @@ class CalibrationPlan:
     def key(self) -> str:
         fields = asdict(self)
         fields.pop("model")  # the same model may be calibrated from another path
-        if fields["dim_statistic"] == "norms":  # the default keeps the keys of calibrations made before it existed
-            fields.pop("dim_statistic")
+        for name, old_default in (("dim_statistic", "norms"), ("procedure", "grid")):
+            if fields[name] == old_default:  # the keys of calibrations made before the field existed stay valid
+                fields.pop(name)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
     def cells(self) -> list[tuple[int, int]]:
@@ -126,9 +120,11 @@ class CalibrationPlan:
         return factors
 
     def params_for(self, group: int, scale: int):
+        return self.params_for_factors(self.factors_for(group, scale))
 
+    def params_for_factors(self, factors: Sequence[int]):
         return load_dpe_core().DPEParams(
-            local_window_size=self.window, scale_factors=self.factors_for(group, scale),
+            local_window_size=self.window, scale_factors=list(factors),
             dimension_groups_range=list(self.dimension_groups_range), target_length=self.target_length,
             pretrain_length=self.pretrain_length,
         )
@@ -137,7 +133,8 @@ class CalibrationPlan:
 def make_plan(model_dir, *, target_length: int, window: int, num_freqs: int, pretrain_length: int,
               dimension_groups: Optional[Sequence[int]] = None, num_groups: Optional[int] = None,
               top_k: Optional[int] = None, samples: int = DEFAULT_SAMPLES, needles: int = DEFAULT_NEEDLES,
-              seed: int = DEFAULT_SEED, metric: str = "niah", dim_statistic: str = "norms") -> CalibrationPlan:
+              seed: int = DEFAULT_SEED, metric: str = "niah", dim_statistic: str = "norms",
+              procedure: str = "grid") -> CalibrationPlan:
 
     dpe_core = load_dpe_core()
     if window < 1:
@@ -165,6 +162,7 @@ def make_plan(model_dir, *, target_length: int, window: int, num_freqs: int, pre
         target_length=target_length, window=window, dimension_groups_range=bounds, scales=candidates,
         reference_scale=reference_scale(target_length, pretrain_length, candidates), top_k=top_k,
         samples=samples, needles=needles, seed=seed, metric=metric, dim_statistic=dim_statistic,
+        procedure=procedure,
     )
 
 
@@ -181,8 +179,7 @@ def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
     return i, n
 
 
-def cells_path(out_dir: Path, shard: Optional[tuple[int, int]]) -> Path:
-    return out_dir / ("cells.jsonl" if shard is None else f"cells.shard-{shard[0]}-of-{shard[1]}.jsonl")
+
 
 
 def _valid_cell(cell: dict, path: Path, lineno: int) -> dict:
@@ -198,117 +195,61 @@ def _valid_cell(cell: dict, path: Path, lineno: int) -> dict:
     return dict(cell, group=group, scale=scale, samples=samples, score=score)
 
 
+
+
+
 def read_cells(out_dir: Path, plan: CalibrationPlan) -> dict[tuple[int, int], dict]:
     """Finished cells of this plan from every results file in out_dir (a cut-off last line is ignored)."""
     done: dict[tuple[int, int], dict] = {}
     seen: dict[tuple[int, int], str] = {}
-    key = plan.key()
-    for path in sorted(Path(out_dir).glob(CELLS_GLOB)):
-        lines = path.read_text(encoding="utf-8").split("\n")
-        for lineno, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                cell = json.loads(line)
-            except ValueError:
-                if lineno == len(lines):
-                    continue  # the last line, cut off by a killed run (repaired before the next append)
-                raise DPEExportError(f"{path} line {lineno} is not JSON; delete that line to compute the cell "
-                                     "again") from None
-            if not isinstance(cell, dict) or cell.get("plan") != key:
-                if isinstance(cell, dict) and "plan" in cell:
-                    raise DPEExportError(
-                        f"{path} holds results of a different calibration (other model or settings); "
-                        "use another --output-dir")
-                continue
-            cell = _valid_cell(cell, path, lineno)
-            where = (cell["group"], cell["scale"])
-            if where in done:
-                raise DPEExportError(
-                    f"{path} line {lineno} repeats the cell of group {where[0]} and scale {where[1]} (first at "
-                    f"{seen[where]}); keep one of the two lines")
-            done[where], seen[where] = cell, f"{path.name} line {lineno}"
+    for path, lineno, cell in plan_lines(out_dir, plan):
+        cell = _valid_cell(cell, path, lineno)
+        where = (cell["group"], cell["scale"])
+        if where in done:
+            raise DPEExportError(
+                f"{path} line {lineno} repeats the cell of group {where[0]} and scale {where[1]} (first at "
+                f"{seen[where]}); keep one of the two lines")
+        done[where], seen[where] = cell, f"{path.name} line {lineno}"
     return done
 
 
-def repair_tail(path: Path) -> bool:
-    """Cut a torn last line (a kill or a full disk mid-write) so that the next appended cell starts on its own
-    line. Returns whether anything was cut."""
-    if not path.is_file():
-        return False
-    with open(path, "rb+") as f:
-        data = f.read()
-        if not data or data.endswith(b"\n"):
-            return False
-        keep = data.rfind(b"\n") + 1
-        f.truncate(keep)
-    logger.warning("%s ended in a cut-off line (%d bytes), from an interrupted run; removed it", path, len(data) - keep)
-    return True
 
 
-def append_cell(path: Path, cell: dict) -> None:
-    if not math.isfinite(cell["score"]):
-        raise DPEExportError(f"cell (group {cell['group']}, scale {cell['scale']}) scored {cell['score']}; "
-                             "a score must be a finite number")
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(cell) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
-@contextlib.contextmanager
-def grid_lock(path: Path):
-    """One process at a time per results file: a second calibration in the same place is refused, not run twice."""
-    import fcntl
 
-    lock_path = path.with_name(f".{path.name}.lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise DPEExportError(f"another calibration (pid {holder}) is writing {path}; wait for it to finish, or "
-                                 "use another --output-dir (or --shard to split one grid)") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)
+
+
+
+
+def _grid_shard_cells(plan: CalibrationPlan, shard: Optional[tuple[int, int]]) -> list[tuple[int, int]]:
+    return [c for i, c in enumerate(plan.cells()) if shard is None or i % shard[1] == shard[0]]
+
+
+GRID_UNITS = engine.UnitKind(
+    read=lambda out_dir, plan: read_cells(out_dir, plan),
+    pending=lambda plan, done, shard: [c for c in _grid_shard_cells(plan, shard) if c not in done],
+    record=lambda plan, unit, result, seconds: {
+        "plan": plan.key(), "group": unit[0], "scale": unit[1], "factors": plan.factors_for(*unit),
+        "score": float(result["score"]), "samples": int(result["samples"]), "seconds": round(seconds, 3)},
+    key=lambda rec: (rec["group"], rec["scale"]),
+    planned=lambda plan, shard: len(_grid_shard_cells(plan, shard)),
+    counted=lambda plan, done, shard: len(set(_grid_shard_cells(plan, shard)).intersection(done)),
+    describe=lambda unit: f"group {unit[0]} scale {unit[1]}",
+    unit="cell",
+)
+
+
+def evaluate_cell(calibrator, plan: CalibrationPlan, unit: tuple) -> dict:
+    """One cell on a loaded model: its exact-match retrieval score."""
+    return calibrator.score(plan.params_for(*unit))
 
 
 def run_grid(plan: CalibrationPlan, scorer: Scorer, out_dir: Path, shard: Optional[tuple[int, int]] = None,
              progress: bool = True) -> dict[tuple[int, int], dict]:
-    """Score the cells of this shard that are not done yet, appending each as it finishes."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = cells_path(out_dir, shard)
-    with grid_lock(path):
-        repair_tail(path)
-        return _run_grid_locked(plan, scorer, out_dir, shard, path, progress)
-
-
-def _run_grid_locked(plan, scorer, out_dir, shard, path, progress):
-    from tqdm.auto import tqdm
-
-    done = read_cells(out_dir, plan)
-    mine = [c for i, c in enumerate(plan.cells()) if shard is None or i % shard[1] == shard[0]]
-    todo = [c for c in mine if c not in done]
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), desc="calibration grid", unit="cell",
-               disable=not progress)
-    try:
-        for group, scale in todo:
-            bar.set_postfix_str(f"group {group} scale {scale}")
-            t0 = time.perf_counter()
-            result = scorer(plan.params_for(group, scale))
-            cell = {"plan": plan.key(), "group": group, "scale": scale, "factors": plan.factors_for(group, scale),
-                    "score": float(result["score"]), "samples": int(result["samples"]),
-                    "seconds": round(time.perf_counter() - t0, 3)}
-            append_cell(path, cell)
-            done[(group, scale)] = cell
-            bar.update(1)
-    finally:
-        bar.close()
-    return done
+    """Score the cells of this shard that are not done yet (in this process), appending each as it finishes."""
+    return engine.execute(plan, GRID_UNITS, engine.local_executor(lambda unit: scorer(plan.params_for(*unit))),
+                          out_dir, shard, progress, desc="calibration grid")
 
 
 @dataclass
@@ -325,29 +266,36 @@ class Calibrator:
 
     def compute_selection(self, out_dir: Path, progress: bool = True):
         """Stage 1: dim scores (reused from out_dir when present) and the top-K mask."""
-        import torch
         from safetensors.torch import load_file
-        from tqdm.auto import tqdm
 
 
         path = out_dir / DIM_SCORES_FILE
         if path.is_file():
             scores = load_file(str(path))[selection.SCORES_TENSOR]
         else:
-            lengths = dim_scores.scoring_lengths(self.plan.window, self.plan.pretrain_length)
-            stream = self._token_stream(sum(lengths) * self.plan.samples + 16)
-            batches, pos = [], 0
-            for n in lengths:
-                for _ in range(self.plan.samples):
-                    batches.append(torch.tensor([stream[pos:pos + n]]))
-                    pos += n
-            with tqdm(total=len(batches), desc="key dimensions", unit="sample", disable=not progress) as bar:
-                scores = dim_scores.compute_dim_scores(self.model, batches, progress=bar,
-                                                       statistic=self.plan.dim_statistic)
-            dim_scores.save_dim_scores(scores, path, {"lengths": lengths, "samples": self.plan.samples,
-                                                      "statistic": self.plan.dim_statistic})
+            scores = self.dim_scores(progress)
+            dim_scores.save_dim_scores(scores, path, self.dim_scores_metadata())
         self.selected = selection.top_k_mask(scores, self.plan.top_k)
         return self.selected
+
+    def dim_scores_metadata(self) -> dict:
+        return {"lengths": dim_scores.scoring_lengths(self.plan.window, self.plan.pretrain_length),
+                "samples": self.plan.samples, "statistic": self.plan.dim_statistic}
+
+    def dim_scores(self, progress: bool = True):
+        """Stage 1's scores tensor [layers, heads, frequencies] on haystack text."""
+        import torch
+        from tqdm.auto import tqdm
+
+        lengths = dim_scores.scoring_lengths(self.plan.window, self.plan.pretrain_length)
+        stream = self._token_stream(sum(lengths) * self.plan.samples + 16)
+        batches, pos = [], 0
+        for n in lengths:
+            for _ in range(self.plan.samples):
+                batches.append(torch.tensor([stream[pos:pos + n]]))
+                pos += n
+        with tqdm(total=len(batches), desc="key dimensions", unit="sample", disable=not progress) as bar:
+            return dim_scores.compute_dim_scores(self.model, batches, progress=bar, statistic=self.plan.dim_statistic)
 
     def _token_stream(self, num_tokens: int) -> list[int]:
 
@@ -372,6 +320,28 @@ class Calibrator:
         correct = sum(r["accuracy"] * r["samples"] for r in records)
         total = sum(r["samples"] for r in records)
         return {"score": correct / total, "samples": total}
+
+    def context_prompts(self, context: int) -> list:
+        """Context ``context`` of a paired calibration: ``needles`` needles, one in each 1/needles of its depth,
+        and one prompt per needle (the same tokens up to the question)."""
+        if self._builder is None:
+            self._builder = PromptBuilder(self.tokenizer, haystack_path=self.haystack,
+                                          haystack_seed=prompts.task_haystack_seed(self.plan.seed))
+        n = self.plan.needles
+        depths = [(k + 0.5) / n for k in range(n)]
+        return self._builder.niah_queries(self.plan.target_length, num_needles=n, depths=depths,
+                                          seed=prompts.sample_seed(self.plan.seed, "calibration", n, context),
+                                          num_digits=prompts.NIAH_DIGITS)
+
+    def score_context(self, params, context: int) -> dict:
+        """Teacher-forced log-likelihood of every needle's value in one context with these DPE parameters applied
+        in place: one prefill, then each question from a copy of its cache."""
+        load_dpe_core().apply_dpe(self.model, params, self.selected)
+        queries = self.context_prompts(context)
+        scores = generation.answer_likelihoods(self.model, [q.input_ids for q in queries],
+                                               [q.answer_ids for q in queries])
+        return {"score": sum(s for s, _ in scores) / len(scores), "needles": len(scores),
+                "found": sum(found for _, found in scores)}
 
 
 PLAN_FILE = "plan.json"
@@ -400,67 +370,6 @@ def load_plan(out_dir: Path) -> CalibrationPlan:
         raise DPEExportError(f"cannot read {path}: {e}") from None
 
 
-def merge(out_dir) -> dict:
-    """Join the shards' cells in out_dir into calibration.json (all cells must be done)."""
-    out_dir = Path(out_dir)
-    plan = load_plan(out_dir)
-    calibration = build_calibration(plan, read_cells(out_dir, plan))
-    write_json_atomic(out_dir / CALIBRATION_FILE, calibration)
-    return calibration
-
-
-def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_groups=None,
-              num_groups: Optional[int] = None, top_k: Optional[int] = None, samples: int = DEFAULT_SAMPLES,
-              needles: int = DEFAULT_NEEDLES, seed: int = DEFAULT_SEED, metric: str = "niah",
-              pretrain_length: Optional[int] = None,
-              shard: Optional[tuple[int, int]] = None, haystack: Optional[Path] = None, device=None, dtype=None,
-              batch_size: int = 1, progress: bool = True, device_map: Optional[str] = None,
-              dim_statistic: str = "norms") -> Optional[dict]:
-    """Run (or resume) a calibration into out_dir. Returns calibration.json's content, or None for a shard
-    (join the shards with :func:`merge`)."""
-    import random
-
-    import torch
-
-
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    raw, is_export = loading.check_eval_model(model_dir)
-    if is_export:
-        raise DPEExportError(f"{model_dir} is already a DPE export; calibrate its base model")
-    loading.check_device_map(device_map, device)
-    evalrun.check_memory(raw, metric if metric in ("niah", "passkey") else "niah", target_length, batch_size, device,
-                         dtype, device_map)  # the longest context of the grid must fit, as eval checks
-    config = load_base_config(model_dir)
-
-    get_architecture(config)
-    L = pretrain_length or config.max_position_embeddings
-
-    plan = make_plan(model_dir, target_length=target_length, window=window,
-                     num_freqs=load_dpe_core().rotary_dim_of(config) // 2,
-                     pretrain_length=L, dimension_groups=dimension_groups, num_groups=num_groups, top_k=top_k,
-                     samples=samples, needles=needles, seed=seed, metric=metric, dim_statistic=dim_statistic)
-    tokenizer = loading.load_tokenizer(model_dir)  # before the weights: a model without one fails fast
-    save_plan(out_dir, plan)
-    t0 = time.perf_counter()
-    random.seed(seed)
-    torch.manual_seed(seed)
-    loaded = loading.load_model(model_dir, methods.MethodSpec("none"), device=device, dtype=dtype,
-                                tokenizer=tokenizer, target_length=target_length, device_map=device_map)
-    calibrator = Calibrator(loaded.model, tokenizer, plan, haystack=haystack, batch_size=batch_size)
-    if top_k:
-        calibrator.compute_selection(out_dir, progress)
-    t1 = time.perf_counter()
-    cells = run_grid(plan, calibrator.score, out_dir, shard, progress)
-    if shard is not None and shard[1] > 1:
-        return None
-    timings = {"load_and_dim_scores_seconds": round(t1 - t0, 1),
-               "grid_seconds_this_run": round(time.perf_counter() - t1, 1),
-               "grid_seconds_all_cells": round(sum(c["seconds"] for c in cells.values()), 1)}
-    calibration = build_calibration(plan, cells, timings)
-    write_json_atomic(out_dir / CALIBRATION_FILE, calibration)
-    return calibration
-
-
 TIE_RULE = "highest score; ties go to the scale nearest the reference scale (log2 distance), then the smaller"
 
 
@@ -476,15 +385,25 @@ def choose_scales(plan: CalibrationPlan, cells: dict[tuple[int, int], dict]) -> 
 
 def build_calibration(plan: CalibrationPlan, cells: dict[tuple[int, int], dict],
                       timings: Optional[dict] = None) -> dict:
-    """calibration.json: the plan, the whole grid with sample counts, the chosen factors, timings, versions.
-
-    Its ``groups``/``scales``/``grid``/``chosen`` keys are what the model card draws (dpe_export.card).
-    """
+    """calibration.json of a grid: the plan, the whole grid with sample counts, the chosen factors, timings."""
     missing = [c for c in plan.cells() if c not in cells]
     if missing:
         raise DPEExportError(
             f"{len(missing)} of {len(plan.cells())} calibration cells are not done yet "
             f"(e.g. group {missing[0][0]} scale {missing[0][1]}); run the remaining shards first")
+    return calibration_record(
+        plan, grid=[[cells[(g, s)]["score"] for s in plan.scales] for g in range(plan.num_groups)],
+        chosen=choose_scales(plan, cells), cells=[cells[c] for c in plan.cells()],
+        # what ran (queries spread evenly over the depths can round the asked samples x needles up)
+        samples_per_cell=max(int(cells[c]["samples"]) for c in plan.cells()),
+        metric=registry.get_task(plan.metric).metric_label(plan.needles),
+        timings=timings or {"grid_seconds": round(sum(c["seconds"] for c in cells.values()), 1)})
+
+
+def calibration_record(plan: CalibrationPlan, *, grid: list, chosen: list[int], cells: list, samples_per_cell: int,
+                       metric: str, timings: dict, extra: Optional[dict] = None) -> dict:
+    """calibration.json: the plan, the scores per (group, scale), the chosen factors, every result, timings and
+    versions. Its ``groups``/``scales``/``grid``/``chosen`` keys are what the model card draws."""
     b = plan.dimension_groups_range
     return {
         "schema_version": CALIBRATION_SCHEMA_VERSION,
@@ -501,16 +420,17 @@ def build_calibration(plan: CalibrationPlan, cells: dict[tuple[int, int], dict],
         "top_k": plan.top_k,
         "dim_scores": DIM_SCORES_FILE if plan.top_k else None,
         "dim_statistic": plan.dim_statistic if plan.top_k else None,
-        "metric": registry.get_task(plan.metric).metric_label(plan.needles),
+        "procedure": plan.procedure,
+        "metric": metric,
         "higher_is_better": True,
-        # what ran (queries spread evenly over the depths can round the asked samples x needles up)
-        "samples_per_cell": max(int(cells[c]["samples"]) for c in plan.cells()),
+        "samples_per_cell": samples_per_cell,
         "seed": plan.seed,
         "tie_rule": TIE_RULE,
-        "grid": [[cells[(g, s)]["score"] for s in plan.scales] for g in range(plan.num_groups)],
-        "cells": [cells[c] for c in plan.cells()],
-        "chosen": choose_scales(plan, cells),
-        "timings": timings or {"grid_seconds": round(sum(c["seconds"] for c in cells.values()), 1)},
+        "grid": grid,
+        "cells": cells,
+        "chosen": chosen,
+        "timings": timings,
         "plan_key": plan.key(),
+        **(extra or {}),
     }
 

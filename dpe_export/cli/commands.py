@@ -12,7 +12,7 @@ from dpe_export import __version__, workflows
 from dpe_export.analysis import DEFAULT_PAIRS as DEFAULT_ANALYZE_PAIRS
 from dpe_export.analysis import DEFAULT_SAMPLES as DEFAULT_ANALYZE_SAMPLES
 from dpe_export.architectures import WRAPPERS, supported_families
-from dpe_export.calibration import scales
+from dpe_export.calibration import procedures, scales
 from dpe_export.cli import options as opt
 from dpe_export.cli.app import main, quiet_transformers, setup_logging
 from dpe_export.errors import UsageError
@@ -85,17 +85,19 @@ Methods (--method, base models only):
 
 CALIBRATE_EPILOG = """\b
 Examples:
-  # calibrate a model trained at 8K for 128K: grid of 8 groups x scales 1..128, 4-needle NIAH at 128K
+  # calibrate a model trained at 8K for 128K: 8 groups x scales 1..128, paired needle likelihoods at 128K
   dpe-export calibrate ./Meta-Llama-3-8B-Instruct --target-length 131072 --window 1024 -d runs/llama3
+  # the DPE authors' procedure: every cell, exact-match 4-needle NIAH over 8 contexts
+  dpe-export calibrate ./my-llama --target-length 32768 --window 1024 --procedure grid -d runs/llama-grid
   # with the top-48 key frequencies per head (2-norm attention contribution), as the final model will use
   dpe-export calibrate ./my-llama --target-length 32768 --window 1024 --topk 48 -d runs/llama
-  # split the grid over 4 processes or machines (e.g. a Slurm array), then join the shards
+  # split the work over 4 processes or machines (e.g. a Slurm array), then join the shards
   dpe-export calibrate ./my-llama --target-length 32768 --window 1024 -d runs/llama --shard $I/4
   dpe-export calibrate --merge -d runs/llama
   # then export with the chosen factors (the card shows the grid)
   dpe-export convert ./my-llama -o ./my-llama-dpe --calibration runs/llama/calibration.json
 
-A killed run resumes where it stopped: every finished (group, scale) cell is already on disk.
+A killed run resumes where it stopped: every finished result is already on disk (cells*.jsonl).
 """
 
 
@@ -159,9 +161,9 @@ def _convert_options(f):
                           "--target-length); its results go here. Default: OUT.calibration beside OUT (a re-run "
                           "resumes from it)."),
         click.option(
-            "--calibration-samples", type=click.IntRange(min=1), default=scales.DEFAULT_SAMPLES, show_default=True,
-            metavar="N", help="When convert calibrates: NIAH contexts per (group, scale) cell (see dpe-export "
-                              "calibrate --help)."),
+            "--calibration-samples", type=click.IntRange(min=1), default=None, metavar="N",
+            help="When convert calibrates: NIAH contexts per setting (see dpe-export calibrate --samples). Default: "
+                 "the calibration procedure's."),
         opt.device_map("--calibration-device-map", "calibration_device_map",
                        help="When convert calibrates a model larger than one GPU: spread its layers with "
                             "accelerate (as calibrate --device-map)."),
@@ -424,13 +426,31 @@ def _calibrate_options(f):
                  "first, saved as dim_scores.safetensors). Default: all frequencies."),
         opt.pretrain_length("The base model's pretraining length. Default: its max_position_embeddings."),
         opt.dim_statistic,
-        opt.samples(scales.DEFAULT_SAMPLES, "NIAH contexts per (group, scale) cell (each asked about every needle)."),
-        opt.needles("Needles per NIAH context.", default=scales.DEFAULT_NEEDLES),
+        click.option("--procedure", type=click.Choice(list(procedures.PROCEDURES)),
+                     default=procedures.DEFAULT_PROCEDURE, show_default=True,
+                     help="How the scales are searched. " + " ".join(
+                         f"{p.name}: {p.summary}{f' ({p.reference})' if p.reference else ''}."
+                         for p in procedures.PROCEDURES.values())),
+        click.option("--samples", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="NIAH contexts per setting (each asked about every needle). Default: " + ", ".join(
+                         f"{p.samples} ({p.name})" for p in procedures.PROCEDURES.values()) + "."),
+        click.option("--needles", type=click.IntRange(min=1), default=None, metavar="K",
+                     help="Needles per NIAH context. Default: " + ", ".join(
+                         f"{p.needles} ({p.name})" for p in procedures.PROCEDURES.values()) + "."),
         opt.metric,
         opt.seed(scales.DEFAULT_SEED, "Seed of the calibration prompts (eval defaults to seed 0, so its samples are "
                                       "held out)."),
-        click.option("--shard", metavar="I/N", help="Run only every N-th cell starting at I (0 <= I < N)."),
+        click.option("--shard", metavar="I/N", help="Run only part of the work, I of N (0 <= I < N): every N-th "
+                                                    "cell of a grid, every N-th group of a paired run."),
         click.option("--merge", is_flag=True, help="Join the shards' results in --output-dir into calibration.json."),
+        click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS]",
+                     help="Run the work on a Ray cluster: one model copy per actor (GPUs per actor from the model's "
+                          "size), each taking units from a queue; this process only records results. ADDRESS: a "
+                          "cluster's address (ray://HOST:10001, or auto); alone, the cluster RAY_ADDRESS names (as "
+                          "under `ray job submit`) or a new one on this machine. Needs pip install "
+                          "'dpe-export[ray]'; every node must read MODEL at the same path."),
+        click.option("--ray-actors", type=click.IntRange(min=1), metavar="N",
+                     help="With --ray: how many model copies. Default: as many as the cluster fits."),
         opt.haystack("Filler text for the prompts instead of the generated haystack."),
         opt.batch_size(),
         opt.device(),
@@ -449,13 +469,16 @@ def calibrate_command(model_dir, model_source, model_revision, gguf_file, output
 
     Stage 1 (with --topk): score every (layer, head, frequency) by its 2-norm attention contribution on
     haystack text at lengths doubling from max(W, L/4) to L. Stage 2: at the target length T, each group in
-    turn tries the scales 1, 2, 4, ..., T/W while the others use the scale nearest 2T/L, scored by 4-needle
-    NIAH; each group gets its best scale (ties: the one nearest 2T/L, then the smaller). Writes
-    calibration.json, which `dpe-export convert --calibration` uses.
+    turn tries the scales 1, 2, 4, ..., T/W while the others use the scale nearest 2T/L (the reference), scored
+    by needle retrieval; each group gets its best scale (ties: the one nearest the reference, then the smaller).
+    The default procedure (paired) prefills each context once for all its needles, scores the log-likelihood
+    of each needle's value on the same contexts for every scale, and halves the scales after each context;
+    --procedure grid runs the DPE authors' full grid of exact-match NIAH. Writes calibration.json, which
+    `dpe-export convert --calibration` uses.
     """
     setup_logging()
     if merge:
-        result = scales.merge(output_dir)
+        result = procedures.merge(output_dir)
     else:
         if (model_dir is None and model_source is None) or target_length is None:
             raise click.UsageError("give --model SOURCE and --target-length (or --merge to join shards)")

@@ -175,10 +175,7 @@ def greedy_generate_shared(model, prompts: Sequence[Sequence[int]], max_new_toke
     prompts = [list(p) for p in prompts]
     if not prompts:
         return []
-    shared = 0
-    shortest = min(len(p) for p in prompts)
-    while shared < shortest - 1 and all(p[shared] == prompts[0][shared] for p in prompts):
-        shared += 1
+    shared = shared_prefix_length(prompts)
     if len(prompts) == 1 or shared < 2:
         return [greedy_generate(model, [p], max_new_tokens, eos_token_id, prefill_chunk)[0] for p in prompts]
     device = _model_device(model)
@@ -191,6 +188,57 @@ def greedy_generate_shared(model, prompts: Sequence[Sequence[int]], max_new_toke
         for p in prompts:
             results.append(_continue_greedy(model, copy.deepcopy(prefix_cache), p[shared:], shared, max_new_tokens,
                                             eos_token_id, cache_name))
+    return results
+
+
+def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all prompts share, leaving each at least one token of its own."""
+    shared = 0
+    shortest = min(len(p) for p in prompts)
+    while shared < shortest - 1 and all(p[shared] == prompts[0][shared] for p in prompts):
+        shared += 1
+    return shared
+
+
+def answer_likelihoods(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
+                       prefill_chunk: Optional[int] = PREFILL_CHUNK) -> list[tuple[float, bool]]:
+    """Teacher-forced scores of each answer after its prompt: (mean log-probability per answer token, whether
+    every answer token is the most likely one). The prefix the prompts share is prefilled once and its cache
+    copied for each prompt (NIAH asks one context about each of its needles), so a context costs one prefill
+    however many needles it holds; no tokens are generated."""
+    import torch
+
+    prompts = [list(p) for p in prompts]
+    answers = [list(a) for a in answers]
+    if len(prompts) != len(answers) or not prompts or any(not a for a in answers):
+        raise ValueError("need one non-empty answer per prompt")
+    device = _model_device(model)
+    core = load_dpe_core()
+    cache_name = core.cache_argument(model)
+    shared = shared_prefix_length(prompts) if len(prompts) > 1 else 0
+    longest = max(len(p) + len(a) for p, a in zip(prompts, answers))
+    results = []
+    with fixed_rope_for_length(model, longest), torch.inference_mode():
+        prefix_cache = None
+        if shared >= 2:
+            ids = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=device)
+            prefix_cache = core.output_cache(prefill(model, ids, prefill_chunk))
+        for p, a in zip(prompts, answers):
+            start = shared if prefix_cache is not None else 0
+            rest = torch.tensor([p[start:] + a[:-1]], dtype=torch.long, device=device)
+            past = {cache_name: copy.deepcopy(prefix_cache)} if prefix_cache is not None else {}
+            if prefix_cache is None and rest.shape[1] > (prefill_chunk or rest.shape[1]):
+                # a long prompt alone: chunked prefill of all but its last token, then the answer positions
+                head = prefill(model, rest[:, :len(p) - 1], prefill_chunk)
+                past = {cache_name: core.output_cache(head)}
+                start, rest = len(p) - 1, rest[:, len(p) - 1:]
+            n = start + rest.shape[1]
+            out = model(input_ids=rest, attention_mask=torch.ones(1, n, dtype=torch.long, device=device),
+                        use_cache=True, logits_to_keep=len(a), **past)
+            logp = torch.log_softmax(out.logits[0, -len(a):].float(), dim=-1)
+            target = torch.tensor(a, dtype=torch.long, device=logp.device)
+            chosen = logp.gather(-1, target[:, None])[:, 0]
+            results.append((float(chosen.mean()), bool((logp.argmax(-1) == target).all())))
     return results
 
 

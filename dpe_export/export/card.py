@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 from dpe_export import __version__
+from dpe_export.calibration.procedures import PROCEDURES
 from dpe_export.calibration.result import (
     _is_int,
     _is_number,
@@ -237,6 +238,14 @@ def calibration_table(calibration: dict[str, Any]) -> dict[str, Any]:
             cells.append(f"**{text}**" if chosen is not None and s == chosen else text)
         rows.append({"index": g, "first": first, "last": end - 1, "cells": cells})
     return {"scales": [_fmt_num(s) for s in scales], "rows": rows}
+
+
+def calibration_procedure(calibration: dict[str, Any]) -> Optional[dict[str, str]]:
+    """The registered procedure a calibration names (its title, summary and source), or None."""
+    proc = PROCEDURES.get(calibration.get("procedure") or "")
+    if proc is None:
+        return None
+    return {"name": proc.name, "title": proc.title, "summary": proc.summary, "reference": proc.reference}
 
 
 def _fmt_score(v: float) -> str:
@@ -570,6 +579,7 @@ def card_variables(
         "rope_type": rope.get("rope_type", "default") if isinstance(rope, dict) else "default",
         "calibration": calibration,
         "calibration_table": calibration_table(calibration) if calibration else None,
+        "calibration_procedure": calibration_procedure(calibration) if calibration else None,
         "eval_tables": tables,
         "eval_runs": _unique_runs(tables),
         "images": images or {},

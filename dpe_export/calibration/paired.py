@@ -1,0 +1,198 @@
+"""The default calibration procedure: paired needle likelihoods with successive halving.
+
+What it measures is the authors' (how well each group's scale lets the model retrieve needles at the target
+length, the other groups at the reference scale); how it spends prefills is what makes it affordable:
+
+* **One prefill per context.** A context hides many needles (16 by default, one in each sixteenth of its
+  depth); it is prefilled once per setting and every needle's question is answered from a copy of its cache.
+* **A continuous score.** Each needle scores the teacher-forced mean log-probability of its value's tokens
+  (nats per token) instead of exact match of a generated answer: no decoding, and far less variance per prompt,
+  so two contexts rank scales that exact match over 8 contexts could not.
+* **Paired contexts.** Every scale of every group is scored on the same contexts, so differences between
+  scales are not differences between prompts.
+* **Successive halving.** Round r scores the scales still in the race on context r; after it, the better half
+  (by mean over the contexts so far) stays in. With 2 contexts a group costs S + ceil(S/2) prefills.
+* **Shared reference.** The setting "every group at the reference scale" is the same in every group's row; it
+  is scored once per context.
+
+Every finished (setting, context) is appended as one JSON line to ``cells.jsonl`` (per shard
+``cells.shard-I-of-N.jsonl``; shards split the groups), so a killed run resumes without recomputing anything.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable, Optional
+
+from dpe_export.calibration import engine
+from dpe_export.calibration.scales import CalibrationPlan, calibration_record
+from dpe_export.errors import DPEExportError
+
+DEFAULT_CONTEXTS = 2
+
+DEFAULT_NEEDLES = 16
+
+# a score read back from another shard's file may differ from this process's in the last bits (other threads)
+_SAME_SCORE = 1e-4
+
+Evaluate = Callable[[object, int], dict]  # (DPEParams, context) -> {"score", "needles", "found"}
+
+
+def unit_key(factors, context: int) -> tuple:
+    return tuple(int(f) for f in factors), int(context)
+
+
+def _valid_unit(rec: dict, path: Path, lineno: int) -> dict:
+    try:
+        factors = [int(f) for f in rec["factors"]]
+        context, needles, found = int(rec["context"]), int(rec["needles"]), int(rec["found"])
+        score = float(rec["score"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise DPEExportError(f"{path} line {lineno} is not a calibration result ({type(e).__name__}: {e}); delete "
+                             "that line to compute it again") from None
+    if not math.isfinite(score) or score > 0 or needles < 1 or not 0 <= found <= needles or context < 0:
+        raise DPEExportError(f"{path} line {lineno} has score {rec['score']!r} ({found} of {needles} needles); "
+                             "scores are log-probabilities (<= 0): delete that line to compute it again")
+    return dict(rec, factors=factors, context=context, needles=needles, found=found, score=score)
+
+
+def read_units(out_dir: Path, plan: CalibrationPlan) -> dict[tuple, dict]:
+    """Finished (setting, context) results of this plan from every results file in out_dir."""
+    done: dict[tuple, dict] = {}
+    seen: dict[tuple, tuple[Path, int]] = {}
+    for path, lineno, rec in engine.plan_lines(out_dir, plan):
+        rec = _valid_unit(rec, path, lineno)
+        key = unit_key(rec["factors"], rec["context"])
+        if key in done:
+            first_path, first_line = seen[key]
+            # the reference setting is scored by every shard that needs it: equal results in two files are fine
+            if first_path == path or abs(done[key]["score"] - rec["score"]) > _SAME_SCORE:
+                raise DPEExportError(
+                    f"{path} line {lineno} repeats the result for factors {list(key[0])} on context {key[1]} "
+                    f"(first at {first_path.name} line {first_line}); keep one of the two lines")
+            continue
+        done[key], seen[key] = rec, (path, lineno)
+    return done
+
+
+def _ranking(plan: CalibrationPlan, group: int, candidates: list[int], done: dict, contexts: int) -> list[int]:
+    """Candidates best first by mean score over contexts 0..contexts-1 (TIE_RULE for equal means)."""
+    ref = math.log2(plan.reference_scale)
+
+    def mean(s):
+        return sum(done[unit_key(plan.factors_for(group, s), c)]["score"] for c in range(contexts)) / contexts
+
+    return sorted(candidates, key=lambda s: (-mean(s), abs(math.log2(s) - ref), s))
+
+
+def race(plan: CalibrationPlan, groups: list[int], done: dict):
+    """Replay the halving over what is done: per group the scales still in the race and the next context each
+    needs, and the settings (factors, context) to score next. Deterministic given the results."""
+    todo: list[tuple] = []
+    state = {}
+    for g in groups:
+        alive = list(plan.scales)
+        for c in range(plan.samples):
+            missing = [s for s in alive if unit_key(plan.factors_for(g, s), c) not in done]
+            if missing:
+                todo.extend(unit_key(plan.factors_for(g, s), c) for s in missing)
+                state[g] = (alive, c)
+                break
+            if c == plan.samples - 1 or len(alive) == 1:
+                state[g] = (alive, None)
+                break
+            alive = _ranking(plan, g, alive, done, c + 1)[:-(-len(alive) // 2)]
+    return state, list(dict.fromkeys(todo))
+
+
+def planned_units(plan: CalibrationPlan, groups: list[int]) -> int:
+    """Settings x contexts the race scores at most (the reference setting once per context when every group
+    keeps it; counted once per group here, an upper bound)."""
+    per_group, alive = 0, len(plan.scales)
+    for _ in range(plan.samples):
+        per_group += alive
+        alive = -(-alive // 2)
+    return per_group * len(groups)
+
+
+def shard_groups(plan: CalibrationPlan, shard: Optional[tuple[int, int]]) -> list[int]:
+    return [g for g in range(plan.num_groups) if shard is None or g % shard[1] == shard[0]]
+
+
+def _mine(plan: CalibrationPlan, shard) -> set:
+    return {unit_key(plan.factors_for(g, s), c) for g in shard_groups(plan, shard) for s in plan.scales
+            for c in range(plan.samples)}
+
+
+UNITS = engine.UnitKind(
+    read=lambda out_dir, plan: read_units(out_dir, plan),
+    pending=lambda plan, done, shard: race(plan, shard_groups(plan, shard), done)[1],
+    record=lambda plan, unit, result, seconds: {
+        "plan": plan.key(), "factors": list(unit[0]), "context": unit[1], "score": float(result["score"]),
+        "needles": int(result["needles"]), "found": int(result["found"]), "seconds": round(seconds, 3)},
+    key=lambda rec: unit_key(rec["factors"], rec["context"]),
+    planned=lambda plan, shard: planned_units(plan, shard_groups(plan, shard)),
+    counted=lambda plan, done, shard: len(_mine(plan, shard).intersection(done)),
+    describe=lambda unit: f"context {unit[1]} factors {','.join(map(str, unit[0]))}",
+    unit="prefill",
+)
+
+
+def evaluate(calibrator, plan: CalibrationPlan, unit: tuple) -> dict:
+    """One unit on a loaded model: the setting's log-likelihood score on the unit's context."""
+    return calibrator.score_context(plan.params_for_factors(list(unit[0])), unit[1])
+
+
+def run(plan: CalibrationPlan, evaluate: Evaluate, out_dir: Path, shard: Optional[tuple[int, int]] = None,
+        progress: bool = True) -> dict[tuple, dict]:
+    """Run (or resume) the race of this shard's groups in this process, appending each result as it finishes."""
+    return engine.execute(plan, UNITS, engine.local_executor(
+        lambda unit: evaluate(plan.params_for_factors(list(unit[0])), unit[1])), out_dir, shard, progress)
+
+
+def choose(plan: CalibrationPlan, done: dict) -> list[int]:
+    """Per group: among the scales that stayed to the last round, the best mean (TIE_RULE)."""
+    state, todo = race(plan, list(range(plan.num_groups)), done)
+    if todo:
+        raise DPEExportError(f"{len(todo)} calibration results are not done yet (e.g. factors {list(todo[0][0])} on "
+                             f"context {todo[0][1]}); run the remaining shards first")
+    chosen = []
+    for g in range(plan.num_groups):
+        alive, _ = state[g]
+        seen = min(_contexts_of(plan, g, s, done) for s in alive)
+        chosen.append(_ranking(plan, g, alive, done, seen)[0])
+    return chosen
+
+
+def _contexts_of(plan, g, s, done) -> int:
+    c = 0
+    while unit_key(plan.factors_for(g, s), c) in done:
+        c += 1
+    return c
+
+
+def build(plan: CalibrationPlan, done: dict, timings: Optional[dict] = None) -> dict:
+    """calibration.json for the race: per (group, scale) the mean score over the contexts it was scored on (how
+    many in ``contexts``), every result, and the chosen factors."""
+    chosen = choose(plan, done)
+    grid, counts = [], []
+    for g in range(plan.num_groups):
+        row, row_n = [], []
+        for s in plan.scales:
+            n = _contexts_of(plan, g, s, done)
+            scores = [done[unit_key(plan.factors_for(g, s), c)]["score"] for c in range(n)]
+            row.append(round(sum(scores) / n, 6) if n else None)
+            row_n.append(n)
+        grid.append(row)
+        counts.append(row_n)
+    units = sorted(done.values(), key=lambda r: (r["context"], r["factors"]))
+    prefills = len(units)
+    seconds = round(sum(r["seconds"] for r in units), 1)
+    return calibration_record(
+        plan, grid=grid, chosen=chosen, cells=units,
+        samples_per_cell=plan.samples * plan.needles,
+        metric=f"mean log-probability of the needle's value (nats/token), {plan.needles}-needle NIAH",
+        timings=timings or {"grid_seconds": seconds},
+        extra={"contexts": counts, "prefills": prefills,
+               "found": [[sum(done[unit_key(plan.factors_for(g, s), c)]["found"] for c in range(n))
+                          for s, n in zip(plan.scales, row_n)] for g, row_n in enumerate(counts)]})

@@ -1,0 +1,186 @@
+"""Calibration procedures: how stage 2 finds each group's scale. One registry entry per procedure (plan defaults,
+how it runs and reads its results, how it builds calibration.json); the CLI's choices, calibration.json and the
+model card read it. :func:`calibrate` and :func:`merge` run any of them.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from dpe_export.architectures import get_architecture
+from dpe_export.calibration import engine, paired, scales
+from dpe_export.calibration.ray_executor import RayExecutor
+from dpe_export.calibration.result import CALIBRATION_FILE, write_json_atomic
+from dpe_export.errors import DPEExportError
+from dpe_export.evaluation import prompts
+from dpe_export.evaluation import run as evalrun
+from dpe_export.evaluation.tasks import PromptBuilder
+from dpe_export.runtime import load_dpe_core
+from dpe_export.sources import loading, methods
+from dpe_export.sources.checkpoint import load_base_config
+
+
+@dataclass(frozen=True)
+class Procedure:
+    name: str
+    title: str  # for the card and --help
+    summary: str  # one sentence: what it spends and how it chooses
+    samples: int  # default contexts per setting (--samples)
+    needles: int  # default needles per context (--needles)
+    metrics: tuple  # the --metric values it takes
+    units: engine.UnitKind  # how its work is cut, resumed and sharded
+    evaluate: Callable[..., dict]  # (calibrator, plan, unit) -> the unit's result, on a loaded model
+    build: Callable[..., dict]  # (plan, results, timings) -> calibration.json
+    reference: str = ""  # where the procedure comes from
+
+
+PROCEDURES: dict[str, Procedure] = {}
+
+
+def register(procedure: Procedure) -> Procedure:
+    if procedure.name in PROCEDURES:
+        raise ValueError(f"calibration procedure {procedure.name!r} is already registered")
+    if procedure.samples < 1 or procedure.needles < 1 or not procedure.metrics:
+        raise ValueError(f"calibration procedure {procedure.name!r}: defaults must be >= 1 and metrics non-empty")
+    PROCEDURES[procedure.name] = procedure
+    return procedure
+
+
+def get_procedure(name: str) -> Procedure:
+    try:
+        return PROCEDURES[name]
+    except KeyError:
+        raise DPEExportError(f"unknown calibration procedure {name!r}; use {' or '.join(PROCEDURES)}") from None
+
+
+DEFAULT_PROCEDURE = "paired"
+
+
+register(Procedure(
+    name="paired", title="paired needle likelihoods, successive halving",
+    summary=(f"each setting prefilled once per context ({paired.DEFAULT_CONTEXTS} contexts of "
+             f"{paired.DEFAULT_NEEDLES} needles, the same for every scale), scored by the log-likelihood of each "
+             "needle's value; after each context the better half of each group's scales stays in"),
+    samples=paired.DEFAULT_CONTEXTS, needles=paired.DEFAULT_NEEDLES, metrics=("niah",), units=paired.UNITS,
+    evaluate=paired.evaluate,
+    build=paired.build,
+))
+
+register(Procedure(
+    name="grid", title="full grid, exact-match retrieval (the DPE authors')",
+    summary=("every (group, scale) cell scored on its own prompts by the fraction of needles (or pass keys) a "
+             "greedy answer gets exactly; each question a prefill of its own"),
+    samples=scales.DEFAULT_SAMPLES, needles=scales.DEFAULT_NEEDLES, metrics=tuple(scales.METRICS),
+    units=scales.GRID_UNITS, evaluate=scales.evaluate_cell,
+    build=scales.build_calibration, reference="arXiv 2504.18857",
+))
+
+
+def _check_prompt_fits(plan: scales.CalibrationPlan, tokenizer, haystack) -> None:
+    """A prompt with all the plan's needles must fit in the target length; say so before loading the weights."""
+    builder = PromptBuilder(tokenizer, haystack_path=haystack)
+    if plan.metric == "passkey":
+        need, what = prompts.passkey_min_length(builder), "a pass-key prompt"
+    else:
+        need, what = prompts.niah_min_length(builder, plan.needles), f"a {plan.needles}-needle NIAH prompt"
+    if plan.target_length < need:
+        raise DPEExportError(f"{what} takes at least {need} tokens with this tokenizer, more than the target length "
+                             f"({plan.target_length}); give a longer --target-length or fewer --needles")
+
+
+def merge(out_dir) -> dict:
+    """Join the shards' results in out_dir into calibration.json (all of them must be done)."""
+    out_dir = Path(out_dir)
+    plan = scales.load_plan(out_dir)
+    procedure = get_procedure(plan.procedure)
+    calibration = procedure.build(plan, procedure.units.read(out_dir, plan))
+    write_json_atomic(out_dir / CALIBRATION_FILE, calibration)
+    return calibration
+
+
+def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_groups=None,
+              num_groups: Optional[int] = None, top_k: Optional[int] = None, samples: Optional[int] = None,
+              needles: Optional[int] = None, seed: int = scales.DEFAULT_SEED, metric: str = "niah",
+              pretrain_length: Optional[int] = None, procedure: str = DEFAULT_PROCEDURE,
+              shard: Optional[tuple[int, int]] = None, haystack: Optional[Path] = None, device=None, dtype=None,
+              batch_size: int = 1, progress: bool = True, device_map: Optional[str] = None,
+              dim_statistic: str = "norms", ray_address: Optional[str] = None,
+              ray_actors: Optional[int] = None) -> Optional[dict[str, Any]]:
+    """Run (or resume) a calibration into out_dir. Returns calibration.json's content, or None for a shard
+    (join the shards with :func:`merge`). ``samples``/``needles`` default to the procedure's. With ``ray_address``
+    ("local" for a cluster of this machine alone, or a cluster's address) the units run on Ray actors and this
+    process does not load the model."""
+    import random
+
+    import torch
+
+    proc = get_procedure(procedure)
+    if metric not in proc.metrics:
+        raise DPEExportError(f"the {proc.name} procedure scores {' or '.join(proc.metrics)}, not {metric!r}; use "
+                             f"--procedure {' or '.join(p.name for p in PROCEDURES.values() if metric in p.metrics)}")
+    if ray_address is not None and (shard is not None or device_map or device not in (None, "auto")):
+        raise DPEExportError("--ray places the model copies itself: leave out --shard, --device and --device-map")
+    samples = proc.samples if samples is None else samples
+    needles = proc.needles if needles is None else needles
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    raw, is_export = loading.check_eval_model(model_dir)
+    if is_export:
+        raise DPEExportError(f"{model_dir} is already a DPE export; calibrate its base model")
+    loading.check_device_map(device_map, device)
+    if ray_address is None:
+        evalrun.check_memory(raw, metric if metric in ("niah", "passkey") else "niah", target_length, batch_size,
+                             device, dtype, device_map)  # the longest context must fit, as eval checks
+    config = load_base_config(model_dir)
+    get_architecture(config)
+    plan = scales.make_plan(
+        model_dir, target_length=target_length, window=window,
+        num_freqs=load_dpe_core().rotary_dim_of(config) // 2,
+        pretrain_length=pretrain_length or config.max_position_embeddings, dimension_groups=dimension_groups,
+        num_groups=num_groups, top_k=top_k, samples=samples, needles=needles, seed=seed, metric=metric,
+        dim_statistic=dim_statistic, procedure=proc.name)
+    tokenizer = loading.load_tokenizer(model_dir)  # before the weights: a model without one fails fast
+    _check_prompt_fits(plan, tokenizer, haystack)
+    scales.save_plan(out_dir, plan)
+    t0 = time.perf_counter()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    cleanup = None
+    if ray_address is not None:
+        executor = RayExecutor(ray_address, model_dir, plan, proc.evaluate, out_dir, haystack=haystack, dtype=dtype,
+                               actors=ray_actors, need_bytes=_model_bytes(model_dir, raw, target_length, dtype),
+                               progress=progress)
+        cleanup = executor.shutdown
+    else:
+        loaded = loading.load_model(model_dir, methods.MethodSpec("none"), device=device, dtype=dtype,
+                                    tokenizer=tokenizer, target_length=target_length, device_map=device_map)
+        calibrator = scales.Calibrator(loaded.model, tokenizer, plan, haystack=haystack, batch_size=batch_size)
+        if top_k:
+            calibrator.compute_selection(out_dir, progress)
+        executor = engine.local_executor(lambda unit: proc.evaluate(calibrator, plan, unit))
+    t1 = time.perf_counter()
+    try:
+        results = engine.execute(plan, proc.units, executor, out_dir, shard, progress,
+                                 desc=f"calibration ({proc.name})")
+    finally:
+        if cleanup is not None:
+            cleanup()
+    if shard is not None and shard[1] > 1:
+        return None
+    timings = {"load_and_dim_scores_seconds": round(t1 - t0, 1),
+               "grid_seconds_this_run": round(time.perf_counter() - t1, 1),
+               "grid_seconds_all_cells": round(sum(c["seconds"] for c in results.values()), 1)}
+    if ray_address is not None:
+        timings["ray_actors"] = executor.count
+    calibration = proc.build(plan, results, timings)
+    write_json_atomic(out_dir / CALIBRATION_FILE, calibration)
+    return calibration
+
+
+def _model_bytes(model_dir: Path, raw: dict, target_length: int, dtype) -> int:
+    """Weights (their safetensors size, at the asked dtype's width) plus the longest context's peak."""
+    stored = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    width = 2 if str(dtype).replace("torch.", "") in ("bfloat16", "float16") else 4
+    stored_width = 2 if str(raw.get("torch_dtype") or raw.get("dtype")) in ("bfloat16", "float16") else 4
+    return stored * width // stored_width + evalrun.estimate_memory(raw, "niah", target_length, 1, width)

@@ -1,0 +1,234 @@
+"""The default calibration procedure (paired needle likelihoods, successive halving): the race, its resumable
+results, shards, the shared reference setting, hostile result lines, and the teacher-forced score against a
+full forward of every prompt."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from helpers import byte_tokenizer, save_tiny_model
+
+from dpe_export.calibration import paired, procedures, scales
+from dpe_export.errors import DPEExportError
+
+BEST = [2, 8, 1, 4]
+
+
+@pytest.fixture
+def plan(tmp_path):
+    base = save_tiny_model(tmp_path / "base", "llama", tokenizer=False)
+    return scales.make_plan(base, target_length=512, window=32, num_freqs=8, pretrain_length=64, num_groups=4,
+                            samples=3, needles=16, procedure="paired")
+
+
+def scripted(calls: list, best=BEST, noise=None):
+    """An evaluator whose best scale for group g is best[g] (score 0 there, lower the farther in log2), plus
+    a per-context offset that is the same for every setting (what pairing cancels)."""
+    def evaluate(params, context):
+        factors = list(params.scale_factors)
+        calls.append((tuple(factors), context))
+        score = -0.1 * context - 1.0
+        for g, s in enumerate(factors):
+            score -= 0.05 * abs(math.log2(s) - math.log2(best[g]))
+        if noise:
+            score += noise(factors, context)
+        return {"score": score, "needles": 16, "found": 3}
+    return evaluate
+
+
+def test_the_race_halves_each_groups_scales_and_finds_the_best(plan, tmp_path):
+    calls = []
+    done = paired.run(plan, scripted(calls), tmp_path / "cal", progress=False)
+    assert paired.choose(plan, done) == BEST
+    assert len(calls) == len(set(calls))  # nothing scored twice
+    S = len(plan.scales)  # 1..16: 5 scales -> 5 + 3 + 2 per group, the reference setting once per context
+    per_group = S + math.ceil(S / 2) + math.ceil(math.ceil(S / 2) / 2)
+    ref = tuple([plan.reference_scale] * 4)
+    assert sum(1 for f, c in calls if c == 0) == 4 * S - 3  # the reference setting is in every group's row
+    assert len(calls) <= 4 * per_group - 3
+    assert sum(1 for f, c in calls if f == ref) <= 3
+    # every scale of every group was scored on context 0; later contexts only the survivors
+    assert {f for f, c in calls if c == 0} >= {tuple(plan.factors_for(g, s)) for g in range(4) for s in plan.scales}
+    record = paired.build(plan, done)
+    assert record["chosen"] == BEST and record["procedure"] == "paired"
+    assert record["prefills"] == len(calls)
+    assert all(len(row) == S for row in record["grid"]) and record["contexts"][0][plan.scales.index(2)] == 3
+
+
+def test_the_tie_rule_and_pairing(plan, tmp_path):
+    # every setting equal: the reference scale wins each group (nearest the reference), then the smaller
+    done = paired.run(plan, lambda p, c: {"score": -1.0 - c, "needles": 16, "found": 0}, tmp_path / "cal",
+                      progress=False)
+    assert paired.choose(plan, done) == [plan.reference_scale] * 4
+
+
+def test_a_killed_run_resumes_without_recomputing(plan, tmp_path):
+    out, calls = tmp_path / "cal", []
+
+    def dies(params, context):
+        if len(calls) == 11:
+            raise KeyboardInterrupt
+        return scripted(calls)(params, context)
+
+    with pytest.raises(KeyboardInterrupt):
+        paired.run(plan, dies, out, progress=False)
+    first = list(calls)
+    again = []
+    done = paired.run(plan, scripted(again), out, progress=False)
+    assert not set(first) & set(again)  # nothing finished before the kill ran again
+    assert paired.choose(plan, done) == BEST
+
+
+def test_shards_split_the_groups_and_merge_joins_them(plan, tmp_path):
+    out = tmp_path / "cal"
+    scales.save_plan(out, plan)
+    for i in range(2):
+        paired.run(plan, scripted([]), out, shard=(i, 2), progress=False)
+    assert sorted(p.name for p in out.glob("cells*.jsonl")) == ["cells.shard-0-of-2.jsonl",
+                                                               "cells.shard-1-of-2.jsonl"]
+    merged = procedures.merge(out)
+    assert merged["chosen"] == BEST
+    single = paired.build(plan, paired.run(plan, scripted([]), tmp_path / "one", progress=False))
+    assert single["chosen"] == merged["chosen"] and single["grid"] == merged["grid"]
+
+
+def test_merge_with_missing_results_says_what_is_left(plan, tmp_path):
+    out = tmp_path / "cal"
+    scales.save_plan(out, plan)
+    paired.run(plan, scripted([]), out, shard=(0, 2), progress=False)
+    with pytest.raises(DPEExportError, match="not done yet.*remaining shards"):
+        procedures.merge(out)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda r: r.update(score=0.5), "log-probabilities"),
+    (lambda r: r.update(score="nan"), "log-probabilities"),
+    (lambda r: r.update(found=99), "log-probabilities"),
+    (lambda r: r.pop("context"), "is not a calibration result"),
+    (lambda r: r.update(factors="x"), "is not a calibration result"),
+])
+def test_a_tampered_result_is_refused_in_one_line(plan, tmp_path, edit, needle):
+    out = tmp_path / "cal"
+    paired.run(plan, scripted([]), out, progress=False)
+    path = out / "cells.jsonl"
+    lines = path.read_text().splitlines()
+    rec = json.loads(lines[3])
+    edit(rec)
+    lines[3] = json.dumps(rec)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DPEExportError, match=needle):
+        paired.read_units(out, plan)
+
+
+def test_a_repeated_line_is_refused(plan, tmp_path):
+    out = tmp_path / "cal"
+    paired.run(plan, scripted([]), out, progress=False)
+    path = out / "cells.jsonl"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines + [lines[2]]) + "\n")
+    with pytest.raises(DPEExportError, match="repeats the result"):
+        paired.read_units(out, plan)
+
+
+def test_grid_plans_keep_their_keys(tmp_path):
+    base = save_tiny_model(tmp_path / "base", "llama", tokenizer=False)
+    grid = scales.make_plan(base, target_length=512, window=32, num_freqs=8, pretrain_length=64)
+    assert grid.procedure == "grid"
+    assert "procedure" not in json.dumps(grid.key())  # the hash of a pre-procedure plan.json is unchanged
+    other = scales.make_plan(base, target_length=512, window=32, num_freqs=8, pretrain_length=64,
+                             procedure="paired")
+    assert other.key() != grid.key()
+
+
+def test_registry_is_what_the_cli_offers(run_cli):
+    res = run_cli("calibrate", "--help")
+    for name, proc in procedures.PROCEDURES.items():
+        assert name in res.stdout
+    with pytest.raises(ValueError, match="already registered"):
+        procedures.register(procedures.PROCEDURES["paired"])
+    with pytest.raises(DPEExportError, match="unknown calibration procedure"):
+        procedures.get_procedure("bogus")
+
+
+# ---- the real score on a tiny model ---------------------------------------------------------------------
+
+
+def test_answer_likelihoods_equal_a_full_forward_of_each_prompt(tmp_path):
+    """One prefill of the shared prefix, its cache copied per question, equals scoring each prompt + answer in
+    one uncached forward; with DPE applied (window 8 in a 96-token prompt) and without."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from dpe_export.evaluation.generation import answer_likelihoods
+    from dpe_export.runtime import load_dpe_core
+
+    core = load_dpe_core()
+    base = save_tiny_model(tmp_path / "base", "llama", tokenizer=False, vocab_size=64)
+    model = AutoModelForCausalLM.from_pretrained(base).eval()
+    g = torch.Generator().manual_seed(0)
+    prefix = torch.randint(4, 64, (90,), generator=g).tolist()
+    prompts = [prefix + torch.randint(4, 64, (k,), generator=g).tolist() for k in (3, 6, 4)]
+    answers = [torch.randint(4, 64, (k,), generator=g).tolist() for k in (2, 1, 3)]
+    for params in (None, core.DPEParams(8, [4, 16], [0, 4, 8], target_length=512)):
+        if params is not None:
+            core.apply_dpe(model, params, None)
+        got = answer_likelihoods(model, prompts, answers, prefill_chunk=32)
+        for (score, found), p, a in zip(got, prompts, answers):
+            with torch.no_grad():
+                logits = model(torch.tensor([p + a[:-1]]), use_cache=False).logits[0, -len(a):]
+            logp = torch.log_softmax(logits.float(), -1)
+            want = float(logp[torch.arange(len(a)), torch.tensor(a)].mean())
+            assert abs(score - want) < 1e-4, (params, score, want)
+            assert found == bool((logp.argmax(-1) == torch.tensor(a)).all())
+
+
+@pytest.fixture(scope="module")
+def byte_model(tmp_path_factory):
+    path = save_tiny_model(tmp_path_factory.mktemp("m") / "base", "llama", tokenizer=False, vocab_size=260)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_calibrate_then_convert_end_to_end(byte_model, tmp_path, run_cli):
+    cal = tmp_path / "cal"
+    res = run_cli("calibrate", str(byte_model), "-d", str(cal), "--target-length", "1024", "--window", "128",
+                  "--groups", "2", "--needles", "4", "--device", "cpu")
+    assert res.exit_code == 0, (res.stdout + res.stderr)
+    data = json.loads((cal / "calibration.json").read_text())
+    assert data["procedure"] == "paired" and data["scales"] == [1, 2, 4, 8]
+    assert len(data["chosen"]) == 2 and all(c["needles"] == 4 for c in data["cells"])
+    # 4 scales -> 4 + 2 per group over 2 contexts, the reference setting shared
+    assert data["prefills"] <= 12 and data["samples_per_cell"] == 8
+    assert "procedure paired" in res.stdout and "Chosen scale factors" in res.stdout
+    res = run_cli("convert", str(byte_model), "-o", str(tmp_path / "out"), "--calibration",
+                  str(cal / "calibration.json"))
+    assert res.exit_code == 0, (res.stdout + res.stderr)
+    dpe = json.loads((tmp_path / "out" / "config.json").read_text())["dpe"]
+    assert dpe["scale_factors"] == data["chosen"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "Procedure `paired`, paired needle likelihoods" in card and "successive halving" in card
+    # the card names only registered procedures, in their own words
+    hostile = dict(data, procedure="<script>x</script>")
+    (cal / "calibration.json").write_text(json.dumps(hostile))
+    res = run_cli("convert", str(byte_model), "-o", str(tmp_path / "out2"), "--calibration",
+                  str(cal / "calibration.json"))
+    assert res.exit_code == 0 and "<script>" not in (tmp_path / "out2" / "README.md").read_text()
+    (cal / "calibration.json").write_text(json.dumps(data))
+    # a re-run resumes: nothing to compute, the same result
+    res = run_cli("calibrate", str(byte_model), "-d", str(cal), "--target-length", "1024", "--window", "128",
+                  "--groups", "2", "--needles", "4", "--device", "cpu")
+    assert res.exit_code == 0 and json.loads((cal / "calibration.json").read_text())["chosen"] == data["chosen"]
+
+
+def test_a_target_length_too_short_for_the_needles_is_refused_before_loading(byte_model, tmp_path, run_cli):
+    res = run_cli("calibrate", str(byte_model), "-d", str(tmp_path / "cal"), "--target-length", "512",
+                  "--window", "64")
+    assert res.exit_code == 1 and "16-needle NIAH prompt takes at least" in res.stderr
+    assert "fewer --needles" in res.stderr and "Loading weights" not in res.stderr
+
+
+def test_paired_takes_niah_only(byte_model, tmp_path, run_cli):
+    res = run_cli("calibrate", str(byte_model), "-d", str(tmp_path / "cal"), "--target-length", "512",
+                  "--window", "256", "--metric", "passkey")
+    assert res.exit_code == 1 and "--procedure grid" in res.stderr and "Traceback" not in res.stderr
