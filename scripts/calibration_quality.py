@@ -57,6 +57,7 @@ def run_one(model: str, procedure: str, seed: int, tmp: Path) -> dict:
     return {"model": f"testbed-{model}", "procedure": procedure, "seed": seed, "chosen": calibration["chosen"],
             "calibrate_seconds": round(seconds, 1), "grid_seconds": calibration["timings"]["grid_seconds_all_cells"],
             "prefills": calibration.get("prefills"), "grid": calibration["grid"], "held_out": held_out,
+            "tie_rule": calibration.get("tie_rule"),
             "threads": 1, "other_jobs_at_start": shared_before, "other_jobs_at_end": other_torch_jobs(),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 

@@ -33,7 +33,7 @@ def scripted(calls: list, best=BEST, noise=None):
             score -= 0.05 * abs(math.log2(s) - math.log2(best[g]))
         if noise:
             score += noise(factors, context)
-        return {"score": score, "needles": 16, "found": 3}
+        return {"score": score, "needles": 16, "found": 3, "needle_scores": [score] * 16}
     return evaluate
 
 
@@ -61,6 +61,33 @@ def test_the_tie_rule_and_pairing(plan, tmp_path):
     done = paired.run(plan, lambda p, c: {"score": -1.0 - c, "needles": 16, "found": 0}, tmp_path / "cal",
                       progress=False)
     assert paired.choose(plan, done) == [plan.reference_scale] * 4
+
+
+def needles_evaluator(gap: float, seed: int = 0):
+    """16 needles per context; group 0's scale 2 is better than the rest by `gap` nats per needle, with
+    needle-to-needle noise of 0.2 nats shared by every setting but for a small setting-specific part."""
+    import random
+
+    def evaluate(params, context):
+        factors = list(params.scale_factors)
+        rng = random.Random(f"{seed}-{context}")
+        base = [-1.0 + rng.gauss(0, 0.2) for _ in range(16)]
+        own = random.Random(f"{seed}-{context}-{factors}")
+        scores = [b - 0.05 * abs(own.gauss(0, 1)) + (gap if factors[0] == 2 else 0.0) for b in base]
+        return {"score": sum(scores) / 16, "needles": 16, "found": 0, "needle_scores": scores}
+    return evaluate
+
+
+def test_a_clear_winner_is_chosen_and_a_flat_row_gets_the_reference(plan, tmp_path):
+    done = paired.run(plan, needles_evaluator(gap=0.3), tmp_path / "clear", progress=False)
+    chosen = paired.choose(plan, done)
+    assert chosen[0] == 2  # 0.3 nats over 32+ needles is far outside the noise
+    assert chosen[1:] == [plan.reference_scale] * 3  # rows the noise alone orders
+    done = paired.run(plan, needles_evaluator(gap=0.0), tmp_path / "flat", progress=False)
+    assert paired.choose(plan, done) == [plan.reference_scale] * 4
+    record = paired.build(plan, done)
+    assert "standard errors" in record["tie_rule"]
+    assert all(len(u["needle_scores"]) == 16 for u in record["cells"])
 
 
 def test_a_killed_run_resumes_without_recomputing(plan, tmp_path):
@@ -107,6 +134,8 @@ def test_merge_with_missing_results_says_what_is_left(plan, tmp_path):
     (lambda r: r.update(found=99), "log-probabilities"),
     (lambda r: r.pop("context"), "is not a calibration result"),
     (lambda r: r.update(factors="x"), "is not a calibration result"),
+    (lambda r: r.update(needle_scores=[0.5] * 16), "log-probabilities"),
+    (lambda r: r.update(needle_scores=[-1.0] * 3), "log-probabilities"),
 ])
 def test_a_tampered_result_is_refused_in_one_line(plan, tmp_path, edit, needle):
     out = tmp_path / "cal"

@@ -14,6 +14,9 @@ length, the other groups at the reference scale); how it spends prefills is what
   (by mean over the contexts so far) stays in. With 2 contexts a group costs S + ceil(S/2) prefills.
 * **Shared reference.** The setting "every group at the reference scale" is the same in every group's row; it
   is scored once per context.
+* **Ties by noise, not by equality.** Among the scales that stayed to the last round, those within TIE_Z
+  standard errors of the best (needle by needle differences) tie with it, and ties go to the reference scale:
+  a row the needles cannot rank gets the reference, not whichever scale noise put first.
 
 Every finished (setting, context) is appended as one JSON line to ``cells.jsonl`` (per shard
 ``cells.shard-I-of-N.jsonl``; shards split the groups), so a killed run resumes without recomputing anything.
@@ -35,6 +38,14 @@ DEFAULT_NEEDLES = 16
 # a score read back from another shard's file may differ from this process's in the last bits (other threads)
 _SAME_SCORE = 1e-4
 
+# A finalist whose mean is within TIE_Z standard errors of the best (paired over needles) ties with it: on a flat
+# row the choice is then the reference scale rather than whichever scale the needles' noise put first.
+TIE_Z = 2.0
+
+TIE_RULE = (f"the highest mean log-likelihood among the scales that stayed to the last round; scales within {TIE_Z:g} "
+            "standard errors of it (differences paired needle by needle) tie with it, and ties go to the scale "
+            "nearest the reference scale (log2 distance), then the smaller")
+
 Evaluate = Callable[[object, int], dict]  # (DPEParams, context) -> {"score", "needles", "found"}
 
 
@@ -50,6 +61,11 @@ def _valid_unit(rec: dict, path: Path, lineno: int) -> dict:
     except (KeyError, TypeError, ValueError) as e:
         raise DPEExportError(f"{path} line {lineno} is not a calibration result ({type(e).__name__}: {e}); delete "
                              "that line to compute it again") from None
+    per_needle = rec.get("needle_scores")
+    if per_needle is not None and not (isinstance(per_needle, list) and len(per_needle) == needles and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x <= 0
+            for x in per_needle)):
+        score = float("nan")  # refused below with the line's number
     if not math.isfinite(score) or score > 0 or needles < 1 or not 0 <= found <= needles or context < 0:
         raise DPEExportError(f"{path} line {lineno} has score {rec['score']!r} ({found} of {needles} needles); "
                              "scores are log-probabilities (<= 0): delete that line to compute it again")
@@ -129,7 +145,9 @@ UNITS = engine.UnitKind(
     pending=lambda plan, done, shard: race(plan, shard_groups(plan, shard), done)[1],
     record=lambda plan, unit, result, seconds: {
         "plan": plan.key(), "factors": list(unit[0]), "context": unit[1], "score": float(result["score"]),
-        "needles": int(result["needles"]), "found": int(result["found"]), "seconds": round(seconds, 3)},
+        "needles": int(result["needles"]), "found": int(result["found"]), "seconds": round(seconds, 3),
+        **({"needle_scores": [round(float(x), 6) for x in result["needle_scores"]]}
+           if "needle_scores" in result else {})},
     key=lambda rec: unit_key(rec["factors"], rec["context"]),
     planned=lambda plan, shard: planned_units(plan, shard_groups(plan, shard)),
     counted=lambda plan, done, shard: len(_mine(plan, shard).intersection(done)),
@@ -151,17 +169,43 @@ def run(plan: CalibrationPlan, evaluate: Evaluate, out_dir: Path, shard: Optiona
 
 
 def choose(plan: CalibrationPlan, done: dict) -> list[int]:
-    """Per group: among the scales that stayed to the last round, the best mean (TIE_RULE)."""
+    """Per group, among the scales that stayed to the last round (TIE_RULE)."""
     state, todo = race(plan, list(range(plan.num_groups)), done)
     if todo:
         raise DPEExportError(f"{len(todo)} calibration results are not done yet (e.g. factors {list(todo[0][0])} on "
                              f"context {todo[0][1]}); run the remaining shards first")
+    ref = math.log2(plan.reference_scale)
     chosen = []
     for g in range(plan.num_groups):
         alive, _ = state[g]
         seen = min(_contexts_of(plan, g, s, done) for s in alive)
-        chosen.append(_ranking(plan, g, alive, done, seen)[0])
+        ranked = _ranking(plan, g, alive, done, seen)
+        tied = [s for s in ranked if _ties(plan, g, ranked[0], s, done, seen)]
+        chosen.append(min(tied, key=lambda s: (abs(math.log2(s) - ref), s)))
     return chosen
+
+
+def _needle_scores(plan, g, s, done, contexts) -> Optional[list[float]]:
+    out: list[float] = []
+    for c in range(contexts):
+        per_needle = done[unit_key(plan.factors_for(g, s), c)].get("needle_scores")
+        if per_needle is None:
+            return None
+        out.extend(per_needle)
+    return out
+
+
+def _ties(plan, g, best: int, s: int, done, contexts: int) -> bool:
+    """Whether scale s is within TIE_Z standard errors of the best, paired needle by needle."""
+    if s == best:
+        return True
+    a, b = _needle_scores(plan, g, best, done, contexts), _needle_scores(plan, g, s, done, contexts)
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return False  # results written without per-needle scores: exact ranking
+    diffs = [x - y for x, y in zip(a, b)]
+    mean = sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    return mean <= TIE_Z * sd / math.sqrt(len(diffs))
 
 
 def _contexts_of(plan, g, s, done) -> int:
@@ -192,7 +236,7 @@ def build(plan: CalibrationPlan, done: dict, timings: Optional[dict] = None) -> 
         plan, grid=grid, chosen=chosen, cells=units,
         samples_per_cell=plan.samples * plan.needles,
         metric=f"mean log-probability of the needle's value (nats/token), {plan.needles}-needle NIAH",
-        timings=timings or {"grid_seconds": seconds},
+        timings=timings or {"grid_seconds": seconds}, tie_rule=TIE_RULE,
         extra={"contexts": counts, "prefills": prefills,
                "found": [[sum(done[unit_key(plan.factors_for(g, s), c)]["found"] for c in range(n))
                           for s, n in zip(plan.scales, row_n)] for g, row_n in enumerate(counts)]})

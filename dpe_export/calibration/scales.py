@@ -341,7 +341,7 @@ class Calibrator:
         scores = generation.answer_likelihoods(self.model, [q.input_ids for q in queries],
                                                [q.answer_ids for q in queries])
         return {"score": sum(s for s, _ in scores) / len(scores), "needles": len(scores),
-                "found": sum(found for _, found in scores)}
+                "found": sum(found for _, found in scores), "needle_scores": [s for s, _ in scores]}
 
 
 PLAN_FILE = "plan.json"
@@ -401,7 +401,7 @@ def build_calibration(plan: CalibrationPlan, cells: dict[tuple[int, int], dict],
 
 
 def calibration_record(plan: CalibrationPlan, *, grid: list, chosen: list[int], cells: list, samples_per_cell: int,
-                       metric: str, timings: dict, extra: Optional[dict] = None) -> dict:
+                       metric: str, timings: dict, extra: Optional[dict] = None, tie_rule: str = TIE_RULE) -> dict:
     """calibration.json: the plan, the scores per (group, scale), the chosen factors, every result, timings and
     versions. Its ``groups``/``scales``/``grid``/``chosen`` keys are what the model card draws."""
     b = plan.dimension_groups_range
@@ -425,7 +425,7 @@ def calibration_record(plan: CalibrationPlan, *, grid: list, chosen: list[int], 
         "higher_is_better": True,
         "samples_per_cell": samples_per_cell,
         "seed": plan.seed,
-        "tie_rule": TIE_RULE,
+        "tie_rule": tie_rule,
         "grid": grid,
         "cells": cells,
         "chosen": chosen,
