@@ -113,3 +113,13 @@ def run_cli_subprocess():
         return CLIResult(proc.returncode, proc.stdout, proc.stderr)
 
     return run
+
+
+@pytest.fixture(scope="module")
+def byte_model(tmp_path_factory):
+    """A tiny Llama with a one-token-per-byte tokenizer (prompts of any length), saved once per test module."""
+    from helpers import byte_tokenizer, save_tiny_model
+
+    path = save_tiny_model(tmp_path_factory.mktemp("m") / "base", "llama", tokenizer=False, vocab_size=260)
+    byte_tokenizer().save_pretrained(path)
+    return path

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from helpers import byte_tokenizer, save_tiny_model
+from helpers import save_tiny_model
 
 from dpe_export.calibration import procedures, scales
 from dpe_export.errors import DPEExportError
@@ -121,13 +121,6 @@ def test_bad_input():
 
 
 # ---- end to end on a tiny model ------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def byte_model(tmp_path_factory):
-    path = save_tiny_model(tmp_path_factory.mktemp("m") / "base", "llama", tokenizer=False, vocab_size=260)
-    byte_tokenizer().save_pretrained(path)
-    return path
 
 
 def test_calibrate_then_convert_end_to_end(byte_model, tmp_path, run_cli):

@@ -7,7 +7,7 @@ import json
 import math
 
 import pytest
-from helpers import byte_tokenizer, save_tiny_model
+from helpers import save_tiny_model
 
 from dpe_export.calibration import paired, procedures, scales
 from dpe_export.errors import DPEExportError
@@ -210,13 +210,6 @@ def test_answer_likelihoods_equal_a_full_forward_of_each_prompt(tmp_path):
             want = float(logp[torch.arange(len(a)), torch.tensor(a)].mean())
             assert abs(score - want) < 1e-4, (params, score, want)
             assert found == bool((logp.argmax(-1) == torch.tensor(a)).all())
-
-
-@pytest.fixture(scope="module")
-def byte_model(tmp_path_factory):
-    path = save_tiny_model(tmp_path_factory.mktemp("m") / "base", "llama", tokenizer=False, vocab_size=260)
-    byte_tokenizer().save_pretrained(path)
-    return path
 
 
 def test_calibrate_then_convert_end_to_end(byte_model, tmp_path, run_cli):
