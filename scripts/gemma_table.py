@@ -7,6 +7,9 @@ table. Each model is loaded once per run.
 
   python scripts/gemma_table.py --base DIR --export DIR --out benchmarks/results/gemma3-270m.jsonl
   python scripts/gemma_table.py ... --plan cost        # one pass-key sample of base and DPE at 16K/32K/64K
+  python scripts/gemma_table.py ... --calibrated DIR --plan calibration
+      # past 32K: the calibrated export and the hand-set one (10 contexts each at 48K and 64K), SelfExtend with the
+      # group its own rule gives for 64K (G = ceil((64K - W) / (32K - W)) = 3) and YaRN (factor 64K / 32K = 2), 5 each
   python scripts/gemma_table.py --summary FILE.jsonl   # the table (markdown) from the records
 
 A sample: pass-key, one prompt (correct or not); NIAH, one context with 4 needles, asked about each needle
@@ -40,17 +43,29 @@ NEEDLES = 4
 SEED = 0
 
 
+METHODS = ("base", "dpe", "dpe-calibrated", "self-extend", "self-extend-g3", "yarn")
+EXPORTS = ("export", "calibrated")  # directories loaded with their own modeling files
+
+
 def method_plan(export: str, window: int) -> dict[str, dict]:
     """What each method is: which directory it loads and the --method spec applied to it."""
     return {
         "base": {"dir": "base", "spec": "none"},
         "dpe": {"dir": "export", "spec": "none"},
+        "dpe-calibrated": {"dir": "calibrated", "spec": "none"},
         "self-extend": {"dir": "base", "spec": f"self-extend:{window},2"},
+        "self-extend-g3": {"dir": "base", "spec": f"self-extend:{window},3"},
         "yarn": {"dir": "base", "spec": "yarn:2"},
     }
 
 
 def samples_wanted(plan: str, method: str, task: str, length: int) -> int:
+    if plan == "calibration":
+        if length < 48 * K:
+            return 0
+        return {"dpe": 10, "dpe-calibrated": 10, "self-extend-g3": 5, "yarn": 5}.get(method, 0)
+    if method in ("dpe-calibrated", "self-extend-g3"):
+        return 0
     if plan == "cost":
         return 1 if method in ("base", "dpe") and task == "passkey" and length in (16 * K, 32 * K, 64 * K) else 0
     if method in ("self-extend", "yarn"):
@@ -137,9 +152,10 @@ def run(args) -> None:
     if used - {args.dtype}:
         raise SystemExit(f"{out} holds {', '.join(sorted(map(str, used)))} records; this run would add {args.dtype} "
                          "ones (one dtype per results file: pass --dtype or another --out)")
-    dirs = {"base": args.base, "export": args.export}
+    dirs = {"base": args.base, "export": args.export, "calibrated": args.calibrated}
     methods = method_plan(args.export, args.window)
-    chosen = [m for m in methods if not args.methods or m in args.methods.split(",")]
+    chosen = [m for m in methods if (not args.methods or m in args.methods.split(","))
+              and (dirs[methods[m]["dir"]] is not None)]
     tasks = args.tasks.split(",")
     rounds = max(samples_wanted(args.plan, m, t, n) for m in chosen for t in tasks for n in TABLE_LENGTHS)
     todo = [(r, n, t, m) for r in range(rounds) for n in TABLE_LENGTHS for t in tasks for m in chosen
@@ -158,7 +174,7 @@ def run(args) -> None:
                                    target_length=max(TABLE_LENGTHS),
                                    # the export's own modeling files, as written when it was converted: the table
                                    # keeps running while the runtime in this checkout changes
-                                   trust_remote_code=spec["dir"] == "export")
+                                   trust_remote_code=spec["dir"] in EXPORTS)
             print(f"loaded {m} ({spec['spec']}) in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
         if builder is None:
             builder = PromptBuilder(loaded[m].tokenizer)
@@ -221,7 +237,7 @@ def summary(path: Path) -> str:
     lines = []
     for task in ("passkey", "niah"):
         lengths = sorted({n for (t, _, n) in cells if t == task})
-        methods = [m for m in ("base", "dpe", "self-extend", "yarn") if any((task, m, n) in cells for n in lengths)]
+        methods = [m for m in METHODS if any((task, m, n) in cells for n in lengths)]
         if not methods:
             continue
         title = "pass-key retrieval (fraction correct)" if task == "passkey" else "4-needle NIAH (fraction of needles found)"
@@ -246,7 +262,7 @@ def summary(path: Path) -> str:
               "* where none did, the median of all; NIAH = one context and its 4 questions)", "",
               "| method | task | " + " | ".join(f"{n // K}K" for n in TABLE_LENGTHS) + " |",
               "|---|---|" + "---|" * len(TABLE_LENGTHS)]
-    for m in ("base", "dpe", "self-extend", "yarn"):
+    for m in METHODS:
         for task in ("passkey", "niah"):
             row = []
             for n in TABLE_LENGTHS:
@@ -307,8 +323,9 @@ def main() -> None:
     ap.add_argument("--base", help="the dequantized base checkpoint directory")
     ap.add_argument("--export", help="the DPE export of it")
     ap.add_argument("--out", default="benchmarks/results/gemma3-270m.jsonl")
-    ap.add_argument("--plan", choices=("table", "cost"), default="table")
-    ap.add_argument("--methods", default="", help="comma-separated subset of base,dpe,self-extend,yarn")
+    ap.add_argument("--calibrated", help="the export made with `dpe-export calibrate`'s result (--plan calibration)")
+    ap.add_argument("--plan", choices=("table", "cost", "calibration"), default="table")
+    ap.add_argument("--methods", default="", help="comma-separated subset of " + ",".join(METHODS))
     ap.add_argument("--tasks", default="passkey,niah")
     ap.add_argument("--window", type=int, default=4096, help="SelfExtend's neighbour window (DPE's export window)")
     ap.add_argument("--threads", type=int, default=2)
