@@ -17,8 +17,8 @@ L = ``config.max_position_embeddings``, at lengths L x [1, 2, 4, 8, 16]:
 * raw results go to ``<out>/results/<model>.json`` (written after every method; ``--resume`` skips the
   methods already there with the same settings), a NIAH depth x length heatmap per method for the first
   model to ``<out>/results/<model>-niah-<method>.png``, and the tables to ``<out>/RESULTS.md``.
-  ``<out>/results/discussion.md`` and ``<out>/results/calibration.md`` (the `dpe-export calibrate` measurements),
-  when present, are embedded in RESULTS.md.
+  ``<out>/results/discussion.md``, ``<out>/results/calibration.md`` (the `dpe-export calibrate` measurements) and
+  ``<out>/results/calibration-cost.md`` (scripts/calibration_table.py), when present, are embedded in RESULTS.md.
 
 Usage::
 
@@ -479,7 +479,8 @@ def write_results_md(out_dir: Path, results: Sequence[dict[str, Any]], missing: 
     real = "\n".join(x for x in (embedded("gemma3-270m.md"), embedded("gemma3-270m-ruler.md"),
                                  embedded("gemma3-270m-ruler-notes.md"),
                                  embedded("positional-heads.md"), embedded("speed.md"), embedded("serving.md")) if x)
-    path.write_text(render(results, out_dir, missing, embedded("discussion.md"), embedded("calibration.md"), real))
+    calibration = "\n".join(x for x in (embedded("calibration.md"), embedded("calibration-cost.md")) if x)
+    path.write_text(render(results, out_dir, missing, embedded("discussion.md"), calibration or None, real))
     return path
 
 

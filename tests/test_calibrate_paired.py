@@ -50,6 +50,8 @@ def test_the_race_halves_each_groups_scales_and_finds_the_best(plan, tmp_path):
     assert sum(1 for f, c in calls if f == ref) <= 3
     # every scale of every group was scored on context 0; later contexts only the survivors
     assert {f for f, c in calls if c == 0} >= {tuple(plan.factors_for(g, s)) for g in range(4) for s in plan.scales}
+    state, todo = paired.race(plan, list(range(4)), done)
+    assert not todo and all(plan.reference_scale in alive for alive, _ in state.values())  # always in the race
     record = paired.build(plan, done)
     assert record["chosen"] == BEST and record["procedure"] == "paired"
     assert record["prefills"] == len(calls)

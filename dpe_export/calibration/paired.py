@@ -11,7 +11,8 @@ length, the other groups at the reference scale); how it spends prefills is what
 * **Paired contexts.** Every scale of every group is scored on the same contexts, so differences between
   scales are not differences between prompts.
 * **Successive halving.** Round r scores the scales still in the race on context r; after it, the better half
-  (by mean over the contexts so far) stays in. With 2 contexts a group costs S + ceil(S/2) prefills.
+  (by mean over the contexts so far) stays in, and so does the reference scale. With 2 contexts a group costs
+  at most S + ceil(S/2) + 1 prefills.
 * **Shared reference.** The setting "every group at the reference scale" is the same in every group's row; it
   is scored once per context.
 * **Ties by noise, not by equality.** Among the scales that stayed to the last round, those within TIE_Z
@@ -117,7 +118,10 @@ def race(plan: CalibrationPlan, groups: list[int], done: dict):
             if c == plan.samples - 1 or len(alive) == 1:
                 state[g] = (alive, None)
                 break
-            alive = _ranking(plan, g, alive, done, c + 1)[:-(-len(alive) // 2)]
+            kept = _ranking(plan, g, alive, done, c + 1)[:-(-len(alive) // 2)]
+            # the reference stays in every group's race: it is the fallback of the tie rule, and its setting is
+            # one and the same in every group's row, scored once per context for all of them
+            alive = kept + [s for s in alive if s == plan.reference_scale and s not in kept]
     return state, list(dict.fromkeys(todo))
 
 
@@ -127,7 +131,7 @@ def planned_units(plan: CalibrationPlan, groups: list[int]) -> int:
     per_group, alive = 0, len(plan.scales)
     for _ in range(plan.samples):
         per_group += alive
-        alive = -(-alive // 2)
+        alive = min(len(plan.scales), -(-alive // 2) + 1)  # the better half and the reference
     return per_group * len(groups)
 
 

@@ -62,7 +62,8 @@ register(Procedure(
     name="paired", title="paired needle likelihoods, successive halving",
     summary=(f"each setting prefilled once per context ({paired.DEFAULT_CONTEXTS} contexts of "
              f"{paired.DEFAULT_NEEDLES} needles, the same for every scale), scored by the log-likelihood of each "
-             "needle's value; after each context the better half of each group's scales stays in, and scales within "
+             "needle's value; after each context the better half of each group's scales (and the reference) stays in, "
+             "and scales within "
              "2 standard errors of the best tie with it (ties go to the reference scale)"),
     samples=paired.DEFAULT_CONTEXTS, needles=paired.DEFAULT_NEEDLES, metrics=("niah",), units=paired.UNITS,
     evaluate=paired.evaluate,
