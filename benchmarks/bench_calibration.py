@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,10 +28,25 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def busy_processes() -> int:
-    """Other processes using more than a fifth of a core when asked (a 'cores shared' flag)."""
-    out = subprocess.run(["ps", "-eo", "pid,pcpu"], capture_output=True, text=True).stdout.split("\n")[1:]
-    return sum(1 for line in out if line.split() and float(line.split()[1]) > 20 and int(line.split()[0]) != os.getpid())
+def busy_processes(seconds: float = 1.0) -> int:
+    """Other processes that used more than a fifth of a core over the next `seconds` (a 'cores shared' flag;
+    ps's %CPU is a lifetime average, which counts a stopped job as busy)."""
+    def ticks() -> dict[str, int]:
+        out = {}
+        for pid in os.listdir("/proc"):
+            if pid.isdigit() and int(pid) != os.getpid():
+                try:
+                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                    out[pid] = int(fields[11]) + int(fields[12])
+                except (OSError, IndexError, ValueError):
+                    pass
+        return out
+
+    before = ticks()
+    time.sleep(seconds)
+    after = ticks()
+    hz = os.sysconf("SC_CLK_TCK")
+    return sum(1 for pid, t in after.items() if (t - before.get(pid, t)) / hz > 0.2 * seconds)
 
 
 def main() -> int:
@@ -51,6 +65,8 @@ def main() -> int:
     ap.add_argument("--dimension-groups", required=True)
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--repeats", type=int, default=1, help="time each unit this many times (the median is kept)")
+    ap.add_argument("--paired-only", action="store_true",
+                    help="time only the paired context (the grid query time comes from an earlier record)")
     ap.add_argument("--jsonl", type=Path, required=True)
     args = ap.parse_args()
 
@@ -88,24 +104,41 @@ def main() -> int:
             return sorted(times)[len(times) // 2], out
 
         # the grid's unit: one NIAH question, its own prefill, the answer decoded greedily
-        query_seconds, _ = timed(lambda: generation.greedy_generate(model, [query.input_ids], task.max_new_tokens,
-                                                                    eos))
-        # the paired procedure's unit: one context, every needle scored from one prefill
-        context_seconds, result = timed(lambda: calibrator.score_context(params, 0))
+        query_seconds = None
+        if not args.paired_only:
+            query_seconds, _ = timed(lambda: generation.greedy_generate(model, [query.input_ids],
+                                                                        task.max_new_tokens, eos))
+        else:
+            earlier = [json.loads(x) for x in args.jsonl.read_text().splitlines()] if args.jsonl.is_file() else []
+            query_seconds = next((r["grid_query_seconds"] for r in reversed(earlier) if r["model"] == str(args.model)
+                                  and r["target_length"] == T and r.get("grid_query_seconds")), None)
+            if query_seconds is None:
+                raise SystemExit(f"--paired-only: no earlier grid query time for {args.model} at {T}")
+        # the paired procedure's unit: one context, every needle scored from one prefill; the first setting of a
+        # context records the layers before the first DPE layer, the others replay them (prefix_reuse)
+        calibrator._reuse = None
+        context_seconds, result = timed(lambda: (setattr(calibrator, "_reuse", None),
+                                                 calibrator.score_context(params, 0))[1])
+        other = fast.params_for_factors([fast.scales[0]] * fast.num_groups)
+        replay_seconds, _ = timed(lambda: calibrator.score_context(other, 0))
         grid_queries = len(grid.cells()) * grid.samples * grid.needles
         fast_prefills = paired.planned_units(fast, list(range(fast.num_groups))) - (fast.num_groups - 1)
+        fast_seconds = fast.samples * context_seconds + (fast_prefills - fast.samples) * replay_seconds
         record = {
             "model": str(args.model), "target_length": T, "window": args.window, "groups": fast.num_groups,
             "scales": fast.scales, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "grid_query_seconds": round(query_seconds, 2), "paired_context_seconds": round(context_seconds, 2),
+            "paired_replay_seconds": round(replay_seconds, 2), "replayed_layers": calibrator._reuse.first,
+            "grid_query_measured_here": not args.paired_only,
+            "paired_prefill_chunk": generation.PREFILL_CHUNK, "grid_prefill_chunk": generation.PREFILL_CHUNK,
             "paired_needles": result["needles"],
             "grid": {"cells": len(grid.cells()), "queries_per_cell": grid.samples * grid.needles,
                      "prefills": grid_queries, "tokens": grid_queries * T,
                      "seconds_per_cell": round(query_seconds * grid.samples * grid.needles, 1),
                      "seconds": round(query_seconds * grid_queries, 1)},
             "paired": {"prefills_at_most": fast_prefills, "tokens": fast_prefills * T,
-                       "seconds": round(context_seconds * fast_prefills, 1)},
-            "speedup": round(query_seconds * grid_queries / (context_seconds * fast_prefills), 1),
+                       "seconds": round(fast_seconds, 1)},
+            "speedup": round(query_seconds * grid_queries / fast_seconds, 1),
             "load_seconds": round(load_seconds, 1), "threads": torch.get_num_threads(), "repeats": args.repeats,
             "other_busy_processes": max(busy, busy_processes()), "torch": torch.__version__,
             "machine": f"{platform.machine()} {os.cpu_count()} cores",

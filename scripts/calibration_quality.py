@@ -19,6 +19,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_calibration import busy_processes as other_torch_jobs  # noqa: E402
 LENGTHS = "1024,2048,4096"
 
 
@@ -27,13 +30,6 @@ def cli(*args, threads: int) -> None:
                TQDM_DISABLE="1")
     subprocess.run([sys.executable, "-m", "dpe_export", *args], check=True, env=env, cwd=REPO,
                    stdout=subprocess.DEVNULL)
-
-
-def other_torch_jobs() -> int:
-    """How many other python processes were using a core when we looked (a rough 'cores shared' flag)."""
-    out = subprocess.run(["ps", "-eo", "pid,pcpu,comm"], capture_output=True, text=True).stdout.split("\n")[1:]
-    return sum(1 for line in out if line.split()[2:3] == ["python"] and float(line.split()[1]) > 20
-               and int(line.split()[0]) != os.getpid())
 
 
 def run_one(model: str, procedure: str, seed: int, tmp: Path) -> dict:

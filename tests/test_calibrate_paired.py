@@ -256,3 +256,57 @@ def test_paired_takes_niah_only(byte_model, tmp_path, run_cli):
     res = run_cli("calibrate", str(byte_model), "-d", str(tmp_path / "cal"), "--target-length", "512",
                   "--window", "256", "--metric", "passkey")
     assert res.exit_code == 1 and "--procedure grid" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_prefix_reuse_replays_the_layers_before_the_first_dpe_layer_exactly(tmp_path):
+    """Gemma 3 with three sliding layers before the first global one: the second setting's prefill of a context
+    replays those layers (their output and cache per chunk) and scores what a full computation scores."""
+    import torch
+    from family_reference import tiny_family_model
+
+    from dpe_export.architectures import ARCHITECTURES
+    from dpe_export.calibration.prefix_reuse import PrefixReuse
+    from dpe_export.evaluation.generation import answer_likelihoods
+    from dpe_export.runtime import load_dpe_core
+
+    core = load_dpe_core()
+    types = ["sliding_attention"] * 3 + ["full_attention", "sliding_attention", "full_attention"]
+    model = tiny_family_model(ARCHITECTURES["gemma3_text"], num_hidden_layers=6, layer_types=types,
+                              sliding_window=8, max_position_embeddings=512)
+    reuse = PrefixReuse(model)
+    assert reuse.first == 3
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(4, 128, (150,), generator=g).tolist()
+    prompts = [prefix + torch.randint(4, 128, (k,), generator=g).tolist() for k in (3, 5)]
+    answers = [torch.randint(4, 128, (k,), generator=g).tolist() for k in (2, 3)]
+    calls = []
+    original = model.model.layers[0].forward
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    model.model.layers[0].forward = counting
+    results = {}
+    for factors in ([2, 8], [8, 2], [1, 4]):
+        core.apply_dpe(model, core.DPEParams(16, factors, [0, 4, 8], target_length=512), None)
+        n = len(calls)
+        got = answer_likelihoods(model, prompts, answers, prefill_chunk=32,
+                                 around_prefill=lambda: reuse.prefill("context 0"))
+        results[tuple(factors)] = (got, len(calls) - n)
+        want = answer_likelihoods(model, prompts, answers, prefill_chunk=32)
+        for (a, fa), (b, fb) in zip(got, want):
+            assert abs(a - b) < 1e-5 and fa == fb, (factors, a, b)
+    # layer 0 ran on the 5 prefill chunks only the first time; afterwards only for the questions
+    assert results[(2, 8)][1] == 5 + 2 and results[(8, 2)][1] == 2 and results[(1, 4)][1] == 2
+    assert model.model.layers[0].forward is counting  # the real layers are back
+
+
+def test_prefix_reuse_is_a_no_op_where_every_layer_is_dpe(tmp_path):
+    from dpe_export.calibration.prefix_reuse import PrefixReuse
+    from helpers import tiny_model
+
+    reuse = PrefixReuse(tiny_model("llama"))
+    assert not reuse.active
+    with reuse.prefill(0):
+        pass

@@ -201,11 +201,13 @@ def shared_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
 
 
 def answer_likelihoods(model, prompts: Sequence[Sequence[int]], answers: Sequence[Sequence[int]],
-                       prefill_chunk: Optional[int] = PREFILL_CHUNK) -> list[tuple[float, bool]]:
+                       prefill_chunk: Optional[int] = PREFILL_CHUNK,
+                       around_prefill: Optional[Callable[[], Any]] = None) -> list[tuple[float, bool]]:
     """Teacher-forced scores of each answer after its prompt: (mean log-probability per answer token, whether
     every answer token is the most likely one). The prefix the prompts share is prefilled once and its cache
     copied for each prompt (NIAH asks one context about each of its needles), so a context costs one prefill
-    however many needles it holds; no tokens are generated."""
+    however many needles it holds; no tokens are generated. ``around_prefill``: a context manager factory
+    entered around the shared prefix's prefill only (calibration's prefix reuse)."""
     import torch
 
     prompts = [list(p) for p in prompts]
@@ -222,7 +224,8 @@ def answer_likelihoods(model, prompts: Sequence[Sequence[int]], answers: Sequenc
         prefix_cache = None
         if shared >= 2:
             ids = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=device)
-            prefix_cache = core.output_cache(prefill(model, ids, prefill_chunk))
+            with (around_prefill() if around_prefill is not None else contextlib.nullcontext()):
+                prefix_cache = core.output_cache(prefill(model, ids, prefill_chunk))
         for p, a in zip(prompts, answers):
             start = shared if prefix_cache is not None else 0
             rest = torch.tensor([p[start:] + a[:-1]], dtype=torch.long, device=device)
