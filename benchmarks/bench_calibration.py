@@ -122,10 +122,11 @@ def main() -> int:
         other = fast.params_for_factors([fast.scales[0]] * fast.num_groups)
         replay_seconds, _ = timed(lambda: calibrator.score_context(other, 0))
         grid_queries = len(grid.cells()) * grid.samples * grid.needles
-        fast_prefills = paired.planned_units(fast, list(range(fast.num_groups))) - (fast.num_groups - 1)
+        fast_prefills = paired.planned_units(fast, list(range(fast.num_groups)))
         fast_seconds = fast.samples * context_seconds + (fast_prefills - fast.samples) * replay_seconds
         record = {
             "model": str(args.model), "target_length": T, "window": args.window, "groups": fast.num_groups,
+            "reference_scale": fast.reference_scale,
             "scales": fast.scales, "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "grid_query_seconds": round(query_seconds, 2), "paired_context_seconds": round(context_seconds, 2),
             "paired_replay_seconds": round(replay_seconds, 2), "replayed_layers": calibrator._reuse.first,

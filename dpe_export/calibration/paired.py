@@ -126,13 +126,14 @@ def race(plan: CalibrationPlan, groups: list[int], done: dict):
 
 
 def planned_units(plan: CalibrationPlan, groups: list[int]) -> int:
-    """Settings x contexts the race scores at most (the reference setting once per context when every group
-    keeps it; counted once per group here, an upper bound)."""
-    per_group, alive = 0, len(plan.scales)
+    """Settings x contexts the race scores at most: per context every group's scales still in (the better half
+    of the last round's and the reference), the reference setting once for all groups (it is the same setting);
+    fewer when the reference is among a group's better half."""
+    total, alive = 0, len(plan.scales)
     for _ in range(plan.samples):
-        per_group += alive
-        alive = min(len(plan.scales), -(-alive // 2) + 1)  # the better half and the reference
-    return per_group * len(groups)
+        total += len(groups) * alive - (len(groups) - 1 if plan.reference_scale in plan.scales else 0)
+        alive = min(alive, -(-alive // 2) + 1)  # the better half and the reference
+    return total
 
 
 def shard_groups(plan: CalibrationPlan, shard: Optional[tuple[int, int]]) -> list[int]:
