@@ -6,8 +6,9 @@ length, the other groups at the reference scale); how it spends prefills is what
 * **One prefill per context.** A context hides many needles (16 by default, one in each sixteenth of its
   depth); it is prefilled once per setting and every needle's question is answered from a copy of its cache.
 * **A continuous score.** Each needle scores the teacher-forced mean log-probability of its value's tokens
-  (nats per token) instead of exact match of a generated answer: no decoding, and far less variance per prompt,
-  so two contexts rank scales that exact match over 8 contexts could not.
+  (nats per token) instead of exact match of a generated answer: no decoding, and every needle measures the
+  difference between two settings, not only the needles one of them gets wrong. (On the testbeds it does not
+  see everything exact-match pass-key sees: benchmarks/RESULTS.md, "Calibration cost and decision quality".)
 * **Paired contexts.** Every scale of every group is scored on the same contexts, so differences between
   scales are not differences between prompts.
 * **Successive halving.** Round r scores the scales still in the race on context r; after it, the better half
