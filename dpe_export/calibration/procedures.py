@@ -151,8 +151,7 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
     cleanup = None
     if ray_address is not None:
         executor = RayExecutor(ray_address, model_dir, plan, proc.evaluate, out_dir, haystack=haystack, dtype=dtype,
-                               actors=ray_actors, need_bytes=_model_bytes(model_dir, raw, target_length, dtype),
-                               progress=progress)
+                               actors=ray_actors, need_bytes=_model_bytes(model_dir, raw, target_length, dtype))
         cleanup = executor.shutdown
     else:
         loaded = loading.load_model(model_dir, methods.MethodSpec("none"), device=device, dtype=dtype,

@@ -89,8 +89,7 @@ class RayExecutor:
     """Starts the actors on ``ray.init(address)``; call it with a list of units as engine.execute does."""
 
     def __init__(self, address: Optional[str], model_dir: Path, plan, evaluate, out_dir: Path, *, haystack=None,
-                 dtype=None,
-                 actors: Optional[int] = None, need_bytes: int = 0, cpus_per_actor: int = 1, progress: bool = True):
+                 dtype=None, actors: Optional[int] = None, need_bytes: int = 0, cpus_per_actor: int = 1):
         ray = require_ray()
         self.ray = ray
         if not ray.is_initialized():
@@ -110,7 +109,7 @@ class RayExecutor:
         scores = None
         if plan.top_k:
             scores = _stage_one(ray, worker, args, plan, out_dir)
-        self.actors = [worker.options(name=ACTOR_NAME.format(i), lifetime=None).remote(*args, scores)
+        self.actors = [worker.options(name=ACTOR_NAME.format(i)).remote(*args, scores)
                        for i in range(count)]
         from ray.util import ActorPool
 
