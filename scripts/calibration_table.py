@@ -64,7 +64,7 @@ def cost_section() -> list[str]:
     for r in latest.values():
         g, p = r["grid"], dict(r["paired"])
         # the race's prefills at most (paired.planned_units, recomputed: the records' own count may predate it)
-        plan = SimpleNamespace(scales=r["scales"], samples=2, reference_scale=r.get("reference_scale", r["scales"][-1]))
+        plan = SimpleNamespace(scales=r["scales"], samples=2)
         p["prefills_at_most"] = planned_units(plan, list(range(r["groups"])))
         p["tokens"] = p["prefills_at_most"] * r["target_length"]
         replay = r.get("paired_replay_seconds") or r["paired_context_seconds"]

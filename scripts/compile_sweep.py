@@ -1,6 +1,7 @@
 """torch.compile against eager mode at every prompt length from 1 to 12 windows + 1, for every registered family
 (sdpa and eager) and for the README's testbed export: one compile with dynamic shapes per (model, attention),
-then every length through it (or, with --dynamic false, a graph per length); each result appended to a JSONL file as it finishes.
+then every length through it (or, with --dynamic false, a graph per length); each result appended to a JSONL file
+as it finishes.
 
     python scripts/compile_sweep.py --jsonl benchmarks/results/compile-sweep.jsonl
 

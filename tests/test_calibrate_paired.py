@@ -310,3 +310,26 @@ def test_prefix_reuse_is_a_no_op_where_every_layer_is_dpe(tmp_path):
     assert not reuse.active
     with reuse.prefill(0):
         pass
+
+
+def test_prefix_reuse_recomputes_where_the_cache_cannot_be_restored(monkeypatch):
+    """A release whose decoder layers get the cache under another name: nothing is replayed (a replay without
+    restoring those layers' cache would give later chunks wrong lengths)."""
+    from family_reference import tiny_family_model
+
+    from dpe_export.architectures import ARCHITECTURES
+    from dpe_export.calibration import prefix_reuse
+    from dpe_export.evaluation.generation import answer_likelihoods
+
+    monkeypatch.setattr(prefix_reuse, "CACHE_KEYWORDS", ("no_such_keyword",))
+    types = ["sliding_attention"] * 2 + ["full_attention"]
+    model = tiny_family_model(ARCHITECTURES["gemma3_text"], num_hidden_layers=3, layer_types=types,
+                              sliding_window=8, max_position_embeddings=512)
+    reuse = prefix_reuse.PrefixReuse(model)
+    prompts = [list(range(4, 100)) + [5, 6], list(range(4, 100)) + [7]]
+    first = answer_likelihoods(model, prompts, [[9], [10]], prefill_chunk=32,
+                               around_prefill=lambda: reuse.prefill(0))
+    assert reuse.context is None  # not kept for replay
+    again = answer_likelihoods(model, prompts, [[9], [10]], prefill_chunk=32,
+                               around_prefill=lambda: reuse.prefill(0))
+    assert [round(a, 5) for a, _ in first] == [round(a, 5) for a, _ in again]

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from dpe_export.calibration import engine
-from dpe_export.calibration.scales import CalibrationPlan, calibration_record
+from dpe_export.calibration.scales import CalibrationPlan, calibration_record, reference_distance
 from dpe_export.errors import DPEExportError
 
 DEFAULT_CONTEXTS = 2
@@ -95,12 +95,10 @@ def read_units(out_dir: Path, plan: CalibrationPlan) -> dict[tuple, dict]:
 
 def _ranking(plan: CalibrationPlan, group: int, candidates: list[int], done: dict, contexts: int) -> list[int]:
     """Candidates best first by mean score over contexts 0..contexts-1 (TIE_RULE for equal means)."""
-    ref = math.log2(plan.reference_scale)
-
     def mean(s):
         return sum(done[unit_key(plan.factors_for(group, s), c)]["score"] for c in range(contexts)) / contexts
 
-    return sorted(candidates, key=lambda s: (-mean(s), abs(math.log2(s) - ref), s))
+    return sorted(candidates, key=lambda s: (-mean(s), *reference_distance(plan, s)))
 
 
 def race(plan: CalibrationPlan, groups: list[int], done: dict):
@@ -132,7 +130,7 @@ def planned_units(plan: CalibrationPlan, groups: list[int]) -> int:
     fewer when the reference is among a group's better half."""
     total, alive = 0, len(plan.scales)
     for _ in range(plan.samples):
-        total += len(groups) * alive - (len(groups) - 1 if plan.reference_scale in plan.scales else 0)
+        total += len(groups) * alive - (len(groups) - 1)
         alive = min(alive, -(-alive // 2) + 1)  # the better half and the reference
     return total
 
@@ -180,14 +178,13 @@ def choose(plan: CalibrationPlan, done: dict) -> list[int]:
     if todo:
         raise DPEExportError(f"{len(todo)} calibration results are not done yet (e.g. factors {list(todo[0][0])} on "
                              f"context {todo[0][1]}); run the remaining shards first")
-    ref = math.log2(plan.reference_scale)
     chosen = []
     for g in range(plan.num_groups):
         alive, _ = state[g]
         seen = min(_contexts_of(plan, g, s, done) for s in alive)
         ranked = _ranking(plan, g, alive, done, seen)
         tied = [s for s in ranked if _ties(plan, g, ranked[0], s, done, seen)]
-        chosen.append(min(tied, key=lambda s: (abs(math.log2(s) - ref), s)))
+        chosen.append(min(tied, key=lambda s: reference_distance(plan, s)))
     return chosen
 
 

@@ -47,7 +47,9 @@ class PrefixReuse:
         self.context, self.outputs, self.snapshots = None, [], []
         with self._recording():
             yield
-        self.context = context
+        # a release whose decoder layers do not receive the cache by a name we know: its layers' state cannot be
+        # restored chunk by chunk, so every prefill runs in full
+        self.context = context if all(s is not None for s in self.snapshots) else None
 
     def _cache_layers(self, kwargs) -> Optional[list]:
         cache = next((kwargs[k] for k in CACHE_KEYWORDS if kwargs.get(k) is not None), None)
@@ -81,10 +83,8 @@ class PrefixReuse:
                     return hidden_states  # the recorded output of the last replayed layer stands for all of them
                 hidden, as_tuple = self.outputs[step["chunk"]]
                 cache_layers = self._cache_layers(kwargs)
-                snapshot = self.snapshots[step["chunk"]]
-                if cache_layers is not None and snapshot is not None:
-                    for j, layer in enumerate(copy.deepcopy(snapshot)):
-                        cache_layers[j] = layer
+                for j, layer in enumerate(copy.deepcopy(self.snapshots[step["chunk"]])):
+                    cache_layers[j] = layer
                 step["chunk"] += 1
                 return (hidden,) if as_tuple else hidden
             return forward

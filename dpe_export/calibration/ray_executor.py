@@ -133,7 +133,5 @@ def _stage_one(ray, worker, args, plan, out_dir: Path):
         first = worker.remote(*args, None)
         scores = ray.get(first.dim_scores.remote())
         ray.kill(first, no_restart=True)
-        meta = {"lengths": dim_scores.scoring_lengths(plan.window, plan.pretrain_length), "samples": plan.samples,
-                "statistic": plan.dim_statistic}
-        dim_scores.save_dim_scores(torch.as_tensor(scores), path, meta)
+        dim_scores.save_dim_scores(torch.as_tensor(scores), path, scales.dim_scores_metadata(plan))
     return load_file(str(path))[selection.SCORES_TENSOR].numpy()

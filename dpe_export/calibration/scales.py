@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,9 +45,6 @@ from dpe_export.evaluation.ppl import ppl_token_stream
 from dpe_export.evaluation.tasks import PromptBuilder
 from dpe_export.runtime import load_dpe_core
 
-logger = logging.getLogger(__name__)
-
-
 METRICS = registry.calibration_metrics()
 
 
@@ -70,6 +66,17 @@ def scale_candidates(target_length: int, window: int) -> list[int]:
         raise DPEExportError(f"the target length ({target_length}) must exceed the local window ({window})")
     top = target_length // window
     return [2**i for i in range(int(math.log2(top)) + 1)]
+
+
+def reference_distance(plan: "CalibrationPlan", scale: int) -> tuple:
+    """The tie-break key of every procedure: nearer the reference scale (log2 distance) first, then smaller."""
+    return abs(math.log2(scale) - math.log2(plan.reference_scale)), scale
+
+
+def dim_scores_metadata(plan: "CalibrationPlan") -> dict:
+    """What dim_scores.safetensors records about how stage 1 ran."""
+    return {"lengths": dim_scores.scoring_lengths(plan.window, plan.pretrain_length), "samples": plan.samples,
+            "statistic": plan.dim_statistic}
 
 
 def reference_scale(target_length: int, pretrain_length: int, candidates: Sequence[int]) -> int:
@@ -180,9 +187,6 @@ def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
     return i, n
 
 
-
-
-
 def _valid_cell(cell: dict, path: Path, lineno: int) -> dict:
     """A cell as read back: integer group/scale/samples and a finite score in [0, 1]; one-line error otherwise."""
     try:
@@ -194,9 +198,6 @@ def _valid_cell(cell: dict, path: Path, lineno: int) -> dict:
         raise DPEExportError(f"{path} line {lineno} has score {cell['score']!r} from {samples} samples; scores are "
                              "fractions in [0, 1]: delete that line to compute the cell again")
     return dict(cell, group=group, scale=scale, samples=samples, score=score)
-
-
-
 
 
 def read_cells(out_dir: Path, plan: CalibrationPlan) -> dict[tuple[int, int], dict]:
@@ -212,15 +213,6 @@ def read_cells(out_dir: Path, plan: CalibrationPlan) -> dict[tuple[int, int], di
                 f"{seen[where]}); keep one of the two lines")
         done[where], seen[where] = cell, f"{path.name} line {lineno}"
     return done
-
-
-
-
-
-
-
-
-
 
 
 def _grid_shard_cells(plan: CalibrationPlan, shard: Optional[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -265,6 +257,7 @@ class Calibrator:
     selected: Any = None
     _builder: Any = field(default=None, repr=False)
     _reuse: Any = field(default=None, repr=False)  # prefix_reuse.PrefixReuse, made on first use
+    _context: Any = field(default=None, repr=False)  # (context, its prompts): the last one built
 
     def compute_selection(self, out_dir: Path, progress: bool = True):
         """Stage 1: dim scores (reused from out_dir when present) and the top-K mask."""
@@ -276,13 +269,9 @@ class Calibrator:
             scores = load_file(str(path))[selection.SCORES_TENSOR]
         else:
             scores = self.dim_scores(progress)
-            dim_scores.save_dim_scores(scores, path, self.dim_scores_metadata())
+            dim_scores.save_dim_scores(scores, path, dim_scores_metadata(self.plan))
         self.selected = selection.top_k_mask(scores, self.plan.top_k)
         return self.selected
-
-    def dim_scores_metadata(self) -> dict:
-        return {"lengths": dim_scores.scoring_lengths(self.plan.window, self.plan.pretrain_length),
-                "samples": self.plan.samples, "statistic": self.plan.dim_statistic}
 
     def dim_scores(self, progress: bool = True):
         """Stage 1's scores tensor [layers, heads, frequencies] on haystack text."""
@@ -309,31 +298,34 @@ class Calibrator:
         Both use samples x needles queries per cell, spread over the default depth grid."""
 
         load_dpe_core().apply_dpe(self.model, params, self.selected)
-        if self._builder is None:
-            self._builder = PromptBuilder(self.tokenizer, haystack_path=self.haystack,
-                                          haystack_seed=prompts.task_haystack_seed(self.plan.seed))
         task = registry.get_task(self.plan.metric)
         generate_fn = generation.make_generate_fn(self.model, self.tokenizer, task.max_new_tokens)
         depths = list(prompts.DEFAULT_DEPTHS)
         per_depth = -(-self.plan.samples * self.plan.needles // len(depths))
-        records = evalrun.evaluate_task(task, self._builder, generate_fn, [self.plan.target_length], depths,
+        records = evalrun.evaluate_task(task, self._prompt_builder(), generate_fn, [self.plan.target_length], depths,
                                         samples=per_depth, needles=self.plan.needles, seed=self.plan.seed,
                                         batch_size=self.batch_size)
         correct = sum(r["accuracy"] * r["samples"] for r in records)
         total = sum(r["samples"] for r in records)
         return {"score": correct / total, "samples": total}
 
-    def context_prompts(self, context: int) -> list:
-        """Context ``context`` of a paired calibration: ``needles`` needles, one in each 1/needles of its depth,
-        and one prompt per needle (the same tokens up to the question)."""
+    def _prompt_builder(self) -> PromptBuilder:
         if self._builder is None:
             self._builder = PromptBuilder(self.tokenizer, haystack_path=self.haystack,
                                           haystack_seed=prompts.task_haystack_seed(self.plan.seed))
-        n = self.plan.needles
-        depths = [(k + 0.5) / n for k in range(n)]
-        return self._builder.niah_queries(self.plan.target_length, num_needles=n, depths=depths,
-                                          seed=prompts.sample_seed(self.plan.seed, "calibration", n, context),
-                                          num_digits=prompts.NIAH_DIGITS)
+        return self._builder
+
+    def context_prompts(self, context: int) -> list:
+        """Context ``context`` of a paired calibration: ``needles`` needles, one in each 1/needles of its depth,
+        and one prompt per needle (the same tokens up to the question). The last context's prompts are kept: the
+        race scores every setting of a context in a row."""
+        if self._context is None or self._context[0] != context:
+            n = self.plan.needles
+            depths = [(k + 0.5) / n for k in range(n)]
+            self._context = (context, self._prompt_builder().niah_queries(
+                self.plan.target_length, num_needles=n, depths=depths,
+                seed=prompts.sample_seed(self.plan.seed, "calibration", n, context), num_digits=prompts.NIAH_DIGITS))
+        return self._context[1]
 
     def score_context(self, params, context: int) -> dict:
         """Teacher-forced log-likelihood of every needle's value in one context with these DPE parameters applied
@@ -382,12 +374,8 @@ TIE_RULE = "highest score; ties go to the scale nearest the reference scale (log
 
 def choose_scales(plan: CalibrationPlan, cells: dict[tuple[int, int], dict]) -> list[int]:
     """Per group the best scale (TIE_RULE)."""
-    ref = math.log2(plan.reference_scale)
-    chosen = []
-    for g in range(plan.num_groups):
-        row = [(cells[(g, s)]["score"], s) for s in plan.scales]
-        chosen.append(min(row, key=lambda x: (-x[0], abs(math.log2(x[1]) - ref), x[1]))[1])
-    return chosen
+    return [min(plan.scales, key=lambda s: (-cells[(g, s)]["score"], *reference_distance(plan, s)))
+            for g in range(plan.num_groups)]
 
 
 def build_calibration(plan: CalibrationPlan, cells: dict[tuple[int, int], dict],

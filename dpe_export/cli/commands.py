@@ -431,12 +431,10 @@ def _calibrate_options(f):
                      help="How the scales are searched. " + " ".join(
                          f"{p.name}: {p.summary}{f' ({p.reference})' if p.reference else ''}."
                          for p in procedures.PROCEDURES.values())),
-        click.option("--samples", type=click.IntRange(min=1), default=None, metavar="N",
-                     help="NIAH contexts per setting (each asked about every needle). Default: " + ", ".join(
-                         f"{p.samples} ({p.name})" for p in procedures.PROCEDURES.values()) + "."),
-        click.option("--needles", type=click.IntRange(min=1), default=None, metavar="K",
-                     help="Needles per NIAH context. Default: " + ", ".join(
-                         f"{p.needles} ({p.name})" for p in procedures.PROCEDURES.values()) + "."),
+        opt.samples(None, "NIAH contexts per setting (each asked about every needle). Default: " + ", ".join(
+            f"{p.samples} ({p.name})" for p in procedures.PROCEDURES.values()) + "."),
+        opt.needles("Needles per NIAH context. Default: " + ", ".join(
+            f"{p.needles} ({p.name})" for p in procedures.PROCEDURES.values()) + "."),
         opt.metric,
         opt.seed(scales.DEFAULT_SEED, "Seed of the calibration prompts (eval defaults to seed 0, so its samples are "
                                       "held out)."),

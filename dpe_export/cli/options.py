@@ -149,9 +149,9 @@ def dim_statistic(f):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def samples(default: int, help: str):
-    return click.option("--samples", type=click.IntRange(min=1), default=default, show_default=True, metavar="N",
-                        help=help)
+def samples(default: Optional[int], help: str):
+    return click.option("--samples", type=click.IntRange(min=1), default=default, show_default=default is not None,
+                        metavar="N", help=help)
 
 
 def needles(help: str, default: Optional[int] = None):
