@@ -125,13 +125,24 @@ def grid_lock(path: Path):
 # ---- running units ---------------------------------------------------------------------------------------
 
 
+def timed(evaluate: Callable[[Unit], dict], unit: Unit) -> tuple[dict, float]:
+    """evaluate(unit) and its wall seconds; the result gains `cpu_share`, the CPU time this process got over
+    wall time x torch threads: about 1 on cores of its own, lower where another job shared them."""
+    import torch
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    result = evaluate(unit)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    share = cpu / max(wall * torch.get_num_threads(), 1e-9)
+    return {**result, "cpu_share": round(min(share, 1.0), 3)}, wall
+
+
 def local_executor(evaluate: Callable[[Unit], dict]) -> Executor:
     """Run units one after the other in this process."""
     def run(units: list) -> Iterator[tuple[Unit, dict, float]]:
         for unit in units:
-            t0 = time.perf_counter()
-            result = evaluate(unit)
-            yield unit, result, time.perf_counter() - t0
+            result, seconds = timed(evaluate, unit)
+            yield unit, result, seconds
     return run
 
 
@@ -160,6 +171,8 @@ def _execute_locked(plan, kind, executor, out_dir, shard, path, progress, desc):
                 break
             for unit, result, seconds in executor(todo):
                 rec = kind.record(plan, unit, result, seconds)
+                if "cpu_share" in result:  # whether the cores were shared while it ran
+                    rec["cpu_share"] = result["cpu_share"]
                 append_unit(path, rec)
                 done[kind.key(rec)] = rec
                 bar.set_postfix_str(kind.describe(unit))

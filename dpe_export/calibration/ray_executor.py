@@ -13,12 +13,11 @@ actor.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
-from dpe_export.calibration import dim_scores, scales, selection
+from dpe_export.calibration import dim_scores, engine, scales, selection
 from dpe_export.calibration.result import DIM_SCORES_FILE
 from dpe_export.errors import DPEExportError
 from dpe_export.sources import loading, methods
@@ -63,9 +62,8 @@ class _Worker:
             self.calibrator.selected = selection.top_k_mask(torch.as_tensor(scores), self.plan.top_k)
 
     def run(self, unit):
-        t0 = time.perf_counter()
-        result = self.evaluate(self.calibrator, self.plan, tuple(unit))
-        return tuple(unit), result, time.perf_counter() - t0
+        result, seconds = engine.timed(lambda u: self.evaluate(self.calibrator, self.plan, u), tuple(unit))
+        return tuple(unit), result, seconds
 
     def dim_scores(self):
         """Stage 1 (top-K) on this copy; the scores as an array (the driver writes the file)."""
