@@ -23,6 +23,8 @@ import platform
 import sys
 import time
 from pathlib import Path
+from dpe_export.modeling_templates import dpe_family
+from dpe_export import dpe_ops
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -54,7 +56,6 @@ def main() -> int:
 
     from dpe_export.calibration import paired, scales
     from dpe_export.evaluation import generation, registry
-    from dpe_export.runtime import load_dpe_core
     from dpe_export.sources import loading, methods
     from dpe_export.sources.checkpoint import load_base_config
 
@@ -71,7 +72,7 @@ def main() -> int:
     args = ap.parse_args()
 
     config = load_base_config(args.model)
-    num_freqs = load_dpe_core().rotary_dim_of(config) // 2
+    num_freqs = dpe_family.rotary_dim_of(config) // 2
     bounds = [int(x) for x in args.dimension_groups.split(",")]
     tokenizer = loading.load_tokenizer(args.model)
     t0 = time.perf_counter()
@@ -88,7 +89,7 @@ def main() -> int:
         calibrator = scales.Calibrator(model, tokenizer, fast)
         params = fast.params_for_factors([fast.reference_scale] * fast.num_groups)
         query = calibrator.context_prompts(0)[0]
-        load_dpe_core().apply_dpe(model, params, None)
+        dpe_ops.apply_dpe(model, params, None)
         eos = generation.eos_ids(model, tokenizer) or None
         # warm-up on a short prompt (first-call costs are not per-unit costs)
         generation.greedy_generate(model, [query.input_ids[-256:]], task.max_new_tokens, eos)

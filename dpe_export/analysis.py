@@ -5,7 +5,7 @@ For a query at i and a key at j <= i of head h, the attention logit is a sum ove
 c_f(i, j) = q_f . R((i - j) theta_f) k_f, the f-th 2-D pair's contribution (times the attention's own scaling;
 non-rotary dims are left out). With q and k as the attention receives them (already rotated at their own
 positions) c_f is the plain dot product of the pair. For a DPE export, pairs at distance >= w take the angle the
-export applies: the extra DPE rotation of query and key on the frequencies it scales (dpe_core's own functions).
+export applies: the extra DPE rotation of query and key on the frequencies it scales (the runtime's own dpe_rule functions).
 
 The dominant dimension is D(i, j) = sum_f softmax_f(c(i, j)) * f, and a head's positional score is the Spearman
 correlation rho between the distance i - j and D(i, j) over sampled pairs. Pairs are sampled with a fixed seed:
@@ -30,9 +30,9 @@ from dpe_export.evaluation.results import require_matplotlib
 from dpe_export.evaluation.run import evaluate_task
 from dpe_export.evaluation.tasks import PromptBuilder
 from dpe_export.output_files import write_output
-from dpe_export.runtime import load_dpe_core
 from dpe_export.safefiles import safe_file
 from dpe_export.sources.loading import input_device
+from dpe_export.modeling_templates import dpe_family, dpe_hf_model, dpe_rule
 
 DEFAULT_PAIRS = 2048  # sampled (query, key) pairs per prompt and layer
 DEFAULT_SAMPLES = 2  # prompts per length
@@ -129,15 +129,14 @@ def _dpe_contributions(state, qi, kj, i, j, num_freqs):
     """c_f with the angle a DPE layer applies: far pairs (i - j >= w) get DPE's rotation on scaled frequencies."""
     import torch
 
-    core = load_dpe_core()
     c = pair_contributions(qi, kj, num_freqs)  # plain angle
     far = (i - j) >= state.window
     if not bool(far.any()):
         return c
     scale, inv_freq = state.scale(torch.device("cpu")), state.inv_freq().cpu()
-    qs = core.rotate_by(qi[:, far].double(), core.dpe_delta_positions(i[far][None], scale, state.window, query=True),
+    qs = dpe_rule.rotate_by(qi[:, far].double(), dpe_rule.dpe_delta_positions(i[far][None], scale, state.window, query=True),
                         inv_freq.double(), state.rotary_dim)
-    ks = core.rotate_by(kj[:, far].double(), core.dpe_delta_positions(j[far][None], scale, state.window, query=False),
+    ks = dpe_rule.rotate_by(kj[:, far].double(), dpe_rule.dpe_delta_positions(j[far][None], scale, state.window, query=False),
                         inv_freq.double(), state.rotary_dim)
     scaled = pair_contributions(qs, ks, num_freqs)
     if state.selected is not None:
@@ -180,12 +179,11 @@ def analyze_prompt(model, input_ids, pairs: int = DEFAULT_PAIRS, seed: int = 0) 
     """{layer: (distances [P], D [H, P])} of one prompt (token ids [n])."""
     import torch
 
-    core = load_dpe_core()
     n = len(input_ids)
     i, u = _sample_pairs(n, pairs, seed)
     recorder = _Recorder(torch.unique(i))
     ids = torch.tensor([list(input_ids)], device=input_device(model))
-    num_freqs = core.rotary_dim_of(model.config) // 2
+    num_freqs = dpe_family.rotary_dim_of(model.config) // 2
     with capture_attention(model, recorder), torch.inference_mode():
         prefill(model, ids, CHUNK)
     return {idx: _layer_pairs(layer, i, u, num_freqs, _visible_distance(model, idx))
@@ -225,10 +223,9 @@ class HeadAnalysis:
 
 def memory_needed(config, length: int, bytes_per_value: int = 2) -> int:
     """What one prompt holds: every layer's keys kept here (float32) and the model's own KV cache."""
-    core = load_dpe_core()
     layers = config.num_hidden_layers
     hkv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    d = core.head_dim_of(config)
+    d = dpe_family.head_dim_of(config)
     return layers * hkv * d * length * (4 + 2 * bytes_per_value)
 
 
@@ -359,14 +356,13 @@ class zeroed_heads:
         self.model, self.heads, self.hooks = model, list(heads), []
 
     def __enter__(self):
-        core = load_dpe_core()
-        head_dim = core.head_dim_of(self.model.config)
+        head_dim = dpe_family.head_dim_of(self.model.config)
         layers = self.model.get_decoder().layers
         by_layer: dict[int, list[int]] = {}
         for layer, head in self.heads:
             by_layer.setdefault(layer, []).append(head)
         for layer, heads in by_layer.items():
-            proj = _output_projection(core.attention_module(layers[layer]))
+            proj = _output_projection(dpe_hf_model.attention_module(layers[layer]))
 
             def hook(module, args, heads=tuple(heads)):
                 x = args[0].clone()

@@ -143,7 +143,7 @@ class ConvertRequest:
 class ConvertOutcome:
     output: Path
     info: ModelInfo
-    params: Any  # dpe_core.DPEParams
+    params: Any  # dpe_params.DPEParams
     selected: Any  # bool tensor or None
     calibration: Optional[dict] = None  # when convert calibrated first
     calibration_dir: Optional[Path] = None

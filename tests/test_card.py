@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import RUNTIME_FILES
 from huggingface_hub import ModelCard
 
 from dpe_export.calibration import result as calib_result
 from dpe_export.errors import DPEExportError
 from dpe_export.export import card
+from dpe_export.modeling_templates import dpe_params
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-HAS_TEMPLATE = (REPO_ROOT / "modeling_templates" / "modeling_dpe.py.jinja").is_file()
-requires_template = pytest.mark.skipif(not HAS_TEMPLATE, reason="the modeling template is not written yet")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 CALIBRATION = {
@@ -69,7 +69,6 @@ def python_snippet(text: str) -> str:
     return m.group(1)
 
 
-@requires_template
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_card_renders_for_each_family(tiny_dirs, tmp_path, family):
     base = tiny_dirs(family)
@@ -103,7 +102,6 @@ def test_card_renders_for_each_family(tiny_dirs, tmp_path, family):
         assert (out / image).read_bytes().startswith(PNG_MAGIC)
 
 
-@requires_template
 def test_hostile_names_and_license_cannot_break_the_card_or_the_code(tiny_dirs, tmp_path):
     base = tmp_path / "base"
     base.mkdir()
@@ -141,11 +139,12 @@ def test_hostile_names_and_license_cannot_break_the_card_or_the_code(tiny_dirs, 
     assert ast.literal_eval(snippet.split("repo = ", 1)[1].split("  #", 1)[0]) == "path/to/" + out_name
     assert "`" not in snippet
     # the generated code never sees these values
-    for name in ("modeling_dpe.py", "dpe_core.py"):
+    for name in ("modeling_dpe.py", *RUNTIME_FILES):
         code = (out / name).read_text(encoding="utf-8")
         compile(code, name, "exec")
         assert "evil" not in code and "<script>" not in code and "alert" not in code
-    assert (out / "dpe_core.py").read_bytes() == (REPO_ROOT / "modeling_templates" / "dpe_core.py").read_bytes()
+    for name in RUNTIME_FILES:
+        assert (out / name).read_bytes() == (REPO_ROOT / "modeling_templates" / name).read_bytes()
     assert json.loads((out / "config.json").read_text())["dpe"]["local_window_size"] == 8
 
 
@@ -230,7 +229,6 @@ def test_eval_results_in_any_shape(tmp_path):
             card.load_eval_records([tmp_path / f"e{i}.json"])
 
 
-@requires_template
 def test_without_matplotlib_the_card_has_tables_and_a_warning(llama_dir, tmp_path, monkeypatch, caplog):
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)
@@ -244,7 +242,6 @@ def test_without_matplotlib_the_card_has_tables_and_a_warning(llama_dir, tmp_pat
     assert "**0.9**" in text
 
 
-@requires_template
 def test_convert_reads_calibration_and_the_eval_files_beside_it(run_cli, llama_dir, tmp_path):
     cal_dir = tmp_path / "calib"
     cal_dir.mkdir()
@@ -283,11 +280,9 @@ def test_the_cards_snippet_runs_as_written_and_names_the_repo_when_known(tmp_pat
     from pathlib import Path
 
     from dpe_export.export import convert as export_convert
-    from dpe_export.runtime import load_dpe_core
 
-    core = load_dpe_core()
     testbed = Path(__file__).resolve().parent / "fixtures" / "testbed-llama"
-    params = core.DPEParams(32, [8, 16, 32, 32], [0, 4, 8, 12, 16], target_length=4096)
+    params = dpe_params.DPEParams(32, [8, 16, 32, 32], [0, 4, 8, 12, 16], target_length=4096)
     out = export_convert.convert(testbed, tmp_path / "tb-dpe", params)
     card = (out / "README.md").read_text()
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)

@@ -16,6 +16,7 @@ from dpe_export.evaluation.results import EvalResult, format_table
 from dpe_export.evaluation.run import evaluate_task
 from dpe_export.evaluation.tasks import PromptBuilder
 from dpe_export.sources import loading
+from dpe_export.modeling_templates import dpe_params
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TESTBED = FIXTURES / "testbed-llama"
@@ -253,10 +254,9 @@ def test_ruler_never_downloads_nltk_data(tokenizer, monkeypatch):
 @needs_lm_eval
 def test_lm_eval_local_passkey_task_scores_the_export_above_the_base_at_the_same_max_length(tmp_path, tokenizer):
     from dpe_export.export.convert import convert
-    from dpe_export.runtime import load_dpe_core
 
     torch.set_num_threads(1)
-    params = load_dpe_core().DPEParams(32, [8, 16, 32, 32], [0, 4, 8, 12, 16], target_length=4096)
+    params = dpe_params.DPEParams(32, [8, 16, 32, 32], [0, 4, 8, 12, 16], target_length=4096)
     export = convert(TESTBED, tmp_path / "dpe", params)
     tasks = harness.write_passkey_task(tmp_path / "tasks", tokenizer, 1024, samples=5)
     lines = (tasks / "dpe_passkey.jsonl").read_text().splitlines()
@@ -276,12 +276,11 @@ def test_lm_eval_local_passkey_task_scores_the_export_above_the_base_at_the_same
 def test_generate_prefills_in_chunks_with_the_same_tokens_and_never_chunks_dynamic_rope(tmp_path, tokenizer, method):
     from dpe_export.evaluation.generation import reset_rope_state, set_generate_prefill_chunk
     from dpe_export.export.convert import convert
-    from dpe_export.runtime import load_dpe_core
     from dpe_export.sources import methods
 
     torch.set_num_threads(1)
     if method == "dpe-export":
-        params = load_dpe_core().DPEParams(32, [8, 16, 32, 32], [0, 4, 8, 12, 16], target_length=4096)
+        params = dpe_params.DPEParams(32, [8, 16, 32, 32], [0, 4, 8, 12, 16], target_length=4096)
         model = loading.load_model(convert(TESTBED, tmp_path / "dpe", params), methods.parse_method("none"),
                                    device="cpu", trust_remote_code=True).model
     else:

@@ -162,7 +162,7 @@ def test_a_live_processs_staging_directory_is_left_alone(run_cli, llama_dir, tmp
 HOSTILE = '''
 import pathlib
 pathlib.Path({marker!r}).write_text("hostile code ran")
-from .dpe_core import *  # noqa
+from .dpe_rule import *  # noqa
 '''
 
 

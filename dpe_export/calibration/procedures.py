@@ -17,9 +17,9 @@ from dpe_export.errors import DPEExportError
 from dpe_export.evaluation import prompts
 from dpe_export.evaluation import run as evalrun
 from dpe_export.evaluation.tasks import PromptBuilder
-from dpe_export.runtime import load_dpe_core
 from dpe_export.sources import loading, methods
 from dpe_export.sources.checkpoint import load_base_config
+from dpe_export.modeling_templates import dpe_family
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
     get_architecture(config)
     plan = scales.make_plan(
         model_dir, target_length=target_length, window=window,
-        num_freqs=load_dpe_core().rotary_dim_of(config) // 2,
+        num_freqs=dpe_family.rotary_dim_of(config) // 2,
         pretrain_length=pretrain_length or config.max_position_embeddings, dimension_groups=dimension_groups,
         num_groups=num_groups, top_k=top_k, samples=samples, needles=needles, seed=seed, metric=metric,
         dim_statistic=dim_statistic, procedure=proc.name)

@@ -198,7 +198,7 @@ def convert_command(model_dir, model_source, output, window, scale_factors, dime
 
     MODEL is a local Hugging Face checkpoint directory, a Hub repo id or a .gguf file. OUT gets config.json (with
     a `dpe` section, auto_map and the target length as max_position_embeddings), the unchanged weights, the
-    tokenizer files, modeling_dpe.py and dpe_core.py, the selected-frequency file when --topk is given, and a
+    tokenizer files, modeling_dpe.py and the dpe_*.py runtime files, the selected-frequency file when --topk is given, and a
     README.md model card. Nothing is written unless every check passes, and a failed or interrupted export
     leaves nothing behind.
     """
@@ -248,8 +248,9 @@ def push_command(out: Path, repo_id: str, private: bool, revision, commit_messag
 def upgrade_command(export_dir: Path) -> None:
     """Bring a DPE export written by an earlier dpe-export up to date, in place.
 
-    Rewrites the generated files (modeling_dpe.py, dpe_core.py, and in config.json the auto_map, architectures
-    and the dpe-export version) with this version's runtime. Weights, tokenizer, selection file and model card
+    Rewrites the generated files (modeling_dpe.py, the dpe_*.py runtime files, and in config.json the auto_map,
+    architectures and the dpe-export version) with this version's runtime, and removes dpe_core.py (the runtime
+    in one file, as releases before 0.3.0 wrote it) when dpe-export wrote it. Weights, tokenizer, selection file and model card
     are left untouched and checked unchanged by hash; a following `dpe-export push` uploads only the changed
     files. Exports written before 0.2.0 are silently wrong on transformers 5.24 until upgraded.
 
@@ -264,7 +265,9 @@ def upgrade_command(export_dir: Path) -> None:
         click.echo(f"{export_dir} is up to date (dpe-export {__version__}); nothing changed")
         return
     click.echo(f"Upgraded {export_dir} (written by dpe-export {result.written_by or '0.1.0 or earlier'}) to "
-               f"dpe-export {__version__}: rewrote {', '.join(result.changed)}; {len(result.untouched)} other files "
+               f"dpe-export {__version__}: rewrote {', '.join(result.changed)}"
+               + (f", removed {', '.join(result.removed)}" if result.removed else "")
+               + f"; {len(result.untouched)} other files "
                "unchanged (checked by hash)")
 
 
@@ -377,7 +380,7 @@ def eval_command(model_dir, model_source, model_revision, gguf_file, task, depth
     """Evaluate MODEL on pass-key retrieval, multi-needle NIAH, perplexity or RULER at the given lengths (or on
     any lm-evaluation-harness task with --harness lm-eval).
 
-    MODEL is a base checkpoint directory or a DPE export. An export's code (modeling_dpe.py, dpe_core.py) runs
+    MODEL is a base checkpoint directory or a DPE export. An export's code (modeling_dpe.py, dpe_*.py) runs
     only when it is byte for byte what this dpe-export writes (`dpe-export upgrade` makes an older export so),
     or with --trust-remote-code; a base model's own code never runs. Prompts are
     exactly the requested number of tokens. Prints a table (per length and depth: accuracy and sample count,

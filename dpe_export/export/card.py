@@ -60,9 +60,9 @@ from dpe_export.generated import (
     model_card_template_path,
     render_template,
 )
-from dpe_export.runtime import load_dpe_core
 from dpe_export.safefiles import safe_file
 from dpe_export.sources.checkpoint import LICENSE_FILES
+from dpe_export.modeling_templates import dpe_family, dpe_guards
 
 logger = logging.getLogger("dpe_export")
 
@@ -549,7 +549,7 @@ def card_variables(
     """
 
     config = info.config
-    rope = load_dpe_core().rope_parameters_of(config)  # the full-attention layers' (per layer type where it differs)
+    rope = dpe_family.rope_parameters_of(config)  # the full-attention layers' (per layer type where it differs)
     theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
     raw_config = None
     try:
@@ -573,7 +573,7 @@ def card_variables(
         "head_dim": info.head_dim,
         "rotary_dim": 2 * info.num_freqs,
         "num_layers": info.num_layers,
-        "dpe_layers": load_dpe_core().full_attention_layers(config),
+        "dpe_layers": dpe_family.full_attention_layers(config),
         "num_freqs": info.num_freqs,
         "selection": describe_selection(selected),
         "rope_type": rope.get("rope_type", "default") if isinstance(rope, dict) else "default",
@@ -584,7 +584,7 @@ def card_variables(
         "eval_runs": _unique_runs(tables),
         "images": images or {},
         "tool_version": __version__,
-        "transformers_range": f">={load_dpe_core().MIN_TRANSFORMERS_VERSION},<{load_dpe_core().MAX_TRANSFORMERS_VERSION}",
+        "transformers_range": f">={dpe_guards.MIN_TRANSFORMERS_VERSION},<{dpe_guards.MAX_TRANSFORMERS_VERSION}",
     }
 
 

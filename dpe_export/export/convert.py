@@ -25,7 +25,6 @@ from dpe_export.export.files import (
     write_manifest,
 )
 from dpe_export.generated import config_auto_map, foreign_code, write_modeling_files
-from dpe_export.runtime import load_dpe_core
 from dpe_export.safefiles import safe_file
 from dpe_export.staging import clean_stale_staging, make_staging_dir, release_staging
 from dpe_export.sources.checkpoint import (
@@ -41,6 +40,8 @@ from dpe_export.sources.checkpoint import (
     inspect_model,
     read_config_json,
 )
+from dpe_export.modeling_templates import dpe_params
+from dpe_export import dpe_ops
 
 logger = logging.getLogger("dpe_export")
 
@@ -59,13 +60,12 @@ def build_params(
     Defaults: dimension groups split head_dim/2 evenly into one group per scale factor; pretrain length is
     the base max_position_embeddings; target length is 4 x that.
     """
-    dpe_core = load_dpe_core()
     if dimension_groups_range is None:
         try:
-            dimension_groups_range = dpe_core.even_group_boundaries(info.num_freqs, len(scale_factors))
+            dimension_groups_range = dpe_ops.even_group_boundaries(info.num_freqs, len(scale_factors))
         except ValueError as e:
             raise DPEExportError(f"invalid DPE parameters: {e}") from None
-    params = dpe_core.DPEParams(
+    params = dpe_params.DPEParams(
         local_window_size=local_window_size,
         scale_factors=list(scale_factors),
         dimension_groups_range=list(dimension_groups_range),
@@ -80,15 +80,14 @@ def resolve_params(params, info: ModelInfo, selected=None):
 
     Defaults: pretrain length = the base max_position_embeddings; target length = 4 x that.
     """
-    dpe_core = load_dpe_core()
     pretrain = params.pretrain_length if params.pretrain_length is not None else info.max_position_embeddings
-    resolved = dpe_core.DPEParams(
+    resolved = dpe_params.DPEParams(
         local_window_size=params.local_window_size,
         scale_factors=_as_list(params.scale_factors),
         dimension_groups_range=_as_list(params.dimension_groups_range),
         target_length=params.target_length if params.target_length is not None else default_target_length(info),
         pretrain_length=pretrain,
-        selected_dims=dpe_core.SELECTED_DIMS_FILENAME if selected is not None else None,
+        selected_dims=dpe_params.SELECTED_DIMS_FILENAME if selected is not None else None,
     )
     try:
         resolved.validate(2 * info.num_freqs)
@@ -135,11 +134,10 @@ def write_config(info: ModelInfo, params, out_dir: Path) -> None:
 def write_selected_dims(selected, out_dir: Path) -> None:
     from safetensors.torch import save_file
 
-    dpe_core = load_dpe_core()
     save_file(
-        {dpe_core.SELECTED_DIMS_TENSOR: selected.to("cpu").contiguous()},
-        str(out_dir / dpe_core.SELECTED_DIMS_FILENAME),
-        metadata={"format": "pt", "dpe_format_version": str(dpe_core.DPE_FORMAT_VERSION)},
+        {dpe_params.SELECTED_DIMS_TENSOR: selected.to("cpu").contiguous()},
+        str(out_dir / dpe_params.SELECTED_DIMS_FILENAME),
+        metadata={"format": "pt", "dpe_format_version": str(dpe_params.DPE_FORMAT_VERSION)},
     )
 
 
@@ -159,7 +157,7 @@ def convert(
 ) -> Path:
     """Export `model_dir` as a DPE checkpoint at `output`; return the output path.
 
-    `params` is a dpe_core.DPEParams; its missing lengths are defaulted (pretrain: the base
+    `params` is a dpe_params.DPEParams; its missing lengths are defaulted (pretrain: the base
     max_position_embeddings; target: 4 x that) and its selected_dims is set from `selected`, a bool
     tensor [layers, heads, head_dim/2] or None (all frequencies). `base_model` is the Hub id named in the
     model card (default: guessed from a Hugging Face cache path); `repo_id` the Hub repo the card names (default:
@@ -251,16 +249,15 @@ def export_difference(output, info: ModelInfo, params, selected=None) -> Optiona
                 return "its tokenizer_config.json differs from the base model's"
         except (OSError, ValueError):
             return "its tokenizer_config.json is missing or unreadable"
-    dpe_core = load_dpe_core()
-    sel_path = output / dpe_core.SELECTED_DIMS_FILENAME
+    sel_path = output / dpe_params.SELECTED_DIMS_FILENAME
     if (selected is None) != (not sel_path.is_file()):
-        return f"its {dpe_core.SELECTED_DIMS_FILENAME} does not match the selection"
+        return f"its {dpe_params.SELECTED_DIMS_FILENAME} does not match the selection"
     if selected is not None:
         import torch
         from safetensors.torch import load_file
 
-        if not torch.equal(load_file(str(sel_path))[dpe_core.SELECTED_DIMS_TENSOR], selected.cpu()):
-            return f"its {dpe_core.SELECTED_DIMS_FILENAME} holds another selection"
+        if not torch.equal(load_file(str(sel_path))[dpe_params.SELECTED_DIMS_TENSOR], selected.cpu()):
+            return f"its {dpe_params.SELECTED_DIMS_FILENAME} holds another selection"
     return None
 
 

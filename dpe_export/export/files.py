@@ -57,7 +57,7 @@ def check_output_target(output: Path, model_dir: Path, overwrite: bool) -> None:
 
 # What an export directory holds: anything else in it means it is not (only) an export, so it is never deleted.
 _EXPORT_FILE_PATTERNS = (
-    r"config\.json", r"generation_config\.json", r"modeling_dpe\.py", r"dpe_core\.py", r"README\.md",
+    r"config\.json", r"generation_config\.json", r"modeling_dpe\.py", r"dpe_[a-z_]+\.py", r"README\.md",
     r"model\.safetensors", r"model\.safetensors\.index\.json", r"model-\d+-of-\d+\.safetensors",
     r"dpe_selected_dims\.safetensors", r"dpe_[a-z_]+\.png", r"eval[\w.-]*\.json", r"\.gitattributes",
     r"\.dpe-export-manifest\.json",

@@ -23,8 +23,8 @@ from dpe_export.architectures import (
     supported_families,
 )
 from dpe_export.errors import DPEExportError, first_line
-from dpe_export.runtime import load_dpe_core
 from dpe_export.safefiles import check_model_tree, safe_file
+from dpe_export.modeling_templates import dpe_family
 
 logger = logging.getLogger("dpe_export")
 
@@ -114,7 +114,7 @@ def inspect_model(model_dir) -> ModelInfo:
         num_heads=int(config.num_attention_heads),
         max_position_embeddings=max_pos,
         weight_files=weight_files,
-        rotary_dim=load_dpe_core().rotary_dim_of(config),
+        rotary_dim=dpe_family.rotary_dim_of(config),
     )
 
 

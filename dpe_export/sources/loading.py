@@ -12,7 +12,6 @@ from typing import Any, Optional
 from dpe_export.architectures import export_architecture
 from dpe_export.errors import DPEExportError, first_line
 from dpe_export.generated import foreign_code
-from dpe_export.runtime import load_dpe_core
 from dpe_export.safefiles import safe_file
 from dpe_export.sources.checkpoint import (
     PICKLED_WEIGHT_PATTERNS,
@@ -29,6 +28,8 @@ from dpe_export.sources.methods import (
     dpe_params_for,
     rope_parameters_for,
 )
+from dpe_export.modeling_templates import dpe_family
+from dpe_export import dpe_ops
 
 logger = logging.getLogger("dpe_export")
 
@@ -242,7 +243,7 @@ def _eval_config(model_dir: Path, method: MethodSpec, is_export: bool, target_le
         config.rope_parameters = rope_parameters_for(method, config)
     elif method.is_dpe:
         try:
-            load_dpe_core().check_supported_config(config)
+            dpe_family.check_supported_config(config)
         except ValueError as e:
             raise DPEExportError(f"cannot apply {method}: {e}") from None
         dpe_params_for(method, config, target_length)  # bad parameters fail before the weights load
@@ -297,7 +298,7 @@ def load_model(model_dir, method: Optional[MethodSpec] = None, *, device=None, d
     elif method.is_dpe:
         params = dpe_params_for(method, model.config, target_length)
         try:
-            load_dpe_core().apply_dpe(model, params)
+            dpe_ops.apply_dpe(model, params)
         except ValueError as e:
             raise DPEExportError(f"cannot apply {method}: {e}") from None
     if device_map:
