@@ -426,3 +426,16 @@ def test_the_tokenizer_states_the_target_length_and_a_longer_input_warns_once(ll
     dpe = [w for w in caught if "past the 48 this export was made for" in str(w.message)]
     assert len(dpe) == 1
     assert dpe[0].filename == __file__  # the line that called the model, not torch's module dispatch
+
+
+def test_modeling_file_imports_every_runtime_file_directly():
+    """transformers 5.0 copies only the direct relative imports of a local export's modeling file: the template
+    names every runtime file the export ships (and the export ships exactly what it imports)."""
+    from dpe_export.architectures import ARCHITECTURES
+    from dpe_export.generated import code_files, render_modeling_source
+    from dpe_export.runtime import relative_imports
+
+    arch = next(iter(ARCHITECTURES.values()))
+    direct = {f"{name}.py" for name in relative_imports(render_modeling_source(arch))}
+    shipped = set(code_files(arch)) - {"modeling_dpe.py"}
+    assert direct == shipped == set(RUNTIME_FILES)
