@@ -223,21 +223,21 @@ class HeadAnalysis:
         return cls(data["records"])
 
 
-def memory_needed(config, length: int, bytes_per_value: int = 2) -> int:
-    """What one prompt holds: every layer's keys kept here (float32) and the model's own KV cache."""
-    core = load_dpe_core()
-    layers = config.num_hidden_layers
-    hkv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    d = core.head_dim_of(config)
-    return layers * hkv * d * length * (4 + 2 * bytes_per_value)
+def memory_needed(ckpt, length: int, bytes_per_value: int = 2) -> int:
+    """What one prompt holds: every layer's keys kept here (float32) and the model's own KV cache. `ckpt`: the
+    model's Checkpoint (config.json as read once)."""
+    cfg = ckpt.text_config
+    layers = cfg["num_hidden_layers"]
+    hkv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    return layers * hkv * ckpt.head_dim * length * (4 + 2 * bytes_per_value)
 
 
-def check_fits(config, lengths: Sequence[int], available: Optional[int]) -> None:
+def check_fits(ckpt, lengths: Sequence[int], available: Optional[int]) -> None:
     """Refuse, in one line, lengths whose kept keys and KV cache would not fit in `available` bytes."""
     if available is None:
         return
     for n in lengths:
-        need = memory_needed(config, n)
+        need = memory_needed(ckpt, n)
         if need > 0.8 * available:
             raise DPEExportError(f"analyzing {n} tokens needs about {need / 2**30:.1f} GiB for the keys and KV cache, "
                                  f"but {available / 2**30:.1f} GiB is free; give shorter --lengths")
