@@ -29,8 +29,9 @@ from dpe_export.evaluation.registry import max_new_tokens_for
 from dpe_export.evaluation.results import require_matplotlib
 from dpe_export.evaluation.run import evaluate_task
 from dpe_export.evaluation.tasks import PromptBuilder
+from dpe_export.generated import render_template
 from dpe_export.output_files import write_output
-from dpe_export.runtime import load_dpe_core
+from dpe_export.runtime import MODELING_TEMPLATES, load_dpe_core, resource_dir
 from dpe_export.safefiles import safe_file
 from dpe_export.sources.loading import input_device
 
@@ -427,24 +428,22 @@ def ablation_table(ab: dict[str, Any]) -> str:
             f"{len(r['draws'])} draws)")
 
 
+POSITIONAL_HEADS_TEMPLATE = "positional_heads.md.jinja"
 CARD_BEGIN = "<!-- dpe-export analyze: begin -->"
 CARD_END = "<!-- dpe-export analyze: end -->"
 
 
 def card_section(result: HeadAnalysis, ablation: Optional[dict] = None, top: int = 5) -> str:
-    """The model card's "Positional heads" section (markdown), between markers so a later run replaces it."""
-    lines = [CARD_BEGIN, "## Positional heads", "",
-             "Measured on this export with `dpe-export analyze` (arXiv 2410.08703): per attention head, the Spearman "
-             "correlation rho between token distance and the dominant rotary dimension of sampled pairs.", "",
-             "| length | heads | rho > 0.5 | top heads (layer.head: rho) |", "|---|---|---|---|"]
+    """The model card's "Positional heads" section (markdown, from POSITIONAL_HEADS_TEMPLATE beside the model
+    card's template), between markers so a later run replaces it."""
+    rows = []
     for n in sorted({r["length"] for r in result.records}):
-        rows = [r for r in result.records if r["length"] == n]
-        best = sorted(rows, key=lambda r: -r["rho"])[:top]
-        lines.append(f"| {n} | {len(rows)} | {sum(r['rho'] > 0.5 for r in rows)} | "
-                     + ", ".join(f"{r['layer']}.{r['head']}: {r['rho']:.2f}" for r in best) + " |")
-    if ablation:
-        lines += ["", ablation_table(ablation) + "."]
-    return "\n".join(lines + [CARD_END]) + "\n"
+        at_n = [r for r in result.records if r["length"] == n]
+        rows.append({"length": n, "heads": len(at_n), "positional": sum(r["rho"] > 0.5 for r in at_n),
+                     "top": sorted(at_n, key=lambda r: -r["rho"])[:top]})
+    variables = {"begin": CARD_BEGIN, "end": CARD_END, "rows": rows,
+                 "ablation": ablation_table(ablation) if ablation else None}
+    return render_template(resource_dir(MODELING_TEMPLATES) / POSITIONAL_HEADS_TEMPLATE, variables)
 
 
 def write_card_section(export_dir, section: str) -> Path:
