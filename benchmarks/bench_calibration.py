@@ -23,7 +23,6 @@ import platform
 import sys
 import time
 from pathlib import Path
-from dpe_export.modeling_templates import dpe_family
 from dpe_export import dpe_ops
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +56,7 @@ def main() -> int:
     from dpe_export.calibration import paired, scales
     from dpe_export.evaluation import generation, registry
     from dpe_export.sources import loading, methods
-    from dpe_export.sources.checkpoint import load_base_config
+    from dpe_export.sources.checkpoint import Checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True)
@@ -71,18 +70,18 @@ def main() -> int:
     ap.add_argument("--jsonl", type=Path, required=True)
     args = ap.parse_args()
 
-    config = load_base_config(args.model)
-    num_freqs = dpe_family.rotary_dim_of(config) // 2
+    ckpt = Checkpoint(args.model)
+    num_freqs = ckpt.rotary_dim // 2
     bounds = [int(x) for x in args.dimension_groups.split(",")]
-    tokenizer = loading.load_tokenizer(args.model)
+    tokenizer = loading.load_tokenizer(ckpt)
     t0 = time.perf_counter()
-    model = loading.load_model(args.model, methods.MethodSpec("none"), dtype=args.dtype, tokenizer=tokenizer,
+    model = loading.load_model(ckpt, methods.MethodSpec("none"), dtype=args.dtype, tokenizer=tokenizer,
                                target_length=max(int(x) for x in args.lengths.split(","))).model
     load_seconds = time.perf_counter() - t0
     task = registry.get_task("niah")
     for T in (int(x) for x in args.lengths.split(",")):
         common = dict(target_length=T, window=args.window, num_freqs=num_freqs,
-                      pretrain_length=config.max_position_embeddings, dimension_groups=bounds)
+                      pretrain_length=ckpt.require_pretraining_length(), dimension_groups=bounds)
         grid = scales.make_plan(args.model, **common)
         fast = scales.make_plan(args.model, procedure="paired", samples=paired.DEFAULT_CONTEXTS,
                                 needles=paired.DEFAULT_NEEDLES, **common)

@@ -29,7 +29,9 @@ from dpe_export.evaluation.registry import max_new_tokens_for
 from dpe_export.evaluation.results import require_matplotlib
 from dpe_export.evaluation.run import evaluate_task
 from dpe_export.evaluation.tasks import PromptBuilder
+from dpe_export.generated import render_template
 from dpe_export.output_files import write_output
+from dpe_export.runtime import MODELING_TEMPLATES, resource_dir
 from dpe_export.safefiles import safe_file
 from dpe_export.sources.loading import input_device
 from dpe_export.modeling_templates import dpe_family, dpe_hf_model, dpe_rule
@@ -221,20 +223,21 @@ class HeadAnalysis:
         return cls(data["records"])
 
 
-def memory_needed(config, length: int, bytes_per_value: int = 2) -> int:
-    """What one prompt holds: every layer's keys kept here (float32) and the model's own KV cache."""
-    layers = config.num_hidden_layers
-    hkv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    d = dpe_family.head_dim_of(config)
-    return layers * hkv * d * length * (4 + 2 * bytes_per_value)
+def memory_needed(ckpt, length: int, bytes_per_value: int = 2) -> int:
+    """What one prompt holds: every layer's keys kept here (float32) and the model's own KV cache. `ckpt`: the
+    model's Checkpoint (config.json as read once)."""
+    cfg = ckpt.text_config
+    layers = cfg["num_hidden_layers"]
+    hkv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    return layers * hkv * ckpt.head_dim * length * (4 + 2 * bytes_per_value)
 
 
-def check_fits(config, lengths: Sequence[int], available: Optional[int]) -> None:
+def check_fits(ckpt, lengths: Sequence[int], available: Optional[int]) -> None:
     """Refuse, in one line, lengths whose kept keys and KV cache would not fit in `available` bytes."""
     if available is None:
         return
     for n in lengths:
-        need = memory_needed(config, n)
+        need = memory_needed(ckpt, n)
         if need > 0.8 * available:
             raise DPEExportError(f"analyzing {n} tokens needs about {need / 2**30:.1f} GiB for the keys and KV cache, "
                                  f"but {available / 2**30:.1f} GiB is free; give shorter --lengths")
@@ -423,24 +426,22 @@ def ablation_table(ab: dict[str, Any]) -> str:
             f"{len(r['draws'])} draws)")
 
 
+POSITIONAL_HEADS_TEMPLATE = "positional_heads.md.jinja"
 CARD_BEGIN = "<!-- dpe-export analyze: begin -->"
 CARD_END = "<!-- dpe-export analyze: end -->"
 
 
 def card_section(result: HeadAnalysis, ablation: Optional[dict] = None, top: int = 5) -> str:
-    """The model card's "Positional heads" section (markdown), between markers so a later run replaces it."""
-    lines = [CARD_BEGIN, "## Positional heads", "",
-             "Measured on this export with `dpe-export analyze` (arXiv 2410.08703): per attention head, the Spearman "
-             "correlation rho between token distance and the dominant rotary dimension of sampled pairs.", "",
-             "| length | heads | rho > 0.5 | top heads (layer.head: rho) |", "|---|---|---|---|"]
+    """The model card's "Positional heads" section (markdown, from POSITIONAL_HEADS_TEMPLATE beside the model
+    card's template), between markers so a later run replaces it."""
+    rows = []
     for n in sorted({r["length"] for r in result.records}):
-        rows = [r for r in result.records if r["length"] == n]
-        best = sorted(rows, key=lambda r: -r["rho"])[:top]
-        lines.append(f"| {n} | {len(rows)} | {sum(r['rho'] > 0.5 for r in rows)} | "
-                     + ", ".join(f"{r['layer']}.{r['head']}: {r['rho']:.2f}" for r in best) + " |")
-    if ablation:
-        lines += ["", ablation_table(ablation) + "."]
-    return "\n".join(lines + [CARD_END]) + "\n"
+        at_n = [r for r in result.records if r["length"] == n]
+        rows.append({"length": n, "heads": len(at_n), "positional": sum(r["rho"] > 0.5 for r in at_n),
+                     "top": sorted(at_n, key=lambda r: -r["rho"])[:top]})
+    variables = {"begin": CARD_BEGIN, "end": CARD_END, "rows": rows,
+                 "ablation": ablation_table(ablation) if ablation else None}
+    return render_template(resource_dir(MODELING_TEMPLATES) / POSITIONAL_HEADS_TEMPLATE, variables)
 
 
 def write_card_section(export_dir, section: str) -> Path:

@@ -10,7 +10,6 @@ export is only read, never changed.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from dpe_export.export.files import (
 )
 from dpe_export.generated import RETIRED_RUNTIME_FILES, foreign_code
 from dpe_export.safefiles import check_model_tree, links_in
+from dpe_export.sources.checkpoint import CONFIG_FILE, Checkpoint
 
 logger = logging.getLogger("dpe_export")
 
@@ -79,17 +79,17 @@ def check_export_dir(folder, include: Sequence[str] = ()) -> Path:
         raise DPEExportError(f"export directory not found: {folder}")
     if folder.is_symlink() or not folder.is_dir():
         raise DPEExportError(f"{folder} is not a directory")
-    config = folder / "config.json"
+    export = Checkpoint(folder)
     try:
-        if config.is_symlink():
+        if (folder / CONFIG_FILE).is_symlink():
             raise OSError
-        raw = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        raw = export.raw
+    except (OSError, DPEExportError):
         raise DPEExportError(
             f"{folder} has no readable config.json; it is not a DPE export (give the output directory of "
             "dpe-export convert)"
         ) from None
-    if not isinstance(raw, dict) or "dpe" not in raw:
+    if not export.is_export:
         raise DPEExportError(
             f"{folder} is not a DPE export (its config.json has no dpe section); run dpe-export convert first"
         )

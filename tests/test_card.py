@@ -17,6 +17,7 @@ from dpe_export.calibration import result as calib_result
 from dpe_export.errors import DPEExportError
 from dpe_export.export import card
 from dpe_export.modeling_templates import dpe_params
+from dpe_export.sources import checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -169,14 +170,14 @@ def test_escaping_filters(value):
 def test_license_from_the_base_models_card_or_config(tmp_path):
     (tmp_path / "README.md").write_text(
         "---\nlicense: other\nlicense_name: llama3\nlicense_link: LICENSE\n---\n# card\n", encoding="utf-8")
-    assert card.read_base_license(tmp_path) == {"license": "other", "license_name": "llama3", "license_link": "LICENSE"}
+    assert checkpoint.read_base_license(tmp_path) == {"license": "other", "license_name": "llama3", "license_link": "LICENSE"}
     (tmp_path / "README.md").write_text("---\nlicense: apache-2.0\n---\n", encoding="utf-8")
-    assert card.read_base_license(tmp_path) == {"license": "apache-2.0"}
+    assert checkpoint.read_base_license(tmp_path) == {"license": "apache-2.0"}
     (tmp_path / "README.md").write_text("no front matter\n", encoding="utf-8")
-    assert card.read_base_license(tmp_path, {"license": "mit"}) == {"license": "mit"}
-    assert card.read_base_license(tmp_path, {}) == {}
+    assert checkpoint.read_base_license(tmp_path, {"license": "mit"}) == {"license": "mit"}
+    assert checkpoint.read_base_license(tmp_path, {}) == {}
     (tmp_path / "README.md").write_text("---\nlicense: [unclosed\n---\n", encoding="utf-8")
-    assert card.read_base_license(tmp_path) == {}
+    assert checkpoint.read_base_license(tmp_path) == {}
 
 
 def test_effective_distance():

@@ -108,12 +108,12 @@ def test_link_hard_links_weights(run_cli, llama_dir, tmp_path):
 
 def test_link_falls_back_to_copy(llama_dir, tmp_path, monkeypatch, caplog):
     from dpe_export.export import convert as export_convert
-    from dpe_export.sources import checkpoint
+    from dpe_export.export import copying
 
     def refuse(*args, **kwargs):
         raise OSError(18, "Invalid cross-device link")
 
-    monkeypatch.setattr(checkpoint.os, "link", refuse)
+    monkeypatch.setattr(copying.os, "link", refuse)
     params = dpe_params.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
     out = export_convert.convert(llama_dir, tmp_path / "export", params, link=True)
     assert same_bytes(llama_dir / "model.safetensors", out / "model.safetensors")

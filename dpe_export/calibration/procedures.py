@@ -18,8 +18,6 @@ from dpe_export.evaluation import prompts
 from dpe_export.evaluation import run as evalrun
 from dpe_export.evaluation.tasks import PromptBuilder
 from dpe_export.sources import loading, methods
-from dpe_export.sources.checkpoint import load_base_config
-from dpe_export.modeling_templates import dpe_family
 
 
 @dataclass(frozen=True)
@@ -126,23 +124,22 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
         raise DPEExportError("--ray places the model copies itself: leave out --shard, --device and --device-map")
     samples = proc.samples if samples is None else samples
     needles = proc.needles if needles is None else needles
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    raw, is_export = loading.check_eval_model(model_dir)
-    if is_export:
+    out_dir = Path(out_dir)
+    ckpt = loading.check_eval_model(model_dir)  # a directory or its Checkpoint
+    model_dir = ckpt.path
+    if ckpt.is_export:
         raise DPEExportError(f"{model_dir} is already a DPE export; calibrate its base model")
     loading.check_device_map(device_map, device)
     if ray_address is None:
-        evalrun.check_memory(raw, metric if metric in ("niah", "passkey") else "niah", target_length, batch_size,
+        evalrun.check_memory(ckpt, metric if metric in ("niah", "passkey") else "niah", target_length, batch_size,
                              device, dtype, device_map)  # the longest context must fit, as eval checks
-    config = load_base_config(model_dir)
-    get_architecture(config)
+    get_architecture(ckpt.config)
     plan = scales.make_plan(
-        model_dir, target_length=target_length, window=window,
-        num_freqs=dpe_family.rotary_dim_of(config) // 2,
-        pretrain_length=pretrain_length or config.max_position_embeddings, dimension_groups=dimension_groups,
+        model_dir, target_length=target_length, window=window, num_freqs=ckpt.rotary_dim // 2,
+        pretrain_length=pretrain_length or ckpt.require_pretraining_length(), dimension_groups=dimension_groups,
         num_groups=num_groups, top_k=top_k, samples=samples, needles=needles, seed=seed, metric=metric,
         dim_statistic=dim_statistic, procedure=proc.name)
-    tokenizer = loading.load_tokenizer(model_dir)  # before the weights: a model without one fails fast
+    tokenizer = loading.load_tokenizer(ckpt)  # before the weights: a model without one fails fast
     _check_prompt_fits(plan, tokenizer, haystack)
     scales.save_plan(out_dir, plan)
     t0 = time.perf_counter()
@@ -151,10 +148,10 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
     cleanup = None
     if ray_address is not None:
         executor = RayExecutor(ray_address, model_dir, plan, proc.evaluate, out_dir, haystack=haystack, dtype=dtype,
-                               actors=ray_actors, need_bytes=_model_bytes(model_dir, raw, target_length, dtype))
+                               actors=ray_actors, need_bytes=_model_bytes(ckpt, target_length, dtype))
         cleanup = executor.shutdown
     else:
-        loaded = loading.load_model(model_dir, methods.MethodSpec("none"), device=device, dtype=dtype,
+        loaded = loading.load_model(ckpt, methods.MethodSpec("none"), device=device, dtype=dtype,
                                     tokenizer=tokenizer, target_length=target_length, device_map=device_map)
         calibrator = scales.Calibrator(loaded.model, tokenizer, plan, haystack=haystack, batch_size=batch_size)
         if top_k:
@@ -179,9 +176,10 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
     return calibration
 
 
-def _model_bytes(model_dir: Path, raw: dict, target_length: int, dtype) -> int:
+def _model_bytes(ckpt, target_length: int, dtype) -> int:
     """Weights (their safetensors size, at the asked dtype's width) plus the longest context's peak."""
-    stored = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    raw = ckpt.raw
+    stored = sum(p.stat().st_size for p in ckpt.path.glob("*.safetensors"))
     width = 2 if str(dtype).replace("torch.", "") in ("bfloat16", "float16") else 4
     stored_width = 2 if str(raw.get("torch_dtype") or raw.get("dtype")) in ("bfloat16", "float16") else 4
-    return stored * width // stored_width + evalrun.estimate_memory(raw, "niah", target_length, 1, width)
+    return stored * width // stored_width + evalrun.estimate_memory(ckpt, "niah", target_length, 1, width)

@@ -2,7 +2,6 @@
 stage's own entry point) and prints what it returns; shared options come from options.py."""
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +15,7 @@ from dpe_export.calibration import procedures, scales
 from dpe_export.cli import options as opt
 from dpe_export.cli.app import main, quiet_transformers, setup_logging
 from dpe_export.errors import UsageError
-from dpe_export.evaluation import prompts, registry, results
+from dpe_export.evaluation import prompts, registry
 from dpe_export.export.presets import list_presets, load_preset
 from dpe_export.export.settings import ConvertFlags
 from dpe_export.export.upgrade import upgrade_export
@@ -390,23 +389,17 @@ def eval_command(model_dir, model_source, model_revision, gguf_file, task, depth
                        "max_length": max_length, "include_path": include_path, "num_fewshot": num_fewshot}
     _check_eval_options(registry.get_task(task), harness, harness_options, depths, needles, data_files, plot_out,
                         rest)
-    spec = parse_method(method)
-    if plot_out is not None:
-        results.require_matplotlib()
+    request = workflows.EvalRequest(
+        model=opt.model_spec(model_dir, model_source), task=task, depths=None if depths is None else tuple(depths),
+        needles=needles, method=parse_method(method), json_out=json_out, plot_out=plot_out, dtype=dtype,
+        progress=not no_progress, harness=harness, data_files=dict(data_files or {}),
+        harness_options=workflows.HarnessOptions(**{**harness_options, "tasks": tuple(harness_options["tasks"] or ())
+                                                    or None}),
+        model_revision=model_revision, gguf_file=gguf_file,
+        **{**rest, "lengths": None if rest["lengths"] is None else tuple(rest["lengths"])})
     setup_logging()
     quiet_transformers()
-    with workflows.open_model(opt.model_spec(model_dir, model_source), revision=model_revision, gguf_file=gguf_file,
-                              dtype=dtype, workdir=Path(tempfile.gettempdir()) / "dpe-export-source", echo=click.echo) as source:
-        if harness is None:
-            rest.update(depths=depths, needles=prompts.DEFAULT_NEEDLES if needles is None else needles,
-                        data_files=data_files)
-        result = workflows.evaluate(source.path, task, harness=harness, harness_options=harness_options,
-                                    method=spec, dtype=dtype, progress=not no_progress, **rest)
-    click.echo(results.format_table(result))
-    if json_out is not None:
-        click.echo(f"Wrote {results.write_json(result, json_out)}")
-    if plot_out is not None:
-        click.echo(f"Wrote {results.plot_result(result, plot_out)}")
+    workflows.evaluate_model(request, echo=click.echo)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -477,21 +470,15 @@ def calibrate_command(model_dir, model_source, model_revision, gguf_file, output
     --procedure grid runs the DPE authors' full grid of exact-match NIAH. Writes calibration.json, which
     `dpe-export convert --calibration` uses.
     """
+    request = workflows.CalibrateRequest(
+        model=None if merge else opt.model_spec(model_dir, model_source, required=False), output_dir=Path(output_dir),
+        target_length=target_length, merge=merge, shard=shard, top_k=topk, dtype=dtype, model_revision=model_revision,
+        gguf_file=gguf_file, **{**rest, "dimension_groups": None if rest["dimension_groups"] is None
+                                else tuple(rest["dimension_groups"])})
     setup_logging()
-    if merge:
-        result = procedures.merge(output_dir)
-    else:
-        if (model_dir is None and model_source is None) or target_length is None:
-            raise click.UsageError("give --model SOURCE and --target-length (or --merge to join shards)")
+    if not merge:
         quiet_transformers()
-        with workflows.open_model(opt.model_spec(model_dir, model_source), revision=model_revision,
-                                  gguf_file=gguf_file, dtype=dtype, workdir=Path(output_dir) / "source", echo=click.echo) as source:
-            result = workflows.calibrate_model(source.path, output_dir, target_length=target_length, top_k=topk,
-                                               shard=scales.parse_shard(shard), dtype=dtype, **rest)
-        if result is None:
-            click.echo(f"Shard {shard} done; join the shards with: dpe-export calibrate --merge -d {output_dir}")
-            return
-    click.echo(workflows.calibration_summary(result, output_dir))
+    click.echo(workflows.calibrate(request, echo=click.echo))
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -502,14 +502,14 @@ def run_ruler(model_dir, task: str, lengths: Sequence[int], *, samples: int = 10
     lm_eval = require_lm_eval()
     subtasks = resolve_subtasks(task)
     spec = method if isinstance(method, methods.MethodSpec) else methods.parse_method(method)
-    loading.check_eval_model(model_dir, spec, trust_remote_code)
+    ckpt = loading.check_eval_model(model_dir, spec, trust_remote_code)
     loading.check_device_map(device_map, device)
-    tokenizer = loading.load_tokenizer(model_dir)
+    tokenizer = loading.load_tokenizer(ckpt)
     check_ruler(subtasks, tokenizer, lengths, data_files)  # before the weights load
     import torch
 
     torch.manual_seed(seed)
-    loaded = loading.load_model(model_dir, spec, device=device, dtype=dtype, attn=attn, target_length=max(lengths),
+    loaded = loading.load_model(ckpt, spec, device=device, dtype=dtype, attn=attn, target_length=max(lengths),
                                 tokenizer=tokenizer, device_map=device_map, trust_remote_code=trust_remote_code)
     max_length = max(lengths)
     lm = make_lm(loaded.model, tokenizer, max_length, batch_size)
@@ -602,7 +602,7 @@ def run_harness(model_dir, tasks: Sequence[str], *, limit: Optional[int] = None,
     if include_path is not None and not Path(include_path).is_dir():
         raise DPEExportError(f"--include-path is not a directory: {include_path}")
     spec = method if isinstance(method, methods.MethodSpec) else methods.parse_method(method)
-    loading.check_eval_model(model_dir, spec, trust_remote_code)
+    ckpt = loading.check_eval_model(model_dir, spec, trust_remote_code)
     loading.check_device_map(device_map, device)
     _quiet_lm_eval()
     manager = _harness_task_manager(names, include_path)
@@ -610,7 +610,7 @@ def run_harness(model_dir, tasks: Sequence[str], *, limit: Optional[int] = None,
     if unknown:
         raise DPEExportError(f"lm-eval {lm_eval.__version__} has no task {unknown[0]!r} (see `lm-eval ls tasks`"
                              + (")" if include_path else "; local tasks need --include-path DIR)"))
-    tokenizer = loading.load_tokenizer(model_dir)
+    tokenizer = loading.load_tokenizer(ckpt)
     if any(n.startswith(("ruler", "niah_")) or n in RULER_SUBTASKS for n in names):
         raise DPEExportError("run RULER with --task ruler[:subtasks], which sizes its prompts safely")
     if max_length is None:
@@ -618,7 +618,7 @@ def run_harness(model_dir, tasks: Sequence[str], *, limit: Optional[int] = None,
     import torch
 
     torch.manual_seed(seed)
-    loaded = loading.load_model(model_dir, spec, device=device, dtype=dtype, attn=attn, target_length=max_length,
+    loaded = loading.load_model(ckpt, spec, device=device, dtype=dtype, attn=attn, target_length=max_length,
                                 tokenizer=tokenizer, device_map=device_map, trust_remote_code=trust_remote_code)
     lm = make_lm(loaded.model, tokenizer, max_length, batch_size)
     with _without_env_report():

@@ -173,15 +173,16 @@ def _hf_progress_bars(enabled: bool):
 MAX_EVAL_LENGTH = 1 << 24
 
 
-def estimate_memory(raw: dict, task: str, length: int, batch_size: int, bytes_per_value: int) -> int:
+def estimate_memory(ckpt, task: str, length: int, batch_size: int, bytes_per_value: int) -> int:
     """Bytes an evaluation at `length` tokens holds at its peak, roughly: the KV cache of every layer, a few
-    hidden-state sized activations, and (perplexity) the logits of every position; weights not included."""
-    cfg = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    hidden-state sized activations, and (perplexity) the logits of every position; weights not included.
+    `ckpt`: the model's Checkpoint (its config.json as read once)."""
+    cfg = ckpt.text_config
     layers = int(cfg.get("num_hidden_layers") or 1)
     heads = int(cfg.get("num_attention_heads") or 1)
     hidden = int(cfg.get("hidden_size") or 1)
     kv = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    head_dim = ckpt.head_dim
     vocab = int(cfg.get("vocab_size") or 1)
     tokens = length * batch_size
     kv_bytes = 2 * layers * kv * head_dim * tokens * bytes_per_value
@@ -205,12 +206,12 @@ def available_memory(device: Optional[str], device_map: Optional[str]) -> Option
     return None
 
 
-def check_memory(raw: dict, task: str, length: int, batch_size: int, device=None, dtype=None, device_map=None) -> None:
+def check_memory(ckpt, task: str, length: int, batch_size: int, device=None, dtype=None, device_map=None) -> None:
     """Refuse, before loading anything, an evaluation that cannot fit in memory; warn when it will be tight."""
     if length > MAX_EVAL_LENGTH:
         raise DPEExportError(f"length {length} is beyond what dpe-export evaluates ({MAX_EVAL_LENGTH} tokens)")
     bpv = 4 if dtype in (None, "auto", "float32") and device in (None, "auto", "cpu") else 2
-    need = estimate_memory(raw, task, length, batch_size, 2 if dtype in ("bfloat16", "float16") else bpv)
+    need = estimate_memory(ckpt, task, length, batch_size, 2 if dtype in ("bfloat16", "float16") else bpv)
     have = available_memory(device, device_map)
     if have is None:
         return
@@ -262,14 +263,14 @@ def run_eval(model_dir, task: str, lengths: Sequence[int], *, samples: int = DEF
     if haystack is not None and not Path(haystack).is_file():
         raise DPEExportError(f"haystack file not found: {haystack}")
 
-    raw, _ = loading.check_eval_model(model_dir, spec, trust_remote_code)
+    ckpt = loading.check_eval_model(model_dir, spec, trust_remote_code)
     loading.check_device_map(device_map, device)
-    check_memory(raw, task, max(lengths), batch_size, device, dtype, device_map)
+    check_memory(ckpt, task, max(lengths), batch_size, device, dtype, device_map)
     import random
 
     import torch
 
-    tokenizer = loading.load_tokenizer(model_dir)
+    tokenizer = loading.load_tokenizer(ckpt)
     random.seed(seed)
     torch.manual_seed(seed)
     with _WarningsToLog():
@@ -282,7 +283,7 @@ def run_eval(model_dir, task: str, lengths: Sequence[int], *, samples: int = DEF
                     f"length {min(lengths)} is too short for a {task} prompt with this tokenizer "
                     f"(needs at least {shortest} tokens)")
         with _hf_progress_bars(progress):
-            loaded = loading.load_model(model_dir, spec, device=device, dtype=dtype, attn=attn,
+            loaded = loading.load_model(ckpt, spec, device=device, dtype=dtype, attn=attn,
                                         target_length=max(lengths), tokenizer=tokenizer, device_map=device_map,
                                         trust_remote_code=trust_remote_code)
         settings = {

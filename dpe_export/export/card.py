@@ -60,9 +60,8 @@ from dpe_export.generated import (
     model_card_template_path,
     render_template,
 )
-from dpe_export.safefiles import safe_file
-from dpe_export.sources.checkpoint import LICENSE_FILES
 from dpe_export.modeling_templates import dpe_family, dpe_guards
+from dpe_export.sources.checkpoint import Checkpoint
 
 logger = logging.getLogger("dpe_export")
 
@@ -82,20 +81,8 @@ MATPLOTLIB_MISSING = (
 )
 
 
-DPE_PAPER = "arXiv 2504.18857"
-
-
-POSITIONAL_HEADS_PAPER = "arXiv 2410.08703"
-
-
-# A Hub repo id (optionally namespaced) and a Hub license id: only such values become links / license ids.
+# A Hub repo id (optionally namespaced): only such values become links (license ids: sources/checkpoint.py).
 _HUB_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,95})(?:/[A-Za-z0-9](?:[A-Za-z0-9._-]{0,95}))?$")
-
-
-_LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]{0,63}$")
-
-
-_SAFE_LINK = re.compile(r"^(?:https?://[A-Za-z0-9._~:/?#@!$&'()*+,;=%-]{1,400}|[A-Za-z0-9._-]{1,100})$")
 
 
 # Characters YAML does not accept raw in a stream, or reads as line breaks (NEL, LS, PS), and the BOM;
@@ -130,55 +117,6 @@ def py_str(value: Any) -> str:
 def hub_id_or_none(value: Optional[str]) -> Optional[str]:
     """`value` if it has the form of a Hub repo id (so it can be linked), else None."""
     return value if isinstance(value, str) and _HUB_ID.match(value) and ".." not in value else None
-
-
-def read_base_license(model_dir: Path, raw_config: Optional[dict] = None) -> dict[str, str]:
-    """The base model's license from its README.md front matter (else config.json): {} when it says none.
-
-    Returns {"license": id} with a Hub-style id, plus license_name / license_link when the card gives them in a
-    safe form. A license string that is not a plain id becomes {"license": "other", "license_text": <it>}: the
-    front matter keeps a valid id and the card body shows the original text (escaped).
-    """
-    meta: dict[str, Any] = {}
-    readme = safe_file(model_dir, "README.md")
-    if readme is not None:
-        try:
-            meta = _front_matter(readme.read_text(encoding="utf-8", errors="replace"))
-        except Exception as e:  # a broken card is the base model's problem, not a reason to fail the export
-            logger.warning("cannot read the front matter of %s (%s); the card will not name a license", readme, e)
-            meta = {}
-    value = meta.get("license")
-    if value is None and isinstance(raw_config, dict):
-        value = raw_config.get("license")
-    if isinstance(value, list) and value:
-        value = value[0]
-    if not isinstance(value, str) or not value.strip():
-        return {}
-    value = value.strip()
-    out: dict[str, str] = {}
-    if _LICENSE_ID.match(value):
-        out["license"] = value
-    else:
-        out["license"] = "other"
-        out["license_text"] = value
-    for key in ("license_name", "license_link"):
-        v = meta.get(key)
-        if isinstance(v, str) and v.strip():
-            v = v.strip()
-            ok = _LICENSE_ID.match(v) if key == "license_name" else _SAFE_LINK.match(v)
-            if ok:
-                out[key] = v
-    return out
-
-
-def _front_matter(text: str) -> dict[str, Any]:
-    """The YAML front matter of a model card as a dict ({} when there is none), with huggingface_hub's parser."""
-    from huggingface_hub import ModelCard
-
-    if not text.lstrip().startswith("---"):  # no front matter (huggingface_hub would say so on stderr)
-        return {}
-    data = ModelCard(text, ignore_metadata_errors=True).data.to_dict()
-    return data if isinstance(data, dict) else {}
 
 
 def effective_distance(window: int, scale: float, pretrain_length: int) -> int:
@@ -408,11 +346,13 @@ def _same_path(a, b) -> bool:
 
 
 def _is_dpe_export(model: str) -> bool:
+    """What the run's model directory says (Checkpoint.is_export); a run read from an eval --json file may name a
+    directory that is not on this machine, and then its name decides."""
     try:
-        config = Path(model) / "config.json"
-        if config.is_file():
-            return "dpe" in json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
+        ckpt = Checkpoint(model)
+        if ckpt.has_config:
+            return ckpt.is_export
+    except (OSError, ValueError, TypeError, DPEExportError):
         pass
     return "dpe" in Path(model).name.lower()
 
@@ -551,11 +491,6 @@ def card_variables(
     config = info.config
     rope = dpe_family.rope_parameters_of(config)  # the full-attention layers' (per layer type where it differs)
     theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
-    raw_config = None
-    try:
-        raw_config = json.loads((Path(info.model_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        pass
     tables = eval_tables(eval_records, info.model_dir, export_dir) if eval_records else []
     return {
         "model_name": repo_id or model_name,
@@ -563,8 +498,8 @@ def card_variables(
         "local_name": model_name,
         "base_model": base_model,
         "base_model_link": hub_id_or_none(base_model),
-        "license": read_base_license(info.model_dir, raw_config),
-        "license_files": [n for n in LICENSE_FILES if safe_file(info.model_dir, n) is not None],
+        "license": info.checkpoint.license,
+        "license_files": info.checkpoint.license_files,
         "family": info.architecture.display_name,
         "dpe_causal_lm_class": info.architecture.dpe_causal_lm_class,
         "params": params,

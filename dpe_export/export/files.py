@@ -17,7 +17,7 @@ from typing import Optional
 
 from dpe_export.errors import DPEExportError
 from dpe_export.staging import claim_staging, release_staging
-from dpe_export.sources.checkpoint import CONFIG_FILE, LICENSE_FILES, TOKENIZER_FILES
+from dpe_export.sources.checkpoint import LICENSE_FILES, TOKENIZER_FILES, Checkpoint
 
 logger = logging.getLogger("dpe_export")
 
@@ -122,10 +122,11 @@ def is_export_file(rel: str) -> bool:
 def foreign_entries(folder: Path) -> Optional[str]:
     """None when `folder` is a DPE export holding only files an export has; else why it is not (for messages)."""
     try:
-        raw = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")) if (folder / CONFIG_FILE).is_file() else None
-    except (OSError, ValueError):
-        raw = None
-    if not isinstance(raw, dict) or "dpe" not in raw:
+        export = Checkpoint(folder)
+        is_export = export.has_config and export.is_export
+    except (OSError, DPEExportError):
+        is_export = False
+    if not is_export:
         names = sorted(p.name for p in folder.iterdir())
         return f"is not a DPE export (it holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
     for p in sorted(folder.iterdir()):

@@ -119,11 +119,6 @@ def parse_method(spec: Optional[str]) -> MethodSpec:
     raise _bad(spec)
 
 
-def _head_dim(config) -> int:
-    """Twice the number of rotary frequencies (the head dimension, unless only part of it rotates)."""
-    return dpe_family.rotary_dim_of(config)
-
-
 SCALED_LAYER_TYPE = "full_attention"  # with per-layer-type RoPE, the layer type a RoPE method rescales
 
 
@@ -180,7 +175,7 @@ def dpe_params_for(method: MethodSpec, config, target_length: Optional[int] = No
     """
     if not method.is_dpe:
         raise ValueError(f"{method} is not a DPE method")
-    half = _head_dim(config) // 2
+    half = dpe_family.rotary_dim_of(config) // 2  # the rotary frequencies (all head dims, unless only part rotates)
     try:
         if method.kind == "self-extend":
             bounds = [0, half]
