@@ -3,7 +3,8 @@
 registry     the tasks, as data: prompts, answers, scorer, generation length, labels
 prompts      which prompts an evaluation runs (seeds, depth grids, lengths)
 harness      RULER and any lm-evaluation-harness task, on base models and exports alike
-tasks        building pass-key and NIAH prompts of an exact length, and scoring answers; haystack: the filler
+tasks        the tasks, one module each; tasks.builder: pass-key and NIAH prompts of an exact length, and
+             scoring answers; haystack: the filler
 generation   greedy decoding with chunked prefill and a shared prefix
 ppl          perplexity of held-out text
 run          run_eval(): one evaluation end to end, with memory and progress
@@ -32,7 +33,7 @@ from dpe_export.evaluation.results import (
     wilson_interval,
 )
 from dpe_export.evaluation.run import evaluate_niah, evaluate_passkey, evaluate_task, run_eval
-from dpe_export.evaluation.tasks import PromptBuilder, score_answer, score_niah
+from dpe_export.evaluation.tasks.builder import PromptBuilder, score_answer, score_niah
 
 __all__ = [
     "NIAH_DIGITS", "PASSKEY_DIGITS", "TASKS", "EvalResult", "Task", "evaluate_task", "get_task", "register_task", "PromptBuilder", "aggregate", "bootstrap_interval",

@@ -34,7 +34,7 @@ from dpe_export.evaluation.generation import (GENERATE_PREFILL_CHUNK, reset_rope
                                               set_generate_prefill_chunk)
 from dpe_export.evaluation.registry import split_task
 from dpe_export.evaluation.results import EvalResult
-from dpe_export.evaluation.tasks import PromptBuilder
+from dpe_export.evaluation.tasks.builder import PromptBuilder
 from dpe_export.progress import progress_bar
 from dpe_export.sources import loading, methods
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from dpe_export.errors import DPEExportError
-from dpe_export.evaluation.tasks import (
+from dpe_export.evaluation.tasks.builder import (
     NIAH_INTRO,
     NIAH_KEYS,
     NIAH_NEEDLE,

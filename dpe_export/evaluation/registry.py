@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 from dpe_export.errors import DPEExportError
 from dpe_export.evaluation import prompts
-from dpe_export.evaluation.tasks import score_answer
+from dpe_export.evaluation.tasks.builder import score_answer
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,7 @@ from dpe_export.evaluation.prompts import (
 )
 from dpe_export.evaluation.registry import Task, get_task
 from dpe_export.evaluation.results import EvalResult, aggregate
-from dpe_export.evaluation.tasks import NIAH_KEYS, PromptBuilder
+from dpe_export.evaluation.tasks.builder import NIAH_KEYS, PromptBuilder
 from dpe_export.progress import progress_bar
 from dpe_export.sources import loading, methods
 
