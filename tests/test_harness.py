@@ -1,6 +1,7 @@
 """The task registry, and RULER / any lm-eval task through lm-evaluation-harness (the `[eval]` extra)."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import sys
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from dpe_export.errors import DPEExportError
-from dpe_export.evaluation import harness, registry
+from dpe_export.evaluation import harness, lm_eval_patches, registry
 from dpe_export.evaluation.prompts import DEFAULT_NEEDLES
 from dpe_export.evaluation.results import EvalResult, format_table
 from dpe_export.evaluation.run import evaluate_task
@@ -182,7 +183,9 @@ def test_ruler_scripted_models_score_100_and_0_on_every_offline_subtask_with_the
 
     subtasks = harness.resolve_subtasks("ruler")
     assert [s.name for s in subtasks] == list(harness.OFFLINE_SUBTASKS)
+    before = _lm_eval_globals()
     records, details = harness.run_ruler_on(_Scripted(True), tokenizer, subtasks, [2048], 2)
+    _assert_restored(before)
     assert [(r["subtask"], r["accuracy"], r["samples"]) for r in records] == [(s.name, 1.0, 2) for s in subtasks]
     assert all(d["prompt_tokens"] <= 2048 for d in details)
     some = [s for s in subtasks if s.name in ("niah_single_1", "cwe")]  # cwe: a module-level random generator
@@ -212,11 +215,67 @@ def test_ruler_known_failures_and_missing_data_are_refused_in_one_line(tokenizer
 def test_ruler_never_loads_a_tokenizer_by_name(tokenizer):
     from transformers import AutoTokenizer
 
-    with harness._ruler_tokenizer(tokenizer) as key:
-        assert AutoTokenizer.from_pretrained(key) is tokenizer
+    with lm_eval_patches.patched(ruler_tokenizer=tokenizer) as patches:
+        assert AutoTokenizer.from_pretrained(patches.tokenizer_key) is tokenizer
         with pytest.raises(DPEExportError, match="by name"):
             AutoTokenizer.from_pretrained(str(TESTBED), trust_remote_code=True)
     assert AutoTokenizer.from_pretrained(str(TESTBED)).vocab_size == tokenizer.vocab_size
+
+
+def _lm_eval_globals() -> dict:
+    """Every global lm_eval_patches may replace, as it is now (RULER's modules: the entries of sys.modules)."""
+    import datasets
+    import lm_eval.evaluator
+    import nltk
+    import requests
+    from transformers import AutoTokenizer
+
+    return {"transformers.AutoTokenizer.from_pretrained": vars(AutoTokenizer)["from_pretrained"],
+            "requests.get": requests.get, "datasets.load_dataset": datasets.load_dataset,
+            "sys.modules[lm_eval.tasks.ruler.*]": {n: m for n, m in sys.modules.items()
+                                                   if n.startswith(lm_eval_patches.RULER_MODULES)},
+            "nltk.download": nltk.download, "lm_eval.evaluator.add_env_info": lm_eval.evaluator.add_env_info}
+
+
+def _assert_restored(before: dict) -> None:
+    after = _lm_eval_globals()
+    modules = after.pop("sys.modules[lm_eval.tasks.ruler.*]")
+    for name, module in before.pop("sys.modules[lm_eval.tasks.ruler.*]").items():
+        assert modules.get(name) is module, name  # modules first imported during the run may stay imported
+    assert all(after[k] is v for k, v in before.items()), [k for k, v in before.items() if after[k] is not v]
+
+
+@needs_lm_eval
+def test_every_lm_eval_patch_is_listed_applied_and_restored_after_a_run_and_after_an_exception(tokenizer, tmp_path):
+    import lm_eval.tasks.ruler.vt_utils  # noqa: F401 - a RULER module imported before the run, to be put back
+
+    data = tmp_path / "squad.json"
+    data.write_text('{"data": []}', encoding="utf-8")
+    options = {"ruler_tokenizer": tokenizer, "local_json": {"dev-v2.0.json": data},
+               "hf_snapshots": {"some/dataset": str(tmp_path)}}
+    assert set(_lm_eval_globals()) == {p.target for p in lm_eval_patches.PATCHES}
+    for fail in (False, True):
+        before = _lm_eval_globals()
+        with contextlib.ExitStack() as outer:
+            if fail:
+                outer.enter_context(pytest.raises(RuntimeError, match="inside"))
+            with lm_eval_patches.patched(**options) as patches:
+                assert sorted(patches.applied) == sorted(p.target for p in lm_eval_patches.PATCHES)
+                patches.fresh_ruler_modules()
+                inside = _lm_eval_globals()
+                assert "lm_eval.tasks.ruler.vt_utils" not in inside["sys.modules[lm_eval.tasks.ruler.*]"]
+                changed = [k for k, v in before.items() if k != "sys.modules[lm_eval.tasks.ruler.*]" and inside[k] is v]
+                assert not changed, changed
+                import requests
+
+                assert requests.get("https://example.invalid/x/dev-v2.0.json").json() == {"data": []}
+                if fail:
+                    raise RuntimeError("inside the run")
+        _assert_restored(before)
+    with lm_eval_patches.patched() as patches:  # any lm-eval task: the environment report only
+        assert patches.applied == ["lm_eval.evaluator.add_env_info"]
+        with pytest.raises(RuntimeError, match="ruler_tokenizer"):
+            patches.fresh_ruler_modules()
 
 
 @needs_lm_eval
@@ -343,7 +402,9 @@ def test_ruler_subtasks_that_download_data_run_from_given_files_and_from_the_loc
     for name in ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab"):
         (punkt / name).write_text("")
     subtasks = harness.resolve_subtasks("ruler:qa_squad,qa_hotpot,niah_single_2")
+    before = _lm_eval_globals()
     records, details = harness.run_ruler_on(_Scripted(True), tokenizer, subtasks, [1024], 2, data_files=files)
+    _assert_restored(before)  # every patch of this run (all six) undone
     assert [(r["subtask"], r["accuracy"], r["samples"]) for r in records] == [
         ("qa_squad", 1.0, 2), ("qa_hotpot", 1.0, 2), ("niah_single_2", 1.0, 2)]
     assert all(d["prompt_tokens"] <= 1024 for d in details)

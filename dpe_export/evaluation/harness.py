@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import itertools
 import logging
 import random
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from dpe_export.errors import DPEExportError
-from dpe_export.evaluation import prompts
+from dpe_export.evaluation import lm_eval_patches, prompts
 from dpe_export.evaluation.generation import (GENERATE_PREFILL_CHUNK, reset_rope_state_on_every_call,
                                               set_generate_prefill_chunk)
 from dpe_export.evaluation.registry import split_task
@@ -40,11 +39,8 @@ from dpe_export.sources import loading, methods
 
 logger = logging.getLogger("dpe_export")
 
-LM_EVAL_TESTED = "0.4.13"
 LM_EVAL_RANGE = (">=0.4.13", "<0.5")
 INSTALL_HINT = "pip install 'dpe-export[eval]'"
-TOKENIZER_KEY = "dpe-export-tokenizer"
-_KEYS = itertools.count()
 
 
 def require_lm_eval():
@@ -202,6 +198,12 @@ def _hf_dataset_snapshot(repo: str) -> Optional[str]:
         return None
 
 
+def _hf_snapshots(subtasks: Sequence[RulerSubtask]) -> dict[str, str]:
+    """The local snapshot directory of each dataset these subtasks read (those found in the cache)."""
+    repos = {s.data.partition(":")[2] for s in subtasks if s.data and s.data.startswith("hf-dataset:")}
+    return {repo: path for repo in sorted(repos) if (path := _hf_dataset_snapshot(repo)) is not None}
+
+
 def check_subtask_data(subtasks: Sequence[RulerSubtask], data_files: dict[str, Path]) -> None:
     """Refuse, in one line, a subtask whose data is neither in the local cache nor given as a file."""
     for sub in subtasks:
@@ -248,143 +250,7 @@ def check_ruler(subtasks: Sequence[RulerSubtask], tokenizer, lengths: Sequence[i
 # ----------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _ruler_tokenizer(tokenizer) -> Iterator[str]:
-    """RULER's data generators get this tokenizer object, never one loaded again by name (lm-eval loads it with
-    ``trust_remote_code=True``, which would run a base model's code). Yields the name to pass them.
-
-    lm-eval imports its task modules afresh while it runs and caches the tokenizer they load, so what is
-    replaced is ``AutoTokenizer.from_pretrained`` itself, for the duration: it answers this run's name (new for
-    every run, so nothing cached by an earlier run is reused) with this tokenizer and refuses every other."""
-    from transformers import AutoTokenizer
-
-    key = f"{TOKENIZER_KEY}-{next(_KEYS)}"
-
-    def from_pretrained(name, *args, **kwargs):
-        if str(name) != key:
-            raise DPEExportError(f"lm-eval asked to load the tokenizer {name!r} by name while RULER ran; "
-                                 "dpe-export gives it the model's own only")
-        return tokenizer
-
-    original = AutoTokenizer.__dict__["from_pretrained"]
-    AutoTokenizer.from_pretrained = from_pretrained
-    try:
-        yield key
-    finally:
-        AutoTokenizer.from_pretrained = original
-
-
-@contextlib.contextmanager
-def _replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
-    """``owner.name`` is ``value`` for the duration, then what it was (a module's function, here)."""
-    original = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
-
-
-@contextlib.contextmanager
-def _local_json(data_files: dict[str, Path]) -> Iterator[None]:
-    """lm-eval's RULER QA tasks read their JSON from files given with --data-file instead of the network."""
-    if not data_files:
-        yield
-        return
-    import json
-
-    import requests
-
-    original = requests.get
-
-    class _Response:
-        def __init__(self, data):
-            self._data = data
-
-        def raise_for_status(self):
-            return None
-
-        def json(self):
-            return self._data
-
-    def get(url, *args, **kwargs):
-        for key, tail in _QA_URLS.items():
-            if key in data_files and str(url).endswith(tail):
-                return _Response(json.loads(Path(data_files[key]).read_text(encoding="utf-8")))
-        return original(url, *args, **kwargs)
-
-    with _replaced(requests, "get", get):
-        yield
-
-
-@contextlib.contextmanager
-def _local_hf_datasets(subtasks: Sequence[RulerSubtask]) -> Iterator[None]:
-    """lm-eval's essay subtasks call ``datasets.load_dataset(NAME)``, which offline reads only datasets' own
-    processed cache; a snapshot in the Hugging Face hub cache (what ``huggingface-cli download`` leaves) is
-    loaded from its directory instead, so the subtasks run with no network."""
-    repos = {s.data.partition(":")[2] for s in subtasks if s.data and s.data.startswith("hf-dataset:")}
-    snapshots = {repo: path for repo in sorted(repos) if (path := _hf_dataset_snapshot(repo)) is not None}
-    if not snapshots:
-        yield
-        return
-    import datasets
-
-    original = datasets.load_dataset
-
-    def load_dataset(path, *args, **kwargs):
-        return original(snapshots.get(path, path) if isinstance(path, str) else path, *args, **kwargs)
-
-    with _replaced(datasets, "load_dataset", load_dataset):
-        yield
-
-
-# RULER modules kept from one cell to the next: importing prepare_niah builds and sorts every adjective-noun pair
-# (seconds per import on 2 CPU cores) and it holds no state but its functools caches, which are cleared instead.
-_KEPT_RULER_MODULES = ("lm_eval.tasks.ruler.prepare_niah",)
-
-
-def _fresh_ruler_modules() -> None:
-    """Give the next lm-eval run RULER's generator modules as a new process would: forget them, so they are imported
-    afresh (some keep a module-level random generator, cwe's, that would otherwise give the second model compared
-    in one process other prompts than the first), except the costly ones in _KEPT_RULER_MODULES, whose caches
-    (a haystack read from data given to an earlier run, say) are emptied."""
-    import functools
-    import sys
-
-    for name in [n for n in sys.modules if n.startswith("lm_eval.tasks.ruler.")]:
-        if name not in _KEPT_RULER_MODULES:
-            del sys.modules[name]
-            continue
-        for value in list(vars(sys.modules[name]).values()):
-            if isinstance(value, functools._lru_cache_wrapper):
-                value.cache_clear()
-
-
-@contextlib.contextmanager
-def _no_nltk_download() -> Iterator[None]:
-    """Keep lm-eval's RULER off the network: importing its prepare_niah calls ``nltk.download("punkt_tab")`` when
-    the data is missing, which fails or waits on an offline machine. Only the essay haystacks read that data, and
-    check_subtask_data has already refused them without it; the other subtasks never use it."""
-    try:
-        import nltk
-    except ImportError:
-        yield
-        return
-    with _replaced(nltk, "download", lambda *args, **kwargs: False):
-        yield
-
-
-@contextlib.contextmanager
-def _without_env_report() -> Iterator[None]:
-    """Skip lm-eval's environment report for the duration: every simple_evaluate call runs ``pip list`` and other
-    commands for it (about a second a call here) and dpe-export's records never read it."""
-    import lm_eval.evaluator as evaluator
-
-    with _replaced(evaluator, "add_env_info", lambda storage: None):
-        yield
-
-
-def _quiet_lm_eval() -> None:
+def quiet_lm_eval() -> None:
     for name in ("lm-eval", "lm_eval", "lm_eval.evaluator", "lm_eval.models.huggingface", "lm_eval.api.task",
                  "lm_eval.tasks", "lm_eval.tasks.ruler"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -401,7 +267,7 @@ def make_lm(model, tokenizer, max_length: int, batch_size: int = 1,
     # ignored left padding in its positions (transformers issue 43082, in a 5.0 release candidate).
     set_generate_prefill_chunk(model, prefill_chunk if batch_size == 1 else None)
     reset_rope_state_on_every_call(model)  # dynamic RoPE: a sample's score must not depend on the ones before
-    _quiet_lm_eval()
+    quiet_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
     if getattr(tokenizer, "model_max_length", 0) < max_length:  # no "longer than the maximum" warnings
@@ -424,7 +290,8 @@ def _ruler_task_manager(length: int, tokenizer_key: str):
 
     simple_evaluate without a task manager indexes every task YAML lm-eval ships (lm-eval 0.4.13: about 27,000
     YAML loads and 21 s per call, profiled on 2 busy CPU cores; most of a short RULER run). RULER's YAMLs include
-    only each other. Built per cell, after _fresh_ruler_modules, as simple_evaluate would build its own.
+    only each other. Built per cell, after the RULER modules are refreshed (lm_eval_patches), as simple_evaluate
+    would build its own.
     """
     import lm_eval.tasks
     from lm_eval.tasks import TaskManager
@@ -452,20 +319,21 @@ def run_ruler_on(lm, tokenizer, subtasks: Sequence[RulerSubtask], lengths: Seque
     data_files = dict(data_files or {})
     if check:
         check_ruler(subtasks, tokenizer, lengths, data_files)
-    _quiet_lm_eval()
+    quiet_lm_eval()
     records: list[dict[str, Any]] = []
     details: list[dict[str, Any]] = []
-    with progress_bar(len(subtasks) * len(lengths), "ruler", progress) as bar, _ruler_tokenizer(tokenizer) as key, \
-            _local_json(data_files), _local_hf_datasets(subtasks), _without_env_report(), \
-            _no_nltk_download():
+    local_json = {tail: data_files[key] for key, tail in _QA_URLS.items() if key in data_files}
+    with progress_bar(len(subtasks) * len(lengths), "ruler", progress) as bar, \
+            lm_eval_patches.patched(ruler_tokenizer=tokenizer, local_json=local_json,
+                                    hf_snapshots=_hf_snapshots(subtasks)) as patches:
         for n in lengths:
             for sub in subtasks:
                 bar.set_postfix(subtask=sub.name, length=n)
-                _fresh_ruler_modules()
+                patches.fresh_ruler_modules()
                 which = ({"limit": samples} if sample_ids is None
                          else {"samples": {sub.lm_eval_task: [int(i) for i in sample_ids]}})
                 out = simple_evaluate(model=lm, tasks=[sub.lm_eval_task], log_samples=True, **which,
-                                      task_manager=_ruler_task_manager(int(n), key),
+                                      task_manager=_ruler_task_manager(int(n), patches.tokenizer_key),
                                       verbosity="ERROR", bootstrap_iters=0)
                 rows = (out or {}).get("samples", {}).get(sub.lm_eval_task, [])
                 if not rows:
@@ -604,7 +472,7 @@ def run_harness(model_dir, tasks: Sequence[str], *, limit: Optional[int] = None,
     spec = method if isinstance(method, methods.MethodSpec) else methods.parse_method(method)
     loading.check_eval_model(model_dir, spec, trust_remote_code)
     loading.check_device_map(device_map, device)
-    _quiet_lm_eval()
+    quiet_lm_eval()
     manager = _harness_task_manager(names, include_path)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
@@ -621,7 +489,7 @@ def run_harness(model_dir, tasks: Sequence[str], *, limit: Optional[int] = None,
     loaded = loading.load_model(model_dir, spec, device=device, dtype=dtype, attn=attn, target_length=max_length,
                                 tokenizer=tokenizer, device_map=device_map, trust_remote_code=trust_remote_code)
     lm = make_lm(loaded.model, tokenizer, max_length, batch_size)
-    with _without_env_report():
+    with lm_eval_patches.patched():
         out = simple_evaluate(model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot, task_manager=manager,
                               log_samples=False, verbosity="ERROR")
     samples = {k: int(v.get("effective", v.get("original", 0))) for k, v in (out.get("n-samples") or {}).items()}
