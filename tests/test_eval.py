@@ -20,7 +20,10 @@ from dpe_export.evaluation import generation, ppl, results
 from dpe_export.evaluation import prompts as eval_prompts
 from dpe_export.evaluation import run as evalrun
 from dpe_export.evaluation.results import EvalResult  # noqa: E402
-from dpe_export.evaluation.run import evaluate_niah, evaluate_passkey
+from dpe_export.evaluation.tasks import niah as niah_task
+from dpe_export.evaluation.tasks import passkey as passkey_task
+from dpe_export.evaluation.tasks.niah import evaluate_niah
+from dpe_export.evaluation.tasks.passkey import evaluate_passkey
 from dpe_export.evaluation.tasks import PromptBuilder  # noqa: E402
 from dpe_export.sources.loading import load_model
 from dpe_export.sources.methods import MethodSpec, parse_method  # noqa: E402
@@ -131,18 +134,18 @@ def test_niah_partial_score_is_fraction_of_needles(chars, builder):
 
 
 def test_minimum_prompt_length_is_buildable_and_shorter_is_a_clear_error(builder):
-    for task, items in (("passkey", lambda n: eval_prompts.passkey_prompts(builder, n, [0, 1], 2, 0)),
-                        ("niah", lambda n: eval_prompts.niah_prompts(builder, n, [0, 0.5, 1], 4, 4, 0))):
+    for task, items in (("passkey", lambda n: passkey_task.build_prompts(builder, n, [0, 1], 2, 0)),
+                        ("niah", lambda n: niah_task.build_prompts(builder, n, [0, 0.5, 1], 4, 0, 4))):
         n = get_task(task).min_length(builder, 4)  # exact for passkey, an upper bound for niah
         assert {len(item.prompt.input_ids) for item in items(n)} == {n}
         short = n - 1 if task == "passkey" else n // 2
         with pytest.raises(DPEExportError, match=f"cannot build a {task} prompt of {short} tokens"):
-            evalrun.evaluate_passkey(builder, wrong_fn, [short]) if task == "passkey" else \
-                evalrun.evaluate_niah(builder, wrong_fn, [short])
+            evaluate_passkey(builder, wrong_fn, [short]) if task == "passkey" else \
+                evaluate_niah(builder, wrong_fn, [short])
 
 
 def test_niah_needle_depth_plan_balances_depths():
-    plan = eval_prompts.niah_needle_depths([0, 0.5, 1], samples=5, needles=4)
+    plan = niah_task.needle_depths([0, 0.5, 1], samples=5, needles=4)
     queried = [d for depths, q in plan for k, d in enumerate(depths) if k in q]
     assert len(plan) == 4 and sorted(queried) == [0.0] * 5 + [0.5] * 5 + [1.0] * 5
 

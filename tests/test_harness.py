@@ -12,10 +12,11 @@ import torch
 
 from dpe_export.errors import DPEExportError
 from dpe_export.evaluation import harness, lm_eval_patches, registry
+from dpe_export.evaluation import run as evalrun
 from dpe_export.evaluation.prompts import DEFAULT_NEEDLES
 from dpe_export.evaluation.results import EvalResult, format_table
 from dpe_export.evaluation.run import evaluate_task
-from dpe_export.evaluation.tasks import PromptBuilder
+from dpe_export.evaluation.tasks import PromptBuilder, ruler
 from dpe_export.sources import loading
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -86,9 +87,9 @@ def test_the_cli_the_calibration_and_the_card_read_the_registry(run_cli):
 
 
 def test_a_registered_task_runs_through_the_same_loop(tokenizer):
-    task = registry.Task(
-        name="passkey-any-number", kind="retrieval", help="test", metric="any number", answer_digits=5,
-        uses_depths=True, make_prompts=registry.PASSKEY.make_prompts, min_length=registry.PASSKEY.min_length,
+    task = registry.RetrievalTask(
+        name="passkey-any-number", pretty_name="any number", help="test", metric="any number", answer_digits=5,
+        make_prompts=registry.PASSKEY.make_prompts, min_length=registry.PASSKEY.min_length,
         score=lambda generated, answer: any(c.isdigit() for c in generated))
     registry.register_task(task)
     try:
@@ -99,7 +100,11 @@ def test_a_registered_task_runs_through_the_same_loop(tokenizer):
         with pytest.raises(ValueError, match="already registered"):
             registry.register_task(task)
     finally:
-        registry._REGISTRY.pop("passkey-any-number")
+        registry.unregister_task("passkey-any-number")
+    with pytest.raises(ValueError, match="lower-case"):
+        registry.register_task(registry.Task(name="Bad:name", pretty_name="x", help="x", metric="x"))
+    with pytest.raises(DPEExportError, match="is not a retrieval task"):
+        evaluate_task("ppl", PromptBuilder(tokenizer), lambda b: [], [200])
 
 
 def test_unknown_tasks_and_subtasks_are_one_line_errors(run_cli):
@@ -118,7 +123,7 @@ def test_unknown_tasks_and_subtasks_are_one_line_errors(run_cli):
     r = run_cli("eval", str(TESTBED), "--task", "passkey", "--lengths", "300", "--data-file", f"squad={TESTBED / 'config.json'}")
     assert r.exit_code == 2 and "--data-file applies to --task ruler only" in r.stderr
     with pytest.raises(DPEExportError, match="unknown RULER subtask 'bogus'"):
-        harness.resolve_subtasks("ruler:bogus")
+        ruler.resolve_subtasks("ruler:bogus")
 
 
 def test_without_lm_eval_ruler_says_how_to_install_it(run_cli, monkeypatch):
@@ -181,15 +186,15 @@ class _Scripted:
 def test_ruler_scripted_models_score_100_and_0_on_every_offline_subtask_with_the_same_prompts(tokenizer):
     from transformers import AutoTokenizer
 
-    subtasks = harness.resolve_subtasks("ruler")
-    assert [s.name for s in subtasks] == list(harness.OFFLINE_SUBTASKS)
+    subtasks = ruler.resolve_subtasks("ruler")
+    assert [s.name for s in subtasks] == list(ruler.OFFLINE_SUBTASKS)
     before = _lm_eval_globals()
-    records, details = harness.run_ruler_on(_Scripted(True), tokenizer, subtasks, [2048], 2)
+    records, details = ruler.run_ruler_on(_Scripted(True), tokenizer, subtasks, [2048], 2)
     _assert_restored(before)
     assert [(r["subtask"], r["accuracy"], r["samples"]) for r in records] == [(s.name, 1.0, 2) for s in subtasks]
     assert all(d["prompt_tokens"] <= 2048 for d in details)
     some = [s for s in subtasks if s.name in ("niah_single_1", "cwe")]  # cwe: a module-level random generator
-    wrong, wrong_details = harness.run_ruler_on(_Scripted(False), tokenizer, some, [2048], 2)
+    wrong, wrong_details = ruler.run_ruler_on(_Scripted(False), tokenizer, some, [2048], 2)
     assert {r["accuracy"] for r in wrong} == {0.0}
     # a second run in the same process got exactly the same prompts (lm-eval's generators are seeded)
     assert [d["prompt_sha"] for d in details if d["subtask"] in ("niah_single_1", "cwe")] == \
@@ -199,7 +204,7 @@ def test_ruler_scripted_models_score_100_and_0_on_every_offline_subtask_with_the
 
 @needs_lm_eval
 def test_ruler_known_failures_and_missing_data_are_refused_in_one_line(tokenizer, tmp_path):
-    one = lambda spec, n: harness.run_ruler_on(_Scripted(True), tokenizer, harness.resolve_subtasks(spec), [n], 1)  # noqa: E731
+    one = lambda spec, n: ruler.run_ruler_on(_Scripted(True), tokenizer, ruler.resolve_subtasks(spec), [n], 1)  # noqa: E731
     with pytest.raises(DPEExportError, match="RULER vt at 1024 tokens: needs at least about .* loop forever"):
         one("ruler:vt", 1024)
     for n in (1024, 4096):
@@ -296,7 +301,7 @@ def test_ruler_never_downloads_nltk_data(tokenizer, monkeypatch):
 
     monkeypatch.setattr(nltk.data, "find", find)
     monkeypatch.delitem(sys.modules, "lm_eval.tasks.ruler.prepare_niah", raising=False)  # imported afresh below
-    records, _ = harness.run_ruler_on(_Scripted(True), tokenizer, harness.resolve_subtasks("ruler:niah_single_1"),
+    records, _ = ruler.run_ruler_on(_Scripted(True), tokenizer, ruler.resolve_subtasks("ruler:niah_single_1"),
                                       [2048], 1)
     assert records[0]["accuracy"] == 1.0 and calls == []
     assert "lm_eval.tasks.ruler.prepare_niah" in sys.modules  # it was imported inside the run
@@ -322,7 +327,7 @@ def test_lm_eval_local_passkey_task_scores_the_export_above_the_base_at_the_same
     assert len(lines) == 5 and all(json.loads(x)["answer"] in json.loads(x)["text"] for x in lines)
     runs = {}
     for name, model in (("base", TESTBED), ("dpe", export)):
-        runs[name] = harness.run_harness(model, ["dpe_passkey"], include_path=tasks, device="cpu")
+        runs[name] = evalrun.run_harness(model, ["dpe_passkey"], include_path=tasks, device="cpu")
     (base,), (dpe,) = runs["base"].records, runs["dpe"].records
     assert base["metric"] == dpe["metric"] == "exact_match (first-number)" and base["samples"] == 5
     # the same max_length for both: the longest request, so the base model's prompts are not cut
@@ -392,22 +397,22 @@ def test_ruler_subtasks_that_download_data_run_from_given_files_and_from_the_loc
     (repo / "snapshots" / commit / "data" / "train.jsonl").write_text(
         "".join(json.dumps({"text": f"Essay {i}. " + words * 60}) + "\n" for i in range(3)))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    essays = harness.resolve_subtasks("ruler:niah_single_2")
+    essays = ruler.resolve_subtasks("ruler:niah_single_2")
     monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "nltk_data")])
     with pytest.raises(DPEExportError, match=r"needs NLTK's punkt_tab data; .*python -m nltk.downloader punkt_tab"):
-        harness.run_ruler_on(_Scripted(True), tokenizer, essays, [1024], 1)
+        ruler.run_ruler_on(_Scripted(True), tokenizer, essays, [1024], 1)
     # punkt_tab's four tables, empty: sentences end at full stops (the real data knows abbreviations)
     punkt = tmp_path / "nltk_data" / "tokenizers" / "punkt_tab" / "english"
     punkt.mkdir(parents=True)
     for name in ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab"):
         (punkt / name).write_text("")
-    subtasks = harness.resolve_subtasks("ruler:qa_squad,qa_hotpot,niah_single_2")
+    subtasks = ruler.resolve_subtasks("ruler:qa_squad,qa_hotpot,niah_single_2")
     before = _lm_eval_globals()
-    records, details = harness.run_ruler_on(_Scripted(True), tokenizer, subtasks, [1024], 2, data_files=files)
+    records, details = ruler.run_ruler_on(_Scripted(True), tokenizer, subtasks, [1024], 2, data_files=files)
     _assert_restored(before)  # every patch of this run (all six) undone
     assert [(r["subtask"], r["accuracy"], r["samples"]) for r in records] == [
         ("qa_squad", 1.0, 2), ("qa_hotpot", 1.0, 2), ("niah_single_2", 1.0, 2)]
     assert all(d["prompt_tokens"] <= 1024 for d in details)
     # (offline, datasets.load_dataset of the essays by name fails: niah_single_2 read the snapshot's files)
-    wrong, _ = harness.run_ruler_on(_Scripted(False), tokenizer, subtasks[:1], [1024], 1, data_files=files)
+    wrong, _ = ruler.run_ruler_on(_Scripted(False), tokenizer, subtasks[:1], [1024], 1, data_files=files)
     assert {r["accuracy"] for r in wrong} == {0.0}

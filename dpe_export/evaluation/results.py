@@ -17,23 +17,6 @@ from dpe_export.output_files import write_output
 logger = logging.getLogger("dpe_export")
 
 
-def aggregate(details: Sequence[dict[str, Any]], extra: Optional[dict[str, Any]] = None,
-              count_contexts: bool = False) -> list[dict[str, Any]]:
-    """One record per (length, depth), in first-seen order: accuracy (fraction correct) and sample count,
-    plus ``extra`` fields and, with ``count_contexts``, how many distinct contexts the samples came from."""
-    cells: dict[tuple[int, float], list[dict[str, Any]]] = {}
-    for d in details:
-        cells.setdefault((d["length"], d["depth"]), []).append(d)
-    records = []
-    for (length, depth), rows in cells.items():
-        rec = {"length": length, "depth": depth, "accuracy": sum(r["correct"] for r in rows) / len(rows),
-               "samples": len(rows), **(extra or {})}
-        if count_contexts:
-            rec["contexts"] = len({r["sample"] for r in rows})
-        records.append(rec)
-    return records
-
-
 @dataclass
 class EvalResult:
     """One evaluation run: settings and one record per (length, depth)."""
@@ -100,6 +83,12 @@ MATPLOTLIB_HINT = "--plot needs matplotlib: pip install matplotlib (or: pip inst
 def format_accuracy(x: Optional[float], decimals: int = 1, sign: bool = True) -> str:
     """0.925 -> '92.5%' (None -> '-'): how every table of dpe-export shows an accuracy."""
     return "-" if x is None else f"{100 * x:.{decimals}f}" + ("%" if sign else "")
+
+
+def and_list(items) -> str:
+    """'a', 'b', 'c' -> 'a, b and c' (for messages that name tasks)."""
+    items = [str(i) for i in items]
+    return " and ".join(filter(None, [", ".join(items[:-1]), items[-1]])) if items else ""
 
 
 def _depth(d: Optional[float]) -> str:
