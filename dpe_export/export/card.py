@@ -30,9 +30,10 @@ list of records, or a list of such objects. A record is one (length, depth) cell
     {"task": "ppl", "model": "./llama-dpe", "method": "none", "length": 4096, "perplexity": 7.1,
      "samples": 4, "tokens": 16380, "nll": 32140.2}        # perplexity
 
-Records are grouped by task, by run (model and method) and by length; the card shows one table per task, one
-row per length and one column per run, the base model's runs first (accuracy weighted by samples; perplexity
-from the summed negative log-likelihood when records carry it).
+The records are read and tabled by dpe_export.evaluation.results (``load_eval_records``, ``comparison_tables``:
+the aggregation every results table uses): one table per task, one row per length (per subtask and length, and
+their average, for RULER) and one column per run; the card orders the runs, the base model's first, and labels
+them.
 """
 from __future__ import annotations
 
@@ -42,19 +43,17 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from dpe_export import __version__
 from dpe_export.calibration.procedures import PROCEDURES
 from dpe_export.calibration.result import (
-    _is_int,
-    _is_number,
     load_calibration,
     normalize_calibration,
 )
 from dpe_export.calibration.selection import describe_selection
 from dpe_export.errors import DPEExportError
-from dpe_export.evaluation.results import Cell, format_accuracy, format_ppl
+from dpe_export.evaluation.results import comparison_tables, load_eval_records
 from dpe_export.generated import (
     MODEL_CARD_FILE,
     model_card_template_path,
@@ -289,99 +288,21 @@ def find_eval_files(calibration_path) -> list[Path]:
     return sorted(p for p in parent.glob(EVAL_FILE_GLOB) if p.is_file())
 
 
-def load_eval_records(paths: Iterable) -> list[dict[str, Any]]:
-    """All records of the given eval JSON files (any shape in the module docstring); DPEExportError when unusable."""
-    records: list[dict[str, Any]] = []
-    for path in paths:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise DPEExportError(f"cannot read evaluation results {path}: {e}") from None
-        found = eval_records(data)
-        if not found:
-            raise DPEExportError(f"{path} holds no evaluation records (expected the JSON of dpe-export eval --json)")
-        records.extend(found)
-    return records
-
-
-def eval_records(data: Any) -> list[dict[str, Any]]:
-    """Records from an eval result object, a list of records, or a list of result objects (tolerant)."""
-    out: list[dict[str, Any]] = []
-    if isinstance(data, dict):
-        head = {k: data[k] for k in ("task", "model", "method") if k in data}
-        recs = data.get("records")
-        if isinstance(recs, list):
-            out.extend({**head, **r} for r in recs if isinstance(r, dict))
-        elif "length" in data:
-            out.append(data)
-    elif isinstance(data, list):
-        for item in data:
-            if isinstance(item, dict) and isinstance(item.get("records"), list):
-                out.extend(eval_records(item))
-            elif isinstance(item, dict):
-                out.append(item)
-    return [r for r in out if _is_int(r.get("length"))]
-
-
 def eval_tables(records: Sequence[dict[str, Any]], base_dir=None, export_dir=None) -> list[dict[str, Any]]:
-    """One table per task: columns are runs (base model first, then DPE), rows lengths; cells formatted strings.
+    """One table per task (:func:`dpe_export.evaluation.results.comparison_tables`): a column per run, the base
+    model's runs first, then DPE's, rows lengths; cells formatted strings.
 
     `base_dir` / `export_dir` help tell the base model's runs from the export's (see run_kind).
     """
-    tasks: dict[str, dict[tuple[str, str], dict[tuple[int, str], Cell]]] = {}
-    for r in records:
-        task = str(r.get("task") or "eval")
-        run = (str(r.get("model") or "?"), str(r.get("method") or "none"))
-        # RULER: a row per (length, subtask), then the subtasks' average per length
-        row = (int(r["length"]), " ".join(_CONTROL.sub(" ", str(r.get("subtask") or "")).split())[:40])
-        cell = tasks.setdefault(task, {}).setdefault(run, {}).setdefault(row, Cell())
-        samples = r.get("samples") if _is_number(r.get("samples")) and r.get("samples") > 0 else 1
-        if _is_number(r.get("accuracy")):
-            cell.samples += samples
-            cell.correct += float(r["accuracy"]) * samples
-        if _is_number(r.get("perplexity")):
-            if _is_number(r.get("nll")) and _is_number(r.get("tokens")) and r["tokens"] > 0:
-                cell.nll += float(r["nll"])
-                cell.tokens += float(r["tokens"])
-            else:
-                cell.ppls.append(float(r["perplexity"]))
-    tables = []
-    for task, runs in tasks.items():
-        is_ppl = task == "ppl" or all(c.samples == 0 for cells in runs.values() for c in cells.values())
-        rank = {"base": 0, "dpe": 1, "other": 2}
-        kinds = {run: run_kind(*run, base_dir=base_dir, export_dir=export_dir) for run in runs}
-        order = sorted(runs, key=lambda run: rank[kinds[run]])
-        labels = _run_labels(order, [kinds[run] for run in order])
-        keys = list(dict.fromkeys(k for cells in runs.values() for k in cells))
-        rows = []
-        for n in sorted({k[0] for k in keys}):
-            subs = [k[1] for k in keys if k[0] == n]
-            for s in subs:
-                cells = []
-                for run in order:
-                    c = runs[run].get((n, s))
-                    v = None if c is None else (c.perplexity() if is_ppl else c.accuracy())
-                    cells.append("–" if v is None else (format_ppl(v, 3) if is_ppl else format_accuracy(v)))
-                rows.append({"length": f"{s} @ {n:,}" if s else f"{n:,}", "cells": cells})
-            if any(subs):  # the unweighted mean over subtasks, as RULER reports it
-                cells = []
-                for run in order:
-                    accs = [runs[run][(n, s)].accuracy() for s in subs if (n, s) in runs[run]]
-                    accs = [a for a in accs if a is not None]
-                    cells.append(format_accuracy(sum(accs) / len(accs)) if len(accs) == len(subs) else "–")
-                rows.append({"length": f"average @ {n:,}", "cells": cells})
-        tables.append({
-            "task": task,
-            "metric": "perplexity (lower is better)" if is_ppl else "accuracy",
-            "columns": labels,
-            "runs": [
-                {"label": lab, "model": m, "name": Path(m).name or m, "method": meth}
-                for lab, (m, meth) in zip(labels, order)
-            ],
-            "rows": rows,
-        })
-    return tables
+    return comparison_tables(records, lambda runs: _arrange_runs(runs, base_dir, export_dir))
+
+
+def _arrange_runs(runs: Sequence[tuple[str, str]], base_dir, export_dir) -> list[tuple[tuple[str, str], str]]:
+    """The runs ordered base, DPE, other (stable), each with its column label."""
+    rank = {"base": 0, "dpe": 1, "other": 2}
+    kinds = {run: run_kind(*run, base_dir=base_dir, export_dir=export_dir) for run in runs}
+    order = sorted(runs, key=lambda run: rank[kinds[run]])
+    return list(zip(order, _run_labels(order, [kinds[run] for run in order])))
 
 
 def run_kind(model: str, method: str, base_dir=None, export_dir=None) -> str:
@@ -616,7 +537,7 @@ def write_model_card(
     """Write README.md (and its images) into out_dir; return the card text.
 
     `params` is a DPEParams (or its dict); `calibration` a dict of the documented shape (checked here against the
-    model); `eval_records` records as eval_records() returns them.
+    model); `eval_records` records as dpe_export.evaluation.results.eval_records() returns them.
     """
 
     params = params.to_dict() if hasattr(params, "to_dict") else dict(params)
