@@ -26,7 +26,7 @@ from dpe_export.calibration.selection import (
 )
 from dpe_export.errors import DPEExportError, UsageError
 from dpe_export.evaluation.prompts import resolve_lengths
-from dpe_export.evaluation.results import require_matplotlib
+from dpe_export.evaluation.plots import require_matplotlib
 from dpe_export.evaluation.run import available_memory, run_eval, run_harness
 from dpe_export.export import card
 from dpe_export.export import convert as export_convert

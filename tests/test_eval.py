@@ -16,7 +16,7 @@ from helpers import byte_tokenizer  # noqa: E402
 
 from dpe_export.errors import DPEExportError  # noqa: E402
 from dpe_export.evaluation.registry import get_task  # noqa: E402
-from dpe_export.evaluation import generation, ppl, results
+from dpe_export.evaluation import generation, plots, ppl, results
 from dpe_export.evaluation import prompts as eval_prompts
 from dpe_export.evaluation import run as evalrun
 from dpe_export.evaluation.results import EvalResult  # noqa: E402
@@ -198,7 +198,7 @@ def test_table(passkey_result):
 
 def test_plot_writes_png(passkey_result, tmp_path):
     pytest.importorskip("matplotlib")
-    path = results.plot_result(passkey_result, tmp_path / "heat.png")
+    path = plots.plot_result(passkey_result, tmp_path / "heat.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -206,14 +206,14 @@ def test_ppl_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
     recs = [{"length": n, "depth": None, "accuracy": None, "samples": 1, "perplexity": p, "tokens": n - 1}
             for n, p in ((64, 12.0), (128, 15.0), (256, 900.0))]
-    path = results.plot_result(EvalResult("ppl", "m", "none", 0, recs), tmp_path / "ppl.png")
+    path = plots.plot_result(EvalResult("ppl", "m", "none", 0, recs), tmp_path / "ppl.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_missing_matplotlib_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(DPEExportError, match=r"pip install"):
-        results.require_matplotlib()
+        plots.require_matplotlib()
 
 
 # ----------------------------------------------------------------------------------------------------------

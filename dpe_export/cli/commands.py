@@ -16,7 +16,7 @@ from dpe_export.calibration import procedures, scales
 from dpe_export.cli import options as opt
 from dpe_export.cli.app import main, quiet_transformers, setup_logging
 from dpe_export.errors import UsageError
-from dpe_export.evaluation import prompts, registry, results
+from dpe_export.evaluation import plots, prompts, registry, results
 from dpe_export.export.presets import list_presets, load_preset
 from dpe_export.export.settings import ConvertFlags
 from dpe_export.export.upgrade import upgrade_export
@@ -389,7 +389,7 @@ def eval_command(model_dir, model_source, model_revision, gguf_file, task, depth
                         rest)
     spec = parse_method(method)
     if plot_out is not None:
-        results.require_matplotlib()
+        plots.require_matplotlib()
     setup_logging()
     quiet_transformers()
     with workflows.open_model(opt.model_spec(model_dir, model_source), revision=model_revision, gguf_file=gguf_file,
@@ -403,7 +403,7 @@ def eval_command(model_dir, model_source, model_revision, gguf_file, task, depth
     if json_out is not None:
         click.echo(f"Wrote {results.write_json(result, json_out)}")
     if plot_out is not None:
-        click.echo(f"Wrote {results.plot_result(result, plot_out)}")
+        click.echo(f"Wrote {plots.plot_result(result, plot_out)}")
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ harness      lm-evaluation-harness on a loaded model (RULER, any lm-eval task); 
 generation   greedy decoding with chunked prefill and a shared prefix
 ppl          perplexity of held-out text; haystack: the filler
 run          run_eval() and run_harness(): one evaluation end to end, with memory and progress
-results      EvalResult and the one results API: aggregation, table, JSON, plot
+results      EvalResult and the one results API: aggregation, tables (CLI and card), JSON; plots: --plot
 """
 from dpe_export.evaluation.generation import (
     eos_ids,

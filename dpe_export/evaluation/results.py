@@ -1,6 +1,6 @@
 """The one results API: EvalResult (one run: its records; from_json / to_dict), the one aggregation and the tables
 built on it (the CLI's table, ``overall`` in the JSON, the model card's comparison of runs), reading and writing
-the eval JSON, the heatmap, and the number formats every table (CLI, card, RESULTS.md) uses.
+the eval JSON, and the number formats every table (CLI, card, RESULTS.md) uses (the plots: plots.py).
 
 Records are merged in one place, :class:`Cell`: an accuracy is the sample-weighted mean of the records' accuracies
 (one record: its own), a perplexity comes from the summed negative log-likelihood over the summed tokens where
@@ -11,7 +11,6 @@ averages). Whether a task's scores are perplexities (lower is better) is its reg
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -180,9 +179,6 @@ class EvalResult:
                 "details": self.details}
 
 
-MATPLOTLIB_HINT = "--plot needs matplotlib: pip install matplotlib (or: pip install 'dpe-export[plot]')"
-
-
 def format_accuracy(x: Optional[float], decimals: int = 1, sign: bool = True) -> str:
     """0.925 -> '92.5%' (None -> '-'): how every table of dpe-export shows an accuracy."""
     return "-" if x is None else f"{100 * x:.{decimals}f}" + ("%" if sign else "")
@@ -299,7 +295,7 @@ def _comparison_table(task: str, runs: dict[Run, list[dict[str, Any]]], order: l
         for s in subs:
             values = [by_run[run][(n, s)] if (n, s) in by_run[run] else None for run, _ in order]
             values = [None if c is None else (c.perplexity() if lower else c.accuracy()) for c in values]
-            rows.append({"length": f"{_one_line(s)} @ {n:,}" if s else f"{n:,}",
+            rows.append({"length": f"{one_line(s)} @ {n:,}" if s else f"{n:,}",
                          "cells": ["–" if v is None else format_ppl(v, 3) if lower else format_accuracy(v)
                                    for v in values]})
         if any(subs):  # the unweighted mean over subtasks, as RULER reports it, where a run has every subtask
@@ -318,7 +314,8 @@ def _comparison_table(task: str, runs: dict[Run, list[dict[str, Any]]], order: l
     }
 
 
-def _one_line(text: str, limit: int = 40) -> str:
+def one_line(text: str, limit: int = 40) -> str:
+    """``text`` as one line of at most ``limit`` characters (control characters and line breaks as spaces)."""
     return " ".join(_CONTROL.sub(" ", str(text)).split())[:limit]
 
 
@@ -367,65 +364,6 @@ def load_eval_records(paths: Iterable) -> list[dict[str, Any]]:
 def write_json(result, path) -> Path:
     """Write ``result.to_dict()`` to ``path`` (dpe_export.output_files: devices and pipes written through)."""
     return write_output(path, json.dumps(result.to_dict(), indent=2) + "\n")
-
-
-def require_matplotlib() -> None:
-    """DPEExportError with an install hint when matplotlib is missing."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise DPEExportError(MATPLOTLIB_HINT) from None
-
-
-def plot_result(result, path) -> Path:
-    """Save a PNG: a depth x length accuracy heatmap (retrieval), or perplexity against length (ppl)."""
-    if any("subtask" in r for r in result.records):
-        raise DPEExportError("--plot draws pass-key, NIAH and perplexity results; RULER and lm-eval print a table")
-    require_matplotlib()
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    title = f"{result.task} | {Path(str(result.model)).name} | {result.method}"
-    lengths = sorted({r["length"] for r in result.records})
-    if result.task == "ppl":
-        ppl = {r["length"]: r["perplexity"] for r in result.records}
-        fig, ax = plt.subplots(figsize=(max(4.0, 1.0 + 0.9 * len(lengths)), 3.5))
-        ax.plot(range(len(lengths)), [ppl[n] for n in lengths], marker="o")
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("perplexity")
-        values = [v for v in ppl.values() if v and math.isfinite(v)]
-        if values and max(values) / min(values) > 10:
-            ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-    else:
-        import numpy as np
-
-        depths = sorted({r["depth"] for r in result.records})
-        grid = np.full((len(depths), len(lengths)), np.nan)
-        for r in result.records:
-            grid[depths.index(r["depth"]), lengths.index(r["length"])] = r["accuracy"]
-        fig, ax = plt.subplots(figsize=(max(4.0, 1.5 + 0.9 * len(lengths)), max(3.0, 1.2 + 0.45 * len(depths))))
-        image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto", interpolation="nearest")
-        for i in range(len(depths)):
-            for j in range(len(lengths)):
-                if not np.isnan(grid[i, j]):
-                    ax.text(j, i, f"{100 * grid[i, j]:.0f}", ha="center", va="center", fontsize=8)
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_yticks(range(len(depths)), [f"{d:.2f}" for d in depths])
-        ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("needle depth")
-        fig.colorbar(image, ax=ax, label="accuracy")
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    png = io.BytesIO()
-    fig.savefig(png, dpi=120, format="png")
-    plt.close(fig)
-    return write_output(path, png.getvalue())
 
 
 def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:

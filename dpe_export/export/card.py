@@ -1,4 +1,5 @@
-"""The model card (README.md) of an export, and the values, tables and images that go into it.
+"""The model card (README.md) of an export, and the values and tables that go into it (its images are drawn by
+dpe_export.calibration.plots, its evaluation tables built by dpe_export.evaluation.results).
 
 The card is rendered from ``modeling_templates/model_card.md.jinja``. Every value that comes from the user or
 from the base model's files (model and repo names, the base model id, its license, the run labels of evaluation
@@ -46,6 +47,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from dpe_export import __version__
+from dpe_export.calibration.plots import format_scale, plot_calibration, plot_selection
 from dpe_export.calibration.procedures import PROCEDURES
 from dpe_export.calibration.result import (
     load_calibration,
@@ -236,7 +238,7 @@ def calibration_table(calibration: dict[str, Any]) -> dict[str, Any]:
             text = "–" if v is None else _fmt_score(v)
             cells.append(f"**{text}**" if chosen is not None and s == chosen else text)
         rows.append({"index": g, "first": first, "last": end - 1, "cells": cells})
-    return {"scales": [_fmt_num(s) for s in scales], "rows": rows}
+    return {"scales": [format_scale(s) for s in scales], "rows": rows}
 
 
 def calibration_procedure(calibration: dict[str, Any]) -> Optional[dict[str, str]]:
@@ -249,10 +251,6 @@ def calibration_procedure(calibration: dict[str, Any]) -> Optional[dict[str, str
 
 def _fmt_score(v: float) -> str:
     return f"{v:.3g}"
-
-
-def _fmt_num(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
 
 @dataclass
@@ -374,78 +372,6 @@ def render_images(out_dir: Path, params: dict[str, Any], calibration=None, selec
         plot_selection(selected, params["dimension_groups_range"], Path(out_dir) / SELECTION_IMAGE)
         images["selection"] = SELECTION_IMAGE
     return images
-
-
-_PNG_METADATA = {"Software": None}  # no version string: the same inputs give the same bytes
-
-
-def plot_calibration(calibration: dict[str, Any], path: Path) -> None:
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.patches import Rectangle
-
-    grid = np.array([[np.nan if v is None else v for v in row] for row in calibration["grid"]], dtype=float)
-    scales, groups = calibration["scales"], calibration["groups"]
-    fig, ax = plt.subplots(figsize=(2.5 + 0.7 * len(scales), 2.0 + 0.45 * len(groups)), dpi=100)
-    cmap = "viridis" if calibration["higher_is_better"] else "viridis_r"
-    im = ax.imshow(grid, cmap=cmap, aspect="auto")
-    finite = grid[np.isfinite(grid)]
-    mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0
-    for g in range(grid.shape[0]):
-        for s in range(grid.shape[1]):
-            v = grid[g, s]
-            if np.isfinite(v):
-                good = (v > mid) == calibration["higher_is_better"]
-                ax.text(s, g, f"{v:.2g}", ha="center", va="center", fontsize=8, color="black" if good else "white")
-    if calibration["chosen"]:
-        for g, c in enumerate(calibration["chosen"]):
-            if c in scales:
-                s = scales.index(c)
-                ax.add_patch(Rectangle((s - 0.5, g - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-    ax.set_xticks(range(len(scales)), [_fmt_num(s) for s in scales])
-    ax.set_yticks(range(len(groups)), [f"g{g}: {a}–{b - 1}" for g, (a, b) in enumerate(groups)])
-    ax.set_xlabel("scale factor")
-    ax.set_ylabel("group: frequencies")
-    metric = " ".join(_CONTROL.sub(" ", calibration["metric"]).split())[:60]
-    title = f"Calibration: {metric}"
-    if calibration["length"]:
-        title += f" at {calibration['length']:,} tokens"
-    ax.set_title(title, fontsize=9, usetex=False, parse_math=False)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    fig.savefig(path, metadata=_PNG_METADATA)
-    plt.close(fig)
-
-
-def plot_selection(selected, boundaries: Sequence[int], path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    mask = selected.to("cpu").bool()
-    layers, heads, freqs = mask.shape
-    flat = mask.reshape(layers * heads, freqs).float().numpy()
-    fig, (top, bottom) = plt.subplots(
-        2, 1, figsize=(7, 3.0 + min(6.0, 0.02 * layers * heads)), dpi=100,
-        gridspec_kw={"height_ratios": [3, 1]}, sharex=True,
-    )
-    top.imshow(flat, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1)
-    for b in boundaries[1:-1]:
-        top.axvline(b - 0.5, color="tab:red", linewidth=0.8)
-        bottom.axvline(b - 0.5, color="tab:red", linewidth=0.8)
-    if layers <= 64:
-        for layer in range(1, layers):
-            top.axhline(layer * heads - 0.5, color="tab:blue", linewidth=0.4)
-    step = max(1, layers // 16)
-    ticks = range(0, layers, step)
-    top.set_yticks([layer * heads + (heads - 1) / 2 for layer in ticks], [str(layer) for layer in ticks])
-    top.set_ylabel("layer (rows: heads)")
-    top.set_title("Frequencies with DPE per (layer, head) (black: selected)", fontsize=9)
-    bottom.bar(range(freqs), mask.float().mean(dim=(0, 1)).numpy(), color="black", width=0.9)
-    bottom.set_ylim(0, 1)
-    bottom.set_ylabel("share")
-    bottom.set_xlabel("rotary frequency index (group boundaries in red)")
-    fig.tight_layout()
-    fig.savefig(path, metadata=_PNG_METADATA)
-    plt.close(fig)
 
 
 CARD_FILTERS = {"yaml": yaml_str, "md": md_text, "py": py_str}
