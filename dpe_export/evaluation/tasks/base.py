@@ -87,6 +87,8 @@ class Task:
     plots: bool = True  # --plot draws its results
     all_logits: bool = False  # holds the logits of every position at once (perplexity), for the memory check
     samples_help: str = "samples per length"  # what --samples counts for this task
+    data_files_help: str = ""  # with takes_data_files: the KEY=PATH items --data-file takes
+    description: str = ""  # more than the one sentence of help, for `eval --help`'s list of tasks
 
     def metric_label(self, needles: Optional[int] = None) -> str:
         return self.metric.format(needles=needles or prompts.DEFAULT_NEEDLES)

@@ -343,4 +343,9 @@ TASK = RulerTask(
     name="ruler", pretty_name="RULER", paper="https://arxiv.org/abs/2404.06654", metric="RULER score",
     help="RULER subtasks run by lm-evaluation-harness (ruler:niah_single_1,vt,... for some; needs dpe-export[eval])",
     samples_help="samples per subtask and length",
+    data_files_help="squad=dev-v2.0.json, hotpotqa=hotpot_dev_distractor_v1.json",
+    description=("Default: its subtasks that need no download (" + ", ".join(OFFLINE_SUBTASKS) + "); the essay "
+                 f"subtasks run when {_ESSAYS} is in the local Hugging Face cache, qa_squad and qa_hotpot with "
+                 "--data-file squad=PATH / hotpotqa=PATH. Scores are lm-eval's string match, one lm-eval run per "
+                 "subtask and length, --samples samples each, max_length = the longest length for every model."),
 )
