@@ -5,6 +5,7 @@ import contextlib
 import importlib.util
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,10 @@ from dpe_export.evaluation import run as evalrun
 from dpe_export.evaluation.prompts import DEFAULT_NEEDLES
 from dpe_export.evaluation.results import EvalResult, format_table
 from dpe_export.evaluation.run import evaluate_task
+from dpe_export.evaluation.ppl import ppl_windows
 from dpe_export.evaluation.tasks import PromptBuilder, ruler
+from dpe_export.evaluation.tasks.base import EvalOptions, Task, TaskRun
+from dpe_export.evaluation.tasks.retrieval import aggregate
 from dpe_export.sources import loading
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -86,7 +90,7 @@ def test_the_cli_the_calibration_and_the_card_read_the_registry(run_cli):
     assert registry.max_new_tokens_for("passkey") == 5 + 3
 
 
-def test_a_registered_task_runs_through_the_same_loop(tokenizer):
+def test_a_registered_task_runs_through_the_same_loop(tokenizer, run_cli, llama_dir, tmp_path):
     task = registry.RetrievalTask(
         name="passkey-any-number", pretty_name="any number", help="test", metric="any number", answer_digits=5,
         make_prompts=registry.PASSKEY.make_prompts, min_length=registry.PASSKEY.min_length,
@@ -99,12 +103,92 @@ def test_a_registered_task_runs_through_the_same_loop(tokenizer):
         assert records[0]["accuracy"] == 1.0
         with pytest.raises(ValueError, match="already registered"):
             registry.register_task(task)
+        # and through the CLI, a model, its table, JSON and heatmap
+        torch.set_num_threads(1)
+        plot = ["--plot", tmp_path / "h.png"] if importlib.util.find_spec("matplotlib") else []
+        r = run_cli("eval", llama_dir, "--task", "passkey-any-number", "--lengths", "64", "--samples", "1",
+                    "--depths", "0,1", "--device", "cpu", "--json", tmp_path / "r.json", "--no-progress", *plot)
+        assert r.exit_code == 0, r.stderr
+        assert [ln.split()[:2] for ln in r.stdout.splitlines()[3:6]] == [["64", "0.00"], ["64", "1.00"], ["64", "all"]]
+        assert json.loads((tmp_path / "r.json").read_text())["task"] == "passkey-any-number"
+        assert not plot or (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
     finally:
         registry.unregister_task("passkey-any-number")
     with pytest.raises(ValueError, match="lower-case"):
         registry.register_task(registry.Task(name="Bad:name", pretty_name="x", help="x", metric="x"))
     with pytest.raises(DPEExportError, match="is not a retrieval task"):
         evaluate_task("ppl", PromptBuilder(tokenizer), lambda b: [], [200])
+
+
+@dataclass(frozen=True, kw_only=True)
+class _NextToken(Task):
+    """A toy task, defined here and nowhere else: does the model's greedy next token after ``length`` tokens of
+    held-out text match the text's next token? One record per length, one detail per window."""
+
+    uses_haystack: bool = False
+    plots: bool = False
+    samples_help: str = "text windows per length"
+
+    def check(self, opts: EvalOptions) -> None:
+        if opts.samples > 3:
+            raise DPEExportError("next-token: at most 3 windows")
+
+    def prepare(self, tokenizer, opts: EvalOptions):
+        return ppl_windows(tokenizer, [n + 1 for n in opts.lengths], opts.samples, opts.seed)
+
+    def evaluate(self, loaded, tokenizer, prepared, opts: EvalOptions) -> TaskRun:
+        details = []
+        for n in opts.lengths:
+            for i, window in enumerate(prepared[n + 1]):
+                with torch.no_grad():
+                    logits = loaded.model(input_ids=torch.tensor([window[:-1]], device=loaded.device)).logits
+                details.append({"length": n, "depth": None, "sample": i, "answer": window[-1],
+                                "correct": int(logits[0, -1].argmax()) == window[-1]})
+        return TaskRun(aggregate(details), details)
+
+
+def test_a_task_defined_in_a_test_runs_end_to_end_through_eval(run_cli, llama_dir, tmp_path):
+    """Adding a task is one module and one registration: this one is defined above and registered here, and the
+    library function `dpe-export eval` calls, the CLI (options, table, JSON) and the card's tables run it."""
+    from dpe_export import workflows
+    from dpe_export.evaluation import results
+
+    torch.set_num_threads(1)
+    task = registry.register_task(_NextToken(
+        name="next-token", pretty_name="next-token accuracy", help="the greedy next token of held-out text",
+        metric="next-token accuracy", paper="https://example.org/toy"))
+    try:
+        result = workflows.evaluate(llama_dir, "next-token", lengths=[16, 24], samples=2, device="cpu", seed=1)
+        assert result.task == "next-token" and [r["length"] for r in result.records] == [16, 24]
+        assert all(r["samples"] == 2 and 0.0 <= r["accuracy"] <= 1.0 for r in result.records)
+        assert len(result.details) == 4 and result.settings["samples"] == 2 and result.settings["depths"] is None
+        again = evalrun.run_eval(llama_dir, "next-token", [16, 24], samples=2, device="cpu", seed=1)
+        assert again.details == result.details
+
+        out = tmp_path / "toy.json"
+        r = run_cli("eval", llama_dir, "--task", "next-token", "--lengths", "16,24", "--samples", "2", "--seed", "1",
+                    "--device", "cpu", "--json", out, "--no-progress")
+        assert r.exit_code == 0, r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0].startswith("task next-token") and lines[1].split() == ["length", "depth", "accuracy", "samples"]
+        assert [ln.split()[:2] for ln in lines[3:7]] == [["16", "-"], ["16", "all"], ["24", "-"], ["24", "all"]]
+        data = json.loads(out.read_text())
+        assert data["task"] == "next-token" and data["records"] == result.full_records()
+        assert data["overall"] == result.overall()
+        (table,) = results.comparison_tables(results.eval_records(data))
+        assert table["task"] == "next-token" and table["metric"] == "accuracy" and len(table["rows"]) == 2
+
+        # the task's own flags and checks, through the CLI
+        r = run_cli("eval", llama_dir, "--task", "next-token", "--lengths", "16", "--depths", "0.5")
+        assert r.exit_code == 2 and "--depths applies to passkey, niah, not to next-token" in r.stderr
+        r = run_cli("eval", llama_dir, "--task", "next-token", "--lengths", "16", "--plot", tmp_path / "x.png")
+        assert r.exit_code == 2 and "next-token accuracy and lm-eval print a table" in r.stderr
+        r = run_cli("eval", llama_dir, "--task", "next-token", "--lengths", "16", "--samples", "4")
+        assert r.exit_code == 1 and "next-token: at most 3 windows" in r.stderr
+    finally:
+        registry.unregister_task(task.name)
+    r = run_cli("eval", llama_dir, "--task", "next-token", "--lengths", "16")
+    assert r.exit_code == 2 and "unknown task 'next-token'" in r.stderr
 
 
 def test_unknown_tasks_and_subtasks_are_one_line_errors(run_cli):
