@@ -326,7 +326,7 @@ def _eval_options(f):
         click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), metavar="OUT.json",
                      help="Write the results: one record per (length, depth) with accuracy and sample count."),
         click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), metavar="OUT.png",
-                     help="Save a depth x length accuracy heatmap (ppl: perplexity by length). Needs matplotlib."),
+                     help="Save a depth x length accuracy heatmap (perplexity: a curve by length). Needs matplotlib."),
         opt.seed(0, "Fixes prompts, needles and text; the same command gives the same numbers."),
         opt.batch_size("Prompts run together (all prompts of a length have the same length: no padding)."),
         opt.device("auto: cuda when available."),
