@@ -26,7 +26,7 @@ from dpe_export.evaluation.generation import make_generate_fn, prefill
 from dpe_export.evaluation.ppl import ppl_token_stream
 from dpe_export.evaluation.prompts import sample_seed
 from dpe_export.evaluation.registry import max_new_tokens_for
-from dpe_export.evaluation.results import require_matplotlib
+from dpe_export.evaluation.plots import require_matplotlib
 from dpe_export.evaluation.run import evaluate_task
 from dpe_export.evaluation.tasks import PromptBuilder
 from dpe_export.generated import render_template

@@ -26,11 +26,11 @@ from dpe_export.calibration.selection import (
     top_k_mask,
 )
 from dpe_export.errors import DPEExportError, UsageError
-from dpe_export.evaluation import prompts, results
-from dpe_export.evaluation.harness import run_harness
+from dpe_export.evaluation import plots, prompts, results
+from dpe_export.evaluation.plots import require_matplotlib
 from dpe_export.evaluation.prompts import resolve_lengths
-from dpe_export.evaluation.results import EvalResult, require_matplotlib
-from dpe_export.evaluation.run import available_memory, run_eval
+from dpe_export.evaluation.results import EvalResult
+from dpe_export.evaluation.run import available_memory, run_eval, run_harness
 from dpe_export.export import card
 from dpe_export.export import convert as export_convert
 from dpe_export.export.files import check_output_target, human_size, output_summary
@@ -402,7 +402,7 @@ def evaluate_model(req: EvalRequest, echo: Echo = _silent) -> EvalResult:
     if req.json_out is not None:
         echo(f"Wrote {results.write_json(result, req.json_out)}")
     if req.plot_out is not None:
-        echo(f"Wrote {results.plot_result(result, req.plot_out)}")
+        echo(f"Wrote {plots.plot_result(result, req.plot_out)}")
     return result
 
 

@@ -15,6 +15,7 @@ from huggingface_hub import ModelCard
 
 from dpe_export.calibration import result as calib_result
 from dpe_export.errors import DPEExportError
+from dpe_export.evaluation import results
 from dpe_export.export import card
 from dpe_export.modeling_templates import dpe_params
 from dpe_export.sources import checkpoint
@@ -216,10 +217,10 @@ def test_eval_results_in_any_shape(tmp_path):
         {"length": 64, "depth": None, "accuracy": None, "samples": 2, "perplexity": 9.0, "tokens": 100,
          "nll": 100 * 2.0}]}
     for data in (recs, {"records": recs}, [as_result, {"records": [r for r in recs if r["model"] == str(dpe)]}]):
-        tables = card.eval_tables(card.eval_records(data))
+        tables = card.eval_tables(results.eval_records(data))
         assert tables[0]["columns"] == ["base", "DPE"], data
         assert [r["cells"] for r in tables[0]["rows"]] == [["100.0%", "100.0%"], ["25.0%", "75.0%"]]
-    tables = card.eval_tables(card.eval_records(ppl))
+    tables = card.eval_tables(results.eval_records(ppl))
     assert tables[0]["metric"].startswith("perplexity") and tables[0]["rows"][0]["cells"] == ["7.39"]  # exp(2)
     on_the_fly = card.eval_tables([{"task": "passkey", "model": str(base), "method": "dpe:8,2,4", "length": 64,
                                     "accuracy": 1.0, "samples": 1}, *recs[:4]], base_dir=base)
@@ -227,7 +228,26 @@ def test_eval_results_in_any_shape(tmp_path):
     for i, data in enumerate(([], {"records": "x"}, [{"no": "length"}])):
         (tmp_path / f"e{i}.json").write_text(json.dumps(data), encoding="utf-8")
         with pytest.raises(DPEExportError, match="no evaluation records"):
-            card.load_eval_records([tmp_path / f"e{i}.json"])
+            results.load_eval_records([tmp_path / f"e{i}.json"])
+
+
+def test_the_card_and_the_cli_table_read_one_aggregation():
+    """results.comparison_tables (the card) and format_table / overall (the CLI, the JSON) merge records the same
+    way: RULER's average, and a perplexity from the summed nll (not a record's own, possibly rounded, number)."""
+    ruler = results.EvalResult("ruler", "./m", "none", 0, [
+        {"subtask": s, "length": n, "depth": None, "accuracy": a, "samples": 3}
+        for s, n, a in (("vt", 2048, 0.1), ("cwe", 2048, 1 / 3), ("vt", 4096, 0.7))])
+    (table,) = results.comparison_tables(results.eval_records(ruler.to_dict()))
+    rows = {r["length"]: r["cells"] for r in table["rows"]}
+    overall = {o["length"]: o for o in ruler.overall()}
+    assert rows["average @ 2,048"] == [results.format_accuracy(overall[2048]["accuracy"])] == ["21.7%"]
+    assert rows["average @ 4,096"] == ["70.0%"] and "21.7%" in results.format_table(ruler)
+    ppl = results.EvalResult("ppl", "./m", "none", 0, [
+        {"length": 64, "depth": None, "accuracy": None, "samples": 2, "perplexity": 9.0, "tokens": 100, "nll": 200.0}])
+    (table,) = results.comparison_tables(results.eval_records(ppl.to_dict()))
+    assert table["rows"][0]["cells"] == ["7.39"] and table["metric"] == "perplexity (lower is better)"
+    assert ppl.overall()[0]["perplexity"] == pytest.approx(7.389, abs=1e-3)
+    assert results.format_table(ppl).splitlines()[-1].split() == ["64", "2", "100", "7.389"]
 
 
 def test_without_matplotlib_the_card_has_tables_and_a_warning(llama_dir, tmp_path, monkeypatch, caplog):

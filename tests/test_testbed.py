@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dpe_export.evaluation.generation import make_generate_fn
-from dpe_export.evaluation.run import evaluate_passkey
+from dpe_export.evaluation.tasks.passkey import evaluate_passkey
 from dpe_export.evaluation.tasks import PromptBuilder
 from dpe_export.export.convert import convert
 from dpe_export.modeling_templates import dpe_params

@@ -14,9 +14,8 @@ from dpe_export.calibration import engine, paired, scales
 from dpe_export.calibration.ray_executor import RayExecutor
 from dpe_export.calibration.result import CALIBRATION_FILE, write_json_atomic
 from dpe_export.errors import DPEExportError
-from dpe_export.evaluation import prompts
 from dpe_export.evaluation import run as evalrun
-from dpe_export.evaluation.tasks import PromptBuilder
+from dpe_export.evaluation.tasks import PromptBuilder, niah, passkey
 from dpe_export.sources import loading, methods
 
 
@@ -82,9 +81,9 @@ def _check_prompt_fits(plan: scales.CalibrationPlan, tokenizer, haystack) -> Non
     """A prompt with all the plan's needles must fit in the target length; say so before loading the weights."""
     builder = PromptBuilder(tokenizer, haystack_path=haystack)
     if plan.metric == "passkey":
-        need, what = prompts.passkey_min_length(builder), "a pass-key prompt"
+        need, what = passkey.min_length(builder), "a pass-key prompt"
     else:
-        need, what = prompts.niah_min_length(builder, plan.needles), f"a {plan.needles}-needle NIAH prompt"
+        need, what = niah.min_length(builder, plan.needles), f"a {plan.needles}-needle NIAH prompt"
     if plan.target_length < need:
         raise DPEExportError(f"{what} takes at least {need} tokens with this tokenizer, more than the target length "
                              f"({plan.target_length}); give a longer --target-length or fewer --needles")
