@@ -159,7 +159,8 @@ def test_a_task_defined_in_a_test_runs_end_to_end_through_eval(run_cli, llama_di
         name="next-token", pretty_name="next-token accuracy", help="the greedy next token of held-out text",
         metric="next-token accuracy", paper="https://example.org/toy"))
     try:
-        result = workflows.evaluate(llama_dir, "next-token", lengths=[16, 24], samples=2, device="cpu", seed=1)
+        result = workflows.evaluate(llama_dir, workflows.EvalRequest(model=str(llama_dir), task="next-token",
+                                                                     lengths=(16, 24), samples=2, device="cpu", seed=1))
         assert result.task == "next-token" and [r["length"] for r in result.records] == [16, 24]
         assert all(r["samples"] == 2 and 0.0 <= r["accuracy"] <= 1.0 for r in result.records)
         assert len(result.details) == 4 and result.settings["samples"] == 2 and result.settings["depths"] is None
