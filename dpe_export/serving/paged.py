@@ -62,6 +62,8 @@ def dpe_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     m, n = q.shape[0], k.shape[1]
     if n < m:
         raise ValueError(f"{n} keys for {m} queries")
+    if m == 0:  # torch's fused CPU kernel faults on empty inputs
+        return q.new_empty(0, q.shape[1], v.shape[-1])
     qh = q.transpose(0, 1)[None]  # [1, H, m, D]
     kh, vh = k[None], v[None]  # [1, Hkv, n, D]
     key_pos = torch.arange(n, device=q.device)[None]  # [1, n]
