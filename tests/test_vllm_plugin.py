@@ -163,3 +163,56 @@ print(type(cfg).__module__, type(cfg).__name__, cfg.model_type, cfg.dpe["local_w
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "dpe_export.serving.vllm.models DPELlamaServingConfig dpe_llama 32" in proc.stdout, proc.stdout
+
+
+def _tiny_checkpoint(path, model_type):
+    """A 2-layer random model of a family transformers has (head_dim 32: vLLM's CPU kernel, which the sliding
+    layers of Gemma 3 keep, takes 32 and up), its attention sharpened, with the testbed's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CONFIG_MAPPING
+
+    from dpe_export.architectures import ARCHITECTURES
+
+    kwargs = dict(vocab_size=1698, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=True)
+    kwargs.update({k: list(v) if isinstance(v, tuple) else v for k, v in ARCHITECTURES[model_type].test_config})
+    if model_type == "gemma3_text":
+        kwargs.update(sliding_window=16, query_pre_attn_scalar=32)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIG_MAPPING[model_type](**kwargs)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                p.mul_(4.0)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(TESTBED).save_pretrained(path)
+    return path
+
+
+FAMILIES = {  # family: (base checkpoint, None for a tiny random one)
+    "qwen2": REPO / "tests" / "fixtures" / "testbed-qwen2",
+    "mistral": REPO / "tests" / "fixtures" / "testbed-mistral",
+    "qwen3": None,
+    "gemma3_text": None,
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_matches_transformers(family, tmp_path, tokenizer):
+    """Each family's export: chunked prefill (64-token chunks), three concurrent requests, then a prefix-cache
+    round, greedy tokens equal to the transformers runtime's. Gemma 3's sliding layers stay vLLM's own."""
+    from transformers import AutoModelForCausalLM
+
+    base = FAMILIES[family] or _tiny_checkpoint(tmp_path / "base", family)
+    out = tmp_path / "export"
+    subprocess.run([sys.executable, "-m", "dpe_export", "convert", "--model", str(base), "--output", str(out),
+                    "--window", str(WINDOW), "--scale-factors", "128,128,64,8", "--target-length", "4096"],
+                   check=True, capture_output=True, env=_env())
+    prompts = [p.input_ids for p in _prompts(tokenizer, (150, 333, 520), seed=7)]
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    want = _hf_greedy(model, prompts, MAX_TOKENS)
+    got = _vllm(out, prompts, {"max_model_len": 1024, "enable_chunked_prefill": True, "max_num_batched_tokens": 64,
+                               "enable_prefix_caching": True, "block_size": 32}, MAX_TOKENS, rounds=2)
+    assert got["arch"].startswith("DPE")
+    _assert_same(got["rounds"][0], want, f"{family}, chunked prefill")
+    _assert_same(got["rounds"][1], want, f"{family}, prefix cache hit")
