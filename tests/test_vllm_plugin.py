@@ -216,3 +216,19 @@ def test_family_matches_transformers(family, tmp_path, tokenizer):
     assert got["arch"].startswith("DPE")
     _assert_same(got["rounds"][0], want, f"{family}, chunked prefill")
     _assert_same(got["rounds"][1], want, f"{family}, prefix cache hit")
+
+
+@pytest.mark.parametrize("kwargs", [{"hf_overrides": {"architectures": ["LlamaForCausalLM"]}},
+                                    {"model_impl": "transformers", "trust_remote_code": True}],
+                         ids=["hf_overrides-plain-llama", "transformers-backend"])
+def test_with_plugin_the_ways_around_dpe_are_still_refused(export, kwargs):
+    """With the plugin on, pointing vLLM at the family's plain model, or at its Transformers backend (which would
+    swap vLLM's attention into the export's remote code), is refused in one line as before."""
+    child = ("import json, sys\nfrom vllm import LLM\n"
+             f"LLM(model={str(export)!r}, dtype='float32', max_model_len=1024, enforce_eager=True, "
+             "**json.loads(sys.argv[1]))\nprint('SERVED')\n")
+    proc = subprocess.run([sys.executable, "-c", child, json.dumps(kwargs)], capture_output=True, text=True,
+                          timeout=600, env=_env())
+    text = proc.stdout + proc.stderr
+    assert "SERVED" not in proc.stdout and proc.returncode != 0
+    assert "This is a DPE export" in text, text[-3000:]

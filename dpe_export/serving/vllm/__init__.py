@@ -7,17 +7,23 @@ vLLM calls register() (the `vllm.general_plugins` entry point `dpe`) in every pr
 - the export's model_type (dpe_<family>) with vLLM's config registry and transformers' AutoConfig, as the family's
   own transformers config class under that name, so vLLM reads the config without running the export's code
   (no trust_remote_code needed, and with it the plugin's classes still win over the export's remote code).
-Importing this module imports nothing of vLLM; register() does.
+It is a vLLM plugin: importing it imports vLLM.
 """
 from __future__ import annotations
+
+from transformers import AutoConfig
+from vllm import ModelRegistry
+from vllm.transformers_utils import config as vllm_config_module
+
+from dpe_export.architectures import ARCHITECTURES
+from dpe_export.serving.vllm.backend import ensure_backend_registered
+from dpe_export.serving.vllm.models import dpe_config_class
 
 _REGISTERED = False
 
 
 def registered_families() -> dict:
     """{DPE architecture name: vLLM base architecture} for the families this plugin serves."""
-    from dpe_export.architectures import ARCHITECTURES
-
     return {a.dpe_causal_lm_class: a.causal_lm_class for a in ARCHITECTURES.values()}
 
 
@@ -26,14 +32,6 @@ def register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    from transformers import AutoConfig
-    from vllm import ModelRegistry
-    from vllm.transformers_utils import config as vllm_config_module
-
-    from dpe_export.architectures import ARCHITECTURES
-
-    from .models import dpe_config_class
-
     supported = set(ModelRegistry.get_supported_archs())
     for arch in ARCHITECTURES.values():
         if arch.causal_lm_class not in supported:
@@ -48,7 +46,5 @@ def register() -> None:
         vllm_config_module._CONFIG_REGISTRY[arch.dpe_model_type] = config_cls
         ModelRegistry.register_model(arch.dpe_causal_lm_class,
                                      f"dpe_export.serving.vllm.models:{arch.dpe_causal_lm_class}")
-    from .backend import ensure_backend_registered
-
     ensure_backend_registered()
     _REGISTERED = True

@@ -13,10 +13,14 @@ import copy
 from typing import Optional
 
 import torch
+from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.models.utils import PPMissingLayer
 
 from dpe_export.architectures import ARCHITECTURES, Architecture
 from dpe_export.modeling_templates.dpe_family import full_attention_layers, rotary_dim_of, _family_rotary
+from dpe_export.modeling_templates.dpe_guards import DPEServingError
 from dpe_export.modeling_templates.dpe_params import SELECTED_DIMS_TENSOR, DPEParams
+from dpe_export.serving.vllm.backend import DPEAttentionBackend, DPELayerSpec, ensure_backend_registered
 
 
 def architecture_for_dpe_class(name: str) -> Optional[Architecture]:
@@ -25,6 +29,22 @@ def architecture_for_dpe_class(name: str) -> Optional[Architecture]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Config classes: model_type dpe_<family>, the family's own config class underneath.
+
+def _check_architectures(name, value):
+    """An export's config may not be pointed at a model class without DPE (vLLM's hf_overrides={"architectures":
+    ["LlamaForCausalLM"]} would serve the plain base model), nor given to vLLM's Transformers backend (which sets
+    the attention implementation to its own paged attention): refused in one line, as without the plugin."""
+    if name == "_attn_implementation" and isinstance(value, str) and value.startswith("vllm"):
+        raise DPEServingError(
+            "This is a DPE export (dimension-wise RoPE scaling, arXiv 2504.18857); vLLM's Transformers backend "
+            "would run it with vLLM's attention, without DPE. Serve it with the default model_impl, which the "
+            "dpe-export vLLM plugin provides.")
+    if name == "architectures" and value and any(not str(a).startswith("DPE") for a in value):
+        raise DPEServingError(
+            f"This is a DPE export (dimension-wise RoPE scaling, arXiv 2504.18857); architectures {list(value)} would "
+            "serve it without DPE. Serve it under the architecture its config.json names, which the dpe-export "
+            "vLLM plugin provides.")
+
 
 _CONFIG_CLASSES: dict = {}
 
@@ -37,7 +57,13 @@ def dpe_config_class(arch: Architecture):
         from transformers import CONFIG_MAPPING
 
         base = CONFIG_MAPPING[arch.model_type]
+
+        def __setattr__(self, name, value):
+            _check_architectures(name, value)
+            base.__setattr__(self, name, value)
+
         cls = type(f"{arch.dpe_prefix}ServingConfig", (base,), {
+            "__setattr__": __setattr__,
             "model_type": arch.dpe_model_type,
             "dpe_base_model_type": base.model_type,
             "__module__": __name__,
@@ -88,11 +114,6 @@ def install_dpe_attention(model: torch.nn.Module, vllm_config) -> list:
     Returns the names of the layers that now run DPE. Refuses (ValueError) a model that is not laid out as the
     in-tree families are, rather than serving it without DPE.
     """
-    from vllm.model_executor.layers.attention import Attention
-    from vllm.model_executor.models.utils import PPMissingLayer
-
-    from .backend import DPEAttentionBackend, DPELayerSpec, ensure_backend_registered
-
     ensure_backend_registered()
     config = vllm_config.model_config.hf_config
     params = DPEParams.from_dict(config.dpe)
