@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from dpe_export import analysis, hub, sources
+from dpe_export import __version__, analysis, hub, sources
 from dpe_export.calibration import procedures, scales
 from dpe_export.calibration.result import (
     Calibration,
@@ -37,6 +37,7 @@ from dpe_export.export.files import check_output_target, human_size, output_summ
 from dpe_export.export.presets import Preset, load_preset
 from dpe_export.output_files import write_output
 from dpe_export.export.settings import ConvertFlags, ConvertSettings, resolve_settings
+from dpe_export.export.upgrade import UpgradeResult, upgrade_export
 from dpe_export.progress import progress_bar
 from dpe_export.sources.checkpoint import Checkpoint, ModelInfo, inspect_model
 from dpe_export.sources.loading import load_model
@@ -88,7 +89,7 @@ class CalibrateRequest:
     procedure: str = procedures.DEFAULT_PROCEDURE
     samples: Optional[int] = None  # the procedure's default
     needles: Optional[int] = None  # the procedure's default
-    metric: str = "niah"
+    metric: Optional[str] = None  # default: the procedure's first metric
     seed: int = scales.DEFAULT_SEED
     ray_address: Optional[str] = None
     ray_actors: Optional[int] = None
@@ -504,4 +505,29 @@ def analyze_model(req: AnalyzeRequest, echo: Echo = _silent) -> analysis.HeadAna
     if req.plot_dir is not None:
         for path in analysis.plot_analysis(result, req.plot_dir, req.top, compare, "this model", "compare"):
             echo(f"Wrote {path}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# upgrade
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpgradeRequest:
+    """What `dpe-export upgrade` was asked."""
+
+    export_dir: Path
+
+
+def upgrade(req: UpgradeRequest, echo: Echo = _silent) -> UpgradeResult:
+    """dpe-export upgrade: rewrite an export's generated files in place and say what changed."""
+    result = upgrade_export(req.export_dir)
+    if not result.changed:
+        echo(f"{req.export_dir} is up to date (dpe-export {__version__}); nothing changed")
+        return result
+    removed = f", removed {', '.join(result.removed)}" if result.removed else ""
+    echo(f"Upgraded {req.export_dir} (written by dpe-export {result.written_by or '0.1.0 or earlier'}) to dpe-export "
+         f"{__version__}: rewrote {', '.join(result.changed)}{removed}; {len(result.untouched)} other files unchanged "
+         "(checked by hash)")
     return result

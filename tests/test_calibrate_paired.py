@@ -248,7 +248,7 @@ def test_calibrate_then_convert_end_to_end(byte_model, tmp_path, run_cli):
 def test_a_target_length_too_short_for_the_needles_is_refused_before_loading(byte_model, tmp_path, run_cli):
     res = run_cli("calibrate", str(byte_model), "-d", str(tmp_path / "cal"), "--target-length", "512",
                   "--window", "64")
-    assert res.exit_code == 1 and "16-needle NIAH prompt takes at least" in res.stderr
+    assert res.exit_code == 1 and "multi-needle NIAH prompt with 16 needles takes at least" in res.stderr
     assert "fewer --needles" in res.stderr and "Loading weights" not in res.stderr
 
 

@@ -8,7 +8,7 @@ from typing import Optional
 
 import click
 
-from dpe_export import __version__, workflows
+from dpe_export import workflows
 from dpe_export.analysis import DEFAULT_PAIRS as DEFAULT_ANALYZE_PAIRS
 from dpe_export.analysis import DEFAULT_SAMPLES as DEFAULT_ANALYZE_SAMPLES
 from dpe_export.architectures import WRAPPERS, supported_families
@@ -19,7 +19,6 @@ from dpe_export.errors import UsageError
 from dpe_export.evaluation import plots, prompts, registry, results
 from dpe_export.export.presets import list_presets, load_preset
 from dpe_export.export.settings import ConvertFlags
-from dpe_export.export.upgrade import upgrade_export
 from dpe_export.sources.loading import ATTN_CHOICES
 from dpe_export.sources.methods import parse_method
 
@@ -254,15 +253,7 @@ def upgrade_command(export_dir: Path) -> None:
       dpe-export upgrade ./my-llama-dpe && dpe-export push ./my-llama-dpe --repo-id my-org/my-llama-dpe
     """
     setup_logging()
-    result = upgrade_export(export_dir)
-    if not result.changed:
-        click.echo(f"{export_dir} is up to date (dpe-export {__version__}); nothing changed")
-        return
-    click.echo(f"Upgraded {export_dir} (written by dpe-export {result.written_by or '0.1.0 or earlier'}) to "
-               f"dpe-export {__version__}: rewrote {', '.join(result.changed)}"
-               + (f", removed {', '.join(result.removed)}" if result.removed else "")
-               + f"; {len(result.untouched)} other files "
-               "unchanged (checked by hash)")
+    workflows.upgrade(workflows.UpgradeRequest(export_dir=export_dir), echo=click.echo)
 
 
 @main.command("presets")
