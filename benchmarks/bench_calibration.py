@@ -23,6 +23,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from dpe_export import dpe_ops
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -54,9 +55,8 @@ def main() -> int:
 
     from dpe_export.calibration import paired, scales
     from dpe_export.evaluation import generation, registry
-    from dpe_export.runtime import load_dpe_core
     from dpe_export.sources import loading, methods
-    from dpe_export.sources.checkpoint import load_base_config
+    from dpe_export.sources.checkpoint import Checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, required=True)
@@ -70,25 +70,25 @@ def main() -> int:
     ap.add_argument("--jsonl", type=Path, required=True)
     args = ap.parse_args()
 
-    config = load_base_config(args.model)
-    num_freqs = load_dpe_core().rotary_dim_of(config) // 2
+    ckpt = Checkpoint(args.model)
+    num_freqs = ckpt.rotary_dim // 2
     bounds = [int(x) for x in args.dimension_groups.split(",")]
-    tokenizer = loading.load_tokenizer(args.model)
+    tokenizer = loading.load_tokenizer(ckpt)
     t0 = time.perf_counter()
-    model = loading.load_model(args.model, methods.MethodSpec("none"), dtype=args.dtype, tokenizer=tokenizer,
+    model = loading.load_model(ckpt, methods.MethodSpec("none"), dtype=args.dtype, tokenizer=tokenizer,
                                target_length=max(int(x) for x in args.lengths.split(","))).model
     load_seconds = time.perf_counter() - t0
     task = registry.get_task("niah")
     for T in (int(x) for x in args.lengths.split(",")):
         common = dict(target_length=T, window=args.window, num_freqs=num_freqs,
-                      pretrain_length=config.max_position_embeddings, dimension_groups=bounds)
+                      pretrain_length=ckpt.require_pretraining_length(), dimension_groups=bounds)
         grid = scales.make_plan(args.model, **common)
         fast = scales.make_plan(args.model, procedure="paired", samples=paired.DEFAULT_CONTEXTS,
                                 needles=paired.DEFAULT_NEEDLES, **common)
         calibrator = scales.Calibrator(model, tokenizer, fast)
         params = fast.params_for_factors([fast.reference_scale] * fast.num_groups)
         query = calibrator.context_prompts(0)[0]
-        load_dpe_core().apply_dpe(model, params, None)
+        dpe_ops.apply_dpe(model, params, None)
         eos = generation.eos_ids(model, tokenizer) or None
         # warm-up on a short prompt (first-call costs are not per-unit costs)
         generation.greedy_generate(model, [query.input_ids[-256:]], task.max_new_tokens, eos)

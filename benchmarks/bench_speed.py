@@ -35,9 +35,9 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from dpe_export.export.convert import convert  # noqa: E402
-from dpe_export.runtime import load_dpe_core  # noqa: E402
+from dpe_export.modeling_templates import dpe_params
+from dpe_export import dpe_ops
 
-dpe_core = load_dpe_core()
 
 BLOCKS = {
     "llama3": dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=2, head_dim=128),
@@ -95,8 +95,8 @@ def decode_times(models, ids, steps, device):
     with torch.no_grad():
         for name, model in models.items():
             cache = DynamicCache()
-            out = model(ids, use_cache=True, logits_to_keep=1, **{dpe_core.cache_argument(model): cache})
-            state[name] = (dpe_core.output_cache(out), out.logits[:, -1:].argmax(-1))
+            out = model(ids, use_cache=True, logits_to_keep=1, **{dpe_ops.cache_argument(model): cache})
+            state[name] = (dpe_ops.output_cache(out), out.logits[:, -1:].argmax(-1))
         times = {name: [] for name in models}
         for _ in range(steps):
             for name, model in models.items():
@@ -104,11 +104,11 @@ def decode_times(models, ids, steps, device):
                 box = {}
 
                 def step(model=model, past=past, tok=tok, box=box):
-                    box["out"] = model(tok, use_cache=True, **{dpe_core.cache_argument(model): past})
+                    box["out"] = model(tok, use_cache=True, **{dpe_ops.cache_argument(model): past})
 
                 times[name].append(timed(step, device))
                 out = box["out"]
-                state[name] = (dpe_core.output_cache(out), out.logits[:, -1:].argmax(-1))
+                state[name] = (dpe_ops.output_cache(out), out.logits[:, -1:].argmax(-1))
     return {name: statistics.median(t) for name, t in times.items()}, times
 
 
@@ -117,7 +117,7 @@ def measure_cache(models, ids):
     with torch.no_grad():
         for name, model in models.items():
             cache = DynamicCache()
-            model(ids, use_cache=True, logits_to_keep=1, **{dpe_core.cache_argument(model): cache})
+            model(ids, use_cache=True, logits_to_keep=1, **{dpe_ops.cache_argument(model): cache})
             out[name] = cache_bytes(cache)
             del cache
     return out
@@ -126,12 +126,12 @@ def measure_cache(models, ids):
 def run_block(block, args, tmp, gen):
     config = build_base(tmp / block / "base", block, args.layers)
     heads, rdim = config.num_attention_heads, config.head_dim
-    groups = dpe_core.even_group_boundaries(rdim // 2, 8)
+    groups = dpe_ops.even_group_boundaries(rdim // 2, 8)
     topk = torch.rand(args.layers, heads, rdim // 2, generator=gen).argsort(-1) < rdim // 4
     variants = {"all-dims": None, f"top-{rdim // 4}": topk}
     dirs = {"base": tmp / block / "base"}
     for name, sel in variants.items():
-        params = dpe_core.DPEParams(args.window, SCALES, groups, target_length=131072)
+        params = dpe_params.DPEParams(args.window, SCALES, groups, target_length=131072)
         dirs[name] = convert(dirs["base"], tmp / block / name, params, sel)
     dtype = getattr(torch, args.dtype)
     models = {name: AutoModelForCausalLM.from_pretrained(path, trust_remote_code=name != "base", dtype=dtype,

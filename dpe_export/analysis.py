@@ -5,7 +5,7 @@ For a query at i and a key at j <= i of head h, the attention logit is a sum ove
 c_f(i, j) = q_f . R((i - j) theta_f) k_f, the f-th 2-D pair's contribution (times the attention's own scaling;
 non-rotary dims are left out). With q and k as the attention receives them (already rotated at their own
 positions) c_f is the plain dot product of the pair. For a DPE export, pairs at distance >= w take the angle the
-export applies: the extra DPE rotation of query and key on the frequencies it scales (dpe_core's own functions).
+export applies: the extra DPE rotation of query and key on the frequencies it scales (the runtime's own dpe_rule functions).
 
 The dominant dimension is D(i, j) = sum_f softmax_f(c(i, j)) * f, and a head's positional score is the Spearman
 correlation rho between the distance i - j and D(i, j) over sampled pairs. Pairs are sampled with a fixed seed:
@@ -26,13 +26,15 @@ from dpe_export.evaluation.generation import make_generate_fn, prefill
 from dpe_export.evaluation.ppl import ppl_token_stream
 from dpe_export.evaluation.prompts import sample_seed
 from dpe_export.evaluation.registry import max_new_tokens_for
-from dpe_export.evaluation.results import require_matplotlib
+from dpe_export.evaluation.plots import require_matplotlib
 from dpe_export.evaluation.run import evaluate_task
 from dpe_export.evaluation.tasks import PromptBuilder
+from dpe_export.generated import render_template
 from dpe_export.output_files import write_output
-from dpe_export.runtime import load_dpe_core
+from dpe_export.runtime import MODELING_TEMPLATES, resource_dir
 from dpe_export.safefiles import safe_file
 from dpe_export.sources.loading import input_device
+from dpe_export.modeling_templates import dpe_family, dpe_hf_model, dpe_rule
 
 DEFAULT_PAIRS = 2048  # sampled (query, key) pairs per prompt and layer
 DEFAULT_SAMPLES = 2  # prompts per length
@@ -129,15 +131,14 @@ def _dpe_contributions(state, qi, kj, i, j, num_freqs):
     """c_f with the angle a DPE layer applies: far pairs (i - j >= w) get DPE's rotation on scaled frequencies."""
     import torch
 
-    core = load_dpe_core()
     c = pair_contributions(qi, kj, num_freqs)  # plain angle
     far = (i - j) >= state.window
     if not bool(far.any()):
         return c
     scale, inv_freq = state.scale(torch.device("cpu")), state.inv_freq().cpu()
-    qs = core.rotate_by(qi[:, far].double(), core.dpe_delta_positions(i[far][None], scale, state.window, query=True),
+    qs = dpe_rule.rotate_by(qi[:, far].double(), dpe_rule.dpe_delta_positions(i[far][None], scale, state.window, query=True),
                         inv_freq.double(), state.rotary_dim)
-    ks = core.rotate_by(kj[:, far].double(), core.dpe_delta_positions(j[far][None], scale, state.window, query=False),
+    ks = dpe_rule.rotate_by(kj[:, far].double(), dpe_rule.dpe_delta_positions(j[far][None], scale, state.window, query=False),
                         inv_freq.double(), state.rotary_dim)
     scaled = pair_contributions(qs, ks, num_freqs)
     if state.selected is not None:
@@ -180,12 +181,11 @@ def analyze_prompt(model, input_ids, pairs: int = DEFAULT_PAIRS, seed: int = 0) 
     """{layer: (distances [P], D [H, P])} of one prompt (token ids [n])."""
     import torch
 
-    core = load_dpe_core()
     n = len(input_ids)
     i, u = _sample_pairs(n, pairs, seed)
     recorder = _Recorder(torch.unique(i))
     ids = torch.tensor([list(input_ids)], device=input_device(model))
-    num_freqs = core.rotary_dim_of(model.config) // 2
+    num_freqs = dpe_family.rotary_dim_of(model.config) // 2
     with capture_attention(model, recorder), torch.inference_mode():
         prefill(model, ids, CHUNK)
     return {idx: _layer_pairs(layer, i, u, num_freqs, _visible_distance(model, idx))
@@ -223,21 +223,21 @@ class HeadAnalysis:
         return cls(data["records"])
 
 
-def memory_needed(config, length: int, bytes_per_value: int = 2) -> int:
-    """What one prompt holds: every layer's keys kept here (float32) and the model's own KV cache."""
-    core = load_dpe_core()
-    layers = config.num_hidden_layers
-    hkv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    d = core.head_dim_of(config)
-    return layers * hkv * d * length * (4 + 2 * bytes_per_value)
+def memory_needed(ckpt, length: int, bytes_per_value: int = 2) -> int:
+    """What one prompt holds: every layer's keys kept here (float32) and the model's own KV cache. `ckpt`: the
+    model's Checkpoint (config.json as read once)."""
+    cfg = ckpt.text_config
+    layers = cfg["num_hidden_layers"]
+    hkv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    return layers * hkv * ckpt.head_dim * length * (4 + 2 * bytes_per_value)
 
 
-def check_fits(config, lengths: Sequence[int], available: Optional[int]) -> None:
+def check_fits(ckpt, lengths: Sequence[int], available: Optional[int]) -> None:
     """Refuse, in one line, lengths whose kept keys and KV cache would not fit in `available` bytes."""
     if available is None:
         return
     for n in lengths:
-        need = memory_needed(config, n)
+        need = memory_needed(ckpt, n)
         if need > 0.8 * available:
             raise DPEExportError(f"analyzing {n} tokens needs about {need / 2**30:.1f} GiB for the keys and KV cache, "
                                  f"but {available / 2**30:.1f} GiB is free; give shorter --lengths")
@@ -359,14 +359,13 @@ class zeroed_heads:
         self.model, self.heads, self.hooks = model, list(heads), []
 
     def __enter__(self):
-        core = load_dpe_core()
-        head_dim = core.head_dim_of(self.model.config)
+        head_dim = dpe_family.head_dim_of(self.model.config)
         layers = self.model.get_decoder().layers
         by_layer: dict[int, list[int]] = {}
         for layer, head in self.heads:
             by_layer.setdefault(layer, []).append(head)
         for layer, heads in by_layer.items():
-            proj = _output_projection(core.attention_module(layers[layer]))
+            proj = _output_projection(dpe_hf_model.attention_module(layers[layer]))
 
             def hook(module, args, heads=tuple(heads)):
                 x = args[0].clone()
@@ -427,24 +426,22 @@ def ablation_table(ab: dict[str, Any]) -> str:
             f"{len(r['draws'])} draws)")
 
 
+POSITIONAL_HEADS_TEMPLATE = "positional_heads.md.jinja"
 CARD_BEGIN = "<!-- dpe-export analyze: begin -->"
 CARD_END = "<!-- dpe-export analyze: end -->"
 
 
 def card_section(result: HeadAnalysis, ablation: Optional[dict] = None, top: int = 5) -> str:
-    """The model card's "Positional heads" section (markdown), between markers so a later run replaces it."""
-    lines = [CARD_BEGIN, "## Positional heads", "",
-             "Measured on this export with `dpe-export analyze` (arXiv 2410.08703): per attention head, the Spearman "
-             "correlation rho between token distance and the dominant rotary dimension of sampled pairs.", "",
-             "| length | heads | rho > 0.5 | top heads (layer.head: rho) |", "|---|---|---|---|"]
+    """The model card's "Positional heads" section (markdown, from POSITIONAL_HEADS_TEMPLATE beside the model
+    card's template), between markers so a later run replaces it."""
+    rows = []
     for n in sorted({r["length"] for r in result.records}):
-        rows = [r for r in result.records if r["length"] == n]
-        best = sorted(rows, key=lambda r: -r["rho"])[:top]
-        lines.append(f"| {n} | {len(rows)} | {sum(r['rho'] > 0.5 for r in rows)} | "
-                     + ", ".join(f"{r['layer']}.{r['head']}: {r['rho']:.2f}" for r in best) + " |")
-    if ablation:
-        lines += ["", ablation_table(ablation) + "."]
-    return "\n".join(lines + [CARD_END]) + "\n"
+        at_n = [r for r in result.records if r["length"] == n]
+        rows.append({"length": n, "heads": len(at_n), "positional": sum(r["rho"] > 0.5 for r in at_n),
+                     "top": sorted(at_n, key=lambda r: -r["rho"])[:top]})
+    variables = {"begin": CARD_BEGIN, "end": CARD_END, "rows": rows,
+                 "ablation": ablation_table(ablation) if ablation else None}
+    return render_template(resource_dir(MODELING_TEMPLATES) / POSITIONAL_HEADS_TEMPLATE, variables)
 
 
 def write_card_section(export_dir, section: str) -> Path:

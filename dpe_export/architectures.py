@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from dpe_export.errors import DPEExportError
-from dpe_export.runtime import load_dpe_core
+from dpe_export.modeling_templates import dpe_family
 
 
 EXPORT_MODEL_TYPE_PREFIX = "dpe_"  # an export of family "llama" has model_type "dpe_llama"
@@ -164,7 +164,7 @@ def get_architecture(config) -> Architecture:
             f"model type {model_type!r} is not supported yet; supported families: {supported_families()}"
         )
     try:
-        load_dpe_core().check_supported_config(config)
+        dpe_family.check_supported_config(config)
     except ValueError as e:
         raise DPEExportError(f"this {arch.display_name} model cannot run DPE attention: {e}") from None
     return arch

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import contextlib
 from typing import Callable
+from dpe_export.modeling_templates import dpe_hf_attention, dpe_hf_model
 
-from dpe_export.runtime import load_dpe_core
 
 RECORDER = "dpe_capture"
 
@@ -23,7 +23,7 @@ def _recording_attention(module, query, key, value, attention_mask, **kwargs):
     callback(idx, module, query, key, kwargs)
     impl = real._attn_implementation or "eager"
     if impl == "eager":
-        fn = load_dpe_core()._family_eager_attention(type(module))
+        fn = dpe_hf_attention.family_eager_attention(type(module))
     else:
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -36,15 +36,14 @@ def capture_attention(model, callback: Callback):
     """While open, every attention layer of `model` calls `callback(layer_idx, module, query, key, kwargs)`."""
     from transformers import AttentionInterface
 
-    core = load_dpe_core()
     AttentionInterface.register(RECORDER, _recording_attention)
     patched = []
     try:
         for idx, layer in enumerate(model.get_decoder().layers):
-            attn = core.attention_module(layer)
+            attn = dpe_hf_model.attention_module(layer)
             patched.append((attn, attn.config))
             attn.__dict__["_dpe_capture"] = (callback, idx, attn.config)
-            attn.config = core.DPEAttentionConfig(attn.config, RECORDER)
+            attn.config = dpe_hf_attention.DPEAttentionConfig(attn.config, RECORDER)
         yield
     finally:
         for attn, config in patched:

@@ -1,23 +1,18 @@
-"""The code every export carries: modeling_dpe.py rendered from the family registry, dpe_core.py copied verbatim,
-the config's auto_map, and whether an export's code is exactly what this dpe-export writes (so that loading it
+"""The code every export carries: modeling_dpe.py rendered from the family registry, the runtime files it imports
+(modeling_templates/dpe_*.py) copied verbatim, the config's auto_map, and whether an export's code is exactly what this dpe-export writes (so that loading it
 with trust_remote_code runs only our own code)."""
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 from dpe_export import __version__
 from dpe_export.architectures import Architecture, export_architecture
 from dpe_export.errors import DPEExportError
-from dpe_export.runtime import (
-    MODELING_TEMPLATES,
-    dpe_core_path,
-    load_dpe_core,
-    resource_dir,
-)
+from dpe_export.modeling_templates import dpe_guards
+from dpe_export.runtime import MODELING_TEMPLATES, resource_dir, runtime_files
 from dpe_export.safefiles import safe_file
 
 logger = logging.getLogger("dpe_export")
@@ -29,7 +24,7 @@ MODELING_TEMPLATE = "modeling_dpe.py.jinja"
 MODELING_FILE = "modeling_dpe.py"
 
 
-DPE_CORE_FILE = "dpe_core.py"
+RETIRED_RUNTIME_FILES = ("dpe_core.py",)  # the runtime's files in earlier releases (upgrade removes them)
 
 
 MODEL_CARD_TEMPLATE = "model_card.md.jinja"
@@ -67,9 +62,8 @@ def render_template(path: Path, variables: dict[str, Any], filters: Optional[dic
 
 def render_modeling_source(arch: Architecture) -> str:
     """modeling_dpe.py for one family, rendered from the template (only registry data goes into it)."""
-    dpe_core = load_dpe_core()
     variables = dict(arch.template_variables(), tool_version=__version__,
-                     min_transformers=dpe_core.MIN_TRANSFORMERS_VERSION, max_transformers=dpe_core.MAX_TRANSFORMERS_VERSION)
+                     min_transformers=dpe_guards.MIN_TRANSFORMERS_VERSION, max_transformers=dpe_guards.MAX_TRANSFORMERS_VERSION)
     source = render_template(modeling_template_path(), variables)
     try:
         compile(source, MODELING_FILE, "exec")
@@ -78,10 +72,17 @@ def render_modeling_source(arch: Architecture) -> str:
     return source
 
 
+def code_files(arch: Architecture) -> dict[str, bytes]:
+    """Every code file of an export of this family, by name: modeling_dpe.py rendered from the template and the
+    runtime files it imports, verbatim."""
+    source = render_modeling_source(arch)
+    return {MODELING_FILE: source.encode("utf-8"), **runtime_files(source)}
+
+
 def write_modeling_files(info, out_dir: Path) -> None:
-    """modeling_dpe.py rendered from the template, and dpe_core.py copied verbatim."""
-    (out_dir / MODELING_FILE).write_text(render_modeling_source(info.architecture), encoding="utf-8")
-    shutil.copyfile(dpe_core_path(), out_dir / DPE_CORE_FILE)
+    """The export's code files (code_files)."""
+    for name, data in code_files(info.architecture).items():
+        (out_dir / name).write_bytes(data)
 
 
 def config_auto_map(arch: Architecture) -> dict[str, str]:
@@ -93,8 +94,8 @@ def config_auto_map(arch: Architecture) -> dict[str, str]:
 
 
 def foreign_code(export_dir: Path, raw: dict[str, Any]) -> Optional[str]:
-    """None when the export's code is exactly what this dpe-export writes (auto_map, modeling_dpe.py and
-    dpe_core.py), so that loading it with trust_remote_code runs only our own code; else what differs."""
+    """None when the export's code is exactly what this dpe-export writes (auto_map, modeling_dpe.py and the
+    runtime files), so that loading it with trust_remote_code runs only our own code; else what differs."""
     arch = export_architecture(raw.get("model_type"))
     if arch is None:
         return f"its model type {raw.get('model_type')!r} is not one this dpe-export writes"
@@ -102,8 +103,7 @@ def foreign_code(export_dir: Path, raw: dict[str, Any]) -> Optional[str]:
         return f"its config.json auto_map is {json.dumps(raw.get('auto_map'))[:200]}, not {json.dumps(config_auto_map(arch))}"
     if raw.get("model_type") != arch.dpe_model_type:
         return f"its model type {raw.get('model_type')!r} is not {arch.dpe_model_type!r}"
-    for name, want in ((MODELING_FILE, render_modeling_source(arch).encode("utf-8")),
-                       (DPE_CORE_FILE, dpe_core_path().read_bytes())):
+    for name, want in code_files(arch).items():
         path = safe_file(export_dir, name)
         if path is None or path.read_bytes() != want:
             return f"its {name} is not the one dpe-export {__version__} writes"

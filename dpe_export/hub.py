@@ -10,7 +10,6 @@ export is only read, never changed.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from dataclasses import dataclass
@@ -27,8 +26,9 @@ from dpe_export.export.files import (
     manifest_difference,
     read_manifest,
 )
-from dpe_export.generated import foreign_code
+from dpe_export.generated import RETIRED_RUNTIME_FILES, foreign_code
 from dpe_export.safefiles import check_model_tree, links_in
+from dpe_export.sources.checkpoint import CONFIG_FILE, Checkpoint
 
 logger = logging.getLogger("dpe_export")
 
@@ -54,6 +54,7 @@ class PushPlan:
     files: list[PlannedFile]
     remote_checked: bool
     remote_note: Optional[str] = None  # why the remote was not checked
+    retired: tuple = ()  # remote files of an earlier runtime layout (dpe_core.py) that `upgrade` removed locally
 
     @property
     def to_upload(self) -> list[PlannedFile]:
@@ -78,17 +79,17 @@ def check_export_dir(folder, include: Sequence[str] = ()) -> Path:
         raise DPEExportError(f"export directory not found: {folder}")
     if folder.is_symlink() or not folder.is_dir():
         raise DPEExportError(f"{folder} is not a directory")
-    config = folder / "config.json"
+    export = Checkpoint(folder)
     try:
-        if config.is_symlink():
+        if (folder / CONFIG_FILE).is_symlink():
             raise OSError
-        raw = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
+        raw = export.raw
+    except (OSError, DPEExportError):
         raise DPEExportError(
             f"{folder} has no readable config.json; it is not a DPE export (give the output directory of "
             "dpe-export convert)"
         ) from None
-    if not isinstance(raw, dict) or "dpe" not in raw:
+    if not export.is_export:
         raise DPEExportError(
             f"{folder} is not a DPE export (its config.json has no dpe section); run dpe-export convert first"
         )
@@ -237,7 +238,9 @@ def plan_push(
         else:
             status = "unchanged" if same_as_remote(path, remote[rel]) else "changed"
         planned.append(PlannedFile(rel, size, status))
-    return PushPlan(folder, repo_id, revision, planned, remote is not None, note)
+    local = {rel for rel, _ in files}
+    retired = tuple(n for n in RETIRED_RUNTIME_FILES if remote and n in remote and n not in local)
+    return PushPlan(folder, repo_id, revision, planned, remote is not None, note, retired)
 
 
 def push(
@@ -279,7 +282,7 @@ def push(
         if plan.remote_note is not None:
             raise DPEExportError(plan.remote_note)
         _echo_plan(plan, echo, dry_run=False)
-        if not plan.to_upload:
+        if not plan.to_upload and not plan.retired:
             return PushResult(plan, None, repo_url)
         info = api.upload_folder(
             repo_id=repo_id,
@@ -287,6 +290,7 @@ def push(
             revision=revision,
             commit_message=commit_message or f"Upload DPE export (dpe-export {__version__})",
             allow_patterns=[_glob_escape(f.path) for f in plan.to_upload],
+            delete_patterns=[_glob_escape(name) for name in plan.retired] or None,
             repo_type="model",
         )
     except DPEExportError as e:
@@ -322,6 +326,9 @@ def _echo_plan(plan: PushPlan, echo: Callable[[str], None], dry_run: bool) -> No
     up = plan.to_upload
     total = sum(f.size for f in up)
     where = f"{plan.repo_id} ({plan.revision})"
+    if plan.retired:
+        echo(f"{'Would remove' if dry_run else 'Removing'} {', '.join(plan.retired)} from {where}: the runtime file(s) "
+             "of an earlier dpe-export that this export no longer runs")
     if not dry_run and not up:
         echo(f"Nothing to upload: {where} already has all {len(plan.files)} files of {plan.folder}, unchanged.")
         return

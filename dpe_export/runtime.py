@@ -1,19 +1,17 @@
-"""The files that ship with dpe-export, as package data: the DPE runtime and templates, and the presets.
+"""The files that ship with dpe-export, as package data: the export runtime and templates, and the presets.
 
 The repository keeps them at its top level, `modeling_templates/` and `configs/` (each a package with an empty
 `__init__.py`); setup.cfg installs them inside this package as `dpe_export.modeling_templates` and
 `dpe_export.configs`, and they are found one way only, `importlib.resources.files(...)`: in a wheel they are
 in site-packages, and in a checkout installed with `pip install -e .` setuptools maps the same package names to
-the top-level folders.
+the top-level folders. The runtime files (`modeling_templates/dpe_*.py`) are imported by dpe-export as the
+package `dpe_export.modeling_templates` and copied verbatim into exports, so both run the same code.
 """
 from __future__ import annotations
 
-import importlib.util
-import sys
+import ast
 from pathlib import Path
-from types import ModuleType
 
-import dpe_export
 from dpe_export.errors import DPEExportError
 
 MODELING_TEMPLATES = "modeling_templates"
@@ -22,10 +20,7 @@ MODELING_TEMPLATES = "modeling_templates"
 CONFIGS = "configs"
 
 
-DPE_CORE_FILENAME = "dpe_core.py"
-
-
-DPE_CORE_MODULE = "dpe_export.dpe_core"
+RUNTIME_PACKAGE = "dpe_export.modeling_templates"  # the export runtime, dpe_*.py, imported by dpe-export as is
 
 
 def resource_dir(name: str) -> Path:
@@ -42,35 +37,29 @@ def resource_dir(name: str) -> Path:
     return Path(str(folder))
 
 
-def dpe_core_path() -> Path:
-    """The one dpe_core.py file: imported by dpe-export and copied verbatim into every export."""
-    path = resource_dir(MODELING_TEMPLATES) / DPE_CORE_FILENAME
-    if not path.is_file():
-        raise DPEExportError(f"{path} is missing; the dpe-export installation is incomplete (reinstall it)")
-    return path
+def relative_imports(source: str) -> list[str]:
+    """The sibling modules a Python source imports relatively (`from .dpe_rule import ...`), in order."""
+    names = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module and node.module not in names:
+            names.append(node.module)
+    return names
 
 
-def load_dpe_core() -> ModuleType:
-    """Import modeling_templates/dpe_core.py by file path as module ``dpe_export.dpe_core`` (cached).
-
-    dpe-export never keeps a copy of the DPE code: this is the same file that is written into exports.
-    """
-    module = sys.modules.get(DPE_CORE_MODULE)
-    if module is not None:
-        return module
-    path = dpe_core_path()
-    spec = importlib.util.spec_from_file_location(DPE_CORE_MODULE, path)
-    if spec is None or spec.loader is None:  # pragma: no cover - only for a broken file system
-        raise DPEExportError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    # Registered before running it: dataclasses look their module up in sys.modules.
-    sys.modules[DPE_CORE_MODULE] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(DPE_CORE_MODULE, None)
-        raise
-
-    dpe_export.dpe_core = module  # as a regular submodule import would
-    return module
-
+def runtime_files(modeling_source: str) -> dict[str, bytes]:
+    """The runtime files an export ships beside its modeling file, by name: what `modeling_source` imports from
+    its folder, and what those import, recursively (so an export ships only what it runs). Read from this
+    installation's runtime folder, byte for byte."""
+    folder = resource_dir(MODELING_TEMPLATES)
+    files: dict[str, bytes] = {}
+    todo = relative_imports(modeling_source)
+    while todo:
+        name = f"{todo.pop(0)}.py"
+        if name in files:
+            continue
+        path = folder / name
+        if not path.is_file():
+            raise DPEExportError(f"{path} is missing; the dpe-export installation is incomplete (reinstall it)")
+        files[name] = path.read_bytes()
+        todo.extend(relative_imports(files[name].decode("utf-8")))
+    return dict(sorted(files.items()))

@@ -6,15 +6,16 @@ arguments or formats tables.
 """
 from __future__ import annotations
 
+import json
 import logging
 import shlex
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Callable, Optional, Sequence
 
-from dpe_export import analysis, hub, sources
-from dpe_export.calibration import procedures
+from dpe_export import __version__, analysis, hub, sources
+from dpe_export.calibration import procedures, scales
 from dpe_export.calibration.result import (
     Calibration,
     read_calibration,
@@ -25,26 +26,22 @@ from dpe_export.calibration.selection import (
     top_k_mask,
 )
 from dpe_export.errors import DPEExportError, UsageError
+from dpe_export.evaluation import plots, prompts, results
+from dpe_export.evaluation.plots import require_matplotlib
 from dpe_export.evaluation.prompts import resolve_lengths
-from dpe_export.evaluation.results import require_matplotlib
-from dpe_export.evaluation.harness import run_harness
-from dpe_export.evaluation.run import available_memory, run_eval
+from dpe_export.evaluation.results import EvalResult
+from dpe_export.evaluation.run import available_memory, run_eval, run_harness
 from dpe_export.export import card
 from dpe_export.export import convert as export_convert
 from dpe_export.export.files import check_output_target, human_size, output_summary
 from dpe_export.export.presets import Preset, load_preset
 from dpe_export.output_files import write_output
 from dpe_export.export.settings import ConvertFlags, ConvertSettings, resolve_settings
+from dpe_export.export.upgrade import UpgradeResult, upgrade_export
 from dpe_export.progress import progress_bar
-from dpe_export.sources.checkpoint import (
-    ModelInfo,
-    guess_base_model,
-    inspect_model,
-    load_base_config,
-    read_config_json,
-)
+from dpe_export.sources.checkpoint import Checkpoint, ModelInfo, inspect_model
 from dpe_export.sources.loading import load_model
-from dpe_export.sources.methods import parse_method
+from dpe_export.sources.methods import MethodSpec, parse_method
 
 logger = logging.getLogger("dpe_export")
 Echo = Callable[..., None]
@@ -74,14 +71,70 @@ def open_model(spec: Optional[str], *, revision=None, gguf_file=None, dtype=None
 # ----------------------------------------------------------------------------------------------------------
 
 
-def calibrate_model(model_dir: Path, output_dir: Path, *, window: Optional[int], pretrain_length=None,
+@dataclass(frozen=True)
+class CalibrateRequest:
+    """Everything `dpe-export calibrate` was asked, as typed values."""
+
+    model: Optional[str]  # None only with merge
+    output_dir: Path
+    target_length: Optional[int] = None
+    merge: bool = False  # join the shards' results in output_dir instead
+    shard: Optional[str] = None  # I/N
+    window: Optional[int] = None  # default: the pretraining length / 8
+    num_groups: Optional[int] = None
+    dimension_groups: Optional[tuple] = None
+    top_k: Optional[int] = None
+    pretrain_length: Optional[int] = None
+    dim_statistic: str = "norms"
+    procedure: str = procedures.DEFAULT_PROCEDURE
+    samples: Optional[int] = None  # the procedure's default
+    needles: Optional[int] = None  # the procedure's default
+    metric: Optional[str] = None  # default: the procedure's first metric
+    seed: int = scales.DEFAULT_SEED
+    ray_address: Optional[str] = None
+    ray_actors: Optional[int] = None
+    haystack: Optional[Path] = None
+    batch_size: int = 1
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    device_map: Optional[str] = None
+    model_revision: Optional[str] = None
+    gguf_file: Optional[str] = None
+
+
+_CALIBRATE_SETTINGS = ("target_length", "num_groups", "dimension_groups", "top_k", "dim_statistic", "procedure",
+                       "samples", "needles", "metric", "seed", "ray_address", "ray_actors", "haystack", "batch_size",
+                       "device", "dtype", "device_map")
+
+
+def calibrate(req: CalibrateRequest, echo: Echo = _silent) -> str:
+    """dpe-export calibrate: calibrate the model (or one shard of the work), or join the shards; returns what the
+    command prints."""
+    if req.merge:
+        return calibration_summary(procedures.merge(req.output_dir), req.output_dir)
+    if req.model is None or req.target_length is None:
+        raise UsageError("give --model SOURCE and --target-length (or --merge to join shards)")
+    with open_model(req.model, revision=req.model_revision, gguf_file=req.gguf_file, dtype=req.dtype,
+                    workdir=Path(req.output_dir) / "source", echo=echo) as source:
+        settings = {k: getattr(req, k) for k in _CALIBRATE_SETTINGS}
+        if settings["dimension_groups"] is not None:
+            settings["dimension_groups"] = list(settings["dimension_groups"])
+        result = calibrate_model(source.checkpoint, req.output_dir, window=req.window,
+                                 pretrain_length=req.pretrain_length, shard=scales.parse_shard(req.shard), **settings)
+    if result is None:
+        return f"Shard {req.shard} done; join the shards with: dpe-export calibrate --merge -d {req.output_dir}"
+    return calibration_summary(result, req.output_dir)
+
+
+def calibrate_model(model, output_dir: Path, *, window: Optional[int], pretrain_length=None,
                     **kw) -> Optional[dict]:
-    """dpe-export calibrate on a local checkpoint: the window defaults to the pretraining length / 8. Returns the
-    calibration record, or None when this was one shard of several."""
+    """Calibrate a local checkpoint (a directory or its Checkpoint): the window defaults to the pretraining
+    length / 8. Returns the calibration record, or None when this was one shard of several."""
+    ckpt = Checkpoint.of(model)
     if window is None:
-        length = pretrain_length or load_base_config(Path(model_dir)).max_position_embeddings
+        length = pretrain_length or ckpt.require_pretraining_length()
         window = max(1, length // 8)
-    return procedures.calibrate(model_dir, output_dir, window=window, pretrain_length=pretrain_length, **kw)
+    return procedures.calibrate(ckpt, output_dir, window=window, pretrain_length=pretrain_length, **kw)
 
 
 def calibration_summary(result: dict, output_dir: Path) -> str:
@@ -143,7 +196,7 @@ class ConvertRequest:
 class ConvertOutcome:
     output: Path
     info: ModelInfo
-    params: Any  # dpe_core.DPEParams
+    params: Any  # dpe_params.DPEParams
     selected: Any  # bool tensor or None
     calibration: Optional[dict] = None  # when convert calibrated first
     calibration_dir: Optional[Path] = None
@@ -167,20 +220,20 @@ def check_convert_request(req: ConvertRequest) -> None:
         raise UsageError("--dim-scores needs --topk K")
 
 
-def _calibration_for(req: ConvertRequest, model_dir: Path, preset: Optional[Preset],
+def _calibration_for(req: ConvertRequest, ckpt: Checkpoint, preset: Optional[Preset],
                      echo: Echo) -> tuple[Optional[Calibration], Optional[Path], Optional[dict]]:
     """The calibration convert uses: the --calibration file, or one it runs now (no factors from anywhere)."""
     if req.calibration_file is not None:
-        return read_calibration(req.calibration_file, model_dir), req.calibration_file.parent, None
+        return read_calibration(req.calibration_file, ckpt.path), req.calibration_file.parent, None
     if req.flags.scale_factors is not None or preset is not None:
         return None, None, None
     if req.flags.target_length is None:
         raise UsageError("give --scale-factors, a --preset or a --calibration file, or --target-length to "
                              "calibrate the model first")
-    check_output_target(req.output, model_dir, req.overwrite)  # before minutes of calibration
+    check_output_target(req.output, ckpt.path, req.overwrite)  # before minutes of calibration
     where = req.calibration_dir or req.output.parent / f"{req.output.name}.calibration"
     f = req.flags
-    record = calibrate_model(model_dir, where, target_length=f.target_length, window=f.window, num_groups=None,
+    record = calibrate_model(ckpt, where, target_length=f.target_length, window=f.window, num_groups=None,
                              dimension_groups=f.dimension_groups, top_k=f.topk if f.dim_scores is None else None,
                              pretrain_length=f.pretrain_length, samples=req.calibration_samples, shard=None,
                              device_map=req.calibration_device_map)
@@ -204,16 +257,15 @@ def convert_model(req: ConvertRequest, echo: Echo = _silent) -> ConvertOutcome:
         hub.check_push_ready(req.push.repo_id, dry_run=req.push.dry_run)
     with open_model(req.model, revision=req.model_revision, gguf_file=req.gguf_file, dtype=req.dtype,
                     workdir=req.output, echo=echo) as source:
-        model_dir = source.path
         if source.kind == "gguf":
             inputs.gguf = source.gguf
         preset = load_preset(req.preset) if req.preset else None
-        calibration, calibration_dir, ran = _calibration_for(req, model_dir, preset, echo)
+        calibration, calibration_dir, ran = _calibration_for(req, source.checkpoint, preset, echo)
         if ran is not None:
             echo(calibration_summary(ran, calibration_dir))
             inputs.calibration = ran
         settings = resolve_settings(req.flags, preset, calibration)
-        info = inspect_model(model_dir)
+        info = inspect_model(source.checkpoint)
         params = export_convert.build_params(
             info, local_window_size=settings.window, scale_factors=settings.scale_factors,
             dimension_groups_range=settings.dimension_groups, target_length=settings.target_length,
@@ -232,7 +284,7 @@ def _base_model(req: ConvertRequest, source, info: ModelInfo, preset: Optional[P
     if preset is not None and preset.model_type and preset.model_type != info.architecture.model_type:
         logger.warning("preset %s was tuned for %s (%s), but %s is a %s model", preset.name, preset.base_model,
                        preset.model_type, req.model, info.architecture.model_type)
-    base = req.base_model or source.hub_id or guess_base_model(info.model_dir)
+    base = req.base_model or source.hub_id or info.checkpoint.hub_id
     if base is None and preset is not None and preset.model_type == info.architecture.model_type:
         base = preset.base_model
     return base
@@ -286,6 +338,94 @@ def push_export(out: Path, req: PushRequest, echo: Echo, after_convert: bool = F
                     include=req.include)
 
 
+def pretraining_length(ckpt: Checkpoint) -> int:
+    """The length 'Nx' multiplies (Checkpoint.pretraining_length); DPEExportError when config.json states none."""
+    value = ckpt.pretraining_length
+    if value is None:
+        raise DPEExportError(f"{ckpt.path}'s config.json states no max_position_embeddings to multiply (use token "
+                             "counts in --lengths)")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# eval
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HarnessOptions:
+    """`eval --harness lm-eval`'s own options."""
+
+    tasks: Optional[tuple] = None  # lm-eval task names
+    limit: Optional[int] = None
+    max_length: Optional[int] = None  # default: the tasks' longest request
+    include_path: Optional[Path] = None
+    num_fewshot: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    """Everything `dpe-export eval` was asked, as typed values."""
+
+    model: str
+    task: str = "passkey"  # a registered task (ruler:sub,...); not used with harness
+    lengths: Optional[tuple] = None  # token counts or "Nx" multiples of the pretraining length
+    samples: int = prompts.DEFAULT_SAMPLES
+    depths: Optional[tuple] = None  # default: the task's
+    needles: Optional[int] = None  # default: prompts.DEFAULT_NEEDLES
+    method: MethodSpec = MethodSpec("none")
+    haystack: Optional[Path] = None
+    seed: int = 0
+    batch_size: int = 1
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    attn: str = "sdpa"
+    device_map: Optional[str] = None
+    trust_remote_code: bool = False
+    progress: bool = True
+    data_files: dict = field(default_factory=dict)  # RULER subtask data: key -> path
+    harness: Optional[str] = None  # "lm-eval": run harness_options.tasks instead of task
+    harness_options: HarnessOptions = HarnessOptions()
+    json_out: Optional[Path] = None
+    plot_out: Optional[Path] = None
+    model_revision: Optional[str] = None
+    gguf_file: Optional[str] = None
+
+
+def evaluate_model(req: EvalRequest, echo: Echo = _silent) -> EvalResult:
+    """dpe-export eval: resolve the model, evaluate it, print the table, write the JSON and the plot."""
+    if req.plot_out is not None:
+        require_matplotlib()
+    with open_model(req.model, revision=req.model_revision, gguf_file=req.gguf_file, dtype=req.dtype,
+                    workdir=Path(tempfile.gettempdir()) / "dpe-export-source", echo=echo) as source:
+        result = evaluate(source.checkpoint, req)
+    echo(results.format_table(result))
+    if req.json_out is not None:
+        echo(f"Wrote {results.write_json(result, req.json_out)}")
+    if req.plot_out is not None:
+        echo(f"Wrote {plots.plot_result(result, req.plot_out)}")
+    return result
+
+
+def evaluate(model, req: EvalRequest) -> EvalResult:
+    """Evaluate a local checkpoint (a directory or its Checkpoint): lm-eval tasks (req.harness) or a registered
+    task at req.lengths ('Nx' items resolved against the pretraining length)."""
+    ckpt = Checkpoint.of(model)
+    shared = dict(method=req.method, dtype=req.dtype, progress=req.progress, seed=req.seed,
+                  batch_size=req.batch_size, device=req.device, attn=req.attn, device_map=req.device_map,
+                  trust_remote_code=req.trust_remote_code)
+    if req.harness is not None:
+        h = req.harness_options
+        return run_harness(ckpt, list(h.tasks) if h.tasks else None, limit=h.limit, max_length=h.max_length,
+                           include_path=h.include_path, num_fewshot=h.num_fewshot, **shared)
+    lengths = list(req.lengths)
+    lengths = resolve_lengths(lengths, pretraining_length(ckpt) if any(isinstance(x, str) for x in lengths) else 1)
+    return run_eval(ckpt, req.task, lengths, samples=req.samples,
+                    depths=list(req.depths) if req.depths is not None else None,
+                    needles=prompts.DEFAULT_NEEDLES if req.needles is None else req.needles,
+                    haystack=req.haystack, data_files=req.data_files, **shared)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # analyze
 # ----------------------------------------------------------------------------------------------------------
@@ -316,41 +456,8 @@ class AnalyzeRequest:
     card: bool = False  # add the result to the export's model card
 
 
-def pretraining_length(model_dir: Path) -> int:
-    """The length 'Nx' multiplies: an export's recorded pretraining length, else max_position_embeddings."""
-    return _pretraining_length(read_config_json(model_dir), model_dir)
-
-
-_HARNESS_SHARED = ("method", "dtype", "progress", "seed", "batch_size", "device", "attn", "device_map",
-                   "trust_remote_code")
-
-
-def evaluate(model_dir: Path, task: str, *, harness: Optional[str] = None, harness_options: Optional[dict] = None,
-             **kwargs):
-    """dpe-export eval: lm-eval tasks (``harness``, with ``harness_options``: tasks, limit, max_length,
-    include_path, num_fewshot) or a registered task at ``kwargs['lengths']`` ('Nx' items resolved against the
-    pretraining length). Returns an EvalResult."""
-    if harness is not None:
-        return run_harness(model_dir, **(harness_options or {}), **{k: kwargs[k] for k in _HARNESS_SHARED if k in kwargs})
-    lengths = kwargs.pop("lengths")
-    lengths = resolve_lengths(lengths, pretraining_length(model_dir) if any(isinstance(x, str) for x in lengths) else 1)
-    return run_eval(model_dir, task, lengths, **kwargs)
-
-
-def _pretraining_length(raw: dict, model_dir: Path) -> int:
-    value = (raw.get("dpe") or {}).get("pretrain_length") or raw.get("max_position_embeddings")
-    if not isinstance(value, int) or value < 1:
-        raise DPEExportError(f"{model_dir}'s config.json states no max_position_embeddings to multiply (use token "
-                             "counts in --lengths)")
-    return value
-
-
 def analyze_model(req: AnalyzeRequest, echo: Echo = _silent) -> analysis.HeadAnalysis:
     """dpe-export analyze: positional scores of every head of a base model or an export, with JSON and plots."""
-    import json
-    import tempfile
-
-
     compare = None
     if req.compare is not None:
         try:
@@ -361,21 +468,21 @@ def analyze_model(req: AnalyzeRequest, echo: Echo = _silent) -> analysis.HeadAna
         require_matplotlib()
     with open_model(req.model, revision=req.model_revision, gguf_file=req.gguf_file, dtype=req.dtype,
                     workdir=Path(tempfile.gettempdir()) / "dpe-export-source", echo=echo) as source:
-        raw = SimpleNamespace(**read_config_json(source.path))  # checked before any weight is read
-        pretrain = _pretraining_length(vars(raw), source.path)
-        lengths = resolve_lengths(req.lengths, int(pretrain))
-        ablate_length = resolve_lengths(req.ablate_length, int(pretrain))
+        ckpt = source.checkpoint  # config.json checked before any weight is read
+        pretrain = pretraining_length(ckpt)
+        lengths = resolve_lengths(req.lengths, pretrain)
+        ablate_length = resolve_lengths(req.ablate_length, pretrain)
         if len(ablate_length) != 1:
             raise UsageError("--ablate-length takes one length")
-        analysis.check_fits(raw, lengths + ablate_length if req.ablate else lengths, available_memory(req.device, None))
-        heads = raw.num_hidden_layers * raw.num_attention_heads
+        analysis.check_fits(ckpt, lengths + ablate_length if req.ablate else lengths, available_memory(req.device, None))
+        heads = ckpt.text_config["num_hidden_layers"] * ckpt.text_config["num_attention_heads"]
         if req.top > heads:
             raise UsageError(f"--top {req.top} is more than the model's {heads} attention heads")
         if req.ablate is not None:
             analysis.parse_ablation(req.ablate, heads)
-        if req.card and (not getattr(raw, "dpe", None) or source.kind != "dir"):
+        if req.card and (not ckpt.is_export or source.kind != "dir"):
             raise UsageError("--card adds the analysis to the model card of a DPE export in a local directory")
-        loaded = load_model(source.path, parse_method("none"), device=req.device, dtype=req.dtype,
+        loaded = load_model(ckpt, parse_method("none"), device=req.device, dtype=req.dtype,
                             trust_remote_code=req.trust_remote_code)
         card_dir = source.path
         with progress_bar(len(lengths) * req.samples, "analyze", req.progress, unit="prompt") as bar:
@@ -398,4 +505,29 @@ def analyze_model(req: AnalyzeRequest, echo: Echo = _silent) -> analysis.HeadAna
     if req.plot_dir is not None:
         for path in analysis.plot_analysis(result, req.plot_dir, req.top, compare, "this model", "compare"):
             echo(f"Wrote {path}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------
+# upgrade
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UpgradeRequest:
+    """What `dpe-export upgrade` was asked."""
+
+    export_dir: Path
+
+
+def upgrade(req: UpgradeRequest, echo: Echo = _silent) -> UpgradeResult:
+    """dpe-export upgrade: rewrite an export's generated files in place and say what changed."""
+    result = upgrade_export(req.export_dir)
+    if not result.changed:
+        echo(f"{req.export_dir} is up to date (dpe-export {__version__}); nothing changed")
+        return result
+    removed = f", removed {', '.join(result.removed)}" if result.removed else ""
+    echo(f"Upgraded {req.export_dir} (written by dpe-export {result.written_by or '0.1.0 or earlier'}) to dpe-export "
+         f"{__version__}: rewrote {', '.join(result.changed)}{removed}; {len(result.untouched)} other files unchanged "
+         "(checked by hash)")
     return result

@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_TESTS = ["tests/test_runtime.py", "tests/test_compat.py", "tests/test_hub_load.py", "tests/test_families.py"]
-SUPPORTED = (5, 6)  # [5, 6): keep in step with dpe_core.MIN/MAX_TRANSFORMERS_VERSION and setup.cfg
+SUPPORTED = (5, 6)  # [5, 6): keep in step with dpe_guards.MIN/MAX_TRANSFORMERS_VERSION and setup.cfg
 
 
 def _key(v: str) -> tuple:
@@ -199,11 +199,11 @@ def run_checks(version: str, target: Path, tests: list[str], timeout: float, pyt
 
 
 def _code_hash() -> str:
-    """What was checked: the runtime file and the test files, hashed together."""
+    """What was checked: the runtime files and the test files, hashed together."""
     import hashlib
 
     h = hashlib.sha256()
-    for path in sorted([REPO / "modeling_templates" / "dpe_core.py", *(REPO / "tests").glob("*.py")]):
+    for path in sorted([*(REPO / "modeling_templates").glob("dpe_*.py"), *(REPO / "tests").glob("*.py")]):
         h.update(path.read_bytes())
     return h.hexdigest()[:12]
 

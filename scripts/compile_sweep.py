@@ -26,9 +26,9 @@ from helpers import tiny_tokenizer  # noqa: E402
 
 from dpe_export.architectures import ARCHITECTURES  # noqa: E402
 from dpe_export.export.convert import convert  # noqa: E402
-from dpe_export.runtime import load_dpe_core  # noqa: E402
+from dpe_export.modeling_templates import dpe_family, dpe_params
+from dpe_export import dpe_ops
 
-dpe_core = load_dpe_core()
 WINDOW = 4
 
 
@@ -76,7 +76,7 @@ def main() -> int:
         jobs = []
         if not args.no_testbed:
             testbed = REPO / "tests" / "fixtures" / "testbed-llama"
-            params = dpe_core.DPEParams(32, [128, 128, 64, 8], [0, 4, 8, 12, 16], target_length=4096)
+            params = dpe_params.DPEParams(32, [128, 128, 64, 8], [0, 4, 8, 12, 16], target_length=4096)
             jobs.append(("testbed-llama (README export)", convert(testbed, Path(tmp) / "testbed", params), 32,
                          1698, ["sdpa", "eager"]))
         for family in args.families.split(","):
@@ -85,8 +85,8 @@ def main() -> int:
             base = Path(tmp) / family
             model.save_pretrained(base)
             tiny_tokenizer().save_pretrained(base)
-            groups = dpe_core.even_group_boundaries(dpe_core.rotary_dim_of(model.config) // 2, 2)
-            export = convert(base, Path(tmp) / f"{family}-dpe", dpe_core.DPEParams(WINDOW, [3, 8], groups,
+            groups = dpe_ops.even_group_boundaries(dpe_family.rotary_dim_of(model.config) // 2, 2)
+            export = convert(base, Path(tmp) / f"{family}-dpe", dpe_params.DPEParams(WINDOW, [3, 8], groups,
                                                                                     target_length=512))
             attns = ["eager"] if getattr(model.config, "attn_logit_softcapping", None) else ["sdpa", "eager"]
             jobs.append((family, export, WINDOW, 128, attns))

@@ -3,7 +3,7 @@
     python scripts/family_coverage.py [--json benchmarks/results/family-coverage.json] [--only llama,qwen3]
 
 For every model type in transformers' causal-LM mapping whose config has rotary embeddings, a 2-layer random
-model is built from its config class, DPE is applied to it in place (dpe_core.apply_dpe, the runtime every export
+model is built from its config class, DPE is applied to it in place (dpe_ops.apply_dpe, the runtime every export
 carries) and checked: below the window its logits equal the base model's (<= 1e-5, fp32), beyond it they equal
 the float64 reference computed from the family's own forward (tests/family_reference.py, <= 1e-4). Families in
 dpe_export's registry are exported by `dpe-export convert`; the others would need only a registry line when they
@@ -26,7 +26,8 @@ sys.path.insert(0, str(REPO / "tests"))
 import torch  # noqa: E402
 
 from dpe_export.architectures import ARCHITECTURES  # noqa: E402
-from dpe_export.runtime import load_dpe_core  # noqa: E402
+from dpe_export.modeling_templates import dpe_family, dpe_params
+from dpe_export import dpe_ops
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
@@ -51,7 +52,6 @@ def _check_family(model_type: str) -> dict:
     from family_reference import reference_logits
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    core = load_dpe_core()
     row = {"family": model_type, "registry": model_type in ARCHITECTURES}
     try:
         overrides = dict(ARCHITECTURES[model_type].test_config) if model_type in ARCHITECTURES else {}
@@ -62,7 +62,7 @@ def _check_family(model_type: str) -> dict:
     if not (getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None)):
         return {**row, "result": "no RoPE", "why": "the config has no rotary embeddings"}
     try:
-        core.check_supported_config(config)
+        dpe_family.check_supported_config(config)
     except ValueError as e:
         return {**row, "result": "refused", "why": str(e)}
     try:
@@ -80,10 +80,10 @@ def _check_family(model_type: str) -> dict:
     try:
         import copy
 
-        num_freqs = core.rotary_dim_of(config) // 2
+        num_freqs = dpe_family.rotary_dim_of(config) // 2
         scales = [3, 8] if num_freqs >= 2 else [3]
-        groups = core.even_group_boundaries(num_freqs, len(scales))
-        params = core.DPEParams(WINDOW, scales, groups, target_length=512, pretrain_length=config.max_position_embeddings)
+        groups = dpe_ops.even_group_boundaries(num_freqs, len(scales))
+        params = dpe_params.DPEParams(WINDOW, scales, groups, target_length=512, pretrain_length=config.max_position_embeddings)
         attn = "sdpa" if getattr(base, "_supports_sdpa", True) and not getattr(config, "attn_logit_softcapping", None) \
             else "eager"
         base.set_attn_implementation(attn)
@@ -94,7 +94,7 @@ def _check_family(model_type: str) -> dict:
             except Exception:
                 pass
         try:
-            dpe = core.apply_dpe(copy.deepcopy(base), params)
+            dpe = dpe_ops.apply_dpe(copy.deepcopy(base), params)
         except ValueError as e:
             return {**row, "result": "refused", "why": str(e)}
         short = torch.randint(4, 128, (1, WINDOW), generator=torch.Generator().manual_seed(1))
@@ -106,10 +106,10 @@ def _check_family(model_type: str) -> dict:
         tb = traceback.extract_tb(e.__traceback__)[-1]
         return {**row, "result": "fails", "why": f"{_short(e)} ({Path(tb.filename).name}:{tb.lineno})"}
     ok = same <= 1e-5 and far <= 1e-4
-    layers = core.full_attention_layers(config)
+    layers = dpe_family.full_attention_layers(config)
     why = f"below window {same:.1e}, beyond {far:.1e}; DPE layers {layers}"
-    if core.rotary_dim_of(config) < core.head_dim_of(config):
-        why += f"; rotary dims {core.rotary_dim_of(config)} of {core.head_dim_of(config)}"
+    if dpe_family.rotary_dim_of(config) < dpe_family.head_dim_of(config):
+        why += f"; rotary dims {dpe_family.rotary_dim_of(config)} of {dpe_family.head_dim_of(config)}"
     return {**row, "result": "works" if ok else "wrong", "why": why}
 
 

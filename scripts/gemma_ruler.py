@@ -56,6 +56,7 @@ def run(args) -> None:
     import torch
 
     from dpe_export.evaluation import harness
+    from dpe_export.evaluation.tasks import ruler
     from dpe_export.evaluation.generation import set_generate_prefill_chunk
     from dpe_export.sources import load_model, parse_method
     from dpe_export.sources.loading import load_tokenizer
@@ -64,7 +65,7 @@ def run(args) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     dirs = {"base": args.base, "export": args.export}
-    subtasks = harness.resolve_subtasks("ruler")
+    subtasks = ruler.resolve_subtasks("ruler")
     tokenizer = load_tokenizer(args.base)
     max_length = max(LENGTHS)
     loaded: dict[str, object] = {}
@@ -84,8 +85,8 @@ def run(args) -> None:
                     loaded[method] = harness.make_lm(model, tokenizer, max_length)
                 set_generate_prefill_chunk(loaded[method].model, chunk)
                 t0 = time.time()
-                _, details = harness.run_ruler_on(loaded[method], tokenizer, [sub], [length], len(ids),
-                                                  sample_ids=ids)
+                _, details = ruler.run_ruler_on(loaded[method], tokenizer, [sub], [length], len(ids),
+                                                sample_ids=ids)
                 wall = (time.time() - t0) / len(details)
                 with out.open("a", encoding="utf-8") as f:
                     for d in details:

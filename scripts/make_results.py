@@ -256,7 +256,7 @@ def run_model(model_dir: Path, args, out_dir: Path, plot: bool) -> dict[str, Any
                 for o in res.overall())
             log(f"{name} {method} {task}: {summary} ({entry['seconds'][task]} s)")
             if plot and task == "niah":
-                from dpe_export.evaluation.results import plot_result
+                from dpe_export.evaluation.plots import plot_result
 
                 plot_result(res, out_dir / "results" / f"{name}-niah-{slug(method)}.png")
         entry["seconds"]["total"] = round(time.perf_counter() - t0, 1)
@@ -266,7 +266,7 @@ def run_model(model_dir: Path, args, out_dir: Path, plot: bool) -> dict[str, Any
         torch.manual_seed(0)
     save()
     if plot:  # heatmaps of methods measured in an earlier (resumed) run
-        from dpe_export.evaluation.results import plot_result
+        from dpe_export.evaluation.plots import plot_result
 
         for method, entry in data["methods"].items():
             png = out_dir / "results" / f"{name}-niah-{slug(method)}.png"

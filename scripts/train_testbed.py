@@ -50,7 +50,7 @@ from dpe_export.evaluation.tasks import (  # noqa: E402
     PromptBuilder,
     score_answer,
 )
-from dpe_export.runtime import load_dpe_core  # noqa: E402
+from dpe_export import dpe_ops
 
 EVAL_HAYSTACK_SEED = 1  # training filler uses haystack seed 0
 EVAL_SEED_BASE = 1_000_000_000  # training example seeds are < 1e9
@@ -237,16 +237,15 @@ def greedy(model, input_ids: list[list[int]], max_new_tokens: int, device) -> li
     """Greedy continuation of equal-length prompts (no padding needed)."""
     x = torch.tensor(input_ids, device=device)
     out = model(input_ids=x, use_cache=True)
-    core = load_dpe_core()
-    cache_name = core.cache_argument(model)  # "past_key_values" before transformers 5.24, "cache" from it on
-    past, new = core.output_cache(out), []
+    cache_name = dpe_ops.cache_argument(model)  # "past_key_values" before transformers 5.24, "cache" from it on
+    past, new = dpe_ops.output_cache(out), []
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     for _ in range(max_new_tokens):
         new.append(nxt)
         if len(new) == max_new_tokens:
             break
         out = model(input_ids=nxt, use_cache=True, **{cache_name: past})
-        past = core.output_cache(out)
+        past = dpe_ops.output_cache(out)
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)
     return torch.cat(new, 1).tolist()
 

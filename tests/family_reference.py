@@ -5,7 +5,7 @@ attention function does, the queries and keys the family already normed and rota
 It adds the DPE correction angle per (query, key, frequency), spelled out with complex numbers,
     far pairs on selected frequencies: (i//s - j//s + w - w//s) - (i - j)   (times theta_f)
 and evaluates attention densely in float64 with the window rule; sliding-window layers get plain dense
-attention limited to their window. It shares no code with dpe_core: theta comes from the model's own rotary
+attention limited to their window. It shares no code with the runtime: theta comes from the model's own rotary
 embedding (per layer type), positions and layers from what transformers hands over.
 """
 from __future__ import annotations

@@ -44,9 +44,9 @@ from family_reference import reference_logits, tiny_family_model  # noqa: E402
 from helpers import tiny_tokenizer  # noqa: E402
 
 from dpe_export.architectures import ARCHITECTURES  # noqa: E402
-from dpe_export.runtime import load_dpe_core  # noqa: E402
+from dpe_export.modeling_templates import dpe_family, dpe_params
+from dpe_export import dpe_ops
 
-dpe_core = load_dpe_core()
 
 TOL = 2e-5  # float32 export against the float64 reference, relative to the largest logit (or 1)
 MAX_WINDOWS = 12  # prompts reach up to this many windows
@@ -240,11 +240,11 @@ class Runner:
         self.base = AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager").eval()
         if hasattr(self.base, "set_experts_implementation") and getattr(self.base.config, "num_experts", None):
             self.base.set_experts_implementation("eager")
-        num_freqs = dpe_core.rotary_dim_of(self.base.config) // 2
+        num_freqs = dpe_family.rotary_dim_of(self.base.config) // 2
         if case.groups[-1] != num_freqs:
             raise RuntimeError(f"case drawn for {case.groups[-1]} frequencies, the model has {num_freqs}")
         self.selected = _selection(case, self.base.config, num_freqs)
-        params = dpe_core.DPEParams(case.window, case.scales, case.groups, target_length=4096)
+        params = dpe_params.DPEParams(case.window, case.scales, case.groups, target_length=4096)
         self.export = convert(base_dir, self.root / "dpe", params, self.selected)
         vocab = self.base.config.vocab_size
         ids, mask, positions, rows = _batch(case, vocab)
@@ -289,7 +289,7 @@ class Runner:
         from transformers import DynamicCache, StaticCache
 
         case = self.case
-        name = dpe_core.cache_argument(model)
+        name = dpe_ops.cache_argument(model)
         width = max(case.lengths)
         total = width + case.decode
         cache = None
@@ -306,7 +306,7 @@ class Runner:
             kw = {} if cache is None else {name: cache}
             out = fwd(ids[:, start:end], use_cache=True, **kw, **_inputs(case, mask, positions, start, end))
             logits.append(out.logits)
-            cache = dpe_core.output_cache(out)
+            cache = dpe_ops.output_cache(out)
             start = end
         return torch.cat(logits, dim=1)
 

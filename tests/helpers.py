@@ -128,3 +128,27 @@ def one_error(r) -> str:
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, n, D] by cos/sin [B, n, D], as transformers' Llama does (a family's own RoPE, for tests
+    that build rotated queries and keys without a model)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+def rotary_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float, dtype: torch.dtype):
+    """cos/sin [B, n, D] for per-frequency integer positions [B, n, D/2] (or [B, n, 1] to broadcast)."""
+    freqs = positions.float() * inv_freq.to(device=positions.device, dtype=torch.float)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
+
+
+RUNTIME_DIR = Path(__file__).resolve().parents[1] / "modeling_templates"
+# The export runtime: every file an export ships beside modeling_dpe.py, as the repository holds them.
+RUNTIME_FILES = tuple(sorted(p.name for p in RUNTIME_DIR.glob("dpe_*.py")))

@@ -1,6 +1,7 @@
 """An independent, dense float64 reference of the DPE rule: every (query, key, frequency) angle spelled out.
 
-It shares no code with dpe_core: it patches a plain transformers model so that each attention layer computes
+It shares no attention code with the runtime (only the rule itself, dpe_rule.dpe_relative_positions, whose
+plain form tests/test_runtime.py checks against the definition): it patches a plain transformers model so that each attention layer computes
 scores as Re(sum_f zq_f * conj(zk_f) * exp(i * angle(i, j, f) * theta_f)), with z_f = x[f] + i x[f + D/2],
 and angle from the rule in DEVELOPERS.md.
 """
@@ -9,6 +10,8 @@ from __future__ import annotations
 import types
 
 import torch
+
+from dpe_export.modeling_templates.dpe_rule import dpe_relative_positions
 
 
 def _per_frequency_scale(scale_factors, groups):
@@ -26,11 +29,10 @@ def reference_attention(q, k, v, positions, inv_freq, attention_scaling, scaling
     i = positions[:, :, None, None]  # [B, n, 1, 1]
     j = positions[:, None, :, None]  # [B, 1, n, 1]
     dist = i - j
-    far_angle = torch.div(i, scale, rounding_mode="floor") - torch.div(j, scale, rounding_mode="floor")
-    far_angle = far_angle + window - torch.div(torch.full_like(scale, window), scale, rounding_mode="floor")
+    rule = dpe_relative_positions(i, j, scale, window)  # [B, n, n, D/2]: the rule file every backend imports
     sel = torch.ones(h, half, dtype=torch.bool) if selected is None else selected
-    use_far = (dist >= window)[:, None] & sel[None, :, None, None, :]  # [B, H, n, n, D/2]
-    angle = torch.where(use_far, far_angle[:, None].expand_as(use_far), dist[:, None].expand_as(use_far))
+    use_rule = sel[None, :, None, None, :].expand(bsz, h, n, n, half)  # [B, H, n, n, D/2]
+    angle = torch.where(use_rule, rule[:, None].expand_as(use_rule), dist[:, None].expand_as(use_rule))
     phase = torch.polar(torch.ones_like(angle, dtype=torch.float64), angle.double() * inv_freq.double())
     prod = zq[:, :, :, None, :] * zk.conj()[:, :, None, :, :]
     scores = (prod * phase).real.sum(-1) * attention_scaling**2 * scaling

@@ -12,11 +12,10 @@ from helpers import save_tiny_model
 from dpe_export import analysis
 from dpe_export.attention_capture import capture_attention
 from dpe_export.export.convert import convert
-from dpe_export.runtime import load_dpe_core
 from dpe_export.sources import load_model, parse_method
+from dpe_export.modeling_templates import dpe_family, dpe_params
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-core = load_dpe_core()
 
 
 def test_per_frequency_contributions_sum_to_the_models_own_attention_scores(tmp_path):
@@ -31,7 +30,7 @@ def test_per_frequency_contributions_sum_to_the_models_own_attention_scores(tmp_
     ids = torch.randint(4, 120, (1, 24), generator=torch.Generator().manual_seed(0))
     with capture_attention(model, grab), torch.no_grad():
         out = model(ids, output_attentions=True)
-    num_freqs = core.rotary_dim_of(model.config) // 2
+    num_freqs = dpe_family.rotary_dim_of(model.config) // 2
     for idx, (q, k, scaling) in seen.items():
         rep = q.shape[1] // k.shape[1]
         k = k.repeat_interleave(rep, dim=1)
@@ -88,7 +87,7 @@ def test_a_head_whose_dominant_frequency_tracks_distance_has_rho_near_one():
 
 def test_below_the_window_an_export_has_the_base_models_scores_and_beyond_it_the_dpe_angle(tmp_path):
     base = save_tiny_model(tmp_path / "base", "llama")
-    params = core.DPEParams(6, [2, 8], [0, 4, 8], target_length=256)
+    params = dpe_params.DPEParams(6, [2, 8], [0, 4, 8], target_length=256)
     export = convert(base, tmp_path / "dpe", params)
     b = load_model(base, parse_method("none"), device="cpu")
     e = load_model(export, parse_method("none"), device="cpu")
@@ -167,7 +166,7 @@ def test_ablate_reports_top_k_against_random_draws_and_refuses_k_above_the_head_
 
 def test_card_puts_one_positional_heads_section_into_an_exports_card(tmp_path, run_cli):
     base = save_tiny_model(tmp_path / "base", "llama", max_position_embeddings=64)
-    export = convert(base, tmp_path / "dpe", core.DPEParams(6, [2, 8], [0, 4, 8], target_length=256))
+    export = convert(base, tmp_path / "dpe", dpe_params.DPEParams(6, [2, 8], [0, 4, 8], target_length=256))
     before = (export / "README.md").read_text()
     for lengths in ("1x", "1x,2x"):
         r = run_cli("analyze", export, "--lengths", lengths, "--samples", "1", "--pairs", "32", "--card",

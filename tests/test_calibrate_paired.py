@@ -11,6 +11,8 @@ from helpers import save_tiny_model
 
 from dpe_export.calibration import paired, procedures, scales
 from dpe_export.errors import DPEExportError
+from dpe_export.modeling_templates import dpe_params
+from dpe_export import dpe_ops
 
 BEST = [2, 8, 1, 4]
 
@@ -192,18 +194,16 @@ def test_answer_likelihoods_equal_a_full_forward_of_each_prompt(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from dpe_export.evaluation.generation import answer_likelihoods
-    from dpe_export.runtime import load_dpe_core
 
-    core = load_dpe_core()
     base = save_tiny_model(tmp_path / "base", "llama", tokenizer=False, vocab_size=64)
     model = AutoModelForCausalLM.from_pretrained(base).eval()
     g = torch.Generator().manual_seed(0)
     prefix = torch.randint(4, 64, (90,), generator=g).tolist()
     prompts = [prefix + torch.randint(4, 64, (k,), generator=g).tolist() for k in (3, 6, 4)]
     answers = [torch.randint(4, 64, (k,), generator=g).tolist() for k in (2, 1, 3)]
-    for params in (None, core.DPEParams(8, [4, 16], [0, 4, 8], target_length=512)):
+    for params in (None, dpe_params.DPEParams(8, [4, 16], [0, 4, 8], target_length=512)):
         if params is not None:
-            core.apply_dpe(model, params, None)
+            dpe_ops.apply_dpe(model, params, None)
         got = answer_likelihoods(model, prompts, answers, prefill_chunk=32)
         for (score, found), p, a in zip(got, prompts, answers):
             with torch.no_grad():
@@ -248,7 +248,7 @@ def test_calibrate_then_convert_end_to_end(byte_model, tmp_path, run_cli):
 def test_a_target_length_too_short_for_the_needles_is_refused_before_loading(byte_model, tmp_path, run_cli):
     res = run_cli("calibrate", str(byte_model), "-d", str(tmp_path / "cal"), "--target-length", "512",
                   "--window", "64")
-    assert res.exit_code == 1 and "16-needle NIAH prompt takes at least" in res.stderr
+    assert res.exit_code == 1 and "multi-needle NIAH prompt with 16 needles takes at least" in res.stderr
     assert "fewer --needles" in res.stderr and "Loading weights" not in res.stderr
 
 
@@ -267,9 +267,7 @@ def test_prefix_reuse_replays_the_layers_before_the_first_dpe_layer_exactly(tmp_
     from dpe_export.architectures import ARCHITECTURES
     from dpe_export.calibration.prefix_reuse import PrefixReuse
     from dpe_export.evaluation.generation import answer_likelihoods
-    from dpe_export.runtime import load_dpe_core
 
-    core = load_dpe_core()
     types = ["sliding_attention"] * 3 + ["full_attention", "sliding_attention", "full_attention"]
     model = tiny_family_model(ARCHITECTURES["gemma3_text"], num_hidden_layers=6, layer_types=types,
                               sliding_window=8, max_position_embeddings=512)
@@ -289,7 +287,7 @@ def test_prefix_reuse_replays_the_layers_before_the_first_dpe_layer_exactly(tmp_
     model.model.layers[0].forward = counting
     results = {}
     for factors in ([2, 8], [8, 2], [1, 4]):
-        core.apply_dpe(model, core.DPEParams(16, factors, [0, 4, 8], target_length=512), None)
+        dpe_ops.apply_dpe(model, dpe_params.DPEParams(16, factors, [0, 4, 8], target_length=512), None)
         n = len(calls)
         got = answer_likelihoods(model, prompts, answers, prefill_chunk=32,
                                  around_prefill=lambda: reuse.prefill("context 0"))

@@ -10,15 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import RUNTIME_FILES
 from huggingface_hub import ModelCard
 
 from dpe_export.calibration import result as calib_result
 from dpe_export.errors import DPEExportError
+from dpe_export.evaluation import results
 from dpe_export.export import card
+from dpe_export.modeling_templates import dpe_params
+from dpe_export.sources import checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-HAS_TEMPLATE = (REPO_ROOT / "modeling_templates" / "modeling_dpe.py.jinja").is_file()
-requires_template = pytest.mark.skipif(not HAS_TEMPLATE, reason="the modeling template is not written yet")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 CALIBRATION = {
@@ -69,7 +71,6 @@ def python_snippet(text: str) -> str:
     return m.group(1)
 
 
-@requires_template
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_card_renders_for_each_family(tiny_dirs, tmp_path, family):
     base = tiny_dirs(family)
@@ -103,7 +104,6 @@ def test_card_renders_for_each_family(tiny_dirs, tmp_path, family):
         assert (out / image).read_bytes().startswith(PNG_MAGIC)
 
 
-@requires_template
 def test_hostile_names_and_license_cannot_break_the_card_or_the_code(tiny_dirs, tmp_path):
     base = tmp_path / "base"
     base.mkdir()
@@ -141,11 +141,12 @@ def test_hostile_names_and_license_cannot_break_the_card_or_the_code(tiny_dirs, 
     assert ast.literal_eval(snippet.split("repo = ", 1)[1].split("  #", 1)[0]) == "path/to/" + out_name
     assert "`" not in snippet
     # the generated code never sees these values
-    for name in ("modeling_dpe.py", "dpe_core.py"):
+    for name in ("modeling_dpe.py", *RUNTIME_FILES):
         code = (out / name).read_text(encoding="utf-8")
         compile(code, name, "exec")
         assert "evil" not in code and "<script>" not in code and "alert" not in code
-    assert (out / "dpe_core.py").read_bytes() == (REPO_ROOT / "modeling_templates" / "dpe_core.py").read_bytes()
+    for name in RUNTIME_FILES:
+        assert (out / name).read_bytes() == (REPO_ROOT / "modeling_templates" / name).read_bytes()
     assert json.loads((out / "config.json").read_text())["dpe"]["local_window_size"] == 8
 
 
@@ -170,14 +171,14 @@ def test_escaping_filters(value):
 def test_license_from_the_base_models_card_or_config(tmp_path):
     (tmp_path / "README.md").write_text(
         "---\nlicense: other\nlicense_name: llama3\nlicense_link: LICENSE\n---\n# card\n", encoding="utf-8")
-    assert card.read_base_license(tmp_path) == {"license": "other", "license_name": "llama3", "license_link": "LICENSE"}
+    assert checkpoint.read_base_license(tmp_path) == {"license": "other", "license_name": "llama3", "license_link": "LICENSE"}
     (tmp_path / "README.md").write_text("---\nlicense: apache-2.0\n---\n", encoding="utf-8")
-    assert card.read_base_license(tmp_path) == {"license": "apache-2.0"}
+    assert checkpoint.read_base_license(tmp_path) == {"license": "apache-2.0"}
     (tmp_path / "README.md").write_text("no front matter\n", encoding="utf-8")
-    assert card.read_base_license(tmp_path, {"license": "mit"}) == {"license": "mit"}
-    assert card.read_base_license(tmp_path, {}) == {}
+    assert checkpoint.read_base_license(tmp_path, {"license": "mit"}) == {"license": "mit"}
+    assert checkpoint.read_base_license(tmp_path, {}) == {}
     (tmp_path / "README.md").write_text("---\nlicense: [unclosed\n---\n", encoding="utf-8")
-    assert card.read_base_license(tmp_path) == {}
+    assert checkpoint.read_base_license(tmp_path) == {}
 
 
 def test_effective_distance():
@@ -216,10 +217,10 @@ def test_eval_results_in_any_shape(tmp_path):
         {"length": 64, "depth": None, "accuracy": None, "samples": 2, "perplexity": 9.0, "tokens": 100,
          "nll": 100 * 2.0}]}
     for data in (recs, {"records": recs}, [as_result, {"records": [r for r in recs if r["model"] == str(dpe)]}]):
-        tables = card.eval_tables(card.eval_records(data))
+        tables = card.eval_tables(results.eval_records(data))
         assert tables[0]["columns"] == ["base", "DPE"], data
         assert [r["cells"] for r in tables[0]["rows"]] == [["100.0%", "100.0%"], ["25.0%", "75.0%"]]
-    tables = card.eval_tables(card.eval_records(ppl))
+    tables = card.eval_tables(results.eval_records(ppl))
     assert tables[0]["metric"].startswith("perplexity") and tables[0]["rows"][0]["cells"] == ["7.39"]  # exp(2)
     on_the_fly = card.eval_tables([{"task": "passkey", "model": str(base), "method": "dpe:8,2,4", "length": 64,
                                     "accuracy": 1.0, "samples": 1}, *recs[:4]], base_dir=base)
@@ -227,10 +228,28 @@ def test_eval_results_in_any_shape(tmp_path):
     for i, data in enumerate(([], {"records": "x"}, [{"no": "length"}])):
         (tmp_path / f"e{i}.json").write_text(json.dumps(data), encoding="utf-8")
         with pytest.raises(DPEExportError, match="no evaluation records"):
-            card.load_eval_records([tmp_path / f"e{i}.json"])
+            results.load_eval_records([tmp_path / f"e{i}.json"])
 
 
-@requires_template
+def test_the_card_and_the_cli_table_read_one_aggregation():
+    """results.comparison_tables (the card) and format_table / overall (the CLI, the JSON) merge records the same
+    way: RULER's average, and a perplexity from the summed nll (not a record's own, possibly rounded, number)."""
+    ruler = results.EvalResult("ruler", "./m", "none", 0, [
+        {"subtask": s, "length": n, "depth": None, "accuracy": a, "samples": 3}
+        for s, n, a in (("vt", 2048, 0.1), ("cwe", 2048, 1 / 3), ("vt", 4096, 0.7))])
+    (table,) = results.comparison_tables(results.eval_records(ruler.to_dict()))
+    rows = {r["length"]: r["cells"] for r in table["rows"]}
+    overall = {o["length"]: o for o in ruler.overall()}
+    assert rows["average @ 2,048"] == [results.format_accuracy(overall[2048]["accuracy"])] == ["21.7%"]
+    assert rows["average @ 4,096"] == ["70.0%"] and "21.7%" in results.format_table(ruler)
+    ppl = results.EvalResult("ppl", "./m", "none", 0, [
+        {"length": 64, "depth": None, "accuracy": None, "samples": 2, "perplexity": 9.0, "tokens": 100, "nll": 200.0}])
+    (table,) = results.comparison_tables(results.eval_records(ppl.to_dict()))
+    assert table["rows"][0]["cells"] == ["7.39"] and table["metric"] == "perplexity (lower is better)"
+    assert ppl.overall()[0]["perplexity"] == pytest.approx(7.389, abs=1e-3)
+    assert results.format_table(ppl).splitlines()[-1].split() == ["64", "2", "100", "7.389"]
+
+
 def test_without_matplotlib_the_card_has_tables_and_a_warning(llama_dir, tmp_path, monkeypatch, caplog):
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)
@@ -244,7 +263,6 @@ def test_without_matplotlib_the_card_has_tables_and_a_warning(llama_dir, tmp_pat
     assert "**0.9**" in text
 
 
-@requires_template
 def test_convert_reads_calibration_and_the_eval_files_beside_it(run_cli, llama_dir, tmp_path):
     cal_dir = tmp_path / "calib"
     cal_dir.mkdir()
@@ -283,11 +301,9 @@ def test_the_cards_snippet_runs_as_written_and_names_the_repo_when_known(tmp_pat
     from pathlib import Path
 
     from dpe_export.export import convert as export_convert
-    from dpe_export.runtime import load_dpe_core
 
-    core = load_dpe_core()
     testbed = Path(__file__).resolve().parent / "fixtures" / "testbed-llama"
-    params = core.DPEParams(32, [8, 16, 32, 32], [0, 4, 8, 12, 16], target_length=4096)
+    params = dpe_params.DPEParams(32, [8, 16, 32, 32], [0, 4, 8, 12, 16], target_length=4096)
     out = export_convert.convert(testbed, tmp_path / "tb-dpe", params)
     card = (out / "README.md").read_text()
     snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)

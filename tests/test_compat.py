@@ -12,13 +12,13 @@ import torch
 from helpers import assert_batch_generates_as_alone, save_tiny_model, tiny_model
 from reference import reference_model
 
-from dpe_export.runtime import load_dpe_core
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-dpe_core = load_dpe_core()
 
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM, DynamicCache  # noqa: E402
+from dpe_export.modeling_templates import dpe_guards, dpe_params, dpe_workarounds
+from dpe_export import dpe_ops
 
 WINDOW, SCALES = 6, [2, 8, 3, 4]
 
@@ -36,9 +36,9 @@ def export(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compat")
     base = save_tiny_model(tmp / "base", "llama")
     selected = _selection() if request.param else None
-    params = dpe_core.DPEParams(WINDOW, SCALES, dpe_core.even_group_boundaries(8, 4), target_length=512)
+    params = dpe_params.DPEParams(WINDOW, SCALES, dpe_ops.even_group_boundaries(8, 4), target_length=512)
     out = convert(base, tmp / "out", params, selected)
-    ref = reference_model(tiny_model("llama"), WINDOW, SCALES, dpe_core.even_group_boundaries(8, 4), selected)
+    ref = reference_model(tiny_model("llama"), WINDOW, SCALES, dpe_ops.even_group_boundaries(8, 4), selected)
     return out, ref
 
 
@@ -48,13 +48,13 @@ def _load(path, attn="sdpa"):
 
 def _step_logits(model, ids, cache, prefill=3):
     """Logits of every position, from a prefill of `prefill` tokens and then one token at a time."""
-    name = dpe_core.cache_argument(model)
+    name = dpe_ops.cache_argument(model)
     out = model(ids[:, :prefill], use_cache=True, **{name: cache})
-    logits, cache = [out.logits], dpe_core.output_cache(out)
+    logits, cache = [out.logits], dpe_ops.output_cache(out)
     for t in range(prefill, ids.shape[1]):
         out = model(ids[:, t : t + 1], use_cache=True, **{name: cache})
         logits.append(out.logits)
-        cache = dpe_core.output_cache(out)
+        cache = dpe_ops.output_cache(out)
     return torch.cat(logits, dim=1), cache
 
 
@@ -74,8 +74,7 @@ def test_cached_decoding_equals_the_dense_reference_step_by_step(export, attn, k
     model = _load(out, attn)
     ids = torch.randint(4, 128, (1, 40), generator=torch.Generator().manual_seed(4))
     if kind == "plain-dynamic":  # a cache DPE does not touch: plain keys, rotated on the fly
-        monkeypatch.setattr(dpe_core, "prepare_cache", lambda cache, states: None)
-        for mod in list(sys_modules_with("dpe_core")):
+        for mod in list(sys_modules_with("dpe_hf_model")):
             monkeypatch.setattr(mod, "prepare_cache", lambda cache, states: None)
     cache = _static_cache(model, 48) if kind == "static" else DynamicCache()
     with torch.no_grad():
@@ -116,8 +115,8 @@ def test_beam_search_and_a_cropped_cache_stay_exact(export):
         assert beams.tolist() == beams_uncached.tolist()
         ids = torch.randint(4, 128, (1, 30), generator=torch.Generator().manual_seed(7))
         full = model(ids).logits
-        name = dpe_core.cache_argument(model)
-        cache = dpe_core.output_cache(model(ids[:, :25], use_cache=True))
+        name = dpe_ops.cache_argument(model)
+        cache = dpe_ops.output_cache(model(ids[:, :25], use_cache=True))
         cache.crop(-5)  # drop the last 5, as assisted decoding does: the window's plain keys are rebuilt from the scaled ones
         again = model(ids[:, 20:], use_cache=True, **{name: cache}).logits
     assert torch.allclose(again, full[:, 20:], atol=1e-5, rtol=0)
@@ -132,7 +131,7 @@ def _renamed_cache(monkeypatch, new_name, drop=False):
 
     def renamed(self, *args, **kwargs):
         cache = None
-        for old in dpe_core.CACHE_ARGUMENT_NAMES:
+        for old in dpe_workarounds.CACHE_ARGUMENT_NAMES:
             cache = kwargs.pop(old, cache)
         if not drop:
             kwargs[new_name] = cache
@@ -147,7 +146,7 @@ def test_a_cache_that_does_not_reach_the_attention_raises(export, monkeypatch, d
     model = _load(out)
     _renamed_cache(monkeypatch, "kv_store", drop=drop)
     prompt = torch.randint(4, 128, (1, 12), generator=torch.Generator().manual_seed(8))
-    with pytest.raises(dpe_core.DPERuntimeError if not isinstance(dpe_core.DPERuntimeError, type) else Exception,
+    with pytest.raises(dpe_guards.DPERuntimeError if not isinstance(dpe_guards.DPERuntimeError, type) else Exception,
                        match=rf"transformers {transformers.__version__}") as info:
         with torch.no_grad():
             model.generate(prompt, max_new_tokens=10, do_sample=False)
@@ -191,7 +190,7 @@ def test_a_forward_that_lists_the_old_cache_name_beside_the_new_one_takes_the_ca
     out, _ = export
     model = _load(out)
     mixin = next(k for k in type(model.model).__mro__ if k.__name__ == "DPEModelMixin")
-    core = sys.modules[mixin.__module__]  # the export's own copy of dpe_core
+    core = sys.modules[mixin.__module__]  # the export's own copy of dpe_hf_model
     prompt = torch.randint(4, 128, (1, 20), generator=torch.Generator().manual_seed(12))
     with torch.no_grad():
         expected = model.generate(prompt, max_new_tokens=12, do_sample=False)
@@ -220,14 +219,14 @@ def test_positions_that_disagree_with_the_keys_raise(export):
     with torch.no_grad():
         with pytest.raises(Exception, match="tokens came before"):  # positions imply a missing prefix
             model(ids, position_ids=torch.arange(20, 30)[None])
-        name = dpe_core.cache_argument(model)
-        cache = dpe_core.output_cache(model(ids, use_cache=True))
+        name = dpe_ops.cache_argument(model)
+        cache = dpe_ops.output_cache(model(ids, use_cache=True))
         with pytest.raises(Exception, match="another sequence"):  # a cache reused without a reset
             model(ids, position_ids=torch.arange(10)[None], use_cache=True, **{name: cache})
         with pytest.raises(Exception, match="start a new cache"):  # and that cache stays refused
             model(ids[:, :2], use_cache=True, **{name: cache})
         # A plain continuation of a fresh cache is fine.
-        cache = dpe_core.output_cache(model(ids, use_cache=True))
+        cache = dpe_ops.output_cache(model(ids, use_cache=True))
         model(ids[:, :2], use_cache=True, **{name: cache})
 
 
@@ -247,7 +246,7 @@ def test_dpe_cache_layers_hold_about_the_base_models_bytes(export):
     n = 200
     ids = torch.randint(4, 128, (1, n), generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
-        cache = dpe_core.output_cache(model(ids, use_cache=True))
+        cache = dpe_ops.output_cache(model(ids, use_cache=True))
     base_bytes = 2 * 2 * n * 2 * 16 * 4  # layers x (k, v) x n x kv heads x head_dim x fp32
     held = 0
     for layer in cache.layers:
@@ -268,7 +267,7 @@ def test_the_shipped_testbed_export_retrieves_at_8x(tmp_path):
     from dpe_export.export.convert import convert
 
     testbed = Path(__file__).resolve().parent / "fixtures" / "testbed-llama"
-    params = dpe_core.DPEParams(32, [128, 128, 64, 8], [0, 4, 8, 12, 16], target_length=4096)
+    params = dpe_params.DPEParams(32, [128, 128, 64, 8], [0, 4, 8, 12, 16], target_length=4096)
     out = convert(testbed, tmp_path / "dpe", params)
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
@@ -309,9 +308,9 @@ def test_a_selection_the_kv_groups_agree_on_keeps_each_key_once_and_stays_exact(
     per_kv = torch.rand(2, 2, 8, generator=g) < 0.5  # [layers, KV heads, frequencies]
     selected = per_kv.repeat_interleave(2, dim=1)  # 4 query heads, 2 per KV head
     base = save_tiny_model(tmp_path / "base", "llama")
-    params = dpe_core.DPEParams(WINDOW, SCALES, dpe_core.even_group_boundaries(8, 4), target_length=512)
+    params = dpe_params.DPEParams(WINDOW, SCALES, dpe_ops.even_group_boundaries(8, 4), target_length=512)
     model = _load(convert(base, tmp_path / "out", params, selected))
-    ref = reference_model(tiny_model("llama"), WINDOW, SCALES, dpe_core.even_group_boundaries(8, 4), selected)
+    ref = reference_model(tiny_model("llama"), WINDOW, SCALES, dpe_ops.even_group_boundaries(8, 4), selected)
     states = model.model.__dict__["_dpe_states"]
     assert all(s.folded is not None and s.layout == "scaled" for s in states.values())
     n = 200
@@ -320,7 +319,7 @@ def test_a_selection_the_kv_groups_agree_on_keeps_each_key_once_and_stays_exact(
         out = model(ids, use_cache=True)
         want = ref(ids).logits.float()
     torch.testing.assert_close(out.logits, want, rtol=1e-4, atol=1e-4)
-    held = sum(t.numel() * t.element_size() for layer in dpe_core.output_cache(out).layers
+    held = sum(t.numel() * t.element_size() for layer in dpe_ops.output_cache(out).layers
                for t in (layer.keys, layer.values, layer._dpe_tail) if t is not None)
     assert held / (2 * 2 * n * 2 * 16 * 4) <= 1 + WINDOW / n
     with torch.no_grad():
@@ -337,7 +336,7 @@ def test_a_tied_output_embedding_left_unloaded_is_tied_to_the_loaded_one(tmp_pat
     from dpe_export.export.convert import convert
 
     base = save_tiny_model(tmp_path / "base", "llama", tie_word_embeddings=True)
-    params = dpe_core.DPEParams(WINDOW, SCALES, dpe_core.even_group_boundaries(8, 4), target_length=512)
+    params = dpe_params.DPEParams(WINDOW, SCALES, dpe_ops.even_group_boundaries(8, 4), target_length=512)
     out = convert(base, tmp_path / "out", params)
     ids = torch.randint(4, 128, (1, 5), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():

@@ -11,11 +11,11 @@ import torch
 from helpers import VOCAB
 
 from dpe_export.errors import DPEExportError
-from dpe_export.runtime import load_dpe_core
 from dpe_export.sources import loading, methods
+from dpe_export.modeling_templates import dpe_params
+from dpe_export import dpe_ops
 
 pytest.importorskip("accelerate")
-dpe_core = load_dpe_core()
 OFFLOAD = {"max_memory": {"cpu": "20KB"}}  # too little for any decoder layer: they all go to disk
 
 
@@ -49,7 +49,7 @@ def test_dispatched_export_with_topk_equals_a_plain_load(llama_dir, tmp_path):
 
     selected = torch.zeros(2, 4, 8, dtype=torch.bool)
     selected[..., ::3] = True
-    params = dpe_core.DPEParams(6, [2, 3, 4, 16], dpe_core.even_group_boundaries(8, 4), target_length=512)
+    params = dpe_params.DPEParams(6, [2, 3, 4, 16], dpe_ops.even_group_boundaries(8, 4), target_length=512)
     out = convert(llama_dir, tmp_path / "dpe", params, selected)
     plain = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     mapped = loading.load_model(out, None, device_map="auto", offload_folder=str(tmp_path / "offload"),

@@ -16,11 +16,14 @@ from helpers import byte_tokenizer  # noqa: E402
 
 from dpe_export.errors import DPEExportError  # noqa: E402
 from dpe_export.evaluation.registry import get_task  # noqa: E402
-from dpe_export.evaluation import generation, ppl, results
+from dpe_export.evaluation import generation, plots, ppl, results
 from dpe_export.evaluation import prompts as eval_prompts
 from dpe_export.evaluation import run as evalrun
 from dpe_export.evaluation.results import EvalResult  # noqa: E402
-from dpe_export.evaluation.run import evaluate_niah, evaluate_passkey
+from dpe_export.evaluation.tasks import niah as niah_task
+from dpe_export.evaluation.tasks import passkey as passkey_task
+from dpe_export.evaluation.tasks.niah import evaluate_niah
+from dpe_export.evaluation.tasks.passkey import evaluate_passkey
 from dpe_export.evaluation.tasks import PromptBuilder  # noqa: E402
 from dpe_export.sources.loading import load_model
 from dpe_export.sources.methods import MethodSpec, parse_method  # noqa: E402
@@ -131,18 +134,18 @@ def test_niah_partial_score_is_fraction_of_needles(chars, builder):
 
 
 def test_minimum_prompt_length_is_buildable_and_shorter_is_a_clear_error(builder):
-    for task, items in (("passkey", lambda n: eval_prompts.passkey_prompts(builder, n, [0, 1], 2, 0)),
-                        ("niah", lambda n: eval_prompts.niah_prompts(builder, n, [0, 0.5, 1], 4, 4, 0))):
+    for task, items in (("passkey", lambda n: passkey_task.build_prompts(builder, n, [0, 1], 2, 0)),
+                        ("niah", lambda n: niah_task.build_prompts(builder, n, [0, 0.5, 1], 4, 0, 4))):
         n = get_task(task).min_length(builder, 4)  # exact for passkey, an upper bound for niah
         assert {len(item.prompt.input_ids) for item in items(n)} == {n}
         short = n - 1 if task == "passkey" else n // 2
         with pytest.raises(DPEExportError, match=f"cannot build a {task} prompt of {short} tokens"):
-            evalrun.evaluate_passkey(builder, wrong_fn, [short]) if task == "passkey" else \
-                evalrun.evaluate_niah(builder, wrong_fn, [short])
+            evaluate_passkey(builder, wrong_fn, [short]) if task == "passkey" else \
+                evaluate_niah(builder, wrong_fn, [short])
 
 
 def test_niah_needle_depth_plan_balances_depths():
-    plan = eval_prompts.niah_needle_depths([0, 0.5, 1], samples=5, needles=4)
+    plan = niah_task.needle_depths([0, 0.5, 1], samples=5, needles=4)
     queried = [d for depths, q in plan for k, d in enumerate(depths) if k in q]
     assert len(plan) == 4 and sorted(queried) == [0.0] * 5 + [0.5] * 5 + [1.0] * 5
 
@@ -195,7 +198,7 @@ def test_table(passkey_result):
 
 def test_plot_writes_png(passkey_result, tmp_path):
     pytest.importorskip("matplotlib")
-    path = results.plot_result(passkey_result, tmp_path / "heat.png")
+    path = plots.plot_result(passkey_result, tmp_path / "heat.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -203,14 +206,14 @@ def test_ppl_plot_writes_png(tmp_path):
     pytest.importorskip("matplotlib")
     recs = [{"length": n, "depth": None, "accuracy": None, "samples": 1, "perplexity": p, "tokens": n - 1}
             for n, p in ((64, 12.0), (128, 15.0), (256, 900.0))]
-    path = results.plot_result(EvalResult("ppl", "m", "none", 0, recs), tmp_path / "ppl.png")
+    path = plots.plot_result(EvalResult("ppl", "m", "none", 0, recs), tmp_path / "ppl.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_missing_matplotlib_is_a_clear_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     with pytest.raises(DPEExportError, match=r"pip install"):
-        results.require_matplotlib()
+        plots.require_matplotlib()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,18 +10,15 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
+from helpers import RUNTIME_FILES
 from safetensors.torch import save_file
 
 from dpe_export import __version__
 from dpe_export.errors import DPEExportError
-from dpe_export.runtime import load_dpe_core, resource_dir
+from dpe_export.modeling_templates import dpe_params
+from dpe_export.runtime import resource_dir
 
-dpe_core = load_dpe_core()
 REPO_ROOT = Path(__file__).resolve().parents[1]
-HAS_MODELING_TEMPLATE = (REPO_ROOT / "modeling_templates" / "modeling_dpe.py.jinja").is_file()
-requires_template = pytest.mark.skipif(
-    not HAS_MODELING_TEMPLATE, reason="modeling_templates/modeling_dpe.py.jinja (the DPE runtime) is not written yet"
-)
 
 PREFIX = {"llama": "DPELlama", "mistral": "DPEMistral", "qwen2": "DPEQwen2"}
 
@@ -44,7 +41,6 @@ def front_matter(readme: Path) -> dict:
     return yaml.safe_load(text.split("---\n")[1])
 
 
-@requires_template
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_convert_writes_a_complete_export(run_cli, tiny_dirs, tmp_path, family):
     model = tiny_dirs(family)
@@ -56,7 +52,7 @@ def test_convert_writes_a_complete_export(run_cli, tiny_dirs, tmp_path, family):
     config = read_json(out / "config.json")
     base = read_json(model / "config.json")
     assert config["dpe"] == {
-        "version": dpe_core.DPE_FORMAT_VERSION,
+        "version": dpe_params.DPE_FORMAT_VERSION,
         "local_window_size": 8,
         "scale_factors": [2, 4],
         "dimension_groups_range": [0, 4, 8],  # default: head_dim/2 = 8 split evenly into 2 groups
@@ -64,7 +60,7 @@ def test_convert_writes_a_complete_export(run_cli, tiny_dirs, tmp_path, family):
         "target_length": 256,
         "pretrain_length": base["max_position_embeddings"],
     }
-    assert dpe_core.DPEParams.from_dict(config["dpe"]).validate(16)
+    assert dpe_params.DPEParams.from_dict(config["dpe"]).validate(16)
     assert config["auto_map"] == {"AutoModelForCausalLM": f"modeling_dpe.{PREFIX[family]}ForCausalLM",
                                   "AutoModel": f"modeling_dpe.{PREFIX[family]}Model",
                                   "AutoConfig": f"modeling_dpe.{PREFIX[family]}Config"}
@@ -83,7 +79,8 @@ def test_convert_writes_a_complete_export(run_cli, tiny_dirs, tmp_path, family):
     tok_base.pop("model_max_length", None)
     assert tok_out == tok_base  # otherwise the base's, as it was
 
-    assert same_bytes(REPO_ROOT / "modeling_templates" / "dpe_core.py", out / "dpe_core.py")
+    assert all(same_bytes(REPO_ROOT / "modeling_templates" / name, out / name) for name in RUNTIME_FILES)
+    assert not (out / "dpe_core.py").exists()
     modeling = (out / "modeling_dpe.py").read_text()
     compile(modeling, "modeling_dpe.py", "exec")
     assert f"class {PREFIX[family]}ForCausalLM" in modeling
@@ -95,12 +92,11 @@ def test_convert_writes_a_complete_export(run_cli, tiny_dirs, tmp_path, family):
     readme = (out / "README.md").read_text()
     assert "2504.18857" in readme and "trust_remote_code=True" in readme and "| 1 | 4–7 |" in readme
 
-    assert not (out / dpe_core.SELECTED_DIMS_FILENAME).exists()
+    assert not (out / dpe_params.SELECTED_DIMS_FILENAME).exists()
     assert no_staging_left(out)
     assert str(out) in r.stdout and "model.safetensors" in r.stdout and "total" in r.stdout
 
 
-@requires_template
 def test_link_hard_links_weights(run_cli, llama_dir, tmp_path):
     out = tmp_path / "export"
     r = run_cli("convert", llama_dir, "-o", out, "--window", "8", "--scale-factors", "2,4", "--link")
@@ -110,22 +106,20 @@ def test_link_hard_links_weights(run_cli, llama_dir, tmp_path):
     assert not os.path.samefile(llama_dir / "config.json", out / "config.json")
 
 
-@requires_template
 def test_link_falls_back_to_copy(llama_dir, tmp_path, monkeypatch, caplog):
     from dpe_export.export import convert as export_convert
-    from dpe_export.sources import checkpoint
+    from dpe_export.export import copying
 
     def refuse(*args, **kwargs):
         raise OSError(18, "Invalid cross-device link")
 
-    monkeypatch.setattr(checkpoint.os, "link", refuse)
-    params = dpe_core.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
+    monkeypatch.setattr(copying.os, "link", refuse)
+    params = dpe_params.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
     out = export_convert.convert(llama_dir, tmp_path / "export", params, link=True)
     assert same_bytes(llama_dir / "model.safetensors", out / "model.safetensors")
     assert "cannot hard-link" in caplog.text and "copying" in caplog.text
 
 
-@requires_template
 def test_sharded_weights_are_copied_with_their_index(run_cli, tmp_path):
     from helpers import tiny_model
 
@@ -141,7 +135,6 @@ def test_sharded_weights_are_copied_with_their_index(run_cli, tmp_path):
     assert "Warning:" in r.stderr and "no tokenizer" in r.stderr
 
 
-@requires_template
 def test_model_without_tokenizer_converts_with_a_warning(run_cli, tiny_dirs, tmp_path):
     model = tiny_dirs("qwen2", tokenizer=False)
     out = tmp_path / "export"
@@ -161,7 +154,6 @@ def test_convert_warns_when_no_base_model_id_or_license_is_known(run_cli, llama_
     assert r.exit_code == 0 and "no Hub id" not in r.stderr
 
 
-@requires_template
 def test_selected_dims_from_scores(run_cli, llama_dir, tmp_path):
     scores = torch.rand(2, 4, 8)
     save_file({"scores": scores}, str(tmp_path / "scores.safetensors"))
@@ -169,8 +161,8 @@ def test_selected_dims_from_scores(run_cli, llama_dir, tmp_path):
     r = run_cli("convert", llama_dir, "-o", out, "--window", "8", "--scale-factors", "2,4",
                 "--dim-scores", tmp_path / "scores.safetensors", "--topk", "3")
     assert r.exit_code == 0, r.stderr
-    assert read_json(out / "config.json")["dpe"]["selected_dims"] == dpe_core.SELECTED_DIMS_FILENAME
-    with safe_open(str(out / dpe_core.SELECTED_DIMS_FILENAME), framework="pt") as f:
+    assert read_json(out / "config.json")["dpe"]["selected_dims"] == dpe_params.SELECTED_DIMS_FILENAME
+    with safe_open(str(out / dpe_params.SELECTED_DIMS_FILENAME), framework="pt") as f:
         assert list(f.keys()) == ["selected_dims"]
         selected = f.get_tensor("selected_dims")
     assert selected.dtype == torch.bool and selected.shape == (2, 4, 8)
@@ -195,7 +187,6 @@ def test_top_k_mask_and_scores_loader(tmp_path):
         top_k_mask(scores, 5)
 
 
-@requires_template
 def test_defaults_pretrain_and_target_length(llama_dir, tmp_path):
     from dpe_export.export import convert as export_convert
     from dpe_export.sources import checkpoint
@@ -209,7 +200,6 @@ def test_defaults_pretrain_and_target_length(llama_dir, tmp_path):
     assert config["max_position_embeddings"] == 256 and config["dpe"]["pretrain_length"] == 64
 
 
-@requires_template
 def test_overwrite_replaces_an_earlier_export_and_nothing_else(run_cli, llama_dir, tmp_path):
     out = tmp_path / "export"
     r = run_cli("convert", llama_dir, "-o", out, "--window", "8", "--scale-factors", "2,4")
@@ -231,7 +221,6 @@ def test_overwrite_replaces_an_earlier_export_and_nothing_else(run_cli, llama_di
     assert (out / "notes.txt").read_text() == "mine"
 
 
-@requires_template
 def test_empty_existing_output_is_used(run_cli, llama_dir, tmp_path):
     out = tmp_path / "export"
     out.mkdir()
@@ -240,7 +229,6 @@ def test_empty_existing_output_is_used(run_cli, llama_dir, tmp_path):
     assert (out / "config.json").is_file()
 
 
-@requires_template
 def test_interrupted_export_leaves_nothing(llama_dir, tmp_path, monkeypatch):
     from dpe_export.export import convert as export_convert
 
@@ -248,7 +236,7 @@ def test_interrupted_export_leaves_nothing(llama_dir, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(export_convert, "copy_weights", interrupt)
-    params = dpe_core.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
+    params = dpe_params.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
     with pytest.raises(KeyboardInterrupt):
         export_convert.convert(llama_dir, tmp_path / "new" / "export", params)
     assert list(tmp_path.iterdir()) == []
@@ -259,7 +247,7 @@ def test_missing_modeling_template_fails_cleanly(llama_dir, tmp_path, monkeypatc
     from dpe_export import generated as templates
 
     monkeypatch.setattr(templates, "modeling_template_path", lambda: tmp_path / "templates" / "modeling_dpe.py.jinja")
-    params = dpe_core.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
+    params = dpe_params.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
     with pytest.raises(DPEExportError, match="template modeling_dpe.py.jinja not found"):
         export_convert.convert(llama_dir, tmp_path / "export", params)
     assert list(tmp_path.iterdir()) == []
@@ -274,7 +262,7 @@ def test_stub_template_is_rendered_with_the_architecture_variables(llama_dir, tm
     stub.write_text("# {{ tool_version }} {{ family }}\nfrom {{ transformers_module }} import {{ causal_lm_class }}, "
                     "{{ model_class }}\n\n\nclass {{ dpe_prefix }}ForCausalLM({{ causal_lm_class }}):\n    pass\n")
     monkeypatch.setattr(templates, "modeling_template_path", lambda: stub)
-    params = dpe_core.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
+    params = dpe_params.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
     out = export_convert.convert(llama_dir, tmp_path / "export", params)
     assert (out / "modeling_dpe.py").read_text() == (
         f"# {__version__} llama\nfrom transformers.models.llama.modeling_llama import LlamaForCausalLM, "
@@ -282,12 +270,11 @@ def test_stub_template_is_rendered_with_the_architecture_variables(llama_dir, tm
     )
 
 
-@requires_template
 def test_failed_overwrite_keeps_the_old_output(llama_dir, tmp_path, monkeypatch):
     from dpe_export.export import convert as export_convert
 
     out = tmp_path / "export"
-    params = dpe_core.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
+    params = dpe_params.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
     export_convert.convert(llama_dir, out, params)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
@@ -301,7 +288,6 @@ def test_failed_overwrite_keeps_the_old_output(llama_dir, tmp_path, monkeypatch)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-@requires_template
 def test_preset_values_with_explicit_override(run_cli, llama_dir, tmp_path):
     out = tmp_path / "export"
     # the preset's groups are for head_dim 128; the tiny model has head_dim 16, so override them
@@ -316,7 +302,6 @@ def test_preset_values_with_explicit_override(run_cli, llama_dir, tmp_path):
     assert front_matter(out / "README.md")["base_model"] == "meta-llama/Meta-Llama-3-8B-Instruct"
 
 
-@requires_template
 def test_model_card_quotes_odd_base_model_ids(run_cli, llama_dir, tmp_path):
     out = tmp_path / "export"
     odd = 'org/name: "quoted" | #x'
@@ -324,7 +309,7 @@ def test_model_card_quotes_odd_base_model_ids(run_cli, llama_dir, tmp_path):
     assert r.exit_code == 2 and "--base-model must be a Hub repo id" in r.stderr  # the CLI refuses it ...
     from dpe_export.export import convert as export_convert
 
-    params = dpe_core.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
+    params = dpe_params.DPEParams(local_window_size=8, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
     export_convert.convert(llama_dir, out, params, base_model=odd)  # ... and the card quotes it where it gets through
     assert front_matter(out / "README.md")["base_model"] == odd
 
@@ -338,7 +323,6 @@ def test_base_model_guessed_from_hf_cache_path(tmp_path):
     assert guess_base_model(tmp_path) is None
 
 
-@requires_template
 def test_exported_checkpoint_loads_with_its_selection(llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -346,7 +330,7 @@ def test_exported_checkpoint_loads_with_its_selection(llama_dir, tmp_path):
     from dpe_export.export import convert as export_convert
 
     selected = top_k_mask(torch.rand(2, 4, 8), 5)
-    params = dpe_core.DPEParams(local_window_size=4, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
+    params = dpe_params.DPEParams(local_window_size=4, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8])
     out = export_convert.convert(llama_dir, tmp_path / "export", params, selected)
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert type(model).__name__ == "DPELlamaForCausalLM"
@@ -378,7 +362,7 @@ def test_presets_load_and_validate():
         assert p.local_window_size == 1024 and p.target_length == 131072
         assert list(p.dimension_groups_range) == list(range(0, 65, 8))
         assert p.description and "/" in p.base_model
-        dpe_core.DPEParams(p.local_window_size, list(p.scale_factors), list(p.dimension_groups_range),
+        dpe_params.DPEParams(p.local_window_size, list(p.scale_factors), list(p.dimension_groups_range),
                            p.target_length).validate(128)
     assert load_preset("qwen2.5-7b-instruct").model_type == "qwen2"
     with pytest.raises(DPEExportError, match="unknown preset 'x'.*meta-llama-3-8b-instruct"):
@@ -413,15 +397,13 @@ def test_architecture_registry_names_real_classes():
         assert arch.dpe_causal_lm_class == f"{arch.dpe_prefix}ForCausalLM"
 
 
-def test_dpe_core_is_the_repository_file():
-    core = load_dpe_core()
-    assert core is load_dpe_core()
-    assert core.__name__ == "dpe_export.dpe_core"
-    assert Path(core.__file__).resolve() == (resource_dir("modeling_templates") / "dpe_core.py").resolve()
+def test_the_runtime_dpe_export_imports_is_the_repository_folder():
+    from dpe_export.modeling_templates import dpe_rule
+
+    assert Path(dpe_rule.__file__).resolve() == (resource_dir("modeling_templates") / "dpe_rule.py").resolve()
     assert (resource_dir("configs") / "qwen2.5-7b-instruct.yaml").is_file()
 
 
-@requires_template
 def test_the_tokenizer_states_the_target_length_and_a_longer_input_warns_once(llama_dir, tmp_path):
     import warnings
 
@@ -430,7 +412,7 @@ def test_the_tokenizer_states_the_target_length_and_a_longer_input_warns_once(ll
 
     from dpe_export.export import convert as export_convert
 
-    params = dpe_core.DPEParams(local_window_size=4, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8],
+    params = dpe_params.DPEParams(local_window_size=4, scale_factors=[2, 4], dimension_groups_range=[0, 4, 8],
                                 target_length=48)
     out = export_convert.convert(llama_dir, tmp_path / "export", params)
     assert AutoTokenizer.from_pretrained(out).model_max_length == 48
@@ -444,3 +426,16 @@ def test_the_tokenizer_states_the_target_length_and_a_longer_input_warns_once(ll
     dpe = [w for w in caught if "past the 48 this export was made for" in str(w.message)]
     assert len(dpe) == 1
     assert dpe[0].filename == __file__  # the line that called the model, not torch's module dispatch
+
+
+def test_modeling_file_imports_every_runtime_file_directly():
+    """transformers 5.0 copies only the direct relative imports of a local export's modeling file: the template
+    names every runtime file the export ships (and the export ships exactly what it imports)."""
+    from dpe_export.architectures import ARCHITECTURES
+    from dpe_export.generated import code_files, render_modeling_source
+    from dpe_export.runtime import relative_imports
+
+    arch = next(iter(ARCHITECTURES.values()))
+    direct = {f"{name}.py" for name in relative_imports(render_modeling_source(arch))}
+    shipped = set(code_files(arch)) - {"modeling_dpe.py"}
+    assert direct == shipped == set(RUNTIME_FILES)

@@ -16,10 +16,10 @@ from family_reference import reference_logits, tiny_family_model
 from helpers import assert_batch_generates_as_alone, tiny_tokenizer
 
 from dpe_export.architectures import ARCHITECTURES
-from dpe_export.runtime import load_dpe_core
+from dpe_export.modeling_templates import dpe_family, dpe_params
+from dpe_export import dpe_ops
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-dpe_core = load_dpe_core()
 WINDOW, SCALES = 5, [3, 8]
 FAMILIES = sorted(ARCHITECTURES)
 
@@ -42,8 +42,8 @@ class Family:
         self.base = AutoModelForCausalLM.from_pretrained(self.base_dir).eval()
         if hasattr(self.base, "set_experts_implementation") and getattr(self.base.config, "num_experts", None):
             self.base.set_experts_implementation("eager")
-        self.num_freqs = dpe_core.rotary_dim_of(self.base.config) // 2
-        self.groups = dpe_core.even_group_boundaries(self.num_freqs, len(SCALES))
+        self.num_freqs = dpe_family.rotary_dim_of(self.base.config) // 2
+        self.groups = dpe_ops.even_group_boundaries(self.num_freqs, len(SCALES))
         g = torch.Generator().manual_seed(7)
         cfg = self.base.config
         idx = torch.rand(cfg.num_hidden_layers, cfg.num_attention_heads, self.num_freqs, generator=g).topk(
@@ -52,7 +52,7 @@ class Family:
                                     dtype=torch.bool).scatter_(-1, idx, True)
         self.exports = {}
         for topk in (False, True):
-            params = dpe_core.DPEParams(WINDOW, SCALES, self.groups, target_length=512)
+            params = dpe_params.DPEParams(WINDOW, SCALES, self.groups, target_length=512)
             self.exports[topk] = convert(self.base_dir, root / f"dpe-{int(topk)}", params,
                                          self.selected if topk else None)
 
@@ -108,13 +108,13 @@ def test_cached_decoding_equals_uncached_and_the_reference(fam):
         cached = model.generate(prompt, max_new_tokens=24, do_sample=False)
         uncached = model.generate(prompt, max_new_tokens=24, do_sample=False, use_cache=False)
         assert cached.tolist() == uncached.tolist()
-        name = dpe_core.cache_argument(model)
+        name = dpe_ops.cache_argument(model)
         out = model(cached[:, :3], use_cache=True)
-        logits, cache = [out.logits], dpe_core.output_cache(out)
+        logits, cache = [out.logits], dpe_ops.output_cache(out)
         for t in range(3, cached.shape[1]):
             out = model(cached[:, t : t + 1], use_cache=True, **{name: cache})
             logits.append(out.logits)
-            cache = dpe_core.output_cache(out)
+            cache = dpe_ops.output_cache(out)
     want = reference_logits(fam.base, cached, WINDOW, SCALES, fam.groups, fam.selected)
     assert (torch.cat(logits, dim=1).double() - want).abs().max().item() <= 2e-4
 
@@ -126,13 +126,13 @@ def test_a_prompt_fed_in_chunks_on_a_cache_gives_the_reference(fam, topk):
     ids = torch.randint(4, 128, (1, 36), generator=torch.Generator().manual_seed(5))
     want = reference_logits(fam.base, ids, WINDOW, SCALES, fam.groups, fam.selected if topk else None)
     model = fam.load(topk, fam.attns()[0])
-    name = dpe_core.cache_argument(model)
+    name = dpe_ops.cache_argument(model)
     logits, cache = [], None
     with torch.no_grad():
         for a, b in ((0, 3), (3, 11), (11, 14), (14, 29), (29, 36)):
             out = model(ids[:, a:b], use_cache=True, **({} if cache is None else {name: cache}))
             logits.append(out.logits)
-            cache = dpe_core.output_cache(out)
+            cache = dpe_ops.output_cache(out)
     err = (torch.cat(logits, dim=1).double() - want).abs().max().item()
     assert err <= 1e-4, f"{fam.arch.model_type}/topk={topk}: max |chunked - reference| = {err}"
 
@@ -164,7 +164,7 @@ def test_the_export_loads_without_dpe_export_and_its_card_names_the_dpe_layers(f
     assert res.returncode == 0, res.stderr[-2000:]
     assert torch.allclose(torch.tensor(json.loads(res.stdout.strip().splitlines()[-1])), want, atol=1e-5)
     card = (fam.exports[True] / "README.md").read_text()
-    full = dpe_core.full_attention_layers(fam.base.config)
+    full = dpe_family.full_attention_layers(fam.base.config)
     assert f"DPE layers: {', '.join(map(str, full))}" in card
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from fake_hub import FakeHub
+from helpers import RUNTIME_FILES
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "hf_test_write"
@@ -80,6 +81,6 @@ def test_an_export_pushed_to_the_hub_loads_by_repo_id_without_dpe_export(tiny_di
         assert proc.returncode == 0, proc.stderr[-3000:]
         got = json.loads(proc.stdout.strip().splitlines()[-1])
         served = {path for _, path in hub.downloads}
-    assert {"config.json", "modeling_dpe.py", "dpe_core.py", "model.safetensors", "dpe_selected_dims.safetensors"} <= served
+    assert {"config.json", "modeling_dpe.py", *RUNTIME_FILES, "model.safetensors", "dpe_selected_dims.safetensors"} <= served
     assert torch.allclose(torch.tensor(got["main"]), want_main, atol=1e-5)
     assert torch.allclose(torch.tensor(got["v2"]), want_v2, atol=1e-5)

@@ -73,6 +73,36 @@ def test_no_import_cycle_among_the_package_modules():
             visit(n)
 
 
+def test_task_modules_import_neither_the_registry_nor_what_reads_it():
+    """The registry imports the task modules, and run, results, plots, the card and the CLI ask the registry about
+    any task: so nothing a task module loads may load one of those (or the registry could not see every task)."""
+    graph = _graph(_modules())
+    readers = {f"dpe_export.evaluation.{m}" for m in ("registry", "run", "results", "plots")} | {
+        "dpe_export.export.card", "dpe_export.cli"}
+
+    def closure(name, seen):
+        for dep in graph[name]:
+            if dep not in seen:
+                seen.add(dep)
+                closure(dep, seen)
+        return seen
+
+    tasks = [n for n in graph if n == "dpe_export.evaluation.tasks" or n.startswith("dpe_export.evaluation.tasks.")]
+    assert "dpe_export.evaluation.tasks.base" in tasks
+    bad = {n: sorted(closure(n, set()) & readers) for n in tasks}
+    assert not any(bad.values()), {n: b for n, b in bad.items() if b}
+
+
+def test_setup_cfg_installs_every_package():
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(PACKAGE.parent / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    packages = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
+    assert packages <= listed, sorted(packages - listed)
+
+
 def test_the_package_imports_its_own_modules_at_the_top_of_a_file():
     modules = _modules()
     late = []

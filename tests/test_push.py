@@ -20,8 +20,6 @@ from fake_hub import FakeHub
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WRITE_TOKEN, READ_TOKEN = "hf_test_write", "hf_test_read"
-HAS_TEMPLATE = (REPO_ROOT / "modeling_templates" / "modeling_dpe.py.jinja").is_file()
-pytestmark = pytest.mark.skipif(not HAS_TEMPLATE, reason="the modeling template is not written yet")
 
 CALIBRATION = {"groups": [0, 4, 8], "scales": [1, 2, 4], "grid": [[0.1, 0.6, 0.9], [0.2, 0.5, 0.4]], "chosen": [4, 2]}
 

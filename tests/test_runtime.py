@@ -9,15 +9,30 @@ import textwrap
 
 import pytest
 import torch
-from helpers import assert_batch_generates_as_alone, save_tiny_model, tiny_model
+from helpers import (
+    RUNTIME_FILES,
+    apply_rotary,
+    assert_batch_generates_as_alone,
+    rotary_cos_sin,
+    save_tiny_model,
+    tiny_model,
+)
 from reference import reference_model
 
-from dpe_export.runtime import load_dpe_core
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-dpe_core = load_dpe_core()
 
 from transformers import AutoModelForCausalLM  # noqa: E402
+
+from dpe_export import dpe_ops  # noqa: E402
+from dpe_export.modeling_templates import (  # noqa: E402
+    dpe_attention,
+    dpe_guards,
+    dpe_hf_attention,
+    dpe_kernels,
+    dpe_params,
+    dpe_rule,
+)
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 4.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
@@ -27,8 +42,8 @@ YARN_ROPE = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "origina
 def convert(base_dir, out_dir, window, scales, groups=None, selected=None, target=512):
     from dpe_export.export.convert import convert as export_convert
 
-    params = dpe_core.DPEParams(local_window_size=window, scale_factors=list(scales),
-                                dimension_groups_range=groups or dpe_core.even_group_boundaries(8, len(scales)),
+    params = dpe_params.DPEParams(local_window_size=window, scale_factors=list(scales),
+                                dimension_groups_range=groups or dpe_ops.even_group_boundaries(8, len(scales)),
                                 target_length=target)
     return export_convert(base_dir, out_dir, params, selected)
 
@@ -64,7 +79,7 @@ def test_export_matches_dense_reference(tmp_path, case, attn):
     selected = random_selection() if topk else None
     out = convert(base, tmp_path / "out", window, scales, groups, selected)
     model = load_export(out, attn)
-    groups = groups or dpe_core.even_group_boundaries(8, len(scales))
+    groups = groups or dpe_ops.even_group_boundaries(8, len(scales))
     ref = reference_model(tiny_model(family, **overrides), window, scales, groups, selected)
     ids = torch.randint(4, 128, (2, 72), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -172,7 +187,7 @@ def test_save_pretrained_of_a_loaded_export_reloads(tmp_path):
     model = load_export(out)
     model.save_pretrained(tmp_path / "again")
     saved = sorted(p.name for p in (tmp_path / "again").iterdir())
-    assert {"modeling_dpe.py", "dpe_core.py", dpe_core.SELECTED_DIMS_FILENAME} <= set(saved), saved
+    assert {"modeling_dpe.py", *RUNTIME_FILES, dpe_params.SELECTED_DIMS_FILENAME} <= set(saved), saved
     again = load_export(tmp_path / "again")
     assert torch.equal(again.dpe_selected_dims, selected)
     ids = torch.randint(4, 128, (1, 30), generator=torch.Generator().manual_seed(10))
@@ -203,14 +218,14 @@ def _random_qkv(bsz, h, hkv, n, d, seed):
 
 def _rotated(q, k, w, scales, groups, positions):
     """Plain and scaled rotations of q and k at `positions`, built the way the export builds them."""
-    params = dpe_core.DPEParams(w, scales, groups)
+    params = dpe_params.DPEParams(w, scales, groups)
     d = q.shape[-1]
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
-    cos, sin = dpe_core.rotary_cos_sin(positions[..., None], inv_freq, 1.0, torch.float32)
-    qp, kp = dpe_core.apply_rotary(q, cos, sin), dpe_core.apply_rotary(k, cos, sin)
+    cos, sin = rotary_cos_sin(positions[..., None], inv_freq, 1.0, torch.float32)
+    qp, kp = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
     scale = params.scale_per_frequency()
-    qs = dpe_core.rotate_by(qp, dpe_core.dpe_delta_positions(positions, scale, w, query=True), inv_freq, d)
-    ks = dpe_core.rotate_by(kp, dpe_core.dpe_delta_positions(positions, scale, w, query=False), inv_freq, d)
+    qs = dpe_rule.rotate_by(qp, dpe_rule.dpe_delta_positions(positions, scale, w, query=True), inv_freq, d)
+    ks = dpe_rule.rotate_by(kp, dpe_rule.dpe_delta_positions(positions, scale, w, query=False), inv_freq, d)
     return qp, qs, kp, ks
 
 
@@ -224,16 +239,16 @@ def test_efficient_and_materialised_paths_agree(topk):
     valid = torch.ones(bsz, n, dtype=torch.bool)
     valid[1, :37] = False  # left padding in the second row
     kw = dict(window=w, scale=d**-0.5, selected=sel, key_valid=valid, k_far_plain=kp)
-    fast = dpe_core.dpe_attention(qp, qsc, kp, ks, v, backend="sdpa", **kw)
-    slow = dpe_core.dpe_attention(qp, qsc, kp, ks, v, backend="eager", **kw)
+    fast = dpe_attention.dpe_attention(qp, qsc, kp, ks, v, backend="sdpa", **kw)
+    slow = dpe_attention.dpe_attention(qp, qsc, kp, ks, v, backend="eager", **kw)
     keep = valid[:, :, None, None].expand_as(fast)
     assert torch.allclose(fast[keep], slow[keep], atol=2e-5, rtol=0)
     # The far part matters here: without it the answer is different.
-    local_only = dpe_core.dpe_attention(qp, qsc, kp, ks, v, backend="eager", **{**kw, "window": n})
+    local_only = dpe_attention.dpe_attention(qp, qsc, kp, ks, v, backend="eager", **{**kw, "window": n})
     assert (local_only[keep] - slow[keep]).abs().max() > 1e-2
     # Local keys given only for the window of the last queries (as the DPE cache layer keeps them) agree too.
     m = 3
-    tail = dpe_core.dpe_attention(qp[:, :, -m:], qsc[:, :, -m:], kp[:, :, n - m - w + 1 :], ks, v, backend="eager",
+    tail = dpe_attention.dpe_attention(qp[:, :, -m:], qsc[:, :, -m:], kp[:, :, n - m - w + 1 :], ks, v, backend="eager",
                                   **{**kw, "local_start": n - m - w + 1, "k_far_plain": kp})
     assert torch.allclose(tail, slow[:, -m:], atol=2e-5, rtol=0)
 
@@ -248,17 +263,17 @@ def test_several_queries_on_a_cache_take_the_fused_path_and_agree_with_eager(mon
     qp, qsc, kp, ks = _rotated(q, k, w, [2, 8, 4, 16], [0, 2, 4, 6, 8], pos)
     sel = random_selection(7, layers=1)[0] if topk else None
     kw = dict(window=w, scale=d**-0.5, selected=sel, k_far_plain=kp)
-    want = dpe_core.dpe_attention(qp, qsc, kp, ks, v, backend="eager", **kw)
+    want = dpe_attention.dpe_attention(qp, qsc, kp, ks, v, backend="eager", **kw)
     calls = []
-    monkeypatch.setattr(dpe_core, "_dpe_attention_materialized", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(dpe_attention, "_dpe_attention_materialized", lambda *a, **k: calls.append(1))
     for m in (2, 40, 64, 65, 300, 499):
         for start in sorted({0, max(0, n - m - w + 1)}):
-            got = dpe_core.dpe_attention(qp[:, :, -m:], qsc[:, :, -m:], kp[:, :, start:], ks, v, backend="sdpa",
+            got = dpe_attention.dpe_attention(qp[:, :, -m:], qsc[:, :, -m:], kp[:, :, start:], ks, v, backend="sdpa",
                                          local_start=start, **kw)
             assert torch.allclose(got, want[:, -m:], atol=2e-5, rtol=0), (m, start)
     assert not calls
-    monkeypatch.setattr(dpe_core, "_LSE_KERNEL_FAILED", {"cpu", "cpu+mask"})  # the math fallback, masks included
-    got = dpe_core.dpe_attention(qp[:, :, -100:], qsc[:, :, -100:], kp, ks, v, backend="sdpa", **kw)
+    monkeypatch.setattr(dpe_kernels, "_LSE_KERNEL_FAILED", {"cpu", "cpu+mask"})  # the math fallback, masks included
+    got = dpe_attention.dpe_attention(qp[:, :, -100:], qsc[:, :, -100:], kp, ks, v, backend="sdpa", **kw)
     assert torch.allclose(got, want[:, -100:], atol=2e-5, rtol=0)
 
 
@@ -267,11 +282,11 @@ def test_long_prefill_never_materialises_scores(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("materialised path used for a long prefill")
 
-    monkeypatch.setattr(dpe_core, "_dpe_attention_materialized", forbidden)
-    monkeypatch.setattr(dpe_core, "_attention_with_lse_math", forbidden)
+    monkeypatch.setattr(dpe_attention, "_dpe_attention_materialized", forbidden)
+    monkeypatch.setattr(dpe_kernels, "_attention_with_lse_math", forbidden)
     n, d, w = 8192, 16, 512
     q, k, v = _random_qkv(1, 2, 1, n, d, 3)
-    out = dpe_core.dpe_attention(q, q, k, k, v, window=w, scale=0.25, selected=random_selection(2, 1, 2)[0])
+    out = dpe_attention.dpe_attention(q, q, k, k, v, window=w, scale=0.25, selected=random_selection(2, 1, 2)[0])
     assert out.shape == q.transpose(1, 2).shape and torch.isfinite(out).all()
 
 
@@ -287,7 +302,7 @@ def test_flash_attention_without_the_package_is_a_clear_error(tmp_path):
     with pytest.raises(ImportError, match="FlashAttention2|flash-attn"):
         load_export(out, "flash_attention_2")
     with pytest.raises(ImportError, match="pip install flash-attn"):
-        dpe_core._require_flash_attn()
+        dpe_hf_attention._require_flash_attn()
 
 
 def test_generated_code_refuses_transformers_4_with_a_clear_message(monkeypatch):
@@ -295,7 +310,7 @@ def test_generated_code_refuses_transformers_4_with_a_clear_message(monkeypatch)
 
     monkeypatch.setattr(transformers, "__version__", "4.57.1")
     with pytest.raises(ImportError, match=r"needs transformers>=5.0.0,<6, but transformers 4.57.1 is installed"):
-        dpe_core.check_transformers_version()
+        dpe_guards.check_transformers_version()
 
 
 def _fake_flash_attn_func(q, k, v, softmax_scale, causal, window_size, return_attn_probs):
@@ -329,8 +344,8 @@ def test_flash_attention_glue_matches_sdpa(monkeypatch, topk):
     k2 = torch.randn_like(k)
     sel = random_selection(4, layers=1)[0] if topk else None
     kw = dict(window=w, scale=d**-0.5, selected=sel)
-    flash = dpe_core.dpe_attention(q, q2, k, k2, v, backend="flash_attention_2", **kw)
-    sdpa = dpe_core.dpe_attention(q, q2, k, k2, v, backend="sdpa", **kw)
+    flash = dpe_attention.dpe_attention(q, q2, k, k2, v, backend="flash_attention_2", **kw)
+    sdpa = dpe_attention.dpe_attention(q, q2, k, k2, v, backend="sdpa", **kw)
     assert flash.shape == sdpa.shape == (bsz, n, h, d)
     assert torch.allclose(flash, sdpa, atol=2e-5, rtol=0)
 
@@ -338,8 +353,8 @@ def test_flash_attention_glue_matches_sdpa(monkeypatch, topk):
 def test_chunked_math_fallback_equals_the_fused_kernel():
     q, k, v = _random_qkv(2, 4, 2, 300, 16, 9)
     for causal in (True, False):
-        fused = dpe_core.attention_with_lse(q, k, v, scale=0.25, causal=causal)
-        math = dpe_core._attention_with_lse_math(q, k, v, scale=0.25, causal=causal, chunk=128)
+        fused = dpe_kernels.attention_with_lse(q, k, v, scale=0.25, causal=causal)
+        math = dpe_kernels._attention_with_lse_math(q, k, v, scale=0.25, causal=causal, chunk=128)
         assert torch.allclose(fused[0], math[0], atol=1e-5) and torch.allclose(fused[1], math[1], atol=1e-5)
 
 
@@ -347,7 +362,26 @@ def test_prefill_through_the_fallback_equals_the_fused_path(monkeypatch):
     q, k, v = _random_qkv(1, 4, 2, 400, 16, 10)
     q_scaled, k_scaled = torch.randn_like(q), torch.randn_like(k)
     kw = dict(window=48, scale=0.25, selected=random_selection(6, layers=1)[0])
-    fused = dpe_core.dpe_attention(q, q_scaled, k, k_scaled, v, **kw)
-    monkeypatch.setattr(dpe_core, "_LSE_KERNEL_FAILED", {"cpu"})  # as if the fused kernel had refused
-    fallback = dpe_core.dpe_attention(q, q_scaled, k, k_scaled, v, **kw)
+    fused = dpe_attention.dpe_attention(q, q_scaled, k, k_scaled, v, **kw)
+    monkeypatch.setattr(dpe_kernels, "_LSE_KERNEL_FAILED", {"cpu"})  # as if the fused kernel had refused
+    fallback = dpe_attention.dpe_attention(q, q_scaled, k, k_scaled, v, **kw)
     assert torch.allclose(fused, fallback, atol=1e-5)
+
+
+def test_the_rule_file_is_the_definition_and_the_rotations_compose_to_it():
+    """dpe_rule.dpe_relative_positions against the rule spelled out with Python integers, and the runtime's
+    composed form (the family's plain rotation, then dpe_delta_positions for query and key) against it, for
+    windows and scales drawn at random: scales that do not divide the window, larger than it, and 1."""
+    rng = __import__("random").Random(20261207)
+    for _ in range(400):
+        w, s = rng.randint(1, 40), rng.choice([1, 2, 3, 5, 7, 8, 16, 64, 100])
+        i = torch.tensor([rng.randint(0, 300) for _ in range(16)])
+        j = torch.tensor([rng.randint(0, int(x)) for x in i])
+        scale = torch.tensor([s])
+        got = dpe_rule.dpe_relative_positions(i[:, None], j[:, None], scale, w)[:, 0]
+        want = [a - b if a - b < w else a // s - b // s + w - w // s for a, b in zip(i.tolist(), j.tolist())]
+        assert got.tolist() == want, (w, s)
+        qi = i + dpe_rule.dpe_delta_positions(i[None], scale, w, query=True)[0, :, 0]
+        kj = j + dpe_rule.dpe_delta_positions(j[None], scale, w, query=False)[0, :, 0]
+        far = (i - j) >= w
+        assert (qi - kj)[far].tolist() == got[far].tolist(), (w, s)

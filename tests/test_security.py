@@ -95,13 +95,13 @@ sys.path.insert(0, {repo!r})
 from dpe_export.calibration import result as calib_result
 from dpe_export.calibration import scales
 from dpe_export.calibration import result as calib_result
-from dpe_export.sources import checkpoint
-real = checkpoint.copy_file_with_progress
+from dpe_export.export import copying
+real = copying.copy_file_with_progress
 def slow(src, dst, update):
     real(src, dst, update)
     print("COPYING", flush=True)
     time.sleep(60)
-checkpoint.copy_file_with_progress = slow
+copying.copy_file_with_progress = slow
 from dpe_export.cli import main
 main(["convert", {model!r}, "-o", {out!r}, "--window", "8", "--scale-factors", "2,4"])
 """
@@ -162,7 +162,7 @@ def test_a_live_processs_staging_directory_is_left_alone(run_cli, llama_dir, tmp
 HOSTILE = '''
 import pathlib
 pathlib.Path({marker!r}).write_text("hostile code ran")
-from .dpe_core import *  # noqa
+from .dpe_rule import *  # noqa
 '''
 
 

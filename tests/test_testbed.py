@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from dpe_export.evaluation.generation import make_generate_fn
-from dpe_export.evaluation.run import evaluate_passkey
+from dpe_export.evaluation.tasks.passkey import evaluate_passkey
 from dpe_export.evaluation.tasks import PromptBuilder
 from dpe_export.export.convert import convert
-from dpe_export.runtime import load_dpe_core
+from dpe_export.modeling_templates import dpe_params
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TESTBEDS = sorted(p for p in FIXTURES.glob("testbed-*") if (p / "model.safetensors").is_file())
@@ -30,8 +30,7 @@ def test_dpe_export_retrieves_where_the_base_model_fails(tmp_path, testbed):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(1)
-    dpe_core = load_dpe_core()
-    params = dpe_core.DPEParams(32, [8, 16, 32, 32], [0, 4, 8, 12, 16], target_length=4096)
+    params = dpe_params.DPEParams(32, [8, 16, 32, 32], [0, 4, 8, 12, 16], target_length=4096)
     out = convert(testbed, tmp_path / "dpe", params)
     tokenizer = AutoTokenizer.from_pretrained(testbed)
     base = AutoModelForCausalLM.from_pretrained(testbed).eval()

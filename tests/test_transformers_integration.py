@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import save_tiny_model, tiny_model
+from helpers import RUNTIME_FILES, save_tiny_model, tiny_model
 from reference import reference_model
 
-from dpe_export.runtime import load_dpe_core
 
 os.environ["HF_HUB_OFFLINE"] = "1"
-dpe_core = load_dpe_core()
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM  # noqa: E402
+from dpe_export.modeling_templates import dpe_family, dpe_hf_model, dpe_params
+from dpe_export import dpe_ops
 
 WINDOW, SCALES = 6, [2, 8, 3, 4]
 GROUPS = [0, 2, 4, 6, 8]
@@ -31,7 +31,7 @@ def export(tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("integration")
     base = save_tiny_model(tmp / "base", "llama")
-    params = dpe_core.DPEParams(WINDOW, SCALES, GROUPS, target_length=512)
+    params = dpe_params.DPEParams(WINDOW, SCALES, GROUPS, target_length=512)
     return convert(base, tmp / "out", params)
 
 
@@ -84,7 +84,7 @@ def test_dpe_attention_passes_float64_gradcheck(export, attn, topk):
     model = _load(export, attn, torch.float64)
     if topk:
         g = torch.Generator().manual_seed(4)
-        dpe_core.set_dpe_selection(model, torch.rand(2, 4, 8, generator=g) < 0.5)
+        dpe_hf_model.set_dpe_selection(model, torch.rand(2, 4, 8, generator=g) < 0.5)
     attn_layer = model.model.layers[1].self_attn
     n = 16
     hidden = torch.randn(1, n, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
@@ -154,7 +154,7 @@ def testbed_export(tmp_path_factory):
     from dpe_export.export.convert import convert
 
     base = Path(__file__).parent / "fixtures" / "testbed-llama"
-    params = dpe_core.DPEParams(32, [128, 128, 64, 8], [0, 4, 8, 12, 16], target_length=4096)
+    params = dpe_params.DPEParams(32, [128, 128, 64, 8], [0, 4, 8, 12, 16], target_length=4096)
     return convert(base, tmp_path_factory.mktemp("testbed") / "out", params)
 
 
@@ -175,7 +175,8 @@ def test_torch_compile_equals_eager_mode_at_the_reported_lengths(testbed_export,
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=lambda m: f"n = {n}: {m}")
     # Dynamo traces the runtime without warnings about it (it warned of "potential silent incorrectness" on the
     # lru_cache the runtime used to have).
-    assert not [str(w.message) for w in caught if "dpe_core" in str(w.message)]
+    assert not [str(w.message) for w in caught if "modeling_templates" in str(w.message)
+            or any(name[:-3] in str(w.message) for name in RUNTIME_FILES)]
 
 
 def test_compiled_generation_equals_eager_generation(testbed_export):
@@ -205,7 +206,7 @@ def test_a_cache_made_in_eager_mode_continues_under_torch_compile(testbed_export
     model = _load(testbed_export)
     compiled = torch.compile(model)
     ids = torch.randint(5, model.config.vocab_size, (1, 100), generator=torch.Generator().manual_seed(2))
-    name = dpe_core.cache_argument(model)
+    name = dpe_ops.cache_argument(model)
     with torch.no_grad():
         want = model(ids, use_cache=False).logits
         cache = DynamicCache()
@@ -237,7 +238,7 @@ def test_a_cache_the_user_builds_is_exact_fresh_prefilled_or_static(export):
     ids = _ids()
     kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     want = model.generate(ids, use_cache=False, **kw)
-    name = dpe_core.cache_argument(model)
+    name = dpe_ops.cache_argument(model)
     assert torch.equal(model.generate(ids, **{name: DynamicCache()}, **kw), want)
     prefilled = DynamicCache()  # the user prefills a prefix, then generates from the whole prompt
     with torch.no_grad():
@@ -259,8 +260,8 @@ def test_sliding_window_layers_keep_a_sliding_cache(tmp_path):
 
     arch = ARCHITECTURES["gemma3_text"]
     tiny_family_model(arch).save_pretrained(tmp_path / "base")
-    params = dpe_core.DPEParams(5, [3, 8], dpe_core.even_group_boundaries(
-        dpe_core.rotary_dim_of(AutoConfig.from_pretrained(tmp_path / "base")) // 2, 2), target_length=512)
+    params = dpe_params.DPEParams(5, [3, 8], dpe_ops.even_group_boundaries(
+        dpe_family.rotary_dim_of(AutoConfig.from_pretrained(tmp_path / "base")) // 2, 2), target_length=512)
     out = convert(tmp_path / "base", tmp_path / "dpe", params)
     model = _load(out)
     ids = _ids(n=30)
@@ -290,7 +291,7 @@ def test_auto_classes_the_export_does_not_define_fail_loudly(export):
 
 def test_the_config_is_the_exports_own_and_knows_its_family(export):
     config = AutoConfig.from_pretrained(export, trust_remote_code=True)
-    assert config.model_type == "dpe_llama" and dpe_core.base_model_type(config) == "llama"
+    assert config.model_type == "dpe_llama" and dpe_family.base_model_type(config) == "llama"
     assert type(_load(export)).__name__ == "DPELlamaForCausalLM"
 
 

@@ -11,8 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from fake_hub import FakeHub
+from helpers import RUNTIME_FILES
 
 from dpe_export import __version__
 
@@ -33,6 +35,8 @@ def _old_export(tiny_dirs, out: Path) -> Path:
     info = checkpoint.inspect_model(tiny_dirs("llama"))
     params = export_convert.build_params(info, local_window_size=5, scale_factors=[2, 4, 8, 16], target_length=256)
     export_convert.convert(info, out, params)
+    for name in RUNTIME_FILES:  # 0.1.0 shipped its runtime as one file, dpe_core.py
+        (out / name).unlink()
     for name in ("modeling_dpe.py", "dpe_core.py"):
         shutil.copyfile(OLD / name, out / name)
     config = json.loads((out / "config.json").read_text())
@@ -67,9 +71,11 @@ def test_upgrade_rewrites_only_the_generated_files_and_fixes_the_export(tiny_dir
     assert r.exit_code == 0, r.stderr
     assert "written by dpe-export 0.1.0 or earlier" in r.stdout and "modeling_dpe.py" in r.stdout
     after = _digests(out)
-    assert {n for n in after if after[n] != before[n]} == {"modeling_dpe.py", "dpe_core.py", "config.json"}
-    assert set(after) == set(before)
-    assert (out / "dpe_core.py").read_bytes() == (REPO_ROOT / "modeling_templates" / "dpe_core.py").read_bytes()
+    assert {n for n in after if after.get(n) != before.get(n)} == {"modeling_dpe.py", *RUNTIME_FILES, "config.json"}
+    assert set(after) == set(before) - {"dpe_core.py"} | set(RUNTIME_FILES)  # the one-file runtime is gone
+    assert "removed dpe_core.py" in r.stdout
+    for name in RUNTIME_FILES:
+        assert (out / name).read_bytes() == (REPO_ROOT / "modeling_templates" / name).read_bytes()
     config = json.loads((out / "config.json").read_text())
     assert config["dpe_export_version"] == __version__
     assert config["model_type"] == "dpe_llama" and config["auto_map"]["AutoConfig"] == "modeling_dpe.DPELlamaConfig"
@@ -133,6 +139,32 @@ def test_push_after_upgrade_uploads_only_the_changed_files(tiny_dirs, tmp_path):
         cli("push", out, "--repo-id", "my-org/tiny-dpe")
         repo = hub.repos["my-org/tiny-dpe"]
         assert len(repo.commits) == 2
-        assert sorted(repo.commits[-1]["paths"]) == ["config.json", "dpe_core.py", "modeling_dpe.py"]
+        # the new runtime files go up, and the old one-file runtime (which dpe-export had published) is removed
+        assert sorted(repo.commits[-1]["paths"]) == sorted(["config.json", "dpe_core.py", "modeling_dpe.py",
+                                                            *RUNTIME_FILES])
         assert len(hub.lfs_puts) == puts  # the weights did not go up again
-        assert hub.files("my-org/tiny-dpe")["dpe_core.py"] == (out / "dpe_core.py").read_bytes()
+        remote = hub.files("my-org/tiny-dpe")
+        assert "dpe_core.py" not in remote
+        assert all(remote[name] == (out / name).read_bytes() for name in RUNTIME_FILES)
+
+
+@pytest.mark.parametrize("recorded", [False, True])
+def test_upgrade_removes_the_old_runtime_file_only_when_dpe_export_wrote_it(tiny_dirs, tmp_path, run_cli_subprocess,
+                                                                            recorded):
+    """An edited dpe_core.py is not one dpe-export wrote: upgrade refuses in one line and writes nothing, unless
+    the export's manifest records that very file (then convert wrote it, and it goes)."""
+    from dpe_export.export.files import write_manifest
+
+    out = _old_export(tiny_dirs, tmp_path / "edited")
+    (out / "dpe_core.py").write_text((out / "dpe_core.py").read_text() + "\n# my notes\n")
+    if recorded:
+        write_manifest(out)
+    before = _digests(out)
+    r = run_cli_subprocess("upgrade", out)
+    if recorded:
+        assert r.exit_code == 0, r.stderr
+        assert not (out / "dpe_core.py").exists() and "removed dpe_core.py" in r.stdout
+    else:
+        assert r.exit_code == 1 and "not a file any dpe-export release wrote" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+        assert _digests(out) == before

@@ -26,8 +26,8 @@ import torch
 
 from dpe_export.attention_capture import capture_attention
 from dpe_export.output_files import write_output
-from dpe_export.runtime import load_dpe_core
 from dpe_export.sources.loading import input_device
+from dpe_export.modeling_templates import dpe_family
 
 SCORES_TENSOR = "scores"
 
@@ -54,10 +54,9 @@ class DimScoreAccumulator:
     def __post_init__(self):
         if self.statistic not in STATISTICS:
             raise ValueError(f"unknown dimension-score statistic {self.statistic!r}; use one of {', '.join(STATISTICS)}")
-        core = load_dpe_core()
         config = self.model.config
         self.heads = config.num_attention_heads
-        self.num_freqs = core.rotary_dim_of(config) // 2
+        self.num_freqs = dpe_family.rotary_dim_of(config) // 2
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(capture_attention(self.model, lambda idx, module, q, k, kw: self.record(idx, q, k)))
 

@@ -37,6 +37,8 @@ DEFAULT_CONTEXTS = 2
 
 DEFAULT_NEEDLES = 16
 
+METRICS = ("niah",)  # the registered task whose prompts it scores (many needles per context)
+
 # a score read back from another shard's file may differ from this process's in the last bits (other threads)
 _SAME_SCORE = 1e-4
 

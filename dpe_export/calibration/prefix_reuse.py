@@ -14,17 +14,16 @@ import contextlib
 import copy
 import functools
 from typing import Any, Optional
+from dpe_export.modeling_templates import dpe_family, dpe_hf_model
 
-from dpe_export.runtime import load_dpe_core
 
 CACHE_KEYWORDS = ("cache", "past_key_values")  # the decoder layers' name for it from transformers 5.24 on, before
 
 
 class PrefixReuse:
     def __init__(self, model):
-        core = load_dpe_core()
-        self.decoder = core._decoder_of(model)
-        full = core.full_attention_layers(model.config.get_text_config())
+        self.decoder = dpe_hf_model.decoder_of(model)
+        full = dpe_family.full_attention_layers(model.config.get_text_config())
         self.first = min(full) if full else 0
         self.context: Any = None
         self.outputs: list = []

@@ -14,12 +14,10 @@ from dpe_export.calibration import engine, paired, scales
 from dpe_export.calibration.ray_executor import RayExecutor
 from dpe_export.calibration.result import CALIBRATION_FILE, write_json_atomic
 from dpe_export.errors import DPEExportError
-from dpe_export.evaluation import prompts
 from dpe_export.evaluation import run as evalrun
+from dpe_export.evaluation import registry
 from dpe_export.evaluation.tasks import PromptBuilder
-from dpe_export.runtime import load_dpe_core
 from dpe_export.sources import loading, methods
-from dpe_export.sources.checkpoint import load_base_config
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,7 @@ register(Procedure(
              "needle's value; after each context the better half of each group's scales (and the reference) stays in, "
              "and scales within "
              "2 standard errors of the best tie with it (ties go to the reference scale)"),
-    samples=paired.DEFAULT_CONTEXTS, needles=paired.DEFAULT_NEEDLES, metrics=("niah",), units=paired.UNITS,
+    samples=paired.DEFAULT_CONTEXTS, needles=paired.DEFAULT_NEEDLES, metrics=paired.METRICS, units=paired.UNITS,
     evaluate=paired.evaluate,
     build=paired.build,
 ))
@@ -82,11 +80,9 @@ register(Procedure(
 
 def _check_prompt_fits(plan: scales.CalibrationPlan, tokenizer, haystack) -> None:
     """A prompt with all the plan's needles must fit in the target length; say so before loading the weights."""
-    builder = PromptBuilder(tokenizer, haystack_path=haystack)
-    if plan.metric == "passkey":
-        need, what = prompts.passkey_min_length(builder), "a pass-key prompt"
-    else:
-        need, what = prompts.niah_min_length(builder, plan.needles), f"a {plan.needles}-needle NIAH prompt"
+    task = registry.get_task(plan.metric)
+    need = task.min_length(PromptBuilder(tokenizer, haystack_path=haystack), plan.needles)
+    what = f"a {task.pretty_name} prompt" + (f" with {plan.needles} needles" if task.uses_needles else "")
     if plan.target_length < need:
         raise DPEExportError(f"{what} takes at least {need} tokens with this tokenizer, more than the target length "
                              f"({plan.target_length}); give a longer --target-length or fewer --needles")
@@ -104,7 +100,7 @@ def merge(out_dir) -> dict:
 
 def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_groups=None,
               num_groups: Optional[int] = None, top_k: Optional[int] = None, samples: Optional[int] = None,
-              needles: Optional[int] = None, seed: int = scales.DEFAULT_SEED, metric: str = "niah",
+              needles: Optional[int] = None, seed: int = scales.DEFAULT_SEED, metric: Optional[str] = None,
               pretrain_length: Optional[int] = None, procedure: str = DEFAULT_PROCEDURE,
               shard: Optional[tuple[int, int]] = None, haystack: Optional[Path] = None, device=None, dtype=None,
               batch_size: int = 1, progress: bool = True, device_map: Optional[str] = None,
@@ -119,6 +115,7 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
     import torch
 
     proc = get_procedure(procedure)
+    metric = proc.metrics[0] if metric is None else metric  # a registered task that calibrates
     if metric not in proc.metrics:
         raise DPEExportError(f"the {proc.name} procedure scores {' or '.join(proc.metrics)}, not {metric!r}; use "
                              f"--procedure {' or '.join(p.name for p in PROCEDURES.values() if metric in p.metrics)}")
@@ -126,23 +123,21 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
         raise DPEExportError("--ray places the model copies itself: leave out --shard, --device and --device-map")
     samples = proc.samples if samples is None else samples
     needles = proc.needles if needles is None else needles
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    raw, is_export = loading.check_eval_model(model_dir)
-    if is_export:
+    out_dir = Path(out_dir)
+    ckpt = loading.check_eval_model(model_dir)  # a directory or its Checkpoint
+    model_dir = ckpt.path
+    if ckpt.is_export:
         raise DPEExportError(f"{model_dir} is already a DPE export; calibrate its base model")
     loading.check_device_map(device_map, device)
     if ray_address is None:
-        evalrun.check_memory(raw, metric if metric in ("niah", "passkey") else "niah", target_length, batch_size,
-                             device, dtype, device_map)  # the longest context must fit, as eval checks
-    config = load_base_config(model_dir)
-    get_architecture(config)
+        evalrun.check_memory(ckpt, metric, target_length, batch_size, device, dtype, device_map)  # the longest context must fit, as eval checks
+    get_architecture(ckpt.config)
     plan = scales.make_plan(
-        model_dir, target_length=target_length, window=window,
-        num_freqs=load_dpe_core().rotary_dim_of(config) // 2,
-        pretrain_length=pretrain_length or config.max_position_embeddings, dimension_groups=dimension_groups,
+        model_dir, target_length=target_length, window=window, num_freqs=ckpt.rotary_dim // 2,
+        pretrain_length=pretrain_length or ckpt.require_pretraining_length(), dimension_groups=dimension_groups,
         num_groups=num_groups, top_k=top_k, samples=samples, needles=needles, seed=seed, metric=metric,
         dim_statistic=dim_statistic, procedure=proc.name)
-    tokenizer = loading.load_tokenizer(model_dir)  # before the weights: a model without one fails fast
+    tokenizer = loading.load_tokenizer(ckpt)  # before the weights: a model without one fails fast
     _check_prompt_fits(plan, tokenizer, haystack)
     scales.save_plan(out_dir, plan)
     t0 = time.perf_counter()
@@ -151,10 +146,10 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
     cleanup = None
     if ray_address is not None:
         executor = RayExecutor(ray_address, model_dir, plan, proc.evaluate, out_dir, haystack=haystack, dtype=dtype,
-                               actors=ray_actors, need_bytes=_model_bytes(model_dir, raw, target_length, dtype))
+                               actors=ray_actors, need_bytes=_model_bytes(ckpt, metric, target_length, dtype))
         cleanup = executor.shutdown
     else:
-        loaded = loading.load_model(model_dir, methods.MethodSpec("none"), device=device, dtype=dtype,
+        loaded = loading.load_model(ckpt, methods.MethodSpec("none"), device=device, dtype=dtype,
                                     tokenizer=tokenizer, target_length=target_length, device_map=device_map)
         calibrator = scales.Calibrator(loaded.model, tokenizer, plan, haystack=haystack, batch_size=batch_size)
         if top_k:
@@ -179,9 +174,10 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
     return calibration
 
 
-def _model_bytes(model_dir: Path, raw: dict, target_length: int, dtype) -> int:
+def _model_bytes(ckpt, metric: str, target_length: int, dtype) -> int:
     """Weights (their safetensors size, at the asked dtype's width) plus the longest context's peak."""
-    stored = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    raw = ckpt.raw
+    stored = sum(p.stat().st_size for p in ckpt.path.glob("*.safetensors"))
     width = 2 if str(dtype).replace("torch.", "") in ("bfloat16", "float16") else 4
     stored_width = 2 if str(raw.get("torch_dtype") or raw.get("dtype")) in ("bfloat16", "float16") else 4
-    return stored * width // stored_width + evalrun.estimate_memory(raw, "niah", target_length, 1, width)
+    return stored * width // stored_width + evalrun.estimate_memory(ckpt, metric, target_length, 1, width)

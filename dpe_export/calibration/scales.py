@@ -43,7 +43,8 @@ from dpe_export.evaluation import generation, prompts, registry
 from dpe_export.evaluation import run as evalrun
 from dpe_export.evaluation.ppl import ppl_token_stream
 from dpe_export.evaluation.tasks import PromptBuilder
-from dpe_export.runtime import load_dpe_core
+from dpe_export.modeling_templates import dpe_params
+from dpe_export import dpe_ops
 
 METRICS = registry.calibration_metrics()
 
@@ -131,7 +132,7 @@ class CalibrationPlan:
         return self.params_for_factors(self.factors_for(group, scale))
 
     def params_for_factors(self, factors: Sequence[int]):
-        return load_dpe_core().DPEParams(
+        return dpe_params.DPEParams(
             local_window_size=self.window, scale_factors=list(factors),
             dimension_groups_range=list(self.dimension_groups_range), target_length=self.target_length,
             pretrain_length=self.pretrain_length,
@@ -144,16 +145,15 @@ def make_plan(model_dir, *, target_length: int, window: int, num_freqs: int, pre
               seed: int = DEFAULT_SEED, metric: str = "niah", dim_statistic: str = "norms",
               procedure: str = "grid") -> CalibrationPlan:
 
-    dpe_core = load_dpe_core()
     if window < 1:
         raise DPEExportError(f"the local window must be >= 1, got {window}")
     candidates = scale_candidates(target_length, window)
     if dimension_groups is None:
         groups = num_groups or min(8, num_freqs)
-        dimension_groups = dpe_core.even_group_boundaries(num_freqs, groups)
+        dimension_groups = dpe_ops.even_group_boundaries(num_freqs, groups)
     bounds = list(dimension_groups)
     try:
-        dpe_core.DPEParams(window, [1] * (len(bounds) - 1), bounds, target_length, pretrain_length).validate(2 * num_freqs)
+        dpe_params.DPEParams(window, [1] * (len(bounds) - 1), bounds, target_length, pretrain_length).validate(2 * num_freqs)
     except ValueError as e:
         raise DPEExportError(str(e)) from None
     if top_k is not None and not 1 <= top_k <= num_freqs:
@@ -297,7 +297,7 @@ class Calibrator:
 
         Both use samples x needles queries per cell, spread over the default depth grid."""
 
-        load_dpe_core().apply_dpe(self.model, params, self.selected)
+        dpe_ops.apply_dpe(self.model, params, self.selected)
         task = registry.get_task(self.plan.metric)
         generate_fn = generation.make_generate_fn(self.model, self.tokenizer, task.max_new_tokens)
         depths = list(prompts.DEFAULT_DEPTHS)
@@ -330,7 +330,7 @@ class Calibrator:
     def score_context(self, params, context: int) -> dict:
         """Teacher-forced log-likelihood of every needle's value in one context with these DPE parameters applied
         in place: one prefill, then each question from a copy of its cache."""
-        load_dpe_core().apply_dpe(self.model, params, self.selected)
+        dpe_ops.apply_dpe(self.model, params, self.selected)
         queries = self.context_prompts(context)
         if self._reuse is None:
             self._reuse = PrefixReuse(self.model)

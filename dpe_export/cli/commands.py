@@ -2,13 +2,13 @@
 stage's own entry point) and prints what it returns; shared options come from options.py."""
 from __future__ import annotations
 
-import tempfile
+import textwrap
 from pathlib import Path
 from typing import Optional
 
 import click
 
-from dpe_export import __version__, workflows
+from dpe_export import workflows
 from dpe_export.analysis import DEFAULT_PAIRS as DEFAULT_ANALYZE_PAIRS
 from dpe_export.analysis import DEFAULT_SAMPLES as DEFAULT_ANALYZE_SAMPLES
 from dpe_export.architectures import WRAPPERS, supported_families
@@ -16,10 +16,9 @@ from dpe_export.calibration import procedures, scales
 from dpe_export.cli import options as opt
 from dpe_export.cli.app import main, quiet_transformers, setup_logging
 from dpe_export.errors import UsageError
-from dpe_export.evaluation import prompts, registry, results
+from dpe_export.evaluation import plots, prompts, registry, results
 from dpe_export.export.presets import list_presets, load_preset
 from dpe_export.export.settings import ConvertFlags
-from dpe_export.export.upgrade import upgrade_export
 from dpe_export.sources.loading import ATTN_CHOICES
 from dpe_export.sources.methods import parse_method
 
@@ -48,7 +47,7 @@ The weights must be safetensors (model.safetensors or a sharded index); pickled 
 never loaded. Supported families (and multimodal checkpoints whose text model is one of them):
 """
 
-EVAL_EPILOG = """\b
+EVAL_EXAMPLES = """\b
 Examples:
   # pass-key retrieval of a base model at and beyond its training length, 10 prompts per depth
   dpe-export eval ./my-llama --task passkey --lengths 4096,8192,16384 --json base.json --plot base.png
@@ -64,15 +63,9 @@ Examples:
   dpe-export eval ./my-llama --task ruler:niah_single_1,vt --lengths 4k,8k --method self-extend:1024,8
   # any lm-eval task; max_length = its longest request, the same for base and export
   dpe-export eval ./my-llama-dpe --harness lm-eval --tasks my_task --include-path ./tasks --limit 20
+"""
 
-\b
-Tasks (--task): passkey, niah and ppl are dpe-export's own exact-length prompts; ruler runs lm-eval's RULER
-(default: its subtasks that need no download: niah_single_1, niah_multikey_2, niah_multikey_3, vt, cwe, fwe;
-the essay subtasks run when baber/paul_graham_essays is in the local Hugging Face cache, qa_squad and
-qa_hotpot with --data-file squad=PATH / hotpotqa=PATH). RULER scores are lm-eval's string match, one lm-eval
-run per subtask and length, --samples samples each, max_length = the longest length for every model.
-
-\b
+EVAL_METHODS = """\b
 Methods (--method, base models only):
   none               the model as it is (default)
   linear:F           position interpolation: positions divided by F
@@ -198,7 +191,7 @@ def convert_command(model_dir, model_source, output, window, scale_factors, dime
 
     MODEL is a local Hugging Face checkpoint directory, a Hub repo id or a .gguf file. OUT gets config.json (with
     a `dpe` section, auto_map and the target length as max_position_embeddings), the unchanged weights, the
-    tokenizer files, modeling_dpe.py and dpe_core.py, the selected-frequency file when --topk is given, and a
+    tokenizer files, modeling_dpe.py and the dpe_*.py runtime files, the selected-frequency file when --topk is given, and a
     README.md model card. Nothing is written unless every check passes, and a failed or interrupted export
     leaves nothing behind.
     """
@@ -248,8 +241,9 @@ def push_command(out: Path, repo_id: str, private: bool, revision, commit_messag
 def upgrade_command(export_dir: Path) -> None:
     """Bring a DPE export written by an earlier dpe-export up to date, in place.
 
-    Rewrites the generated files (modeling_dpe.py, dpe_core.py, and in config.json the auto_map, architectures
-    and the dpe-export version) with this version's runtime. Weights, tokenizer, selection file and model card
+    Rewrites the generated files (modeling_dpe.py, the dpe_*.py runtime files, and in config.json the auto_map,
+    architectures and the dpe-export version) with this version's runtime, and removes dpe_core.py (the runtime
+    in one file, as releases before 0.3.0 wrote it) when dpe-export wrote it. Weights, tokenizer, selection file and model card
     are left untouched and checked unchanged by hash; a following `dpe-export push` uploads only the changed
     files. Exports written before 0.2.0 are silently wrong on transformers 5.24 until upgraded.
 
@@ -259,13 +253,7 @@ def upgrade_command(export_dir: Path) -> None:
       dpe-export upgrade ./my-llama-dpe && dpe-export push ./my-llama-dpe --repo-id my-org/my-llama-dpe
     """
     setup_logging()
-    result = upgrade_export(export_dir)
-    if not result.changed:
-        click.echo(f"{export_dir} is up to date (dpe-export {__version__}); nothing changed")
-        return
-    click.echo(f"Upgraded {export_dir} (written by dpe-export {result.written_by or '0.1.0 or earlier'}) to "
-               f"dpe-export {__version__}: rewrote {', '.join(result.changed)}; {len(result.untouched)} other files "
-               "unchanged (checked by hash)")
+    workflows.upgrade(workflows.UpgradeRequest(export_dir=export_dir), echo=click.echo)
 
 
 @main.command("presets")
@@ -293,26 +281,45 @@ def presets_command(name: Optional[str]) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _tasks_help() -> str:
+    """`eval --help`'s list of the registered tasks: name, pretty name, paper, what it measures."""
+    lines = ["\b", "Tasks (--task):"]
+    for t in registry.registered_tasks():
+        text = f"{t.name:<8} {t.pretty_name}" + (f" ({t.paper})" if t.paper else "") + f": {t.help}."
+        if t.description:
+            text += " " + t.description
+        lines += textwrap.wrap(text, 106, initial_indent="  ", subsequent_indent=" " * 11)
+    return "\n".join(lines) + "\n"
+
+
+def _tasks_with(flag: str) -> list[str]:
+    return [t.name for t in registry.registered_tasks() if getattr(t, flag)]
+
+
 def _eval_options(f):
     for option in reversed([
         opt.task,
         opt.lengths(help="Prompt lengths (exact; RULER: its prompts' maximum). Required but with --harness."),
-        opt.samples(prompts.DEFAULT_SAMPLES, "passkey: prompts per (length, depth); niah: needles asked per "
-                    "(length, depth); ppl: text windows per length."),
+        opt.samples(prompts.DEFAULT_SAMPLES, "; ".join(f"{t.name}: {t.samples_help}"
+                                                       for t in registry.registered_tasks()) + "."),
         click.option("--depths", callback=opt.depth_list, metavar="D1,D2,...",
                      help="Needle depths, 0 = right after the instructions, 1 = right before the question "
-                          "[default: 0,0.25,0.5,0.75,1]. niah: each context puts its needles at different depths "
-                          "of this grid, in turn, so every depth gets --samples needles. Not used by ppl."),
-        opt.needles(f"niah only: needles per context (each queried once)  [default: {prompts.DEFAULT_NEEDLES}]"),
+                          f"[default: {','.join(f'{d:g}' for d in prompts.DEFAULT_DEPTHS)}]. "
+                          f"{', '.join(_tasks_with('uses_needles'))}: each context puts its needles at different "
+                          "depths of this grid, in turn, so every depth gets --samples needles. Used by "
+                          f"{results.and_list(_tasks_with('uses_depths'))} only."),
+        opt.needles(f"{results.and_list(_tasks_with('uses_needles'))} only: needles per context (each queried once)  "
+                    f"[default: {prompts.DEFAULT_NEEDLES}]"),
         click.option("--method", default="none", show_default=True, metavar="SPEC",
                      help="Baseline applied to a base model when it is loaded, without writing anything: none, "
                           "linear:F, dynamic:F, yarn:F, self-extend:W,G or dpe:W,S1,...,SG (see below)."),
-        opt.haystack("Text file to use as filler (passkey/niah) or as the text (ppl) instead of the generated "
-                     "haystack; repeated if too short."),
+        opt.haystack("Text file to use instead of the generated haystack (the filler of retrieval prompts, the "
+                     f"text of perplexity; {results.and_list(_tasks_with('uses_haystack'))}); repeated if too "
+                     "short."),
         click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), metavar="OUT.json",
                      help="Write the results: one record per (length, depth) with accuracy and sample count."),
         click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), metavar="OUT.png",
-                     help="Save a depth x length accuracy heatmap (ppl: perplexity by length). Needs matplotlib."),
+                     help="Save a depth x length accuracy heatmap (perplexity: a curve by length). Needs matplotlib."),
         opt.seed(0, "Fixes prompts, needles and text; the same command gives the same numbers."),
         opt.batch_size("Prompts run together (all prompts of a length have the same length: no padding)."),
         opt.device("auto: cuda when available."),
@@ -336,8 +343,8 @@ def _eval_options(f):
                      help="With --harness: a directory of local lm-eval task YAML files."),
         click.option("--num-fewshot", type=click.IntRange(min=0), metavar="N", help="With --harness: few-shot examples."),
         click.option("--data-file", "data_files", multiple=True, metavar="KEY=PATH", callback=opt.key_paths,
-                     help="--task ruler: local data for subtasks that download it (squad=dev-v2.0.json, "
-                          "hotpotqa=hotpot_dev_distractor_v1.json)."),
+                     help="; ".join(f"--task {t.name}: local data for what it would download ({t.data_files_help})"
+                                    for t in registry.registered_tasks() if t.takes_data_files) + "."),
     ]):
         f = option(f)
     return opt.model_source(f)
@@ -356,54 +363,47 @@ def _check_eval_options(task_def, harness, harness_options, depths, needles, dat
     elif not harness_options["tasks"]:
         raise click.UsageError("--harness lm-eval needs --tasks NAME1,NAME2")
     if depths is not None and not task_def.uses_depths:
-        with_depths = [t for t in registry.TASKS if registry.get_task(t).uses_depths]
-        raise click.UsageError(f"--depths applies to {', '.join(with_depths)}, not to {task_def.name}")
+        raise click.UsageError(f"--depths applies to {', '.join(_tasks_with('uses_depths'))}, not to {task_def.name}")
     if needles is not None and not task_def.uses_needles:
-        raise click.UsageError("--needles applies to --task niah only")
-    if data_files and task_def.name != "ruler":
-        raise click.UsageError("--data-file applies to --task ruler only")
-    table_only = harness is not None or task_def.kind == "harness"
-    if table_only and plot_out is not None:
-        raise click.UsageError("--plot draws passkey, niah and ppl results; RULER and lm-eval print a table")
-    if table_only and rest.get("haystack") is not None:
-        raise click.UsageError("--haystack applies to passkey, niah and ppl")
+        raise click.UsageError(f"--needles applies to --task {' / '.join(_tasks_with('uses_needles'))} only")
+    if data_files and not task_def.takes_data_files:
+        raise click.UsageError(f"--data-file applies to --task {' / '.join(_tasks_with('takes_data_files'))} only")
+    if plot_out is not None and (harness is not None or not task_def.plots):
+        raise click.UsageError(plots.plot_refusal())
+    if rest.get("haystack") is not None and (harness is not None or not task_def.uses_haystack):
+        raise click.UsageError(f"--haystack applies to {results.and_list(_tasks_with('uses_haystack'))}")
 
 
-@main.command("eval", epilog=EVAL_EPILOG)
+@main.command("eval", epilog=EVAL_EXAMPLES + "\n" + _tasks_help() + "\n" + EVAL_METHODS)
 @_eval_options
 def eval_command(model_dir, model_source, model_revision, gguf_file, task, depths, needles, method, json_out,
                  plot_out, dtype, no_progress, harness, harness_tasks, limit, max_length, include_path, num_fewshot,
                  data_files, **rest) -> None:
-    """Evaluate MODEL on pass-key retrieval, multi-needle NIAH, perplexity or RULER at the given lengths (or on
-    any lm-evaluation-harness task with --harness lm-eval).
+    """Evaluate MODEL on a task (--task, listed below) at the given lengths (or on any lm-evaluation-harness task
+    with --harness lm-eval).
 
-    MODEL is a base checkpoint directory or a DPE export. An export's code (modeling_dpe.py, dpe_core.py) runs
+    MODEL is a base checkpoint directory or a DPE export. An export's code (modeling_dpe.py, dpe_*.py) runs
     only when it is byte for byte what this dpe-export writes (`dpe-export upgrade` makes an older export so),
     or with --trust-remote-code; a base model's own code never runs. Prompts are
     exactly the requested number of tokens. Prints a table (per length and depth: accuracy and sample count,
-    plus an `all` row per length); --json and --plot save the results. Generation is greedy.
+    plus an `all` row per length; per length: perplexity; per subtask and length: accuracy, and the average);
+    --json and --plot save the results. Generation is greedy.
     """
     harness_options = {"tasks": harness_tasks.split(",") if harness_tasks else None, "limit": limit,
                        "max_length": max_length, "include_path": include_path, "num_fewshot": num_fewshot}
     _check_eval_options(registry.get_task(task), harness, harness_options, depths, needles, data_files, plot_out,
                         rest)
-    spec = parse_method(method)
-    if plot_out is not None:
-        results.require_matplotlib()
+    request = workflows.EvalRequest(
+        model=opt.model_spec(model_dir, model_source), task=task, depths=None if depths is None else tuple(depths),
+        needles=needles, method=parse_method(method), json_out=json_out, plot_out=plot_out, dtype=dtype,
+        progress=not no_progress, harness=harness, data_files=dict(data_files or {}),
+        harness_options=workflows.HarnessOptions(**{**harness_options, "tasks": tuple(harness_options["tasks"] or ())
+                                                    or None}),
+        model_revision=model_revision, gguf_file=gguf_file,
+        **{**rest, "lengths": None if rest["lengths"] is None else tuple(rest["lengths"])})
     setup_logging()
     quiet_transformers()
-    with workflows.open_model(opt.model_spec(model_dir, model_source), revision=model_revision, gguf_file=gguf_file,
-                              dtype=dtype, workdir=Path(tempfile.gettempdir()) / "dpe-export-source", echo=click.echo) as source:
-        if harness is None:
-            rest.update(depths=depths, needles=prompts.DEFAULT_NEEDLES if needles is None else needles,
-                        data_files=data_files)
-        result = workflows.evaluate(source.path, task, harness=harness, harness_options=harness_options,
-                                    method=spec, dtype=dtype, progress=not no_progress, **rest)
-    click.echo(results.format_table(result))
-    if json_out is not None:
-        click.echo(f"Wrote {results.write_json(result, json_out)}")
-    if plot_out is not None:
-        click.echo(f"Wrote {results.plot_result(result, plot_out)}")
+    workflows.evaluate_model(request, echo=click.echo)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -474,21 +474,15 @@ def calibrate_command(model_dir, model_source, model_revision, gguf_file, output
     --procedure grid runs the DPE authors' full grid of exact-match NIAH. Writes calibration.json, which
     `dpe-export convert --calibration` uses.
     """
+    request = workflows.CalibrateRequest(
+        model=None if merge else opt.model_spec(model_dir, model_source, required=False), output_dir=Path(output_dir),
+        target_length=target_length, merge=merge, shard=shard, top_k=topk, dtype=dtype, model_revision=model_revision,
+        gguf_file=gguf_file, **{**rest, "dimension_groups": None if rest["dimension_groups"] is None
+                                else tuple(rest["dimension_groups"])})
     setup_logging()
-    if merge:
-        result = procedures.merge(output_dir)
-    else:
-        if (model_dir is None and model_source is None) or target_length is None:
-            raise click.UsageError("give --model SOURCE and --target-length (or --merge to join shards)")
+    if not merge:
         quiet_transformers()
-        with workflows.open_model(opt.model_spec(model_dir, model_source), revision=model_revision,
-                                  gguf_file=gguf_file, dtype=dtype, workdir=Path(output_dir) / "source", echo=click.echo) as source:
-            result = workflows.calibrate_model(source.path, output_dir, target_length=target_length, top_k=topk,
-                                               shard=scales.parse_shard(shard), dtype=dtype, **rest)
-        if result is None:
-            click.echo(f"Shard {shard} done; join the shards with: dpe-export calibrate --merge -d {output_dir}")
-            return
-    click.echo(workflows.calibration_summary(result, output_dir))
+    click.echo(workflows.calibrate(request, echo=click.echo))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -527,8 +521,8 @@ Examples:
               help="MODEL is a DPE export: add (or replace) a Positional heads section in its model card.")
 @click.option("--draws", type=click.IntRange(min=1), default=5, show_default=True, metavar="N",
               help="With --ablate: random draws of K heads.")
-@click.option("--ablate-task", type=click.Choice(["passkey", "niah"]), default="passkey", show_default=True,
-              help="With --ablate: the task measured.")
+@click.option("--ablate-task", type=click.Choice(opt.retrieval_tasks()), default=opt.retrieval_tasks()[0],
+              show_default=True, help="With --ablate: the task measured.")
 @click.option("--ablate-samples", type=click.IntRange(min=1), default=2, show_default=True, metavar="N",
               help="With --ablate: prompts per depth (5 depths) for each measurement.")
 @click.option("--ablate-length", default="1x", show_default=True, callback=opt.length_list, metavar="N",

@@ -11,6 +11,7 @@ from typing import Optional
 
 import click
 
+from dpe_export.calibration import procedures
 from dpe_export.calibration.dim_scores import STATISTICS
 from dpe_export.errors import DPEExportError
 from dpe_export.evaluation import registry
@@ -205,10 +206,16 @@ def task(f):
         help="; ".join(f"{t}: {registry.get_task(t).help}" for t in names) + ".")(f)
 
 
+def retrieval_tasks() -> list[str]:
+    """The registered tasks that generate answers to prompts (what analyze --ablate-task measures)."""
+    return [t.name for t in registry.registered_tasks() if isinstance(t, registry.RetrievalTask)]
+
+
 def metric(f):
     choices = registry.calibration_metrics()
+    default = procedures.PROCEDURES[procedures.DEFAULT_PROCEDURE].metrics[0]
     return click.option(
-        "--metric", type=click.Choice(choices), default="niah" if "niah" in choices else choices[0],
+        "--metric", type=click.Choice(choices), default=default if default in choices else choices[0],
         show_default=True,
         help="What scores a cell: K-needle NIAH (the authors' choice), or pass-key retrieval for models whose "
              "multi-needle retrieval is weak even at their pretraining length (samples x needles prompts per cell "

@@ -8,8 +8,8 @@ import copy
 import logging
 from typing import Any, Callable, Optional, Sequence
 
-from dpe_export.runtime import load_dpe_core
 from dpe_export.sources.loading import input_device
+from dpe_export import dpe_ops
 
 logger = logging.getLogger("dpe_export")
 
@@ -109,15 +109,14 @@ def prefill(model, ids, chunk: Optional[int] = PREFILL_CHUNK):
     the whole prompt). Call it under torch.inference_mode()."""
     import torch
 
-    core = load_dpe_core()
-    cache_name = core.cache_argument(model)  # "past_key_values" before transformers 5.24, "cache" from it on
+    cache_name = dpe_ops.cache_argument(model)  # "past_key_values" before transformers 5.24, "cache" from it on
     n = ids.shape[1]
     step = n if not chunk else max(1, int(chunk))
     mask = torch.ones_like(ids)
     out = None
     for a in range(0, n, step):
         b = min(a + step, n)
-        past = {} if out is None else {cache_name: core.output_cache(out)}
+        past = {} if out is None else {cache_name: dpe_ops.output_cache(out)}
         out = model(input_ids=ids[:, a:b], attention_mask=mask[:, :b], use_cache=True, logits_to_keep=1, **past)
     return out
 
@@ -142,8 +141,7 @@ def greedy_generate(model, batch: Sequence[Sequence[int]], max_new_tokens: int,
     mask = torch.ones_like(ids)
     new: list[torch.Tensor] = []
     done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-    core = load_dpe_core()
-    cache_name = core.cache_argument(model)  # "past_key_values" before transformers 5.24, "cache" from it on
+    cache_name = dpe_ops.cache_argument(model)  # "past_key_values" before transformers 5.24, "cache" from it on
     with fixed_rope_for_length(model, ids.shape[1] + max_new_tokens), torch.inference_mode():
         out = prefill(model, ids, prefill_chunk)
         for step in range(max_new_tokens):
@@ -155,7 +153,7 @@ def greedy_generate(model, batch: Sequence[Sequence[int]], max_new_tokens: int,
                 break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             out = model(input_ids=nxt[:, None], attention_mask=mask, use_cache=True,
-                        **{cache_name: core.output_cache(out)})
+                        **{cache_name: dpe_ops.output_cache(out)})
     rows = torch.stack(new, dim=1).tolist() if new else [[] for _ in batch]
     result = []
     for row in rows:
@@ -179,11 +177,10 @@ def greedy_generate_shared(model, prompts: Sequence[Sequence[int]], max_new_toke
     if len(prompts) == 1 or shared < 2:
         return [greedy_generate(model, [p], max_new_tokens, eos_token_id, prefill_chunk)[0] for p in prompts]
     device = _model_device(model)
-    core = load_dpe_core()
-    cache_name = core.cache_argument(model)
+    cache_name = dpe_ops.cache_argument(model)
     ids = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=device)
     with fixed_rope_for_length(model, max(len(p) for p in prompts) + max_new_tokens), torch.inference_mode():
-        prefix_cache = core.output_cache(prefill(model, ids, prefill_chunk))
+        prefix_cache = dpe_ops.output_cache(prefill(model, ids, prefill_chunk))
         results = []
         for p in prompts:
             results.append(_continue_greedy(model, copy.deepcopy(prefix_cache), p[shared:], shared, max_new_tokens,
@@ -215,8 +212,7 @@ def answer_likelihoods(model, prompts: Sequence[Sequence[int]], answers: Sequenc
     if len(prompts) != len(answers) or not prompts or any(not a for a in answers):
         raise ValueError("need one non-empty answer per prompt")
     device = _model_device(model)
-    core = load_dpe_core()
-    cache_name = core.cache_argument(model)
+    cache_name = dpe_ops.cache_argument(model)
     shared = shared_prefix_length(prompts) if len(prompts) > 1 else 0
     longest = max(len(p) + len(a) for p, a in zip(prompts, answers))
     results = []
@@ -225,7 +221,7 @@ def answer_likelihoods(model, prompts: Sequence[Sequence[int]], answers: Sequenc
         if shared >= 2:
             ids = torch.tensor([prompts[0][:shared]], dtype=torch.long, device=device)
             with (around_prefill() if around_prefill is not None else contextlib.nullcontext()):
-                prefix_cache = core.output_cache(prefill(model, ids, prefill_chunk))
+                prefix_cache = dpe_ops.output_cache(prefill(model, ids, prefill_chunk))
         for p, a in zip(prompts, answers):
             start = shared if prefix_cache is not None else 0
             rest = torch.tensor([p[start:] + a[:-1]], dtype=torch.long, device=device)
@@ -233,7 +229,7 @@ def answer_likelihoods(model, prompts: Sequence[Sequence[int]], answers: Sequenc
             if prefix_cache is None and rest.shape[1] > (prefill_chunk or rest.shape[1]):
                 # a long prompt alone: chunked prefill of all but its last token, then the answer positions
                 head = prefill(model, rest[:, :len(p) - 1], prefill_chunk)
-                past = {cache_name: core.output_cache(head)}
+                past = {cache_name: dpe_ops.output_cache(head)}
                 start, rest = len(p) - 1, rest[:, len(p) - 1:]
             n = start + rest.shape[1]
             out = model(input_ids=rest, attention_mask=torch.ones(1, n, dtype=torch.long, device=device),
@@ -252,7 +248,6 @@ def _continue_greedy(model, cache, rest: Sequence[int], past: int, max_new_token
 
     device = _model_device(model)
     eos = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
-    core = load_dpe_core()
     ids = torch.tensor([list(rest)], dtype=torch.long, device=device)
     n = past + ids.shape[1]
     out = model(input_ids=ids, attention_mask=torch.ones(1, n, dtype=torch.long, device=device), use_cache=True,
@@ -268,7 +263,7 @@ def _continue_greedy(model, cache, rest: Sequence[int], past: int, max_new_token
         n += 1
         out = model(input_ids=torch.tensor([[nxt]], device=device), use_cache=True,
                     attention_mask=torch.ones(1, n, dtype=torch.long, device=device),
-                    **{cache_name: core.output_cache(out)})
+                    **{cache_name: dpe_ops.output_cache(out)})
     return new
 
 

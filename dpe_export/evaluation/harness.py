@@ -1,50 +1,38 @@
-"""RULER and any other lm-evaluation-harness task, run on a base model, a base model with a ``--method``, or a DPE
-export, with the settings that make a comparison fair.
+"""lm-evaluation-harness on a model dpe-export loaded: RULER (:mod:`dpe_export.evaluation.tasks.ruler`) and any
+other lm-eval task (``dpe-export eval --harness lm-eval --tasks NAMES``, :func:`dpe_export.evaluation.run.
+run_harness`), with the settings that make a comparison fair.
 
 dpe-export does not reimplement these benchmarks: it loads the model itself (safetensors only; an export's code
 only when it is what this dpe-export writes; a base model's code never), hands the loaded model and tokenizer to
-lm-eval's ``HFLM``, and runs lm-eval's own task definitions. What it adds:
+lm-eval's ``HFLM`` (:func:`make_lm`) and runs lm-eval's own task definitions. Here:
 
+* the version check and install hint (:func:`require_lm_eval`);
 * the same ``max_length`` for every model compared (lm-eval otherwise takes it from ``max_position_embeddings``
-  and silently cuts a base model's long prompts to their last tokens);
-* RULER's synthetic subtasks size their prompts with dpe-export's tokenizer object (lm-eval would otherwise
-  load the tokenizer again by name with ``trust_remote_code=True``, running a base model's code);
-* one-line refusals instead of lm-eval's known hangs and crashes (``vt`` loops forever and ``cwe`` divides by
-  zero when their smallest prompt does not fit; subtasks whose data is downloaded at run time are refused
-  unless the data is in the local cache or given as a file);
-* one record per (subtask, length) with accuracy and sample count, one detail per sample, a task x length
-  table with the average, and a check that every model saw the same prompts.
+  and silently cuts a base model's long prompts to their last tokens): by default the tasks' longest request
+  measured with the model's tokenizer (:func:`longest_prompt`);
+* chunked prefill at batch size 1, and dynamic-RoPE models starting every call from their base frequencies;
+* one record per (task, metric) of any lm-eval task (:func:`run_lm_eval`), and a local lm-eval task of
+  dpe-export's own pass-key prompts (:func:`write_passkey_task`).
 
+The globals of other libraries replaced while lm-eval runs are all in :mod:`dpe_export.evaluation.lm_eval_patches`.
 lm-eval is an optional extra: ``pip install 'dpe-export[eval]'``.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import itertools
 import logging
-import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from dpe_export.errors import DPEExportError
-from dpe_export.evaluation import prompts
+from dpe_export.evaluation import lm_eval_patches, prompts
 from dpe_export.evaluation.generation import (GENERATE_PREFILL_CHUNK, reset_rope_state_on_every_call,
                                               set_generate_prefill_chunk)
-from dpe_export.evaluation.registry import split_task
-from dpe_export.evaluation.results import EvalResult
-from dpe_export.evaluation.tasks import PromptBuilder
-from dpe_export.progress import progress_bar
-from dpe_export.sources import loading, methods
+from dpe_export.evaluation.tasks.builder import PromptBuilder
 
 logger = logging.getLogger("dpe_export")
 
-LM_EVAL_TESTED = "0.4.13"
 LM_EVAL_RANGE = (">=0.4.13", "<0.5")
 INSTALL_HINT = "pip install 'dpe-export[eval]'"
-TOKENIZER_KEY = "dpe-export-tokenizer"
-_KEYS = itertools.count()
 
 
 def require_lm_eval():
@@ -67,324 +55,11 @@ def require_lm_eval():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# RULER subtasks, as data
-# ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RulerSubtask:
-    """One RULER subtask of lm-eval: its lm-eval task name, the data it downloads at run time (None: generated
-    from the tokenizer alone) and a check that refuses lengths lm-eval cannot build samples for."""
-
-    name: str
-    lm_eval_task: str
-    data: Optional[str] = None  # "hf-dataset:<repo>" (found in the local HF cache) or "file:<key>" (--data-file)
-    fetch: str = ""  # what to run to get the data
-    nltk: tuple[str, ...] = ()  # NLTK resources its generator reads (found on nltk.data.path)
-    min_length: Optional[Callable[[Any, int], Optional[str]]] = None  # (tokenizer, length) -> refusal or None
-
-    @property
-    def offline(self) -> bool:
-        return self.data is None
-
-
-_RULER: dict[str, RulerSubtask] = {}
-
-
-def register_ruler_subtask(sub: RulerSubtask) -> RulerSubtask:
-    _RULER[sub.name] = sub
-    return sub
-
-
-@contextlib.contextmanager
-def _private_random() -> Iterator[None]:
-    """Leave Python's and numpy's global random state as they were (a pre-check draws samples)."""
-    import numpy as np
-
-    py, npy = random.getstate(), np.random.get_state()
-    try:
-        yield
-    finally:
-        random.setstate(py)
-        np.random.set_state(npy)
-
-
-def _vt_check(tokenizer, length: int) -> Optional[str]:
-    """lm-eval's variable tracking puts an in-context example (filled to about 500 tokens) before each sample and
-    shrinks the sample's noise until it fits, but never below 10 noise lines (5 in the example): when that
-    does not fit, it loops forever."""
-    import io
-
-    from lm_eval.tasks.ruler import vt_utils
-
-    generate = vt_utils.CONFIG["variable_tracking"]["tokens_to_generate"]
-    with _private_random(), contextlib.redirect_stdout(io.StringIO()):
-        random.seed(0)
-        worst_icl, worst = 0, 0
-        for _ in range(8):
-            text, answer = vt_utils.generate_input_output(5, 1, 4, is_icl=True)
-            worst_icl = max(worst_icl, len(tokenizer(text + " " + " ".join(answer)).input_ids))
-            text, _ = vt_utils.generate_input_output(10, 1, 4, is_icl=False)
-            worst = max(worst, len(tokenizer(text).input_ids))
-        if worst_icl + generate + 16 > 500:
-            return f"its in-context example does not fit in 500 tokens with this tokenizer ({worst_icl + generate})"
-    need = 500 + worst + generate  # the example is filled up to 500 tokens less the generation, plus its answer
-    if need > length:
-        return f"needs at least about {need} tokens with this tokenizer (lm-eval would loop forever)"
-    return None
-
-
-def _cwe_check(tokenizer, length: int) -> Optional[str]:
-    """lm-eval's common-words extraction drops to zero words (and a ZeroDivisionError in scoring) when even 10
-    words and its example do not fit."""
-    from lm_eval.tasks.ruler import cwe_utils
-
-    with _private_random():
-        random.seed(0)
-        worst = 0
-        for _ in range(8):
-            example, text, answer = cwe_utils.generate_input_output(10, length)
-            full = example + "\n" + text + " " + " ".join(f"{i + 1}. {w}" for i, w in enumerate(answer))
-            worst = max(worst, len(tokenizer(full).input_ids))
-    if worst + 120 > length:
-        return (f"needs more than {worst + 120} tokens with this tokenizer at this length (lm-eval would build "
-                "samples with no words to find and fail in scoring)")
-    return None
-
-
-for _name in ("niah_single_1", "niah_multikey_2", "niah_multikey_3"):
-    register_ruler_subtask(RulerSubtask(_name, _name))
-register_ruler_subtask(RulerSubtask("vt", "ruler_vt", min_length=_vt_check))
-register_ruler_subtask(RulerSubtask("cwe", "ruler_cwe", min_length=_cwe_check))
-register_ruler_subtask(RulerSubtask("fwe", "ruler_fwe"))
-_ESSAYS = "baber/paul_graham_essays"
-for _name in ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multiquery", "niah_multivalue"):
-    register_ruler_subtask(RulerSubtask(
-        _name, _name, data=f"hf-dataset:{_ESSAYS}",
-        fetch=f"`huggingface-cli download {_ESSAYS} --repo-type dataset` on a machine with network",
-        nltk=("tokenizers/punkt_tab",)))  # sentence splitting, to put needles between sentences
-register_ruler_subtask(RulerSubtask(
-    "qa_squad", "ruler_qa_squad", data="file:squad",
-    fetch="SQuAD 2.0's dev-v2.0.json, then pass --data-file squad=PATH"))
-register_ruler_subtask(RulerSubtask(
-    "qa_hotpot", "ruler_qa_hotpot", data="file:hotpotqa",
-    fetch="HotpotQA's hotpot_dev_distractor_v1.json, then pass --data-file hotpotqa=PATH"))
-
-RULER_SUBTASKS = tuple(_RULER)
-OFFLINE_SUBTASKS = tuple(n for n, s in _RULER.items() if s.offline)
-
-# The URLs lm-eval's RULER QA tasks fetch, by the --data-file key that replaces them.
-_QA_URLS = {"squad": "dev-v2.0.json", "hotpotqa": "hotpot_dev_distractor_v1.json"}
-
-
-def resolve_subtasks(spec: str) -> list[RulerSubtask]:
-    """'ruler' -> the offline subtasks; 'ruler:vt,cwe' -> those (ruler_ prefixes accepted); one-line errors."""
-    _, names = split_task(spec)
-    if names is None:
-        return [_RULER[n] for n in OFFLINE_SUBTASKS]
-    out = []
-    for n in names:
-        key = n.lower().removeprefix("ruler_")
-        if key not in _RULER:
-            raise DPEExportError(f"unknown RULER subtask {n!r}; choose from {', '.join(RULER_SUBTASKS)}")
-        if _RULER[key] not in out:
-            out.append(_RULER[key])
-    return out
-
-
-def _hf_dataset_snapshot(repo: str) -> Optional[str]:
-    """The directory of ``repo``'s dataset snapshot in the local Hugging Face cache, or None."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(repo, repo_type="dataset", local_files_only=True)
-    except Exception:  # noqa: BLE001 - any failure means: not in the local cache
-        return None
-
-
-def check_subtask_data(subtasks: Sequence[RulerSubtask], data_files: dict[str, Path]) -> None:
-    """Refuse, in one line, a subtask whose data is neither in the local cache nor given as a file."""
-    for sub in subtasks:
-        if sub.data is None:
-            continue
-        kind, _, ref = sub.data.partition(":")
-        if kind == "file":
-            path = data_files.get(ref)
-            if path is None or not Path(path).is_file():
-                raise DPEExportError(f"RULER {sub.name} downloads its data at run time; fetch {sub.fetch}")
-        elif _hf_dataset_snapshot(ref) is None:
-            raise DPEExportError(f"RULER {sub.name} needs the dataset {ref} in the local Hugging Face cache; "
-                                 f"fetch it with {sub.fetch}")
-        for resource in sub.nltk:
-            if not _nltk_has(resource):
-                name = resource.rsplit("/", 1)[-1]
-                raise DPEExportError(f"RULER {sub.name} needs NLTK's {name} data; fetch it with "
-                                     f"`python -m nltk.downloader {name}` on a machine with network")
-
-
-def _nltk_has(resource: str) -> bool:
-    try:
-        import nltk
-
-        nltk.data.find(resource)
-        return True
-    except (ImportError, LookupError):
-        return False
-
-
-def check_ruler(subtasks: Sequence[RulerSubtask], tokenizer, lengths: Sequence[int],
-                data_files: Optional[dict[str, Path]] = None) -> None:
-    """Refuse, in one line and before anything runs, missing data and lengths lm-eval cannot build samples for."""
-    check_subtask_data(subtasks, dict(data_files or {}))
-    for sub in subtasks:
-        for n in lengths:
-            why = sub.min_length(tokenizer, n) if sub.min_length else None
-            if why:
-                raise DPEExportError(f"RULER {sub.name} at {n} tokens: {why}; use a longer length")
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Running lm-eval on a loaded model
 # ----------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _ruler_tokenizer(tokenizer) -> Iterator[str]:
-    """RULER's data generators get this tokenizer object, never one loaded again by name (lm-eval loads it with
-    ``trust_remote_code=True``, which would run a base model's code). Yields the name to pass them.
-
-    lm-eval imports its task modules afresh while it runs and caches the tokenizer they load, so what is
-    replaced is ``AutoTokenizer.from_pretrained`` itself, for the duration: it answers this run's name (new for
-    every run, so nothing cached by an earlier run is reused) with this tokenizer and refuses every other."""
-    from transformers import AutoTokenizer
-
-    key = f"{TOKENIZER_KEY}-{next(_KEYS)}"
-
-    def from_pretrained(name, *args, **kwargs):
-        if str(name) != key:
-            raise DPEExportError(f"lm-eval asked to load the tokenizer {name!r} by name while RULER ran; "
-                                 "dpe-export gives it the model's own only")
-        return tokenizer
-
-    original = AutoTokenizer.__dict__["from_pretrained"]
-    AutoTokenizer.from_pretrained = from_pretrained
-    try:
-        yield key
-    finally:
-        AutoTokenizer.from_pretrained = original
-
-
-@contextlib.contextmanager
-def _replaced(owner: Any, name: str, value: Any) -> Iterator[None]:
-    """``owner.name`` is ``value`` for the duration, then what it was (a module's function, here)."""
-    original = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
-
-
-@contextlib.contextmanager
-def _local_json(data_files: dict[str, Path]) -> Iterator[None]:
-    """lm-eval's RULER QA tasks read their JSON from files given with --data-file instead of the network."""
-    if not data_files:
-        yield
-        return
-    import json
-
-    import requests
-
-    original = requests.get
-
-    class _Response:
-        def __init__(self, data):
-            self._data = data
-
-        def raise_for_status(self):
-            return None
-
-        def json(self):
-            return self._data
-
-    def get(url, *args, **kwargs):
-        for key, tail in _QA_URLS.items():
-            if key in data_files and str(url).endswith(tail):
-                return _Response(json.loads(Path(data_files[key]).read_text(encoding="utf-8")))
-        return original(url, *args, **kwargs)
-
-    with _replaced(requests, "get", get):
-        yield
-
-
-@contextlib.contextmanager
-def _local_hf_datasets(subtasks: Sequence[RulerSubtask]) -> Iterator[None]:
-    """lm-eval's essay subtasks call ``datasets.load_dataset(NAME)``, which offline reads only datasets' own
-    processed cache; a snapshot in the Hugging Face hub cache (what ``huggingface-cli download`` leaves) is
-    loaded from its directory instead, so the subtasks run with no network."""
-    repos = {s.data.partition(":")[2] for s in subtasks if s.data and s.data.startswith("hf-dataset:")}
-    snapshots = {repo: path for repo in sorted(repos) if (path := _hf_dataset_snapshot(repo)) is not None}
-    if not snapshots:
-        yield
-        return
-    import datasets
-
-    original = datasets.load_dataset
-
-    def load_dataset(path, *args, **kwargs):
-        return original(snapshots.get(path, path) if isinstance(path, str) else path, *args, **kwargs)
-
-    with _replaced(datasets, "load_dataset", load_dataset):
-        yield
-
-
-# RULER modules kept from one cell to the next: importing prepare_niah builds and sorts every adjective-noun pair
-# (seconds per import on 2 CPU cores) and it holds no state but its functools caches, which are cleared instead.
-_KEPT_RULER_MODULES = ("lm_eval.tasks.ruler.prepare_niah",)
-
-
-def _fresh_ruler_modules() -> None:
-    """Give the next lm-eval run RULER's generator modules as a new process would: forget them, so they are imported
-    afresh (some keep a module-level random generator, cwe's, that would otherwise give the second model compared
-    in one process other prompts than the first), except the costly ones in _KEPT_RULER_MODULES, whose caches
-    (a haystack read from data given to an earlier run, say) are emptied."""
-    import functools
-    import sys
-
-    for name in [n for n in sys.modules if n.startswith("lm_eval.tasks.ruler.")]:
-        if name not in _KEPT_RULER_MODULES:
-            del sys.modules[name]
-            continue
-        for value in list(vars(sys.modules[name]).values()):
-            if isinstance(value, functools._lru_cache_wrapper):
-                value.cache_clear()
-
-
-@contextlib.contextmanager
-def _no_nltk_download() -> Iterator[None]:
-    """Keep lm-eval's RULER off the network: importing its prepare_niah calls ``nltk.download("punkt_tab")`` when
-    the data is missing, which fails or waits on an offline machine. Only the essay haystacks read that data, and
-    check_subtask_data has already refused them without it; the other subtasks never use it."""
-    try:
-        import nltk
-    except ImportError:
-        yield
-        return
-    with _replaced(nltk, "download", lambda *args, **kwargs: False):
-        yield
-
-
-@contextlib.contextmanager
-def _without_env_report() -> Iterator[None]:
-    """Skip lm-eval's environment report for the duration: every simple_evaluate call runs ``pip list`` and other
-    commands for it (about a second a call here) and dpe-export's records never read it."""
-    import lm_eval.evaluator as evaluator
-
-    with _replaced(evaluator, "add_env_info", lambda storage: None):
-        yield
-
-
-def _quiet_lm_eval() -> None:
+def quiet_lm_eval() -> None:
     for name in ("lm-eval", "lm_eval", "lm_eval.evaluator", "lm_eval.models.huggingface", "lm_eval.api.task",
                  "lm_eval.tasks", "lm_eval.tasks.ruler"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -401,7 +76,7 @@ def make_lm(model, tokenizer, max_length: int, batch_size: int = 1,
     # ignored left padding in its positions (transformers issue 43082, in a 5.0 release candidate).
     set_generate_prefill_chunk(model, prefill_chunk if batch_size == 1 else None)
     reset_rope_state_on_every_call(model)  # dynamic RoPE: a sample's score must not depend on the ones before
-    _quiet_lm_eval()
+    quiet_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
     if getattr(tokenizer, "model_max_length", 0) < max_length:  # no "longer than the maximum" warnings
@@ -410,117 +85,9 @@ def make_lm(model, tokenizer, max_length: int, batch_size: int = 1,
     return HFLM(pretrained=model, tokenizer=tokenizer, max_length=int(max_length), batch_size=batch_size)
 
 
-def _prefill_chunk(model) -> Optional[int]:
+def prefill_chunk_of(model) -> Optional[int]:
     """The prompt tokens per forward generate() uses on ``model`` (None: the whole prompt)."""
     return getattr(getattr(model, "generation_config", None), "prefill_chunk_size", None)
-
-
-def _sha(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def _ruler_task_manager(length: int, tokenizer_key: str):
-    """lm-eval's TaskManager over its RULER folder only, with the metadata simple_evaluate would give its own.
-
-    simple_evaluate without a task manager indexes every task YAML lm-eval ships (lm-eval 0.4.13: about 27,000
-    YAML loads and 21 s per call, profiled on 2 busy CPU cores; most of a short RULER run). RULER's YAMLs include
-    only each other. Built per cell, after _fresh_ruler_modules, as simple_evaluate would build its own.
-    """
-    import lm_eval.tasks
-    from lm_eval.tasks import TaskManager
-
-    return TaskManager(include_path=str(Path(lm_eval.tasks.__file__).parent / "ruler"), include_defaults=False,
-                       metadata={"max_seq_lengths": [length], "tokenizer": tokenizer_key})
-
-
-def run_ruler_on(lm, tokenizer, subtasks: Sequence[RulerSubtask], lengths: Sequence[int], samples: int,
-                 data_files: Optional[dict[str, Path]] = None, progress: bool = False,
-                 on_cell: Optional[Callable[[dict[str, Any], list[dict[str, Any]]], None]] = None,
-                 sample_ids: Optional[Sequence[int]] = None, check: bool = True,
-                 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Run RULER ``subtasks`` at each length on an lm-eval LM: (records, details).
-
-    One lm-eval run per (subtask, length), ``limit=samples`` (lm-eval generates its samples from fixed seeds, so
-    every model gets the same prompts). ``lm`` is anything lm-eval accepts as a model (an HFLM, or a scripted
-    LM in tests). ``on_cell(record, details)`` is called as each cell finishes. ``sample_ids``: run these
-    samples of each cell instead of the first ``samples`` (to resume a long measurement). ``check``: run
-    :func:`check_ruler` first (off when the caller already did).
-    """
-    lm_eval = require_lm_eval()
-    from lm_eval import simple_evaluate
-
-    data_files = dict(data_files or {})
-    if check:
-        check_ruler(subtasks, tokenizer, lengths, data_files)
-    _quiet_lm_eval()
-    records: list[dict[str, Any]] = []
-    details: list[dict[str, Any]] = []
-    with progress_bar(len(subtasks) * len(lengths), "ruler", progress) as bar, _ruler_tokenizer(tokenizer) as key, \
-            _local_json(data_files), _local_hf_datasets(subtasks), _without_env_report(), \
-            _no_nltk_download():
-        for n in lengths:
-            for sub in subtasks:
-                bar.set_postfix(subtask=sub.name, length=n)
-                _fresh_ruler_modules()
-                which = ({"limit": samples} if sample_ids is None
-                         else {"samples": {sub.lm_eval_task: [int(i) for i in sample_ids]}})
-                out = simple_evaluate(model=lm, tasks=[sub.lm_eval_task], log_samples=True, **which,
-                                      task_manager=_ruler_task_manager(int(n), key),
-                                      verbosity="ERROR", bootstrap_iters=0)
-                rows = (out or {}).get("samples", {}).get(sub.lm_eval_task, [])
-                if not rows:
-                    raise DPEExportError(f"lm-eval {lm_eval.__version__} returned no samples for {sub.lm_eval_task}")
-                cell = []
-                for row in rows:
-                    doc = row.get("doc", {})
-                    score = float(row.get(str(n), -1.0))
-                    if score < 0:
-                        raise DPEExportError(f"lm-eval gave no score at length {n} for {sub.lm_eval_task}")
-                    resp = row.get("filtered_resps") or row.get("resps") or [""]
-                    while isinstance(resp, list):
-                        resp = resp[0] if resp else ""
-                    cell.append({"subtask": sub.name, "length": int(n), "sample": int(row.get("doc_id", len(cell))),
-                                 "answer": list(doc.get("outputs") or []), "generated": str(resp),
-                                 "score": score, "correct": score >= 1.0,
-                                 "prompt_tokens": doc.get("length"), "prompt_sha": _sha(str(doc.get("input", "")))})
-                record = {"subtask": sub.name, "length": int(n), "depth": None,
-                          "accuracy": sum(c["score"] for c in cell) / len(cell), "samples": len(cell)}
-                records.append(record)
-                details.extend(cell)
-                if on_cell is not None:
-                    on_cell(record, cell)
-                bar.update(1)
-    return records, details
-
-
-def run_ruler(model_dir, task: str, lengths: Sequence[int], *, samples: int = 10, method: Any = None,
-              seed: int = 0, batch_size: int = 1, device: Optional[str] = None, dtype: Optional[str] = None,
-              attn: str = "sdpa", progress: bool = False, device_map: Optional[str] = None,
-              trust_remote_code: bool = False, data_files: Optional[dict[str, Path]] = None):
-    """``dpe-export eval --task ruler[:subtasks]``: load the model as for every other task, run RULER on it
-    through lm-eval with ``max_length`` = the longest requested length, and return an EvalResult."""
-    lm_eval = require_lm_eval()
-    subtasks = resolve_subtasks(task)
-    spec = method if isinstance(method, methods.MethodSpec) else methods.parse_method(method)
-    loading.check_eval_model(model_dir, spec, trust_remote_code)
-    loading.check_device_map(device_map, device)
-    tokenizer = loading.load_tokenizer(model_dir)
-    check_ruler(subtasks, tokenizer, lengths, data_files)  # before the weights load
-    import torch
-
-    torch.manual_seed(seed)
-    loaded = loading.load_model(model_dir, spec, device=device, dtype=dtype, attn=attn, target_length=max(lengths),
-                                tokenizer=tokenizer, device_map=device_map, trust_remote_code=trust_remote_code)
-    max_length = max(lengths)
-    lm = make_lm(loaded.model, tokenizer, max_length, batch_size)
-    records, details = run_ruler_on(lm, tokenizer, subtasks, lengths, samples, data_files, progress, check=False)
-
-    settings = {"lengths": list(lengths), "samples": samples, "subtasks": [s.name for s in subtasks],
-                "max_length": max_length, "harness": f"lm-eval {lm_eval.__version__}", "batch_size": batch_size,
-                "prefill_chunk": _prefill_chunk(loaded.model),
-                "device": str(loaded.device), "dtype": str(loaded.dtype).replace("torch.", ""), "attn": attn,
-                "model_kind": loaded.describe(), "pretrain_length": loaded.pretrain_length}
-    return EvalResult("ruler", str(model_dir), str(spec), seed, records, settings, details)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -572,65 +139,45 @@ def _metric_rows(results: dict[str, Any], samples: dict[str, int]) -> list[dict[
     return rows
 
 
-def _harness_task_manager(names: Sequence[str], include_path: Optional[Path]):
-    """lm-eval's TaskManager for ``names``: over ``include_path`` alone when it defines every one of them (indexing
-    every task lm-eval ships takes seconds a call, see _ruler_task_manager), else over lm-eval's tasks as well."""
+def lm_eval_task_manager(names: Sequence[str], include_path: Optional[Path]):
+    """lm-eval's TaskManager for ``names`` (one-line errors for unknown names): over ``include_path`` alone when it
+    defines every one of them (indexing every task lm-eval ships takes seconds a call, see RULER's task manager),
+    else over lm-eval's tasks as well."""
+    lm_eval = require_lm_eval()
     from lm_eval.tasks import TaskManager
 
+    quiet_lm_eval()
+    manager = None
     if include_path is not None:
         local = TaskManager(include_path=str(include_path), include_defaults=False)
         if all(n in local.all_tasks for n in names):
-            return local
-    return TaskManager(include_path=str(include_path) if include_path else None)
-
-
-def run_harness(model_dir, tasks: Sequence[str], *, limit: Optional[int] = None, max_length: Optional[int] = None,
-                include_path: Optional[Path] = None, num_fewshot: Optional[int] = None, method: Any = None,
-                seed: int = 0, batch_size: int = 1, device: Optional[str] = None, dtype: Optional[str] = None,
-                attn: str = "sdpa", progress: bool = False, device_map: Optional[str] = None,
-                trust_remote_code: bool = False):
-    """Run lm-eval ``tasks`` on one model loaded the dpe-export way. ``max_length`` defaults to the longest
-    request of the tasks (measured with the model's tokenizer, so base and export get the same one and
-    nothing is cut); returns an EvalResult with one record per (task, metric)."""
-    lm_eval = require_lm_eval()
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import get_task_dict
-
-    names = [t.strip() for t in tasks if t and t.strip()]
-    if not names:
-        raise DPEExportError("give one or more lm-eval task names with --tasks")
-    if include_path is not None and not Path(include_path).is_dir():
-        raise DPEExportError(f"--include-path is not a directory: {include_path}")
-    spec = method if isinstance(method, methods.MethodSpec) else methods.parse_method(method)
-    loading.check_eval_model(model_dir, spec, trust_remote_code)
-    loading.check_device_map(device_map, device)
-    _quiet_lm_eval()
-    manager = _harness_task_manager(names, include_path)
+            manager = local
+    if manager is None:
+        manager = TaskManager(include_path=str(include_path) if include_path else None)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         raise DPEExportError(f"lm-eval {lm_eval.__version__} has no task {unknown[0]!r} (see `lm-eval ls tasks`"
                              + (")" if include_path else "; local tasks need --include-path DIR)"))
-    tokenizer = loading.load_tokenizer(model_dir)
-    if any(n.startswith(("ruler", "niah_")) or n in RULER_SUBTASKS for n in names):
-        raise DPEExportError("run RULER with --task ruler[:subtasks], which sizes its prompts safely")
-    if max_length is None:
-        max_length = longest_prompt(get_task_dict(names, manager), tokenizer, limit)
-    import torch
+    return manager
 
-    torch.manual_seed(seed)
-    loaded = loading.load_model(model_dir, spec, device=device, dtype=dtype, attn=attn, target_length=max_length,
-                                tokenizer=tokenizer, device_map=device_map, trust_remote_code=trust_remote_code)
-    lm = make_lm(loaded.model, tokenizer, max_length, batch_size)
-    with _without_env_report():
-        out = simple_evaluate(model=lm, tasks=names, limit=limit, num_fewshot=num_fewshot, task_manager=manager,
+
+def longest_request(names: Sequence[str], manager, tokenizer, limit: Optional[int] = None) -> int:
+    """:func:`longest_prompt` of the lm-eval tasks ``names``."""
+    from lm_eval.tasks import get_task_dict
+
+    return longest_prompt(get_task_dict(list(names), manager), tokenizer, limit)
+
+
+def run_lm_eval(lm, names: Sequence[str], manager, max_length: int, limit: Optional[int] = None,
+                num_fewshot: Optional[int] = None) -> list[dict[str, Any]]:
+    """Run lm-eval's tasks ``names`` on ``lm``: one record per (task, metric), at length ``max_length``."""
+    from lm_eval import simple_evaluate
+
+    with lm_eval_patches.patched():
+        out = simple_evaluate(model=lm, tasks=list(names), limit=limit, num_fewshot=num_fewshot, task_manager=manager,
                               log_samples=False, verbosity="ERROR")
     samples = {k: int(v.get("effective", v.get("original", 0))) for k, v in (out.get("n-samples") or {}).items()}
-    records = [{**r, "length": int(max_length), "depth": None} for r in _metric_rows(out["results"], samples)]
-    settings = {"tasks": names, "limit": limit, "max_length": int(max_length), "num_fewshot": num_fewshot,
-                "harness": f"lm-eval {lm_eval.__version__}", "batch_size": batch_size,
-                "prefill_chunk": _prefill_chunk(loaded.model), "device": str(loaded.device),
-                "dtype": str(loaded.dtype).replace("torch.", ""), "attn": attn, "model_kind": loaded.describe()}
-    return EvalResult("lm-eval", str(model_dir), str(spec), seed, records, settings, [])
+    return [{**r, "length": int(max_length), "depth": None} for r in _metric_rows(out["results"], samples)]
 
 
 PASSKEY_TASK_YAML = """\

@@ -11,7 +11,7 @@ from dpe_export.errors import DPEExportError
 from dpe_export.evaluation.generation import _model_device, fixed_rope_for_length
 from dpe_export.evaluation.haystack import generate_haystack, load_haystack
 from dpe_export.evaluation.prompts import DEFAULT_SAMPLES, ppl_haystack_seed
-from dpe_export.evaluation.tasks import PromptBuilder
+from dpe_export.evaluation.tasks.builder import PromptBuilder
 from dpe_export.progress import progress_bar
 
 logger = logging.getLogger("dpe_export")

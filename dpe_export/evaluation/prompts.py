@@ -1,23 +1,13 @@
-"""Which prompts an evaluation runs: sample seeds, the depth grid, pass-key and NIAH prompt streams, and the
-shortest prompt a task can have.
+"""What every evaluation shares: the default samples, depth grid and needles, the answers' lengths, sample seeds,
+and the --lengths syntax. Each task's own prompt stream is in its module (dpe_export/evaluation/tasks/).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from dpe_export.errors import DPEExportError
-from dpe_export.evaluation.tasks import (
-    NIAH_INTRO,
-    NIAH_KEYS,
-    NIAH_NEEDLE,
-    NIAH_QUERY,
-    PASSKEY_INTRO,
-    PASSKEY_NEEDLE,
-    PASSKEY_QUERY,
-)
 
 logger = logging.getLogger("dpe_export")
 
@@ -58,62 +48,6 @@ def task_haystack_seed(seed: int) -> int:
 def ppl_haystack_seed(seed: int) -> int:
     """Generated-haystack seed of the perplexity text (used nowhere else)."""
     return sample_seed(seed, "ppl-haystack")
-
-
-@dataclass
-class _Item:
-    prompt: Any  # tasks.TaskPrompt
-    length: int
-    depth: float
-    sample: int  # passkey: sample index within the (length, depth) cell; niah: context index
-
-
-def passkey_prompts(builder, length: int, depths: Sequence[float], samples: int, seed: int) -> Iterator[_Item]:
-    """``samples`` pass-key prompts per depth, built lazily (depth-major)."""
-    for d_idx, depth in enumerate(depths):
-        for i in range(samples):
-            p = builder.passkey(length, depth=float(depth), seed=sample_seed(seed, "passkey", i, d_idx),
-                                num_digits=PASSKEY_DIGITS)
-            yield _Item(p, length, float(depth), i)
-
-
-def niah_needle_depths(depths: Sequence[float], samples: int, needles: int) -> list[tuple[list[float], list[int]]]:
-    """Per context: the depth of each of its ``needles`` needles and which needles are queried, so that every
-    depth gets exactly ``samples`` queried needles (contexts take consecutive depths of the grid in turn)."""
-    m = len(depths)
-    total = m * samples
-    out = []
-    for c in range(-(-total // needles)):
-        slots = [c * needles + k for k in range(needles)]
-        out.append(([float(depths[j % m]) for j in slots], [k for k, j in enumerate(slots) if j < total]))
-    return out
-
-
-def niah_prompts(builder, length: int, depths: Sequence[float], samples: int, needles: int,
-                 seed: int) -> Iterator[_Item]:
-    """One prompt per queried needle, context after context (see :func:`niah_needle_depths`)."""
-    for c, (needle_depths, queried) in enumerate(niah_needle_depths(depths, samples, needles)):
-        prompts = builder.niah_queries(length, num_needles=needles, seed=sample_seed(seed, "niah", needles, c),
-                                       depths=needle_depths, num_digits=NIAH_DIGITS, query_indices=queried)
-        for k, p in zip(queried, prompts):
-            yield _Item(p, length, needle_depths[k], c)
-
-
-def _min_length(builder, intro: str, pieces: Sequence[str]) -> int:
-    n = len(builder.prefix_ids) + len(builder.encode_piece(intro, leading_space=False))
-    return n + sum(len(builder.encode_piece(p)) for p in pieces)
-
-
-def passkey_min_length(builder) -> int:
-    """The shortest pass-key prompt (intro, needle and question, no filler) with this builder's tokenizer."""
-    return _min_length(builder, PASSKEY_INTRO, [PASSKEY_NEEDLE.format(key="9" * PASSKEY_DIGITS), PASSKEY_QUERY])
-
-
-def niah_min_length(builder, needles: int = DEFAULT_NEEDLES) -> int:
-    """An upper bound of the shortest NIAH prompt: the key that tokenizes longest in every needle and the question."""
-    key = max(NIAH_KEYS, key=lambda k: len(builder.encode_piece(NIAH_QUERY.format(key=k))))
-    pieces = [NIAH_NEEDLE.format(key=key, value="9" * NIAH_DIGITS)] * needles + [NIAH_QUERY.format(key=key)]
-    return _min_length(builder, NIAH_INTRO, pieces)
 
 
 def parse_length_items(spec: str) -> list:

@@ -1,89 +1,65 @@
-"""The task registry: every evaluation task dpe-export knows, as data.
+"""The task registry: every evaluation task dpe-export knows, by name.
 
-A task says how its prompts are built at an exact token length from a seed, what its answers look like, how a
-generation is scored, how many tokens to generate, the shortest prompt it can have, and how its results are
-labelled. The CLI's ``--task`` and ``--metric`` choices, the calibration metric, the evaluation loop, the
-results tables and the model card read this registry; adding a task is one :func:`register_task` call.
-
-Kinds:
-
-* ``retrieval``: prompts with one answer each, generated greedily and scored per prompt (pass-key, NIAH);
-* ``ppl``: perplexity of held-out text windows (no prompts, no answers);
-* ``harness``: run by an external, well-kept implementation (RULER through lm-evaluation-harness, see
-  :mod:`dpe_export.evaluation.harness`); subtasks are given as ``name:sub1,sub2``.
+A task is one module in ``dpe_export/evaluation/tasks/`` (its prompts or how it runs, its scoring, generation
+length, whether lower is better, its labels and paper; see :mod:`dpe_export.evaluation.tasks.base`) and one
+:func:`register_task` call: the built-in ones are registered below. The CLI's ``--task`` and ``--metric`` choices,
+the calibration metric, :func:`dpe_export.evaluation.run.run_eval`, the results tables, the plots and the model
+card read the registry; nothing else names a task, so adding one touches no other file (tests/test_harness.py
+defines a task inside a test and runs it through ``dpe-export eval``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Sequence
+import re
+from typing import Optional
 
 from dpe_export.errors import DPEExportError
-from dpe_export.evaluation import prompts
-from dpe_export.evaluation.tasks import score_answer
+from dpe_export.evaluation.tasks import niah, passkey, ppl, ruler
+from dpe_export.evaluation.tasks.base import Task, split_task
+from dpe_export.evaluation.tasks.retrieval import RetrievalTask
 
+__all__ = ["TASKS", "RetrievalTask", "Task", "calibration_metrics", "find_task", "get_task", "max_new_tokens_for",
+           "register_task", "registered_tasks", "split_task", "task_names", "unregister_task"]
 
-@dataclass(frozen=True)
-class Task:
-    """One evaluation task (see the module docstring for the kinds)."""
-
-    name: str
-    kind: str
-    help: str  # one sentence for --help
-    metric: str  # what a score is, for tables and the card; "{needles}" is filled in
-    calibrates: bool = False  # usable as the calibration metric
-    answer_digits: Optional[int] = None  # retrieval: the answer is a number of this many digits
-    uses_depths: bool = False
-    uses_needles: bool = False
-    count_contexts: bool = False  # samples of one context are not independent (NIAH): count contexts too
-    make_prompts: Optional[Callable[..., Iterator[Any]]] = None  # (builder, length, depths, samples, seed, needles)
-    min_length: Optional[Callable[..., int]] = None  # (builder, needles) -> tokens
-    score: Callable[[str, str], bool] = score_answer
-    lower_is_better: bool = False
-
-    @property
-    def max_new_tokens(self) -> int:
-        """Enough new tokens for the answer: one per digit (no token spans less than a digit) plus slack."""
-        return (self.answer_digits or 0) + prompts.ANSWER_SLACK
-
-    def metric_label(self, needles: Optional[int] = None) -> str:
-        return self.metric.format(needles=needles or prompts.DEFAULT_NEEDLES)
-
-    def build(self, builder, length: int, depths: Sequence[float], samples: int, seed: int,
-              needles: int = prompts.DEFAULT_NEEDLES) -> Iterator[Any]:
-        """The prompts of one length (retrieval tasks), lazily, as evaluation items."""
-        if self.make_prompts is None:
-            raise DPEExportError(f"task {self.name} has no prompts")
-        return self.make_prompts(builder, length, depths, samples, seed, needles)
-
-
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 _REGISTRY: dict[str, Task] = {}
 
 
 def register_task(task: Task) -> Task:
-    """Add a task to the registry (names are unique)."""
+    """Add a task to the registry (names are unique, and what ``--task`` takes: lower-case letters, digits, '-'
+    and '_')."""
+    if not isinstance(task, Task):
+        raise TypeError(f"a task is a dpe_export.evaluation.tasks.base.Task, not {type(task).__name__}")
+    if not _NAME.match(task.name):
+        raise ValueError(f"a task name is lower-case letters, digits, '-' and '_': {task.name!r}")
     if task.name in _REGISTRY:
         raise ValueError(f"task {task.name!r} is already registered")
-    if task.kind not in ("retrieval", "ppl", "harness"):
-        raise ValueError(f"unknown task kind {task.kind!r}")
     _REGISTRY[task.name] = task
     return task
 
 
+def unregister_task(name: str) -> Task:
+    """Remove a registered task (a task a test or a plugin added); returns it."""
+    return _REGISTRY.pop(name)
+
+
+def registered_tasks(kind: Optional[str] = None) -> tuple[Task, ...]:
+    """The registered tasks (of one kind), in registration order."""
+    return tuple(t for t in _REGISTRY.values() if kind is None or t.kind == kind)
+
+
 def task_names(kind: Optional[str] = None) -> tuple[str, ...]:
     """Registered task names (of one kind), in registration order."""
-    return tuple(n for n, t in _REGISTRY.items() if kind is None or t.kind == kind)
+    return tuple(t.name for t in registered_tasks(kind))
 
 
 def calibration_metrics() -> tuple[str, ...]:
     """The tasks a calibration can score its cells with."""
-    return tuple(n for n, t in _REGISTRY.items() if t.calibrates)
+    return tuple(t.name for t in registered_tasks() if t.calibrates)
 
 
-def split_task(spec: str) -> tuple[str, Optional[list[str]]]:
-    """'ruler:vt,cwe' -> ('ruler', ['vt', 'cwe']); 'passkey' -> ('passkey', None)."""
-    name, sep, rest = str(spec).strip().partition(":")
-    subtasks = [s.strip() for s in rest.split(",") if s.strip()] if sep else None
-    return name.strip().lower(), subtasks
+def find_task(name: Optional[str]) -> Optional[Task]:
+    """The registered task named ``name``, or None (records of a task this dpe-export does not know)."""
+    return _REGISTRY.get(str(name).strip().lower()) if name is not None else None
 
 
 def get_task(spec: str) -> Task:
@@ -92,45 +68,27 @@ def get_task(spec: str) -> Task:
     task = _REGISTRY.get(name)
     if task is None:
         raise DPEExportError(f"unknown task {spec!r}; choose one of {', '.join(_REGISTRY)}")
-    if subtasks is not None and task.kind != "harness":
-        raise DPEExportError(f"task {name} has no subtasks (only {', '.join(task_names('harness'))} does)")
+    if subtasks is not None and not task.has_subtasks:
+        with_subtasks = [t.name for t in registered_tasks() if t.has_subtasks]
+        raise DPEExportError(f"task {name} has no subtasks (only {', '.join(with_subtasks)} does)")
     return task
 
 
 def max_new_tokens_for(task: str) -> int:
     """Tokens to generate for one answer of a retrieval task."""
-    return get_task(task).max_new_tokens
+    found = get_task(task)
+    if not isinstance(found, RetrievalTask):
+        raise DPEExportError(f"task {found.name} generates no answers")
+    return found.max_new_tokens
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The built-in tasks
+# The built-in tasks, one module each
 # ----------------------------------------------------------------------------------------------------------
 
-PASSKEY = register_task(Task(
-    name="passkey", kind="retrieval", metric="pass-key accuracy", calibrates=True,
-    help="one 5-digit pass key hidden in filler",
-    answer_digits=prompts.PASSKEY_DIGITS, uses_depths=True,
-    make_prompts=lambda b, n, depths, samples, seed, needles: prompts.passkey_prompts(b, n, depths, samples, seed),
-    min_length=lambda b, needles: prompts.passkey_min_length(b),
-))
-
-NIAH = register_task(Task(
-    name="niah", kind="retrieval", metric="{needles}-needle NIAH accuracy", calibrates=True,
-    help="several 6-digit needles per context, each asked for in turn (score: fraction retrieved)",
-    answer_digits=prompts.NIAH_DIGITS, uses_depths=True, uses_needles=True, count_contexts=True,
-    make_prompts=lambda b, n, depths, samples, seed, needles: prompts.niah_prompts(b, n, depths, samples, needles, seed),
-    min_length=lambda b, needles: prompts.niah_min_length(b, needles),
-))
-
-PPL = register_task(Task(
-    name="ppl", kind="ppl", metric="perplexity (lower is better)", lower_is_better=True,
-    help="perplexity of held-out text",
-))
-
-RULER = register_task(Task(
-    name="ruler", kind="harness", metric="RULER score",
-    help="RULER subtasks run by lm-evaluation-harness (ruler:niah_single_1,vt,... for some; needs dpe-export[eval])",
-))
-
+PASSKEY = register_task(passkey.TASK)
+NIAH = register_task(niah.TASK)
+PPL = register_task(ppl.TASK)
+RULER = register_task(ruler.TASK)
 
 TASKS = task_names()

@@ -1,102 +1,40 @@
-"""Run the evaluation tasks (pass-key retrieval, multi-needle NIAH, perplexity) and aggregate the scores.
+"""One evaluation end to end: :func:`run_eval` for a registered task (``dpe-export eval --task``) and
+:func:`run_harness` for any lm-eval task (``--harness lm-eval --tasks``).
+
+run_eval does what every task shares and asks the task for the rest (the hooks of
+:class:`dpe_export.evaluation.tasks.base.Task`, in order): the options (``check``), the method, the memory
+estimate, the tokenizer (``prepare``: prompts built and lengths refused before the weights load), the weights
+(safetensors only; an export's code only when it is exactly what this dpe-export writes, or with
+``trust_remote_code``; a base model's code never), the seeds, the run (``evaluate``), the settings and the
+:class:`~dpe_export.evaluation.results.EvalResult`. All seeds derive from one ``seed``: prompts, needles and text
+are the same for every model and method.
 
 The retrieval tasks talk to the model through one seam, ``generate_fn(list_of_input_id_lists) -> list[str]``
-(the decoded continuation of each prompt), so scripted "models" can be plugged in for testing;
-:func:`make_generate_fn` builds the real one (a greedy loop with a KV cache, :func:`greedy_generate`).
-
-Depths and samples:
-
-* passkey: for every (length, depth), ``samples`` prompts with one 5-digit pass key at that depth;
-* niah: every context hides ``needles`` 6-digit needles (default 4) at different depths of the ``depths``
-  grid (needle k of context c sits at depth ``depths[(c * needles + k) % len(depths)]``) and is asked about
-  each of them in turn, one prompt per needle over the same context; a (length, depth) cell is the fraction
-  of the ``samples`` needles at that depth that were retrieved;
-* ppl: ``samples`` consecutive windows of exactly ``length`` tokens of held-out text (generated haystack with
-  its own seed, or ``--haystack``); no depths. Logits are computed a chunk of positions at a time.
-
-All seeds derive from one ``seed``; prompts and needles are the same for every model and method.
+(the decoded continuation of each prompt), so scripted "models" can be plugged in for testing
+(:func:`evaluate_task`); :func:`~dpe_export.evaluation.generation.make_generate_fn` builds the real one.
 """
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from dpe_export.errors import DPEExportError
 from dpe_export.evaluation import harness
-from dpe_export.evaluation.generation import GenerateFn, make_generate_fn
-from dpe_export.evaluation.ppl import evaluate_ppl
-from dpe_export.evaluation.prompts import (
-    DEFAULT_DEPTHS,
-    DEFAULT_NEEDLES,
-    DEFAULT_SAMPLES,
-    _Item,
-    task_haystack_seed,
-)
-from dpe_export.evaluation.registry import Task, get_task
-from dpe_export.evaluation.results import EvalResult, aggregate
-from dpe_export.evaluation.tasks import NIAH_KEYS, PromptBuilder
-from dpe_export.progress import progress_bar
+from dpe_export.evaluation.generation import GenerateFn
+from dpe_export.evaluation.prompts import DEFAULT_DEPTHS, DEFAULT_NEEDLES, DEFAULT_SAMPLES
+from dpe_export.evaluation.registry import get_task, registered_tasks
+from dpe_export.evaluation.results import EvalResult, and_list
+from dpe_export.evaluation.tasks.base import EvalOptions, Task
+from dpe_export.evaluation.tasks.retrieval import RetrievalTask
 from dpe_export.sources import loading, methods
 
 logger = logging.getLogger("dpe_export")
 
 
-def _batches(items: Iterable[_Item], size: int) -> Iterator[list[_Item]]:
-    it = iter(items)
-    while True:
-        batch = list(itertools.islice(it, size))
-        if not batch:
-            return
-        yield batch
-
-
-
-
-def _checked(items: Iterable[_Item], task: str, length: int) -> Iterator[_Item]:
-    """The prompt builder's ValueErrors (a length too short for a prompt) as one-line errors."""
-    it = iter(items)
-    while True:
-        try:
-            item = next(it)
-        except StopIteration:
-            return
-        except ValueError as e:
-            raise DPEExportError(f"cannot build a {task} prompt of {length} tokens: {e}") from None
-        yield item
-
-
-def _run_retrieval(task: Task, items_for: Callable[[int], Iterable[_Item]], generate_fn: GenerateFn,
-                   lengths: Sequence[int], total: int, batch_size: int, progress: bool) -> list[dict[str, Any]]:
-
-    if batch_size < 1:
-        raise DPEExportError("the batch size must be >= 1")
-    details: list[dict[str, Any]] = []
-    with progress_bar(total, task.name, progress) as bar:
-        for length in lengths:
-            bar.set_postfix(length=length)
-            for batch in _batches(_checked(items_for(length), task.name, length), batch_size):
-                ids = [list(item.prompt.input_ids) for item in batch]
-                bad = [len(x) for x in ids if len(x) != length]
-                if bad:  # pragma: no cover - the prompt builder guarantees exact lengths
-                    raise DPEExportError(f"a {task.name} prompt has {bad[0]} tokens instead of {length}")
-                texts = generate_fn(ids)
-                if len(texts) != len(batch):
-                    raise DPEExportError(f"generate_fn returned {len(texts)} texts for {len(batch)} prompts")
-                for item, text in zip(batch, texts):
-                    details.append({
-                        "length": length, "depth": item.depth, "sample": item.sample,
-                        "answer": item.prompt.answer, "generated": text,
-                        "correct": bool(task.score(text, item.prompt.answer)),
-                    })
-                bar.update(len(batch))
-    return details
-
-
-def evaluate_task(task, builder, generate_fn: GenerateFn, lengths: Sequence[int],
+def evaluate_task(task: Union[str, Task], builder, generate_fn: GenerateFn, lengths: Sequence[int],
                   depths: Sequence[float] = DEFAULT_DEPTHS, samples: int = DEFAULT_SAMPLES,
                   needles: int = DEFAULT_NEEDLES, seed: int = 0, batch_size: int = 1, progress: bool = False,
                   details_out: Optional[list] = None) -> list[dict[str, Any]]:
@@ -104,33 +42,10 @@ def evaluate_task(task, builder, generate_fn: GenerateFn, lengths: Sequence[int]
     ``generate_fn`` as above; ``details_out``: a list that receives one dict per prompt (answer, generated text,
     correct). NIAH: per (length, depth) the fraction of needles retrieved."""
     task = get_task(task) if isinstance(task, str) else task
-    if task.kind != "retrieval":
+    if not isinstance(task, RetrievalTask):
         raise DPEExportError(f"task {task.name} is not a retrieval task")
-    total = len(lengths) * len(depths) * samples
-    details = _run_retrieval(task, lambda n: task.build(builder, n, depths, samples, seed, needles),
-                             generate_fn, lengths, total, batch_size, progress)
-    if details_out is not None:
-        details_out.extend(details)
-    extra = {"needles": needles} if task.uses_needles else None
-    return aggregate(details, extra, count_contexts=task.count_contexts)
-
-
-def evaluate_passkey(builder, generate_fn: GenerateFn, lengths: Sequence[int],
-                     depths: Sequence[float] = DEFAULT_DEPTHS, samples: int = DEFAULT_SAMPLES, seed: int = 0,
-                     batch_size: int = 1, progress: bool = False,
-                     details_out: Optional[list] = None) -> list[dict[str, Any]]:
-    """Pass-key accuracy per (length, depth): :func:`evaluate_task` for ``passkey``."""
-    return evaluate_task("passkey", builder, generate_fn, lengths, depths, samples, seed=seed,
-                         batch_size=batch_size, progress=progress, details_out=details_out)
-
-
-def evaluate_niah(builder, generate_fn: GenerateFn, lengths: Sequence[int],
-                  depths: Sequence[float] = DEFAULT_DEPTHS, samples: int = DEFAULT_SAMPLES,
-                  needles: int = DEFAULT_NEEDLES, seed: int = 0, batch_size: int = 1, progress: bool = False,
-                  details_out: Optional[list] = None) -> list[dict[str, Any]]:
-    """NIAH with ``needles`` needles per context: :func:`evaluate_task` for ``niah``."""
-    return evaluate_task("niah", builder, generate_fn, lengths, depths, samples, needles, seed, batch_size,
-                         progress, details_out)
+    return task.evaluate_prompts(builder, generate_fn, lengths, depths, samples, needles, seed, batch_size, progress,
+                                 details_out)
 
 
 class _WarningsToLog(warnings.catch_warnings):
@@ -173,20 +88,25 @@ def _hf_progress_bars(enabled: bool):
 MAX_EVAL_LENGTH = 1 << 24
 
 
-def estimate_memory(raw: dict, task: str, length: int, batch_size: int, bytes_per_value: int) -> int:
+def _task(task: Union[str, Task]) -> Task:
+    return get_task(task) if isinstance(task, str) else task
+
+
+def estimate_memory(ckpt, task: Union[str, Task], length: int, batch_size: int, bytes_per_value: int) -> int:
     """Bytes an evaluation at `length` tokens holds at its peak, roughly: the KV cache of every layer, a few
-    hidden-state sized activations, and (perplexity) the logits of every position; weights not included."""
-    cfg = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+    hidden-state sized activations, and (perplexity) the logits of every position; weights not included.
+    `ckpt`: the model's Checkpoint (its config.json as read once)."""
+    cfg = ckpt.text_config
     layers = int(cfg.get("num_hidden_layers") or 1)
     heads = int(cfg.get("num_attention_heads") or 1)
     hidden = int(cfg.get("hidden_size") or 1)
     kv = int(cfg.get("num_key_value_heads") or heads)
-    head_dim = int(cfg.get("head_dim") or hidden // heads)
+    head_dim = ckpt.head_dim
     vocab = int(cfg.get("vocab_size") or 1)
     tokens = length * batch_size
     kv_bytes = 2 * layers * kv * head_dim * tokens * bytes_per_value
     activations = 8 * hidden * tokens * 4 + 2 * heads * head_dim * tokens * 4
-    logits = vocab * tokens * 4 if task == "ppl" else vocab * batch_size * 4
+    logits = vocab * tokens * 4 if _task(task).all_logits else vocab * batch_size * 4
     return kv_bytes + activations + logits
 
 
@@ -205,23 +125,36 @@ def available_memory(device: Optional[str], device_map: Optional[str]) -> Option
     return None
 
 
-def check_memory(raw: dict, task: str, length: int, batch_size: int, device=None, dtype=None, device_map=None) -> None:
+def check_memory(ckpt, task: Union[str, Task], length: int, batch_size: int, device=None, dtype=None, device_map=None) -> None:
     """Refuse, before loading anything, an evaluation that cannot fit in memory; warn when it will be tight."""
+    name = _task(task).name
     if length > MAX_EVAL_LENGTH:
         raise DPEExportError(f"length {length} is beyond what dpe-export evaluates ({MAX_EVAL_LENGTH} tokens)")
     bpv = 4 if dtype in (None, "auto", "float32") and device in (None, "auto", "cpu") else 2
-    need = estimate_memory(raw, task, length, batch_size, 2 if dtype in ("bfloat16", "float16") else bpv)
+    need = estimate_memory(ckpt, task, length, batch_size, 2 if dtype in ("bfloat16", "float16") else bpv)
     have = available_memory(device, device_map)
     if have is None:
         return
     gib = 1 << 30
     if need > have:
         raise DPEExportError(
-            f"{task} at {length} tokens x batch {batch_size} needs about {need / gib:.1f} GiB beyond the weights "
+            f"{name} at {length} tokens x batch {batch_size} needs about {need / gib:.1f} GiB beyond the weights "
             f"(KV cache and activations), and {have / gib:.1f} GiB is available; use shorter lengths or a smaller batch")
     if need > have / 2:
-        logger.warning("%s at %d tokens needs about %.1f GiB of the %.1f GiB available", task, length, need / gib,
+        logger.warning("%s at %d tokens needs about %.1f GiB of the %.1f GiB available", name, length, need / gib,
                        have / gib)
+
+
+def _check_options(task: Task, opts: EvalOptions) -> None:
+    """The options every task reads the same way, then the task's own check."""
+    if opts.data_files and not task.takes_data_files:
+        names = and_list(t.pretty_name for t in registered_tasks() if t.takes_data_files)
+        raise DPEExportError(f"data files apply to {names or 'no task'} only")
+    if task.uses_depths and (not opts.depths or any(not 0.0 <= float(d) <= 1.0 for d in opts.depths)):
+        raise DPEExportError("depths must be numbers between 0 and 1")
+    task.check(opts)
+    if task.uses_haystack and opts.haystack is not None and not Path(opts.haystack).is_file():
+        raise DPEExportError(f"haystack file not found: {opts.haystack}")
 
 
 def run_eval(model_dir, task: str, lengths: Sequence[int], *, samples: int = DEFAULT_SAMPLES,
@@ -231,15 +164,13 @@ def run_eval(model_dir, task: str, lengths: Sequence[int], *, samples: int = DEF
              chunk_size: Optional[int] = None, device_map: Optional[str] = None,
              trust_remote_code: bool = False, data_files: Optional[dict] = None) -> EvalResult:
     """Load ``model_dir`` (with ``method`` applied), run ``task`` (a registered task name; ``ruler:sub,...`` for
-    harness subtasks) at ``lengths`` and return the scores.
+    a task's subtasks) at ``lengths`` and return the scores.
 
     A DPE export is loaded with its own code only when that code is exactly what this dpe-export writes, or
     with ``trust_remote_code``.
 
-    Fast checks (directory, weights, method, prompt lengths) run before the weights are loaded.
+    Fast checks (options, directory, weights, method, memory, prompt lengths) run before the weights are loaded.
     """
-
-    spec_name = task
     task_def = get_task(task)
     lengths = [int(n) for n in lengths]
     if not lengths or any(n < 1 for n in lengths):
@@ -247,58 +178,68 @@ def run_eval(model_dir, task: str, lengths: Sequence[int], *, samples: int = DEF
     if samples < 1:
         raise DPEExportError("the number of samples must be >= 1")
     spec = method if isinstance(method, methods.MethodSpec) else methods.parse_method(method)
-    if task_def.kind == "harness":
-        return harness.run_ruler(model_dir, spec_name, lengths, samples=samples, method=spec, seed=seed,
-                                 batch_size=batch_size, device=device, dtype=dtype, attn=attn, progress=progress,
-                                 device_map=device_map, trust_remote_code=trust_remote_code, data_files=data_files)
-    if data_files:
-        raise DPEExportError("data files apply to RULER only")
-    task = task_def.name
-    depths = list(DEFAULT_DEPTHS if depths is None else depths)
-    if task_def.uses_depths and (not depths or any(not 0.0 <= float(d) <= 1.0 for d in depths)):
-        raise DPEExportError("depths must be numbers between 0 and 1")
-    if task_def.uses_needles and not 1 <= needles <= len(NIAH_KEYS):
-        raise DPEExportError(f"the number of needles must be between 1 and {len(NIAH_KEYS)}")
-    if haystack is not None and not Path(haystack).is_file():
-        raise DPEExportError(f"haystack file not found: {haystack}")
+    opts = EvalOptions(
+        spec=str(task), lengths=lengths, samples=samples, depths=list(DEFAULT_DEPTHS if depths is None else depths),
+        needles=needles, haystack=haystack, seed=seed, batch_size=batch_size, device=device, dtype=dtype, attn=attn,
+        progress=progress, chunk_size=chunk_size, device_map=device_map, trust_remote_code=trust_remote_code,
+        data_files=dict(data_files or {}))
+    _check_options(task_def, opts)
 
-    raw, _ = loading.check_eval_model(model_dir, spec, trust_remote_code)
+    ckpt = loading.check_eval_model(model_dir, spec, trust_remote_code)
     loading.check_device_map(device_map, device)
-    check_memory(raw, task, max(lengths), batch_size, device, dtype, device_map)
+    check_memory(ckpt, task_def, max(lengths), batch_size, device, dtype, device_map)
     import random
 
     import torch
 
-    tokenizer = loading.load_tokenizer(model_dir)
+    tokenizer = loading.load_tokenizer(ckpt)
     random.seed(seed)
     torch.manual_seed(seed)
     with _WarningsToLog():
-        builder = None
-        if task_def.kind == "retrieval":
-            builder = PromptBuilder(tokenizer, haystack_path=haystack, haystack_seed=task_haystack_seed(seed))
-            shortest = task_def.min_length(builder, needles)
-            if min(lengths) < shortest:
-                raise DPEExportError(
-                    f"length {min(lengths)} is too short for a {task} prompt with this tokenizer "
-                    f"(needs at least {shortest} tokens)")
+        prepared = task_def.prepare(tokenizer, opts)
         with _hf_progress_bars(progress):
-            loaded = loading.load_model(model_dir, spec, device=device, dtype=dtype, attn=attn,
+            loaded = loading.load_model(ckpt, spec, device=device, dtype=dtype, attn=attn,
                                         target_length=max(lengths), tokenizer=tokenizer, device_map=device_map,
                                         trust_remote_code=trust_remote_code)
-        settings = {
-            "lengths": lengths, "samples": samples,
-            "depths": [float(d) for d in depths] if task_def.uses_depths else None,
-            "needles": needles if task_def.uses_needles else None, "haystack": str(haystack) if haystack else None,
-            "batch_size": batch_size, "device": str(loaded.device), "device_map": device_map,
-            "dtype": str(loaded.dtype).replace("torch.", ""),
-            "attn": attn, "model_kind": loaded.describe(), "pretrain_length": loaded.pretrain_length,
-        }
-        details: list[dict[str, Any]] = []
-        if task_def.kind == "ppl":
-            records = evaluate_ppl(loaded.model, tokenizer, lengths, samples, seed, haystack, batch_size,
-                                   chunk_size, progress)
-        else:
-            generate_fn = make_generate_fn(loaded.model, tokenizer, task_def.max_new_tokens)
-            records = evaluate_task(task_def, builder, generate_fn, lengths, depths, samples, needles, seed=seed,
-                                    batch_size=batch_size, progress=progress, details_out=details)
-    return EvalResult(task, str(model_dir), str(spec), seed, records, settings, details)
+        outcome = task_def.evaluate(loaded, tokenizer, prepared, opts)
+        settings = task_def.settings(loaded, opts, prepared)
+    return EvalResult(task_def.name, str(model_dir), str(spec), seed, outcome.records, settings, outcome.details)
+
+
+def run_harness(model_dir, tasks: Sequence[str], *, limit: Optional[int] = None, max_length: Optional[int] = None,
+                include_path: Optional[Path] = None, num_fewshot: Optional[int] = None, method: Any = None,
+                seed: int = 0, batch_size: int = 1, device: Optional[str] = None, dtype: Optional[str] = None,
+                attn: str = "sdpa", progress: bool = False, device_map: Optional[str] = None,
+                trust_remote_code: bool = False) -> EvalResult:
+    """Run lm-eval ``tasks`` on one model loaded the dpe-export way. ``max_length`` defaults to the longest
+    request of the tasks (measured with the model's tokenizer, so base and export get the same one and
+    nothing is cut); returns an EvalResult with one record per (task, metric). lm-eval tasks that a registered
+    task runs itself (RULER's) are refused: that task sizes their prompts safely."""
+    lm_eval = harness.require_lm_eval()
+    names = [t.strip() for t in tasks if t and t.strip()]
+    if not names:
+        raise DPEExportError("give one or more lm-eval task names with --tasks")
+    if include_path is not None and not Path(include_path).is_dir():
+        raise DPEExportError(f"--include-path is not a directory: {include_path}")
+    spec = method if isinstance(method, methods.MethodSpec) else methods.parse_method(method)
+    loading.check_eval_model(model_dir, spec, trust_remote_code)
+    loading.check_device_map(device_map, device)
+    manager = harness.lm_eval_task_manager(names, include_path)
+    tokenizer = loading.load_tokenizer(model_dir)
+    refusal = next((why for n in names for t in registered_tasks() if (why := t.harness_refusal(n))), None)
+    if refusal:
+        raise DPEExportError(refusal)
+    if max_length is None:
+        max_length = harness.longest_request(names, manager, tokenizer, limit)
+    import torch
+
+    torch.manual_seed(seed)
+    loaded = loading.load_model(model_dir, spec, device=device, dtype=dtype, attn=attn, target_length=max_length,
+                                tokenizer=tokenizer, device_map=device_map, trust_remote_code=trust_remote_code)
+    lm = harness.make_lm(loaded.model, tokenizer, max_length, batch_size)
+    records = harness.run_lm_eval(lm, names, manager, max_length, limit, num_fewshot)
+    settings = {"tasks": names, "limit": limit, "max_length": int(max_length), "num_fewshot": num_fewshot,
+                "harness": f"lm-eval {lm_eval.__version__}", "batch_size": batch_size,
+                "prefill_chunk": harness.prefill_chunk_of(loaded.model), "device": str(loaded.device),
+                "dtype": str(loaded.dtype).replace("torch.", ""), "attn": attn, "model_kind": loaded.describe()}
+    return EvalResult("lm-eval", str(model_dir), str(spec), seed, records, settings, [])

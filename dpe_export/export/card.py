@@ -1,4 +1,5 @@
-"""The model card (README.md) of an export, and the values, tables and images that go into it.
+"""The model card (README.md) of an export, and the values and tables that go into it (its images are drawn by
+dpe_export.calibration.plots, its evaluation tables built by dpe_export.evaluation.results).
 
 The card is rendered from ``modeling_templates/model_card.md.jinja``. Every value that comes from the user or
 from the base model's files (model and repo names, the base model id, its license, the run labels of evaluation
@@ -30,9 +31,10 @@ list of records, or a list of such objects. A record is one (length, depth) cell
     {"task": "ppl", "model": "./llama-dpe", "method": "none", "length": 4096, "perplexity": 7.1,
      "samples": 4, "tokens": 16380, "nll": 32140.2}        # perplexity
 
-Records are grouped by task, by run (model and method) and by length; the card shows one table per task, one
-row per length and one column per run, the base model's runs first (accuracy weighted by samples; perplexity
-from the summed negative log-likelihood when records carry it).
+The records are read and tabled by dpe_export.evaluation.results (``load_eval_records``, ``comparison_tables``:
+the aggregation every results table uses): one table per task, one row per length (per subtask and length, and
+their average, for RULER) and one column per run; the card orders the runs, the base model's first, and labels
+them.
 """
 from __future__ import annotations
 
@@ -42,27 +44,25 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from dpe_export import __version__
+from dpe_export.calibration.plots import format_scale, plot_calibration, plot_selection
 from dpe_export.calibration.procedures import PROCEDURES
 from dpe_export.calibration.result import (
-    _is_int,
-    _is_number,
     load_calibration,
     normalize_calibration,
 )
 from dpe_export.calibration.selection import describe_selection
 from dpe_export.errors import DPEExportError
-from dpe_export.evaluation.results import Cell, format_accuracy, format_ppl
+from dpe_export.evaluation.results import comparison_tables, load_eval_records
 from dpe_export.generated import (
     MODEL_CARD_FILE,
     model_card_template_path,
     render_template,
 )
-from dpe_export.runtime import load_dpe_core
-from dpe_export.safefiles import safe_file
-from dpe_export.sources.checkpoint import LICENSE_FILES
+from dpe_export.modeling_templates import dpe_family, dpe_guards
+from dpe_export.sources.checkpoint import Checkpoint
 
 logger = logging.getLogger("dpe_export")
 
@@ -82,20 +82,8 @@ MATPLOTLIB_MISSING = (
 )
 
 
-DPE_PAPER = "arXiv 2504.18857"
-
-
-POSITIONAL_HEADS_PAPER = "arXiv 2410.08703"
-
-
-# A Hub repo id (optionally namespaced) and a Hub license id: only such values become links / license ids.
+# A Hub repo id (optionally namespaced): only such values become links (license ids: sources/checkpoint.py).
 _HUB_ID = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,95})(?:/[A-Za-z0-9](?:[A-Za-z0-9._-]{0,95}))?$")
-
-
-_LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]{0,63}$")
-
-
-_SAFE_LINK = re.compile(r"^(?:https?://[A-Za-z0-9._~:/?#@!$&'()*+,;=%-]{1,400}|[A-Za-z0-9._-]{1,100})$")
 
 
 # Characters YAML does not accept raw in a stream, or reads as line breaks (NEL, LS, PS), and the BOM;
@@ -130,55 +118,6 @@ def py_str(value: Any) -> str:
 def hub_id_or_none(value: Optional[str]) -> Optional[str]:
     """`value` if it has the form of a Hub repo id (so it can be linked), else None."""
     return value if isinstance(value, str) and _HUB_ID.match(value) and ".." not in value else None
-
-
-def read_base_license(model_dir: Path, raw_config: Optional[dict] = None) -> dict[str, str]:
-    """The base model's license from its README.md front matter (else config.json): {} when it says none.
-
-    Returns {"license": id} with a Hub-style id, plus license_name / license_link when the card gives them in a
-    safe form. A license string that is not a plain id becomes {"license": "other", "license_text": <it>}: the
-    front matter keeps a valid id and the card body shows the original text (escaped).
-    """
-    meta: dict[str, Any] = {}
-    readme = safe_file(model_dir, "README.md")
-    if readme is not None:
-        try:
-            meta = _front_matter(readme.read_text(encoding="utf-8", errors="replace"))
-        except Exception as e:  # a broken card is the base model's problem, not a reason to fail the export
-            logger.warning("cannot read the front matter of %s (%s); the card will not name a license", readme, e)
-            meta = {}
-    value = meta.get("license")
-    if value is None and isinstance(raw_config, dict):
-        value = raw_config.get("license")
-    if isinstance(value, list) and value:
-        value = value[0]
-    if not isinstance(value, str) or not value.strip():
-        return {}
-    value = value.strip()
-    out: dict[str, str] = {}
-    if _LICENSE_ID.match(value):
-        out["license"] = value
-    else:
-        out["license"] = "other"
-        out["license_text"] = value
-    for key in ("license_name", "license_link"):
-        v = meta.get(key)
-        if isinstance(v, str) and v.strip():
-            v = v.strip()
-            ok = _LICENSE_ID.match(v) if key == "license_name" else _SAFE_LINK.match(v)
-            if ok:
-                out[key] = v
-    return out
-
-
-def _front_matter(text: str) -> dict[str, Any]:
-    """The YAML front matter of a model card as a dict ({} when there is none), with huggingface_hub's parser."""
-    from huggingface_hub import ModelCard
-
-    if not text.lstrip().startswith("---"):  # no front matter (huggingface_hub would say so on stderr)
-        return {}
-    data = ModelCard(text, ignore_metadata_errors=True).data.to_dict()
-    return data if isinstance(data, dict) else {}
 
 
 def effective_distance(window: int, scale: float, pretrain_length: int) -> int:
@@ -237,7 +176,7 @@ def calibration_table(calibration: dict[str, Any]) -> dict[str, Any]:
             text = "–" if v is None else _fmt_score(v)
             cells.append(f"**{text}**" if chosen is not None and s == chosen else text)
         rows.append({"index": g, "first": first, "last": end - 1, "cells": cells})
-    return {"scales": [_fmt_num(s) for s in scales], "rows": rows}
+    return {"scales": [format_scale(s) for s in scales], "rows": rows}
 
 
 def calibration_procedure(calibration: dict[str, Any]) -> Optional[dict[str, str]]:
@@ -250,10 +189,6 @@ def calibration_procedure(calibration: dict[str, Any]) -> Optional[dict[str, str
 
 def _fmt_score(v: float) -> str:
     return f"{v:.3g}"
-
-
-def _fmt_num(v: float) -> str:
-    return str(int(v)) if float(v).is_integer() else f"{v:g}"
 
 
 @dataclass
@@ -289,99 +224,21 @@ def find_eval_files(calibration_path) -> list[Path]:
     return sorted(p for p in parent.glob(EVAL_FILE_GLOB) if p.is_file())
 
 
-def load_eval_records(paths: Iterable) -> list[dict[str, Any]]:
-    """All records of the given eval JSON files (any shape in the module docstring); DPEExportError when unusable."""
-    records: list[dict[str, Any]] = []
-    for path in paths:
-        path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise DPEExportError(f"cannot read evaluation results {path}: {e}") from None
-        found = eval_records(data)
-        if not found:
-            raise DPEExportError(f"{path} holds no evaluation records (expected the JSON of dpe-export eval --json)")
-        records.extend(found)
-    return records
-
-
-def eval_records(data: Any) -> list[dict[str, Any]]:
-    """Records from an eval result object, a list of records, or a list of result objects (tolerant)."""
-    out: list[dict[str, Any]] = []
-    if isinstance(data, dict):
-        head = {k: data[k] for k in ("task", "model", "method") if k in data}
-        recs = data.get("records")
-        if isinstance(recs, list):
-            out.extend({**head, **r} for r in recs if isinstance(r, dict))
-        elif "length" in data:
-            out.append(data)
-    elif isinstance(data, list):
-        for item in data:
-            if isinstance(item, dict) and isinstance(item.get("records"), list):
-                out.extend(eval_records(item))
-            elif isinstance(item, dict):
-                out.append(item)
-    return [r for r in out if _is_int(r.get("length"))]
-
-
 def eval_tables(records: Sequence[dict[str, Any]], base_dir=None, export_dir=None) -> list[dict[str, Any]]:
-    """One table per task: columns are runs (base model first, then DPE), rows lengths; cells formatted strings.
+    """One table per task (:func:`dpe_export.evaluation.results.comparison_tables`): a column per run, the base
+    model's runs first, then DPE's, rows lengths; cells formatted strings.
 
     `base_dir` / `export_dir` help tell the base model's runs from the export's (see run_kind).
     """
-    tasks: dict[str, dict[tuple[str, str], dict[tuple[int, str], Cell]]] = {}
-    for r in records:
-        task = str(r.get("task") or "eval")
-        run = (str(r.get("model") or "?"), str(r.get("method") or "none"))
-        # RULER: a row per (length, subtask), then the subtasks' average per length
-        row = (int(r["length"]), " ".join(_CONTROL.sub(" ", str(r.get("subtask") or "")).split())[:40])
-        cell = tasks.setdefault(task, {}).setdefault(run, {}).setdefault(row, Cell())
-        samples = r.get("samples") if _is_number(r.get("samples")) and r.get("samples") > 0 else 1
-        if _is_number(r.get("accuracy")):
-            cell.samples += samples
-            cell.correct += float(r["accuracy"]) * samples
-        if _is_number(r.get("perplexity")):
-            if _is_number(r.get("nll")) and _is_number(r.get("tokens")) and r["tokens"] > 0:
-                cell.nll += float(r["nll"])
-                cell.tokens += float(r["tokens"])
-            else:
-                cell.ppls.append(float(r["perplexity"]))
-    tables = []
-    for task, runs in tasks.items():
-        is_ppl = task == "ppl" or all(c.samples == 0 for cells in runs.values() for c in cells.values())
-        rank = {"base": 0, "dpe": 1, "other": 2}
-        kinds = {run: run_kind(*run, base_dir=base_dir, export_dir=export_dir) for run in runs}
-        order = sorted(runs, key=lambda run: rank[kinds[run]])
-        labels = _run_labels(order, [kinds[run] for run in order])
-        keys = list(dict.fromkeys(k for cells in runs.values() for k in cells))
-        rows = []
-        for n in sorted({k[0] for k in keys}):
-            subs = [k[1] for k in keys if k[0] == n]
-            for s in subs:
-                cells = []
-                for run in order:
-                    c = runs[run].get((n, s))
-                    v = None if c is None else (c.perplexity() if is_ppl else c.accuracy())
-                    cells.append("–" if v is None else (format_ppl(v, 3) if is_ppl else format_accuracy(v)))
-                rows.append({"length": f"{s} @ {n:,}" if s else f"{n:,}", "cells": cells})
-            if any(subs):  # the unweighted mean over subtasks, as RULER reports it
-                cells = []
-                for run in order:
-                    accs = [runs[run][(n, s)].accuracy() for s in subs if (n, s) in runs[run]]
-                    accs = [a for a in accs if a is not None]
-                    cells.append(format_accuracy(sum(accs) / len(accs)) if len(accs) == len(subs) else "–")
-                rows.append({"length": f"average @ {n:,}", "cells": cells})
-        tables.append({
-            "task": task,
-            "metric": "perplexity (lower is better)" if is_ppl else "accuracy",
-            "columns": labels,
-            "runs": [
-                {"label": lab, "model": m, "name": Path(m).name or m, "method": meth}
-                for lab, (m, meth) in zip(labels, order)
-            ],
-            "rows": rows,
-        })
-    return tables
+    return comparison_tables(records, lambda runs: _arrange_runs(runs, base_dir, export_dir))
+
+
+def _arrange_runs(runs: Sequence[tuple[str, str]], base_dir, export_dir) -> list[tuple[tuple[str, str], str]]:
+    """The runs ordered base, DPE, other (stable), each with its column label."""
+    rank = {"base": 0, "dpe": 1, "other": 2}
+    kinds = {run: run_kind(*run, base_dir=base_dir, export_dir=export_dir) for run in runs}
+    order = sorted(runs, key=lambda run: rank[kinds[run]])
+    return list(zip(order, _run_labels(order, [kinds[run] for run in order])))
 
 
 def run_kind(model: str, method: str, base_dir=None, export_dir=None) -> str:
@@ -408,11 +265,13 @@ def _same_path(a, b) -> bool:
 
 
 def _is_dpe_export(model: str) -> bool:
+    """What the run's model directory says (Checkpoint.is_export); a run read from an eval --json file may name a
+    directory that is not on this machine, and then its name decides."""
     try:
-        config = Path(model) / "config.json"
-        if config.is_file():
-            return "dpe" in json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError, TypeError):
+        ckpt = Checkpoint(model)
+        if ckpt.has_config:
+            return ckpt.is_export
+    except (OSError, ValueError, TypeError, DPEExportError):
         pass
     return "dpe" in Path(model).name.lower()
 
@@ -455,78 +314,6 @@ def render_images(out_dir: Path, params: dict[str, Any], calibration=None, selec
     return images
 
 
-_PNG_METADATA = {"Software": None}  # no version string: the same inputs give the same bytes
-
-
-def plot_calibration(calibration: dict[str, Any], path: Path) -> None:
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.patches import Rectangle
-
-    grid = np.array([[np.nan if v is None else v for v in row] for row in calibration["grid"]], dtype=float)
-    scales, groups = calibration["scales"], calibration["groups"]
-    fig, ax = plt.subplots(figsize=(2.5 + 0.7 * len(scales), 2.0 + 0.45 * len(groups)), dpi=100)
-    cmap = "viridis" if calibration["higher_is_better"] else "viridis_r"
-    im = ax.imshow(grid, cmap=cmap, aspect="auto")
-    finite = grid[np.isfinite(grid)]
-    mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0
-    for g in range(grid.shape[0]):
-        for s in range(grid.shape[1]):
-            v = grid[g, s]
-            if np.isfinite(v):
-                good = (v > mid) == calibration["higher_is_better"]
-                ax.text(s, g, f"{v:.2g}", ha="center", va="center", fontsize=8, color="black" if good else "white")
-    if calibration["chosen"]:
-        for g, c in enumerate(calibration["chosen"]):
-            if c in scales:
-                s = scales.index(c)
-                ax.add_patch(Rectangle((s - 0.5, g - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
-    ax.set_xticks(range(len(scales)), [_fmt_num(s) for s in scales])
-    ax.set_yticks(range(len(groups)), [f"g{g}: {a}–{b - 1}" for g, (a, b) in enumerate(groups)])
-    ax.set_xlabel("scale factor")
-    ax.set_ylabel("group: frequencies")
-    metric = " ".join(_CONTROL.sub(" ", calibration["metric"]).split())[:60]
-    title = f"Calibration: {metric}"
-    if calibration["length"]:
-        title += f" at {calibration['length']:,} tokens"
-    ax.set_title(title, fontsize=9, usetex=False, parse_math=False)
-    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    fig.savefig(path, metadata=_PNG_METADATA)
-    plt.close(fig)
-
-
-def plot_selection(selected, boundaries: Sequence[int], path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    mask = selected.to("cpu").bool()
-    layers, heads, freqs = mask.shape
-    flat = mask.reshape(layers * heads, freqs).float().numpy()
-    fig, (top, bottom) = plt.subplots(
-        2, 1, figsize=(7, 3.0 + min(6.0, 0.02 * layers * heads)), dpi=100,
-        gridspec_kw={"height_ratios": [3, 1]}, sharex=True,
-    )
-    top.imshow(flat, aspect="auto", interpolation="nearest", cmap="Greys", vmin=0, vmax=1)
-    for b in boundaries[1:-1]:
-        top.axvline(b - 0.5, color="tab:red", linewidth=0.8)
-        bottom.axvline(b - 0.5, color="tab:red", linewidth=0.8)
-    if layers <= 64:
-        for layer in range(1, layers):
-            top.axhline(layer * heads - 0.5, color="tab:blue", linewidth=0.4)
-    step = max(1, layers // 16)
-    ticks = range(0, layers, step)
-    top.set_yticks([layer * heads + (heads - 1) / 2 for layer in ticks], [str(layer) for layer in ticks])
-    top.set_ylabel("layer (rows: heads)")
-    top.set_title("Frequencies with DPE per (layer, head) (black: selected)", fontsize=9)
-    bottom.bar(range(freqs), mask.float().mean(dim=(0, 1)).numpy(), color="black", width=0.9)
-    bottom.set_ylim(0, 1)
-    bottom.set_ylabel("share")
-    bottom.set_xlabel("rotary frequency index (group boundaries in red)")
-    fig.tight_layout()
-    fig.savefig(path, metadata=_PNG_METADATA)
-    plt.close(fig)
-
-
 CARD_FILTERS = {"yaml": yaml_str, "md": md_text, "py": py_str}
 
 
@@ -549,13 +336,8 @@ def card_variables(
     """
 
     config = info.config
-    rope = load_dpe_core().rope_parameters_of(config)  # the full-attention layers' (per layer type where it differs)
+    rope = dpe_family.rope_parameters_of(config)  # the full-attention layers' (per layer type where it differs)
     theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
-    raw_config = None
-    try:
-        raw_config = json.loads((Path(info.model_dir) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        pass
     tables = eval_tables(eval_records, info.model_dir, export_dir) if eval_records else []
     return {
         "model_name": repo_id or model_name,
@@ -563,8 +345,8 @@ def card_variables(
         "local_name": model_name,
         "base_model": base_model,
         "base_model_link": hub_id_or_none(base_model),
-        "license": read_base_license(info.model_dir, raw_config),
-        "license_files": [n for n in LICENSE_FILES if safe_file(info.model_dir, n) is not None],
+        "license": info.checkpoint.license,
+        "license_files": info.checkpoint.license_files,
         "family": info.architecture.display_name,
         "dpe_causal_lm_class": info.architecture.dpe_causal_lm_class,
         "params": params,
@@ -573,7 +355,7 @@ def card_variables(
         "head_dim": info.head_dim,
         "rotary_dim": 2 * info.num_freqs,
         "num_layers": info.num_layers,
-        "dpe_layers": load_dpe_core().full_attention_layers(config),
+        "dpe_layers": dpe_family.full_attention_layers(config),
         "num_freqs": info.num_freqs,
         "selection": describe_selection(selected),
         "rope_type": rope.get("rope_type", "default") if isinstance(rope, dict) else "default",
@@ -584,7 +366,7 @@ def card_variables(
         "eval_runs": _unique_runs(tables),
         "images": images or {},
         "tool_version": __version__,
-        "transformers_range": f">={load_dpe_core().MIN_TRANSFORMERS_VERSION},<{load_dpe_core().MAX_TRANSFORMERS_VERSION}",
+        "transformers_range": f">={dpe_guards.MIN_TRANSFORMERS_VERSION},<{dpe_guards.MAX_TRANSFORMERS_VERSION}",
     }
 
 
@@ -616,7 +398,7 @@ def write_model_card(
     """Write README.md (and its images) into out_dir; return the card text.
 
     `params` is a DPEParams (or its dict); `calibration` a dict of the documented shape (checked here against the
-    model); `eval_records` records as eval_records() returns them.
+    model); `eval_records` records as dpe_export.evaluation.results.eval_records() returns them.
     """
 
     params = params.to_dict() if hasattr(params, "to_dict") else dict(params)

@@ -11,11 +11,11 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from dpe_export import __version__
+from dpe_export import __version__, dpe_ops
 from dpe_export.calibration.result import normalize_calibration
 from dpe_export.errors import DPEExportError
 from dpe_export.export import card
-from dpe_export.export.card import read_base_license
+from dpe_export.export.copying import copy_license_files, copy_tokenizer_files, copy_weights
 from dpe_export.export.files import (
     _make_parents,
     check_output_target,
@@ -25,22 +25,9 @@ from dpe_export.export.files import (
     write_manifest,
 )
 from dpe_export.generated import config_auto_map, foreign_code, write_modeling_files
-from dpe_export.runtime import load_dpe_core
-from dpe_export.safefiles import safe_file
+from dpe_export.modeling_templates import dpe_params
+from dpe_export.sources.checkpoint import CONFIG_FILE, Checkpoint, ModelInfo, inspect_model
 from dpe_export.staging import clean_stale_staging, make_staging_dir, release_staging
-from dpe_export.sources.checkpoint import (
-    CONFIG_FILE,
-    LICENSE_FILES,
-    TOKENIZER_FILES,
-    ModelInfo,
-    copy_license_files,
-    copy_tokenizer_files,
-    copy_weights,
-    default_target_length,
-    guess_base_model,
-    inspect_model,
-    read_config_json,
-)
 
 logger = logging.getLogger("dpe_export")
 
@@ -59,13 +46,12 @@ def build_params(
     Defaults: dimension groups split head_dim/2 evenly into one group per scale factor; pretrain length is
     the base max_position_embeddings; target length is 4 x that.
     """
-    dpe_core = load_dpe_core()
     if dimension_groups_range is None:
         try:
-            dimension_groups_range = dpe_core.even_group_boundaries(info.num_freqs, len(scale_factors))
+            dimension_groups_range = dpe_ops.even_group_boundaries(info.num_freqs, len(scale_factors))
         except ValueError as e:
             raise DPEExportError(f"invalid DPE parameters: {e}") from None
-    params = dpe_core.DPEParams(
+    params = dpe_params.DPEParams(
         local_window_size=local_window_size,
         scale_factors=list(scale_factors),
         dimension_groups_range=list(dimension_groups_range),
@@ -80,15 +66,14 @@ def resolve_params(params, info: ModelInfo, selected=None):
 
     Defaults: pretrain length = the base max_position_embeddings; target length = 4 x that.
     """
-    dpe_core = load_dpe_core()
     pretrain = params.pretrain_length if params.pretrain_length is not None else info.max_position_embeddings
-    resolved = dpe_core.DPEParams(
+    resolved = dpe_params.DPEParams(
         local_window_size=params.local_window_size,
         scale_factors=_as_list(params.scale_factors),
         dimension_groups_range=_as_list(params.dimension_groups_range),
-        target_length=params.target_length if params.target_length is not None else default_target_length(info),
+        target_length=params.target_length if params.target_length is not None else info.default_target_length,
         pretrain_length=pretrain,
-        selected_dims=dpe_core.SELECTED_DIMS_FILENAME if selected is not None else None,
+        selected_dims=dpe_params.SELECTED_DIMS_FILENAME if selected is not None else None,
     )
     try:
         resolved.validate(2 * info.num_freqs)
@@ -135,11 +120,10 @@ def write_config(info: ModelInfo, params, out_dir: Path) -> None:
 def write_selected_dims(selected, out_dir: Path) -> None:
     from safetensors.torch import save_file
 
-    dpe_core = load_dpe_core()
     save_file(
-        {dpe_core.SELECTED_DIMS_TENSOR: selected.to("cpu").contiguous()},
-        str(out_dir / dpe_core.SELECTED_DIMS_FILENAME),
-        metadata={"format": "pt", "dpe_format_version": str(dpe_core.DPE_FORMAT_VERSION)},
+        {dpe_params.SELECTED_DIMS_TENSOR: selected.to("cpu").contiguous()},
+        str(out_dir / dpe_params.SELECTED_DIMS_FILENAME),
+        metadata={"format": "pt", "dpe_format_version": str(dpe_params.DPE_FORMAT_VERSION)},
     )
 
 
@@ -159,13 +143,14 @@ def convert(
 ) -> Path:
     """Export `model_dir` as a DPE checkpoint at `output`; return the output path.
 
-    `params` is a dpe_core.DPEParams; its missing lengths are defaulted (pretrain: the base
+    `params` is a dpe_params.DPEParams; its missing lengths are defaulted (pretrain: the base
     max_position_embeddings; target: 4 x that) and its selected_dims is set from `selected`, a bool
     tensor [layers, heads, head_dim/2] or None (all frequencies). `base_model` is the Hub id named in the
     model card (default: guessed from a Hugging Face cache path); `repo_id` the Hub repo the card names (default:
     the output directory's name); `calibration` and `eval_records` optional card sections (see dpe_export.card).
     DPEExportError for any bad input, raised before anything is written.
-    `model_dir` may also be the ModelInfo that inspect_model returned for it, to skip reading it again.
+    `model_dir` may also be its Checkpoint, or the ModelInfo that inspect_model returned for it, to skip reading
+    it again.
     """
     info = model_dir if isinstance(model_dir, ModelInfo) else inspect_model(model_dir)
     params = resolve_params(params, info, selected)
@@ -181,12 +166,12 @@ def convert(
     clean_stale_staging(output)
     check_output_target(output, info.model_dir, overwrite)
     if base_model is None:
-        base_model = guess_base_model(info.model_dir)
+        base_model = info.checkpoint.hub_id
     if base_model is None:
         logger.warning("no Hub id of the base model is known, so the model card cannot name or link it "
                        "(pass --base-model ORG/NAME)")
 
-    if not read_base_license(info.model_dir, read_config_json(info.model_dir)):
+    if not info.checkpoint.license:
         logger.warning("the base model states no license (README.md front matter or config.json), so the model "
                        "card states none; check the base model's terms before publishing")
     if calibration is not None:
@@ -223,9 +208,9 @@ def export_difference(output, info: ModelInfo, params, selected=None) -> Optiona
     """None when `output` is exactly a finished export of this model with these parameters (so that re-running
     `convert --push` after a failed upload can push it); else what differs, for messages. Generated code is
     compared with a fresh render, copied files with the base model's by hash."""
-    output = Path(output)
+    output, base = Path(output), info.checkpoint
     try:
-        raw = read_config_json(output)
+        raw = Checkpoint(output).raw
         params = resolve_params(params, info, selected)
     except DPEExportError:
         return "it is not a DPE export"
@@ -234,13 +219,13 @@ def export_difference(output, info: ModelInfo, params, selected=None) -> Optiona
     foreign = foreign_code(output, raw) or foreign_entries(output)
     if foreign:
         return foreign
-    names = list(info.weight_files) + [n for n in (*TOKENIZER_FILES, *LICENSE_FILES)
-                                       if n != "tokenizer_config.json" and safe_file(info.model_dir, n) is not None]
+    names = list(info.weight_files) + [n for n in (*base.tokenizer_files, *base.license_files)
+                                       if n != "tokenizer_config.json"]
     for name in names:
-        src, dst = safe_file(info.model_dir, name), output / name
+        src, dst = base.file(name), output / name
         if not dst.is_file() or dst.is_symlink() or src.stat().st_size != dst.stat().st_size or file_sha256(src) != file_sha256(dst):
             return f"its {name} differs from the base model's"
-    tok = safe_file(info.model_dir, "tokenizer_config.json")
+    tok = base.file("tokenizer_config.json")
     if tok is not None:
         def stripped(path: Path):
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -251,21 +236,16 @@ def export_difference(output, info: ModelInfo, params, selected=None) -> Optiona
                 return "its tokenizer_config.json differs from the base model's"
         except (OSError, ValueError):
             return "its tokenizer_config.json is missing or unreadable"
-    dpe_core = load_dpe_core()
-    sel_path = output / dpe_core.SELECTED_DIMS_FILENAME
+    sel_path = output / dpe_params.SELECTED_DIMS_FILENAME
     if (selected is None) != (not sel_path.is_file()):
-        return f"its {dpe_core.SELECTED_DIMS_FILENAME} does not match the selection"
+        return f"its {dpe_params.SELECTED_DIMS_FILENAME} does not match the selection"
     if selected is not None:
         import torch
         from safetensors.torch import load_file
 
-        if not torch.equal(load_file(str(sel_path))[dpe_core.SELECTED_DIMS_TENSOR], selected.cpu()):
-            return f"its {dpe_core.SELECTED_DIMS_FILENAME} holds another selection"
+        if not torch.equal(load_file(str(sel_path))[dpe_params.SELECTED_DIMS_TENSOR], selected.cpu()):
+            return f"its {dpe_params.SELECTED_DIMS_FILENAME} holds another selection"
     return None
-
-
-def holds_same_export(output, info: ModelInfo, params, selected=None) -> bool:
-    return export_difference(output, info, params, selected) is None
 
 
 def write_export(
@@ -293,7 +273,7 @@ def write_export(
         info, params, selected, out_dir, base_model=base_model, model_name=model_name, repo_id=repo_id,
         calibration=calibration, eval_records=eval_records, export_dir=export_dir or out_dir, gguf=gguf,
     )
-    copy_tokenizer_files(info.model_dir, out_dir, params.target_length)
-    copy_license_files(info.model_dir, out_dir)
-    copy_weights(info.model_dir, out_dir, info.weight_files, link=link)
+    copy_tokenizer_files(info.checkpoint, out_dir, params.target_length)
+    copy_license_files(info.checkpoint, out_dir)
+    copy_weights(info.checkpoint, out_dir, link=link)
 

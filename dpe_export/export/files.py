@@ -17,7 +17,7 @@ from typing import Optional
 
 from dpe_export.errors import DPEExportError
 from dpe_export.staging import claim_staging, release_staging
-from dpe_export.sources.checkpoint import CONFIG_FILE, LICENSE_FILES, TOKENIZER_FILES
+from dpe_export.sources.checkpoint import LICENSE_FILES, TOKENIZER_FILES, Checkpoint
 
 logger = logging.getLogger("dpe_export")
 
@@ -57,7 +57,7 @@ def check_output_target(output: Path, model_dir: Path, overwrite: bool) -> None:
 
 # What an export directory holds: anything else in it means it is not (only) an export, so it is never deleted.
 _EXPORT_FILE_PATTERNS = (
-    r"config\.json", r"generation_config\.json", r"modeling_dpe\.py", r"dpe_core\.py", r"README\.md",
+    r"config\.json", r"generation_config\.json", r"modeling_dpe\.py", r"dpe_[a-z_]+\.py", r"README\.md",
     r"model\.safetensors", r"model\.safetensors\.index\.json", r"model-\d+-of-\d+\.safetensors",
     r"dpe_selected_dims\.safetensors", r"dpe_[a-z_]+\.png", r"eval[\w.-]*\.json", r"\.gitattributes",
     r"\.dpe-export-manifest\.json",
@@ -122,10 +122,11 @@ def is_export_file(rel: str) -> bool:
 def foreign_entries(folder: Path) -> Optional[str]:
     """None when `folder` is a DPE export holding only files an export has; else why it is not (for messages)."""
     try:
-        raw = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8")) if (folder / CONFIG_FILE).is_file() else None
-    except (OSError, ValueError):
-        raw = None
-    if not isinstance(raw, dict) or "dpe" not in raw:
+        export = Checkpoint(folder)
+        is_export = export.has_config and export.is_export
+    except (OSError, DPEExportError):
+        is_export = False
+    if not is_export:
         names = sorted(p.name for p in folder.iterdir())
         return f"is not a DPE export (it holds {', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
     for p in sorted(folder.iterdir()):

@@ -1,19 +1,20 @@
-"""What a checkpoint directory holds and how it is read safely: config.json, the safetensors weight files and
-their index, shape and field checks, the tokenizer and license files (copied without following links), and the
-base model's Hub id when it sits in a Hugging Face cache.
+"""A checkpoint directory and everything dpe-export reads from it, read once and safely: `Checkpoint` answers
+what the stages ask of a model directory (is it a DPE export, its dpe section, its pretraining length, head and
+rotary dims, license, weight, tokenizer and license files) from one read of config.json, through the safe readers
+below: config.json and the safetensors index are parsed as JSON, safetensors headers read without loading
+tensors, no pickle is ever unpickled, no link out of the directory is followed (safefiles.safe_file) and no code
+of the model's own runs. `inspect_model` checks a base model for export (shapes and tensor coverage from the
+headers). The files an export writes are copied by dpe_export/export/copying.py.
 """
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import os
 import re
-import shutil
-import sys
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from dpe_export.architectures import (
     ARCHITECTURES,
@@ -23,8 +24,9 @@ from dpe_export.architectures import (
     supported_families,
 )
 from dpe_export.errors import DPEExportError, first_line
-from dpe_export.runtime import load_dpe_core
+from dpe_export.generated import MODEL_CARD_FILE
 from dpe_export.safefiles import check_model_tree, safe_file
+from dpe_export.modeling_templates import dpe_family
 
 logger = logging.getLogger("dpe_export")
 
@@ -63,17 +65,164 @@ LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "NOTICE.txt",
 PICKLED_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.pickle")
 
 
-_COPY_CHUNK = 16 << 20
-
-
 _HF_CACHE_SNAPSHOT = re.compile(r"models--([^/\\]+?)--([^/\\]+)[/\\]snapshots[/\\][^/\\]+$")
+
+
+# A Hub license id, and a license link a card may carry: only such values are taken from a base model's card.
+LICENSE_ID = re.compile(r"^[a-z0-9][a-z0-9.+-]{0,63}$")
+
+
+SAFE_LINK = re.compile(r"^(?:https?://[A-Za-z0-9._~:/?#@!$&'()*+,;=%-]{1,400}|[A-Za-z0-9._-]{1,100})$")
+
+
+class Checkpoint:
+    """One model directory (a base checkpoint or a DPE export), each fact read once and kept.
+
+    Nothing is read on construction: `check()` runs the directory checks every command runs first (the
+    directory exists, holds config.json, and nothing in it leads outside), `raw` is config.json as read once by
+    read_config_json, and every other fact is derived from those or read on first use. Stages pass the
+    Checkpoint on instead of the path, so no stage reads config.json again.
+    """
+
+    TOKENIZER_VOCAB_FILES = TOKENIZER_VOCAB_FILES
+
+    def __init__(self, path: Union[str, Path]):
+        self.path = Path(path)
+        self._checked = False
+
+    @classmethod
+    def of(cls, model: Union["Checkpoint", "ModelInfo", str, Path]) -> "Checkpoint":
+        """`model` itself when it is a Checkpoint (or a ModelInfo's), else a new Checkpoint of that directory."""
+        if isinstance(model, Checkpoint):
+            return model
+        if isinstance(model, ModelInfo):
+            return model.checkpoint
+        return cls(model)
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r})"
+
+    def __str__(self) -> str:  # the directory, as messages and records name it
+        return str(self.path)
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def check(self) -> "Checkpoint":
+        """The checks of a model directory (check_model_dir), run once; returns self."""
+        if not self._checked:
+            check_model_dir(self.path)
+            self._checked = True
+        return self
+
+    def file(self, name: str) -> Optional[Path]:
+        """The regular file `name` of the directory, or None (safe_file: a link out of it is refused)."""
+        return safe_file(self.path, name)
+
+    @property
+    def has_config(self) -> bool:
+        return "raw" in self.__dict__ or self.file(CONFIG_FILE) is not None
+
+    @cached_property
+    def raw(self) -> dict[str, Any]:
+        """config.json as a dict, read once (read_config_json: sizes checked, one-line errors)."""
+        return read_config_json(self.path)
+
+    @property
+    def is_export(self) -> bool:
+        """Whether this is a DPE export: its config.json has a dpe section. The one place that decides."""
+        return "dpe" in self.raw
+
+    @property
+    def dpe(self) -> dict[str, Any]:
+        """An export's dpe section ({} for a base model, or where the section is not an object)."""
+        dpe = self.raw.get("dpe")
+        return dpe if isinstance(dpe, dict) else {}
+
+    @property
+    def written_by(self) -> Optional[str]:
+        """The dpe-export version that wrote an export (None before 0.2.0, and for base models)."""
+        return self.raw.get("dpe_export_version")
+
+    @property
+    def model_type(self) -> Any:
+        return self.raw.get("model_type")
+
+    @property
+    def text_config(self) -> dict[str, Any]:
+        """The language model's part of config.json (a multimodal config's text_config, else all of it)."""
+        text = self.raw.get("text_config")
+        return text if isinstance(text, dict) else self.raw
+
+    @property
+    def pretraining_length(self) -> Optional[int]:
+        """The length the base model was trained at: an export's recorded pretrain_length, a base model's
+        max_position_embeddings; None when config.json states no valid one."""
+        value = self.dpe.get("pretrain_length") if self.is_export else self.raw.get("max_position_embeddings")
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
+
+    def require_pretraining_length(self) -> int:
+        """pretraining_length, or DPEExportError naming the config when it states none."""
+        if self.pretraining_length is None:
+            key, value = ("dpe.pretrain_length", self.dpe.get("pretrain_length")) if self.is_export else \
+                ("max_position_embeddings", self.raw.get("max_position_embeddings"))
+            raise DPEExportError(f"{self.path / CONFIG_FILE} has no valid {key} (got {value!r})")
+        return self.pretraining_length
+
+    @property
+    def head_dim(self) -> int:
+        """The attention head dimension config.json describes (head_dim, else hidden_size / heads); for sizing
+        memory before anything is loaded. The rotating part of it is `rotary_dim`."""
+        cfg = self.text_config
+        heads = int(cfg.get("num_attention_heads") or 1)
+        return int(cfg.get("head_dim") or int(cfg.get("hidden_size") or 1) // heads)
+
+    @cached_property
+    def config(self):
+        """The base model's transformers config (load_base_config: AutoConfig, never remote code), loaded once."""
+        return load_base_config(self)
+
+    @property
+    def rotary_dim(self) -> int:
+        """R: how many head dims rotate (the head dim unless the family rotates only part); twice the number of
+        rotary frequencies."""
+        return int(dpe_family.rotary_dim_of(self.config))
+
+    @cached_property
+    def weight_files(self) -> list[str]:
+        """find_weight_files: the index and its shards, or model.safetensors (pickles refused)."""
+        return find_weight_files(self.path)
+
+    @property
+    def tokenizer_files(self) -> list[str]:
+        """The tokenizer (and generation config) files present, as regular files inside the directory."""
+        return [name for name in TOKENIZER_FILES if self.file(name) is not None]
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return any(self.file(name) is not None for name in TOKENIZER_VOCAB_FILES)
+
+    @property
+    def license_files(self) -> list[str]:
+        """The license and notice files present (they travel with the weights)."""
+        return [name for name in LICENSE_FILES if self.file(name) is not None]
+
+    @cached_property
+    def license(self) -> dict[str, str]:
+        """The license the model states (read_base_license: README.md front matter, else config.json)."""
+        return read_base_license(self.path, self.raw)
+
+    @property
+    def hub_id(self) -> Optional[str]:
+        """The Hub id of a Hugging Face cache snapshot directory, else None (guess_base_model)."""
+        return guess_base_model(self.path)
 
 
 @dataclass
 class ModelInfo:
-    """What the export needs to know about a base checkpoint directory."""
+    """A base checkpoint checked for export (inspect_model), with what the export needs to know about it."""
 
-    model_dir: Path
+    checkpoint: Checkpoint
     config: Any  # transformers PretrainedConfig, as AutoConfig loaded (and standardized) it
     architecture: Architecture
     head_dim: int
@@ -84,29 +233,35 @@ class ModelInfo:
     rotary_dim: int = 0  # R: the head dims that rotate (head_dim unless the family rotates only part)
 
     @property
+    def model_dir(self) -> Path:
+        return self.checkpoint.path
+
+    @property
     def num_freqs(self) -> int:
         return (self.rotary_dim or self.head_dim) // 2
 
+    @property
+    def default_target_length(self) -> int:
+        return 4 * self.max_position_embeddings
 
-def inspect_model(model_dir) -> ModelInfo:
-    """Check a base checkpoint directory and read what the export needs; DPEExportError when unusable."""
-    model_dir = Path(model_dir)
-    check_model_dir(model_dir)
-    raw = read_config_json(model_dir)
-    check_not_an_export(model_dir, raw)
-    weight_files = find_weight_files(model_dir)
-    config = load_base_config(model_dir)
+
+def inspect_model(model) -> ModelInfo:
+    """Check a base checkpoint (a directory or its Checkpoint) and read what the export needs; DPEExportError
+    when unusable."""
+    ckpt = Checkpoint.of(model).check()
+    model_dir, raw = ckpt.path, ckpt.raw
+    check_not_an_export(ckpt)
+    weight_files = ckpt.weight_files
+    config = ckpt.config
     architecture = get_architecture(config)
     check_core_fields(model_dir, raw)
     head_dim = head_dim_of(config)
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if not isinstance(max_pos, int) or max_pos < 1:
-        raise DPEExportError(f"{model_dir / CONFIG_FILE} has no valid max_position_embeddings (got {max_pos!r})")
+    max_pos = ckpt.require_pretraining_length()
     check_weight_headers(model_dir, weight_files)
     check_weight_shapes(model_dir, weight_files, config)
     check_tensor_coverage(model_dir, weight_files, config)
     return ModelInfo(
-        model_dir=model_dir,
+        checkpoint=ckpt,
         config=config,
         architecture=architecture,
         head_dim=head_dim,
@@ -114,7 +269,7 @@ def inspect_model(model_dir) -> ModelInfo:
         num_heads=int(config.num_attention_heads),
         max_position_embeddings=max_pos,
         weight_files=weight_files,
-        rotary_dim=load_dpe_core().rotary_dim_of(config),
+        rotary_dim=ckpt.rotary_dim,
     )
 
 
@@ -241,12 +396,14 @@ def check_config_sizes(raw: dict[str, Any], where) -> None:
                                      f"0 to {limit})")
 
 
-def load_base_config(model_dir: Path):
-    """The base config via transformers.AutoConfig (which standardizes rope_parameters); never runs remote code."""
+def load_base_config(model):
+    """The base config via transformers.AutoConfig (which standardizes rope_parameters); never runs remote code.
+    `model`: a directory or its Checkpoint (whose config.json is then not read again)."""
+    ckpt = Checkpoint.of(model)
+    model_dir, raw = ckpt.path, ckpt.raw
     path = model_dir / CONFIG_FILE
-    raw = read_config_json(model_dir)
     model_type = raw.get("model_type")
-    if isinstance(model_type, str) and model_type.startswith(EXPORT_MODEL_TYPE_PREFIX) and "dpe" not in raw:
+    if isinstance(model_type, str) and model_type.startswith(EXPORT_MODEL_TYPE_PREFIX) and not ckpt.is_export:
         raise DPEExportError(f"{path} has the model type {model_type!r} of a DPE export but no dpe section (edited or "
                              "damaged); convert the base model again")
     from transformers import AutoConfig
@@ -267,16 +424,14 @@ def load_base_config(model_dir: Path):
 CORE_CONFIG_FIELDS = ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size")
 
 
-def check_not_an_export(model_dir: Path, raw: dict[str, Any]) -> None:
+def check_not_an_export(ckpt: Checkpoint) -> None:
     """An export's config describes the export (its max_position_embeddings is the target length): refuse it as
     a base model, naming what to do instead."""
-    if "dpe" in raw:
-        dpe = raw.get("dpe") if isinstance(raw.get("dpe"), dict) else {}
-        written = raw.get("dpe_export_version") or "0.1.0 or earlier"
+    if ckpt.is_export:
         raise DPEExportError(
-            f"{model_dir} is already a DPE export (written by dpe-export {written}, pretrained length "
-            f"{dpe.get('pretrain_length')!r}); convert its base model instead, or bring it up to date with "
-            "`dpe-export upgrade`"
+            f"{ckpt.path} is already a DPE export (written by dpe-export {ckpt.written_by or '0.1.0 or earlier'}, "
+            f"pretrained length {ckpt.dpe.get('pretrain_length')!r}); convert its base model instead, or bring it up "
+            "to date with `dpe-export upgrade`"
         )
 
 
@@ -375,131 +530,64 @@ def _names_after_loading(keys: set[str], model, expected: dict) -> Optional[set[
 
 
 def head_dim_of(config) -> int:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    """The head dimension of a transformers config (dpe_core's reading), refused when odd."""
+    head_dim = dpe_family.head_dim_of(config)
     if head_dim % 2:
         raise DPEExportError(f"head_dim {head_dim} is odd; rotary embeddings need an even head dimension")
     return int(head_dim)
 
 
-def default_target_length(info: ModelInfo) -> int:
-    return 4 * info.max_position_embeddings
+def read_base_license(model_dir: Path, raw_config: Optional[dict] = None) -> dict[str, str]:
+    """The base model's license from its README.md front matter (else config.json): {} when it says none.
 
-
-def copy_tokenizer_files(model_dir: Path, out_dir: Path, max_length: Optional[int] = None) -> list[str]:
-    """Copy the tokenizer (and generation config) files that exist; warn when there is no tokenizer.
-
-    A tokenizer_config.json `auto_map` (the base repo's own tokenizer code, possibly in another repo) is
-    dropped, with a warning: the export must load with nothing but transformers' own tokenizer classes.
+    Returns {"license": id} with a Hub-style id, plus license_name / license_link when the card gives them in a
+    safe form. A license string that is not a plain id becomes {"license": "other", "license_text": <it>}: the
+    front matter keeps a valid id and the card body shows the original text (escaped).
     """
-    copied = _copy_present(model_dir, out_dir, TOKENIZER_FILES)
-    tok_config = out_dir / "tokenizer_config.json"
-    if "tokenizer_config.json" in copied:
+    meta: dict[str, Any] = {}
+    readme = safe_file(model_dir, MODEL_CARD_FILE)
+    if readme is not None:
         try:
-            data = json.loads(tok_config.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise DPEExportError(f"{model_dir / 'tokenizer_config.json'} is not valid JSON: {e}") from None
-        if isinstance(data, dict):
-            if "auto_map" in data:
-                logger.warning("dropping the auto_map of %s (%s): the export's tokenizer uses transformers' own code",
-                               model_dir / "tokenizer_config.json", json.dumps(data["auto_map"])[:200])
-                del data["auto_map"]
-            if max_length is not None:
-                data["model_max_length"] = max_length  # the export's target length, not the base's
-            tok_config.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    if not any(name in copied for name in TOKENIZER_VOCAB_FILES):
-        logger.warning(
-            "%s has no tokenizer (none of %s); the export will have none either",
-            model_dir,
-            ", ".join(TOKENIZER_VOCAB_FILES),
-        )
-    return copied
+            meta = _front_matter(readme.read_text(encoding="utf-8", errors="replace"))
+        except Exception as e:  # a broken card is the base model's problem, not a reason to fail the export
+            logger.warning("cannot read the front matter of %s (%s); the card will not name a license", readme, e)
+            meta = {}
+    value = meta.get("license")
+    if value is None and isinstance(raw_config, dict):
+        value = raw_config.get("license")
+    if isinstance(value, list) and value:
+        value = value[0]
+    if not isinstance(value, str) or not value.strip():
+        return {}
+    value = value.strip()
+    out: dict[str, str] = {}
+    if LICENSE_ID.match(value):
+        out["license"] = value
+    else:
+        out["license"] = "other"
+        out["license_text"] = value
+    for key in ("license_name", "license_link"):
+        v = meta.get(key)
+        if isinstance(v, str) and v.strip():
+            v = v.strip()
+            ok = LICENSE_ID.match(v) if key == "license_name" else SAFE_LINK.match(v)
+            if ok:
+                out[key] = v
+    return out
 
 
-def copy_license_files(model_dir: Path, out_dir: Path) -> list[str]:
-    return _copy_present(model_dir, out_dir, LICENSE_FILES)
+def _front_matter(text: str) -> dict[str, Any]:
+    """The YAML front matter of a model card as a dict ({} when there is none), with huggingface_hub's parser."""
+    from huggingface_hub import ModelCard
 
-
-def _copy_present(model_dir: Path, out_dir: Path, names: Sequence[str]) -> list[str]:
-    """Copy the files of `names` that exist, as regular files; links out of the model directory are refused."""
-    copied = []
-    for name in names:
-        src = safe_file(model_dir, name)
-        if src is not None:
-            try:
-                shutil.copyfile(src, out_dir / name)
-            except OSError as e:
-                raise DPEExportError(f"cannot write {out_dir / name}: {e.strerror or e}") from None
-            copied.append(name)
-    return copied
-
-
-def copy_weights(model_dir: Path, out_dir: Path, names: Sequence[str], link: bool = False) -> None:
-    """Copy (or hard-link) weight files unchanged, with a byte progress bar on a terminal.
-
-    Linking falls back to copying, with a warning, where the file system refuses (e.g. across devices).
-    """
-    from tqdm.auto import tqdm
-
-    # resolve: HF cache files are links into the entry's blobs/ (safe_file allows those and nothing else)
-    sources = [(name, safe_file(model_dir, name).resolve()) for name in names]
-    total = sum(src.stat().st_size for _, src in sources)
-    with tqdm(
-        total=total,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc="Linking weights" if link else "Copying weights",
-        disable=None,  # only on a terminal
-        file=sys.stderr,
-        leave=False,
-    ) as progress:
-        for name, src in sources:
-            dst = out_dir / name
-            if link:
-                try:
-                    os.link(src, dst)
-                    progress.update(src.stat().st_size)
-                    continue
-                except OSError as e:
-                    logger.warning("cannot hard-link weights (%s); copying them instead", e.strerror or e)
-                    link = False
-            copy_file_with_progress(src, dst, progress.update)
-            if dst.stat().st_size != src.stat().st_size:  # pragma: no cover - e.g. the source changed meanwhile
-                raise DPEExportError(f"copying {src} produced a file of a different size")
-
-
-def copy_file_with_progress(src: Path, dst: Path, update) -> None:
-    """Copy bytes from src to dst (kernel-side where possible), calling update(n) as they go; a write error (a full
-    disk) is one line naming dst."""
-    try:
-        _copy_bytes(src, dst, update)
-    except OSError as e:
-        raise DPEExportError(f"cannot write {dst}: {e.strerror or e}") from None
-
-
-def _copy_bytes(src: Path, dst: Path, update) -> None:
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        use_sendfile = hasattr(os, "sendfile")
-        while True:
-            if use_sendfile:
-                try:
-                    n = os.sendfile(fout.fileno(), fin.fileno(), None, _COPY_CHUNK)
-                except OSError as e:
-                    if e.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP) and fout.tell() == 0:
-                        use_sendfile = False
-                        continue
-                    raise
-            else:
-                chunk = fin.read(_COPY_CHUNK)
-                n = len(chunk)
-                fout.write(chunk)
-            if n == 0:
-                break
-            update(n)
+    if not text.lstrip().startswith("---"):  # no front matter (huggingface_hub would say so on stderr)
+        return {}
+    data = ModelCard(text, ignore_metadata_errors=True).data.to_dict()
+    return data if isinstance(data, dict) else {}
 
 
 def guess_base_model(model_dir: Path) -> Optional[str]:
     """The Hub id of a Hugging Face cache snapshot directory (models--org--name/snapshots/<rev>), else None."""
-    m = _HF_CACHE_SNAPSHOT.search(str(model_dir.resolve()))
+    m = _HF_CACHE_SNAPSHOT.search(str(Path(model_dir).resolve()))
     return f"{m.group(1)}/{m.group(2)}" if m else None
 

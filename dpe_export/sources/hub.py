@@ -8,8 +8,15 @@ from pathlib import Path
 from typing import Optional
 
 from dpe_export.errors import DPEExportError, first_line
-from dpe_export.sources.checkpoint import LICENSE_FILES, TOKENIZER_FILES
-from dpe_export.sources.model_source import PICKLE_SUFFIXES, ModelSource
+from dpe_export.generated import MODEL_CARD_FILE
+from dpe_export.sources.checkpoint import (
+    CONFIG_FILE,
+    LICENSE_FILES,
+    PICKLED_WEIGHT_PATTERNS,
+    TOKENIZER_FILES,
+    WEIGHTS_INDEX_FILE,
+)
+from dpe_export.sources.model_source import ModelSource
 
 logger = logging.getLogger(__name__)
 
@@ -17,8 +24,8 @@ logger = logging.getLogger(__name__)
 def hub_patterns() -> list[str]:
     """The files of a Hub repo an export needs (allow_patterns for snapshot_download)."""
 
-    return ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
-            "README.md", *TOKENIZER_FILES, *LICENSE_FILES]
+    return [CONFIG_FILE, "generation_config.json", "*.safetensors", WEIGHTS_INDEX_FILE, MODEL_CARD_FILE,
+            *TOKENIZER_FILES, *LICENSE_FILES]
 
 
 def _from_hub(repo_id: str, revision: Optional[str]) -> ModelSource:
@@ -37,8 +44,8 @@ def _from_hub(repo_id: str, revision: Optional[str]) -> ModelSource:
     except Exception as e:  # huggingface_hub's many error types, mapped to one line each
         raise DPEExportError(_describe_hub_error(e, repo_id, revision, offline)) from None
     path = Path(local)
-    if not (path / "config.json").is_file():
-        raise DPEExportError(f"{repo_id} has no config.json; it is not a transformers checkpoint")
+    if not (path / CONFIG_FILE).is_file():
+        raise DPEExportError(f"{repo_id} has no {CONFIG_FILE}; it is not a transformers checkpoint")
     if offline:
         _check_hub_files(repo_id, [p.name for p in path.iterdir()])
     return ModelSource(repo_id, "hub", path, hub_id=repo_id, revision=revision)
@@ -47,7 +54,7 @@ def _from_hub(repo_id: str, revision: Optional[str]) -> ModelSource:
 def _check_hub_files(repo_id: str, names: list[str]) -> None:
     if any(n.endswith(".safetensors") for n in names):
         return
-    pickled = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+    pickled = sorted(n for n in names if any(n.endswith(p.lstrip("*")) for p in PICKLED_WEIGHT_PATTERNS))
     if pickled:
         raise DPEExportError(
             f"{repo_id} has only pickled weights ({', '.join(pickled[:3])}); dpe-export never loads pickles. "

@@ -12,16 +12,12 @@ from typing import Any, Optional
 from dpe_export.architectures import export_architecture
 from dpe_export.errors import DPEExportError, first_line
 from dpe_export.generated import foreign_code
-from dpe_export.runtime import load_dpe_core
-from dpe_export.safefiles import safe_file
 from dpe_export.sources.checkpoint import (
     PICKLED_WEIGHT_PATTERNS,
     TOKENIZER_FILES,
     WEIGHTS_FILE,
     WEIGHTS_INDEX_FILE,
-    check_model_dir,
-    load_base_config,
-    read_config_json,
+    Checkpoint,
 )
 from dpe_export.sources.methods import (
     MethodSpec,
@@ -29,6 +25,8 @@ from dpe_export.sources.methods import (
     dpe_params_for,
     rope_parameters_for,
 )
+from dpe_export.modeling_templates import dpe_family
+from dpe_export import dpe_ops
 
 logger = logging.getLogger("dpe_export")
 
@@ -90,15 +88,9 @@ def resolve_dtype(dtype: Optional[str], device):
     return getattr(torch, name)
 
 
-def _read_raw_config(model_dir: Path) -> dict[str, Any]:
-
-    check_model_dir(model_dir)
-    return read_config_json(model_dir)
-
-
-def _check_weights(model_dir: Path) -> None:
-
-    if safe_file(model_dir, WEIGHTS_FILE) is not None or safe_file(model_dir, WEIGHTS_INDEX_FILE) is not None:
+def _check_weights(ckpt: Checkpoint) -> None:
+    model_dir = ckpt.path
+    if ckpt.file(WEIGHTS_FILE) is not None or ckpt.file(WEIGHTS_INDEX_FILE) is not None:
         return
     pickled = sorted({p.name for pattern in PICKLED_WEIGHT_PATTERNS for p in model_dir.glob(pattern)})
     if pickled:
@@ -133,19 +125,19 @@ def _check_rope_changed(model, base_config, method: MethodSpec) -> None:
         raise DPEExportError(f"{type(model).__name__} ignored the RoPE parameters of {method}; cannot apply it")
 
 
-def check_eval_model(model_dir, method: Optional[MethodSpec] = None,
-                     trust_remote_code: bool = False) -> tuple[dict[str, Any], bool]:
+def check_eval_model(model, method: Optional[MethodSpec] = None, trust_remote_code: bool = False) -> Checkpoint:
     """Fast checks before anything is loaded: the directory, config.json, safetensors weights, that a method
     is not asked of a DPE export, and that an export's code is dpe-export's own unless trust_remote_code.
-    Returns the raw config.json and whether it is a DPE export."""
-    model_dir = Path(model_dir)
+    `model`: a directory or its Checkpoint; returns the Checkpoint (config.json read once)."""
+    ckpt = Checkpoint.of(model)
+    model_dir = ckpt.path
     method = method or MethodSpec("none")
-    raw = _read_raw_config(model_dir)
-    _check_weights(model_dir)
+    raw = ckpt.check().raw
+    _check_weights(ckpt)
 
     for name in TOKENIZER_FILES:  # what transformers reads besides config and weights: no link out of the dir
-        safe_file(model_dir, name)
-    is_export = "dpe" in raw
+        ckpt.file(name)
+    is_export = ckpt.is_export
     if is_export and method.kind != "none":
         raise DPEExportError(
             f"{model_dir} is already a DPE export; --method {method} applies only to base models "
@@ -160,17 +152,19 @@ def check_eval_model(model_dir, method: Optional[MethodSpec] = None,
                 "If it is an export of an earlier dpe-export, run `dpe-export upgrade` on it; if you trust its "
                 "code, pass --trust-remote-code"
             )
-    return raw, is_export
+    return ckpt
 
 
-def load_tokenizer(model_dir):
-    """The checkpoint's tokenizer (AutoTokenizer); DPEExportError when there is none."""
+def load_tokenizer(model):
+    """The checkpoint's tokenizer (AutoTokenizer); DPEExportError when there is none. `model`: a directory or its
+    Checkpoint."""
     from transformers import AutoConfig, AutoTokenizer
 
+    ckpt = Checkpoint.of(model)
+    model_dir = ckpt.path
     kwargs = {}
-    raw = read_config_json(Path(model_dir)) if safe_file(Path(model_dir), "config.json") is not None else {}
-    arch = export_architecture(raw.get("model_type")) if "dpe" in raw else None
-    if arch is not None and raw.get("model_type") != arch.model_type:
+    arch = export_architecture(ckpt.model_type) if ckpt.has_config and ckpt.is_export else None
+    if arch is not None and ckpt.model_type != arch.model_type:
         # An export's config class is in its own code (model_type dpe_<family>); the tokenizer needs none of it:
         # its family's config stands in, so no code runs and transformers does not ask for trust_remote_code.
         kwargs["config"] = AutoConfig.for_model(arch.model_type)
@@ -224,17 +218,17 @@ def _rebind_dispatch_hooks(model) -> None:
             module._old_forward = types.MethodType(type(module).forward, module)
 
 
-def _eval_config(model_dir: Path, method: MethodSpec, is_export: bool, target_length: Optional[int]):
+def _eval_config(ckpt: Checkpoint, method: MethodSpec, target_length: Optional[int]):
     """The config to load with (the method's RoPE parameters applied) and the base model's (to check against)."""
     from transformers import AutoConfig
 
-    if is_export:
+    if ckpt.is_export:
         try:
-            return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=True), None
+            return AutoConfig.from_pretrained(str(ckpt.path), trust_remote_code=True), None
         except Exception as e:
-            raise DPEExportError(f"cannot load the DPE export config in {model_dir}: {first_line(e)}") from None
-    config = load_base_config(model_dir)
-    base_config = copy.deepcopy(config)
+            raise DPEExportError(f"cannot load the DPE export config in {ckpt.path}: {first_line(e)}") from None
+    config = copy.deepcopy(ckpt.config)  # changed below; the Checkpoint keeps the base model's
+    base_config = copy.deepcopy(ckpt.config)
     if method.is_rope:
         old = base_rope_parameters(config)
         if old.get("rope_type", "default") != "default":
@@ -242,7 +236,7 @@ def _eval_config(model_dir: Path, method: MethodSpec, is_export: bool, target_le
         config.rope_parameters = rope_parameters_for(method, config)
     elif method.is_dpe:
         try:
-            load_dpe_core().check_supported_config(config)
+            dpe_family.check_supported_config(config)
         except ValueError as e:
             raise DPEExportError(f"cannot apply {method}: {e}") from None
         dpe_params_for(method, config, target_length)  # bad parameters fail before the weights load
@@ -254,7 +248,7 @@ def load_model(model_dir, method: Optional[MethodSpec] = None, *, device=None, d
                trust_remote_code: bool = False, **load_kwargs) -> LoadedModel:
     """Load a base checkpoint (with ``method`` applied) or a DPE export (``trust_remote_code=True``).
 
-    Weights are read from safetensors only. A method other than ``none`` on a DPE export is an error.
+    `model_dir`: a directory or its Checkpoint. Weights are read from safetensors only. A method other than ``none`` on a DPE export is an error.
     ``target_length`` (the longest evaluated length) is recorded in the DPE parameters of self-extend/dpe.
     ``tokenizer``: reuse one already loaded (else it is loaded from ``model_dir``).
     ``device_map`` ("auto", "balanced", ...): spread the layers over every visible GPU (then CPU RAM) with
@@ -263,18 +257,18 @@ def load_model(model_dir, method: Optional[MethodSpec] = None, *, device=None, d
     """
     from transformers import AutoModelForCausalLM
 
-    model_dir = Path(model_dir)
     method = method or MethodSpec("none")
-    raw, is_export = check_eval_model(model_dir, method, trust_remote_code)
+    ckpt = check_eval_model(model_dir, method, trust_remote_code)
+    model_dir, is_export = ckpt.path, ckpt.is_export
     check_device_map(device_map, None if hasattr(device, "type") else device)
     dev = device if hasattr(device, "type") else resolve_device(None if device_map else device)
     torch_dtype = dtype if hasattr(dtype, "is_floating_point") else resolve_dtype(dtype, dev)
     if attn not in ("sdpa", "eager", "flash_attention_2"):
         raise DPEExportError(f"unknown attention implementation {attn!r}; use sdpa or eager")
     if tokenizer is None:
-        tokenizer = load_tokenizer(model_dir)
+        tokenizer = load_tokenizer(ckpt)
 
-    config, base_config = _eval_config(model_dir, method, is_export, target_length)
+    config, base_config = _eval_config(ckpt, method, target_length)
     try:
         def load(implementation):
             return AutoModelForCausalLM.from_pretrained(
@@ -297,7 +291,7 @@ def load_model(model_dir, method: Optional[MethodSpec] = None, *, device=None, d
     elif method.is_dpe:
         params = dpe_params_for(method, model.config, target_length)
         try:
-            load_dpe_core().apply_dpe(model, params)
+            dpe_ops.apply_dpe(model, params)
         except ValueError as e:
             raise DPEExportError(f"cannot apply {method}: {e}") from None
     if device_map:
@@ -307,7 +301,5 @@ def load_model(model_dir, method: Optional[MethodSpec] = None, *, device=None, d
         dev = input_device(model)
     else:
         model.to(dev).eval()
-    max_pos = (raw.get("dpe") or {}).get("pretrain_length") if is_export else raw.get("max_position_embeddings")
-    return LoadedModel(model, tokenizer, model_dir, method, is_export, dev, torch_dtype,
-                       max_pos if isinstance(max_pos, int) else None)
+    return LoadedModel(model, tokenizer, model_dir, method, is_export, dev, torch_dtype, ckpt.pretraining_length)
 

@@ -14,7 +14,7 @@ A method spec (``--method``) is one of::
                          an even split of head_dim/2
 
 linear/dynamic/yarn go through transformers' own rotary embeddings (``config.rope_parameters``);
-self-extend/dpe through ``dpe_core.apply_dpe`` on the loaded base model. Nothing is written to disk.
+self-extend/dpe through ``dpe_ops.apply_dpe`` on the loaded base model. Nothing is written to disk.
 """
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from dpe_export.errors import DPEExportError
-from dpe_export.runtime import load_dpe_core
+from dpe_export.modeling_templates import dpe_family, dpe_params
+from dpe_export import dpe_ops
 
 logger = logging.getLogger("dpe_export")
 
@@ -118,11 +119,6 @@ def parse_method(spec: Optional[str]) -> MethodSpec:
     raise _bad(spec)
 
 
-def _head_dim(config) -> int:
-    """Twice the number of rotary frequencies (the head dimension, unless only part of it rotates)."""
-    return load_dpe_core().rotary_dim_of(config)
-
-
 SCALED_LAYER_TYPE = "full_attention"  # with per-layer-type RoPE, the layer type a RoPE method rescales
 
 
@@ -179,16 +175,15 @@ def dpe_params_for(method: MethodSpec, config, target_length: Optional[int] = No
     """
     if not method.is_dpe:
         raise ValueError(f"{method} is not a DPE method")
-    core = load_dpe_core()
-    half = _head_dim(config) // 2
+    half = dpe_family.rotary_dim_of(config) // 2  # the rotary frequencies (all head dims, unless only part rotates)
     try:
         if method.kind == "self-extend":
             bounds = [0, half]
         else:
-            bounds = core.even_group_boundaries(half, len(method.scales))
+            bounds = dpe_ops.even_group_boundaries(half, len(method.scales))
         pretrain = int(config.max_position_embeddings)
         target = max(int(target_length or 0), pretrain, method.window + 1)
-        params = core.DPEParams(
+        params = dpe_params.DPEParams(
             local_window_size=method.window,
             scale_factors=list(method.scales),
             dimension_groups_range=bounds,

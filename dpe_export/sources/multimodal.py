@@ -10,15 +10,9 @@ from typing import Optional
 
 from dpe_export.architectures import ARCHITECTURES, WRAPPERS
 from dpe_export.errors import DPEExportError
+from dpe_export.export.copying import copy_license_files, copy_tokenizer_files
 from dpe_export.safefiles import safe_file
-from dpe_export.sources.checkpoint import (
-    CONFIG_FILE,
-    WEIGHTS_INDEX_FILE,
-    copy_license_files,
-    copy_tokenizer_files,
-    find_weight_files,
-    read_config_json,
-)
+from dpe_export.sources.checkpoint import CONFIG_FILE, MODEL_CARD_FILE, WEIGHTS_INDEX_FILE
 from dpe_export.sources.model_source import ModelSource
 from dpe_export.staging import clean_stale_staging, make_staging_dir
 
@@ -32,8 +26,8 @@ def text_model_of(source: ModelSource, workdir: Optional[Path] = None) -> ModelS
     are left out), tokenizer, generation config, README and license files."""
     import json
 
-
-    raw = read_config_json(source.path) if safe_file(source.path, "config.json") is not None else {}
+    ckpt = source.checkpoint
+    raw = ckpt.raw if ckpt.has_config else {}
     wrap = WRAPPERS.get(raw.get("model_type"))
     if wrap is None:
         return source
@@ -47,7 +41,7 @@ def text_model_of(source: ModelSource, workdir: Optional[Path] = None) -> ModelS
             text[name] = raw[name]
     if "tie_word_embeddings" in raw:  # the multimodal model ties (or not) by its own config, not the text one's
         text["tie_word_embeddings"] = raw["tie_word_embeddings"]
-    names = find_weight_files(source.path)
+    names = ckpt.weight_files
     owner = Path(workdir) if workdir is not None else source.path  # as for a GGUF (sources/gguf.py)
     owner.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_staging(owner)
@@ -64,10 +58,10 @@ def text_model_of(source: ModelSource, workdir: Optional[Path] = None) -> ModelS
         if "lm_head.weight" in kept and "tie_word_embeddings" not in text:
             text["tie_word_embeddings"] = False
         (tmp / CONFIG_FILE).write_text(json.dumps(text, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        copy_tokenizer_files(source.path, tmp)
-        copy_license_files(source.path, tmp)
-        if safe_file(source.path, "README.md") is not None:
-            shutil.copyfile(source.path / "README.md", tmp / "README.md")
+        copy_tokenizer_files(ckpt, tmp)
+        copy_license_files(ckpt, tmp)
+        if ckpt.file(MODEL_CARD_FILE) is not None:
+            shutil.copyfile(source.path / MODEL_CARD_FILE, tmp / MODEL_CARD_FILE)
     except BaseException:
         out.cleanup()
         source.cleanup()

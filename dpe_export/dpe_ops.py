@@ -1,0 +1,45 @@
+"""What dpe-export does with the export runtime that exports themselves never do: DPE applied to a base model it
+has loaded (calibration, evaluation, analysis), even frequency groups, and the name a transformers release gives
+the KV cache in a forward's arguments and outputs. The runtime's files are dpe_export.modeling_templates.dpe_*; this
+module is not shipped with exports.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Optional
+
+import torch
+
+from dpe_export.modeling_templates import dpe_guards, dpe_hf_model, dpe_workarounds
+from dpe_export.modeling_templates.dpe_params import DPEParams
+
+
+def even_group_boundaries(num_freqs: int, num_groups: int) -> list[int]:
+    """Boundaries that split frequencies [0, num_freqs) evenly into num_groups contiguous groups."""
+    if num_groups < 1 or num_groups > num_freqs:
+        raise ValueError(f"cannot split {num_freqs} rotary frequencies into {num_groups} groups")
+    return [round(g * num_freqs / num_groups) for g in range(num_groups + 1)]
+
+
+def apply_dpe(model, params: DPEParams, selected: Optional[torch.Tensor] = None):
+    """DPE on an already loaded base model (what dpe-export uses to calibrate and evaluate)."""
+    dpe_hf_model.install_dpe(model, params)
+    dpe_hf_model.set_dpe_selection(model, selected)
+    return model
+
+
+def cache_argument(model) -> str:
+    """The name this transformers release's model forward takes the KV cache under ("past_key_values"/"cache")."""
+    params = inspect.signature(type(model).forward).parameters
+    for name in reversed(dpe_workarounds.CACHE_ARGUMENT_NAMES):
+        if name in params:
+            return name
+    raise dpe_guards.DPERuntimeError(f"{type(model).__name__}.forward takes no KV cache argument DPE knows")
+
+
+def output_cache(outputs):
+    """The KV cache a model output carries, under whichever name this transformers release gives it."""
+    for name in reversed(dpe_workarounds.CACHE_ARGUMENT_NAMES):
+        if name in outputs:
+            return outputs[name]
+    return None

@@ -1,0 +1,134 @@
+"""How the paired procedure's choice among tied scales decides held-out quality, on the trained testbeds.
+
+The race's measurements (cells.jsonl) do not depend on the rule that picks a scale among the finalists whose
+likelihoods are within noise of the best, so each (testbed, seed) is calibrated once, its state kept under
+--cells, and every rule below picks from the same cells. Each distinct choice is then converted and scored
+on the held-out prompts of scripts/calibration_quality.py (pass-key and 4-needle NIAH at 4x, 8x and 16x, 10
+samples, seed 0); a choice already scored there (calibration-quality*.jsonl) is not scored again. One JSON line
+per (testbed, seed, rule) is appended to --jsonl as it finishes; a re-run skips what is there.
+
+    python scripts/tie_rule_study.py --jsonl benchmarks/results/tie-rule-study.jsonl \
+        --cells benchmarks/results/tie-rule-study
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_calibration import busy_processes as other_torch_jobs  # noqa: E402
+
+from dpe_export.calibration import paired, scales  # noqa: E402
+
+LENGTHS = "1024,2048,4096"
+
+
+def _tied(plan, done) -> list[list[int]]:
+    """Per group, the finalists tied with the best (paired.TIE_Z), best first."""
+    state, todo = paired.race(plan, list(range(plan.num_groups)), done)
+    assert not todo, todo[:1]
+    out = []
+    for g in range(plan.num_groups):
+        alive, _ = state[g]
+        seen = min(paired._contexts_of(plan, g, s, done) for s in alive)
+        ranked = paired._ranking(plan, g, alive, done, seen)
+        out.append([s for s in ranked if paired._ties(plan, g, ranked[0], s, done, seen)])
+    return out
+
+
+RULES = {
+    "reference": lambda plan, tied: min(tied, key=lambda s: scales.reference_distance(plan, s)),  # the default
+    "best-mean": lambda plan, tied: tied[0],  # no tie rule: the highest mean likelihood
+    "largest": lambda plan, tied: max(tied),  # ties to the most compressed far positions
+}
+
+
+def cli(*args, threads: int) -> None:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), TRANSFORMERS_VERBOSITY="error",
+               TQDM_DISABLE="1")
+    subprocess.run([sys.executable, "-m", "dpe_export", *args], check=True, env=env, cwd=REPO,
+                   stdout=subprocess.DEVNULL)
+
+
+def known_scores() -> dict:
+    """Held-out results already measured, by (model, factors)."""
+    known = {}
+    for path in sorted((REPO / "benchmarks" / "results").glob("calibration-quality*.jsonl")):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            known[(r["model"], tuple(r["chosen"]))] = r["held_out"]
+    return known
+
+
+def score(model: str, factors: list[int], groups: list[int], tmp: Path) -> dict:
+    base = REPO / "tests" / "fixtures" / f"testbed-{model}"
+    export = tmp / f"dpe-{model}-{'-'.join(map(str, factors))}"
+    cli("convert", str(base), "-o", str(export), "--window", "32", "--target-length", "4096", "--overwrite",
+        "--scale-factors", ",".join(map(str, factors)), "--dimension-groups", ",".join(map(str, groups)), threads=2)
+    held_out = {}
+    for task in ("passkey", "niah"):
+        out = tmp / f"eval-{task}.json"
+        cli("eval", str(export), "--task", task, "--lengths", LENGTHS, "--samples", "10", "--batch-size", "5",
+            "--json", str(out), threads=2)
+        data = json.loads(out.read_text())
+        held_out[task] = {"overall": {str(r["length"]): r["accuracy"] for r in data["overall"]},
+                          "correct": [[d["length"], d["depth"], d["sample"], d["correct"]] for d in data["details"]]}
+    return held_out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--jsonl", type=Path, required=True)
+    ap.add_argument("--cells", type=Path, required=True, help="where each calibration's state is kept")
+    ap.add_argument("--models", default="llama,qwen2,mistral")
+    ap.add_argument("--seeds", default="1234,99")
+    args = ap.parse_args()
+    done = set()
+    if args.jsonl.is_file():
+        for line in args.jsonl.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["model"], r["seed"], r["rule"]))
+    known = known_scores()
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in map(int, args.seeds.split(",")):
+            for model in args.models.split(","):
+                name = f"testbed-{model}"
+                if all((name, seed, rule) in done for rule in RULES):
+                    continue
+                cal = args.cells / f"{model}-{seed}"
+                shared = other_torch_jobs()
+                t0 = time.time()
+                cli("calibrate", str(REPO / "tests" / "fixtures" / name), "--target-length", "4096", "--window", "32",
+                    "--groups", "4", "--seed", str(seed), "-d", str(cal), threads=1)
+                seconds = time.time() - t0
+                plan = scales.load_plan(cal)
+                tied = _tied(plan, paired.read_units(cal, plan))
+                for rule, pick in RULES.items():
+                    if (name, seed, rule) in done:
+                        continue
+                    chosen = [pick(plan, t) for t in tied]
+                    held_out = known.get((name, tuple(chosen)))
+                    reused = held_out is not None
+                    if not reused:
+                        held_out = known[(name, tuple(chosen))] = score(model, chosen, plan.dimension_groups_range,
+                                                                        Path(tmp))
+                    record = {"model": name, "seed": seed, "rule": rule, "chosen": chosen, "tied": tied,
+                              "held_out": held_out, "reused_scores": reused, "calibrate_seconds": round(seconds, 1),
+                              "other_jobs_at_start": shared, "other_jobs_at_end": other_torch_jobs(),
+                              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                    print(json.dumps({k: v for k, v in record.items() if k != "held_out"}), flush=True)
+                    with open(args.jsonl, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
