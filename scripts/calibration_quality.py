@@ -32,6 +32,20 @@ def cli(*args, threads: int) -> None:
                    stdout=subprocess.DEVNULL)
 
 
+def held_out_scores(export: Path, tmp: Path) -> dict:
+    """Pass-key and 4-needle NIAH of an export at 4x, 8x and 16x on the held-out prompts (seed 0, 10 samples):
+    per task, the overall accuracy per length and every prompt's outcome."""
+    held_out = {}
+    for task in ("passkey", "niah"):
+        out = tmp / f"eval-{export.name}-{task}.json"
+        cli("eval", str(export), "--task", task, "--lengths", LENGTHS, "--samples", "10", "--batch-size", "5",
+            "--json", str(out), threads=2)
+        data = json.loads(out.read_text())
+        held_out[task] = {"overall": {str(r["length"]): r["accuracy"] for r in data["overall"]},
+                          "correct": [[d["length"], d["depth"], d["sample"], d["correct"]] for d in data["details"]]}
+    return held_out
+
+
 def run_one(model: str, procedure: str, seed: int, tmp: Path) -> dict:
     base = REPO / "tests" / "fixtures" / f"testbed-{model}"
     cal, export = tmp / f"cal-{model}-{procedure}-{seed}", tmp / f"dpe-{model}-{procedure}-{seed}"
@@ -42,14 +56,7 @@ def run_one(model: str, procedure: str, seed: int, tmp: Path) -> dict:
     seconds = time.time() - t0
     calibration = json.loads((cal / "calibration.json").read_text())
     cli("convert", str(base), "-o", str(export), "--calibration", str(cal / "calibration.json"), threads=2)
-    held_out = {}
-    for task in ("passkey", "niah"):
-        out = tmp / f"eval-{model}-{procedure}-{seed}-{task}.json"
-        cli("eval", str(export), "--task", task, "--lengths", LENGTHS, "--samples", "10", "--batch-size", "5",
-            "--json", str(out), threads=2)
-        data = json.loads(out.read_text())
-        held_out[task] = {"overall": {str(r["length"]): r["accuracy"] for r in data["overall"]},
-                          "correct": [[d["length"], d["depth"], d["sample"], d["correct"]] for d in data["details"]]}
+    held_out = held_out_scores(export, tmp)
     return {"model": f"testbed-{model}", "procedure": procedure, "seed": seed, "chosen": calibration["chosen"],
             "calibrate_seconds": round(seconds, 1), "grid_seconds": calibration["timings"]["grid_seconds_all_cells"],
             "prefills": calibration.get("prefills"), "grid": calibration["grid"], "held_out": held_out,

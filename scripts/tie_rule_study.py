@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,11 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_calibration import busy_processes as other_torch_jobs  # noqa: E402
+from calibration_quality import cli, held_out_scores  # noqa: E402
 
 from dpe_export.calibration import paired, scales  # noqa: E402
-
-LENGTHS = "1024,2048,4096"
-
 
 def _tied(plan, done) -> list[list[int]]:
     """Per group, the finalists tied with the best (paired.TIE_Z), best first."""
@@ -51,13 +47,6 @@ RULES = {
 }
 
 
-def cli(*args, threads: int) -> None:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS=str(threads), TRANSFORMERS_VERBOSITY="error",
-               TQDM_DISABLE="1")
-    subprocess.run([sys.executable, "-m", "dpe_export", *args], check=True, env=env, cwd=REPO,
-                   stdout=subprocess.DEVNULL)
-
-
 def known_scores() -> dict:
     """Held-out results already measured, by (model, factors)."""
     known = {}
@@ -73,15 +62,7 @@ def score(model: str, factors: list[int], groups: list[int], tmp: Path) -> dict:
     export = tmp / f"dpe-{model}-{'-'.join(map(str, factors))}"
     cli("convert", str(base), "-o", str(export), "--window", "32", "--target-length", "4096", "--overwrite",
         "--scale-factors", ",".join(map(str, factors)), "--dimension-groups", ",".join(map(str, groups)), threads=2)
-    held_out = {}
-    for task in ("passkey", "niah"):
-        out = tmp / f"eval-{task}.json"
-        cli("eval", str(export), "--task", task, "--lengths", LENGTHS, "--samples", "10", "--batch-size", "5",
-            "--json", str(out), threads=2)
-        data = json.loads(out.read_text())
-        held_out[task] = {"overall": {str(r["length"]): r["accuracy"] for r in data["overall"]},
-                          "correct": [[d["length"], d["depth"], d["sample"], d["correct"]] for d in data["details"]]}
-    return held_out
+    return held_out_scores(export, tmp)
 
 
 def main() -> int:
