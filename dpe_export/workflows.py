@@ -81,6 +81,7 @@ class CalibrateRequest:
     merge: bool = False  # join the shards' results in output_dir instead
     shard: Optional[str] = None  # I/N
     window: Optional[int] = None  # default: the pretraining length / 8
+    context_lengths: Optional[tuple] = None  # paired: each context's length (default: all at target_length)
     num_groups: Optional[int] = None
     dimension_groups: Optional[tuple] = None
     top_k: Optional[int] = None
@@ -104,7 +105,7 @@ class CalibrateRequest:
 
 _CALIBRATE_SETTINGS = ("target_length", "num_groups", "dimension_groups", "top_k", "dim_statistic", "procedure",
                        "samples", "needles", "metric", "seed", "ray_address", "ray_actors", "haystack", "batch_size",
-                       "device", "dtype", "device_map")
+                       "device", "dtype", "device_map", "context_lengths")
 
 
 def calibrate(req: CalibrateRequest, echo: Echo = _silent) -> str:
@@ -117,6 +118,8 @@ def calibrate(req: CalibrateRequest, echo: Echo = _silent) -> str:
     with open_model(req.model, revision=req.model_revision, gguf_file=req.gguf_file, dtype=req.dtype,
                     workdir=Path(req.output_dir) / "source", echo=echo) as source:
         settings = {k: getattr(req, k) for k in _CALIBRATE_SETTINGS}
+        if settings["context_lengths"] is not None:
+            settings["context_lengths"] = list(settings["context_lengths"])
         if settings["dimension_groups"] is not None:
             settings["dimension_groups"] = list(settings["dimension_groups"])
         result = calibrate_model(source.checkpoint, req.output_dir, window=req.window,

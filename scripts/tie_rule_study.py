@@ -71,29 +71,33 @@ def main() -> int:
     ap.add_argument("--cells", type=Path, required=True, help="where each calibration's state is kept")
     ap.add_argument("--models", default="llama,qwen2,mistral")
     ap.add_argument("--seeds", default="1234,99")
+    ap.add_argument("--context-lengths", help="calibrate's --context-lengths (default: every context at 4096)")
     args = ap.parse_args()
+    lengths = [] if args.context_lengths is None else ["--context-lengths", args.context_lengths]
+    variant = args.context_lengths or "4096,4096"
     done = set()
     if args.jsonl.is_file():
         for line in args.jsonl.read_text().splitlines():
             r = json.loads(line)
-            done.add((r["model"], r["seed"], r["rule"]))
+            done.add((r["model"], r["seed"], r["rule"], r.get("context_lengths", "4096,4096")))
     known = known_scores()
     with tempfile.TemporaryDirectory() as tmp:
         for seed in map(int, args.seeds.split(",")):
             for model in args.models.split(","):
                 name = f"testbed-{model}"
-                if all((name, seed, rule) in done for rule in RULES):
+                if all((name, seed, rule, variant) in done for rule in RULES):
                     continue
-                cal = args.cells / f"{model}-{seed}"
+                cal = args.cells / (f"{model}-{seed}" + ("" if args.context_lengths is None
+                                                          else f"-lengths-{variant.replace(',', '-')}"))
                 shared = other_torch_jobs()
                 t0 = time.time()
                 cli("calibrate", str(REPO / "tests" / "fixtures" / name), "--target-length", "4096", "--window", "32",
-                    "--groups", "4", "--seed", str(seed), "-d", str(cal), threads=1)
+                    "--groups", "4", "--seed", str(seed), "-d", str(cal), *lengths, threads=1)
                 seconds = time.time() - t0
                 plan = scales.load_plan(cal)
                 tied = _tied(plan, paired.read_units(cal, plan))
                 for rule, pick in RULES.items():
-                    if (name, seed, rule) in done:
+                    if (name, seed, rule, variant) in done:
                         continue
                     chosen = [pick(plan, t) for t in tied]
                     held_out = known.get((name, tuple(chosen)))
@@ -101,7 +105,8 @@ def main() -> int:
                     if not reused:
                         held_out = known[(name, tuple(chosen))] = score(model, chosen, plan.dimension_groups_range,
                                                                         Path(tmp))
-                    record = {"model": name, "seed": seed, "rule": rule, "chosen": chosen, "tied": tied,
+                    record = {"model": name, "seed": seed, "rule": rule, "context_lengths": variant,
+                              "chosen": chosen, "tied": tied,
                               "held_out": held_out, "reused_scores": reused, "calibrate_seconds": round(seconds, 1),
                               "other_jobs_at_start": shared, "other_jobs_at_end": other_torch_jobs(),
                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

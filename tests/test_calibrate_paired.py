@@ -331,3 +331,30 @@ def test_prefix_reuse_recomputes_where_the_cache_cannot_be_restored(monkeypatch)
     again = answer_likelihoods(model, prompts, [[9], [10]], prefill_chunk=32,
                                around_prefill=lambda: reuse.prefill(0))
     assert [round(a, 5) for a, _ in first] == [round(a, 5) for a, _ in again]
+
+
+def test_context_lengths_set_each_contexts_prompt_length_and_leave_other_plans_keys(byte_model, tmp_path, run_cli):
+    base = save_tiny_model(tmp_path / "base", "llama", tokenizer=False)
+    plain = scales.make_plan(base, target_length=512, window=32, num_freqs=8, pretrain_length=64,
+                             procedure="paired", samples=2)
+    assert plain.context_lengths is None and "context_lengths" not in json.dumps(plain.key())
+    assert [plain.context_length(c) for c in (0, 1)] == [512, 512]
+    mixed = scales.make_plan(base, target_length=512, window=32, num_freqs=8, pretrain_length=64,
+                             procedure="paired", samples=2, context_lengths=[256, 512])
+    assert mixed.key() != plain.key() and [mixed.context_length(c) for c in (0, 1)] == [256, 512]
+    for bad in ([256], [32, 512], [256, 1024]):  # one per context, above the window, at most the target
+        with pytest.raises(DPEExportError, match="one context length per context"):
+            scales.make_plan(base, target_length=512, window=32, num_freqs=8, pretrain_length=64,
+                             procedure="paired", samples=2, context_lengths=bad)
+    cal = tmp_path / "cal"
+    res = run_cli("calibrate", str(byte_model), "-d", str(cal), "--target-length", "1024", "--window", "128",
+                  "--groups", "2", "--needles", "4", "--device", "cpu", "--context-lengths", "512,1024")
+    assert res.exit_code == 0, (res.stdout + res.stderr)
+    assert json.loads((cal / "plan.json").read_text())["context_lengths"] == [512, 1024]
+    from dpe_export.sources.loading import load_tokenizer
+
+    calibrator = scales.Calibrator(model=None, tokenizer=load_tokenizer(byte_model), plan=scales.load_plan(cal))
+    assert [len(calibrator.context_prompts(c)[0].input_ids) for c in (0, 1)] == [512, 1024]  # the prompt side only
+    res = run_cli("calibrate", str(byte_model), "-d", str(tmp_path / "grid"), "--target-length", "1024",
+                  "--window", "128", "--procedure", "grid", "--context-lengths", "512,1024")
+    assert res.exit_code == 1 and "--context-lengths applies to the paired procedure" in res.stderr

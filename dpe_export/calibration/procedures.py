@@ -83,7 +83,7 @@ def _check_prompt_fits(plan: scales.CalibrationPlan, tokenizer, haystack) -> Non
     task = registry.get_task(plan.metric)
     need = task.min_length(PromptBuilder(tokenizer, haystack_path=haystack), plan.needles)
     what = f"a {task.pretty_name} prompt" + (f" with {plan.needles} needles" if task.uses_needles else "")
-    if plan.target_length < need:
+    if min(plan.context_lengths or [plan.target_length]) < need:
         raise DPEExportError(f"{what} takes at least {need} tokens with this tokenizer, more than the target length "
                              f"({plan.target_length}); give a longer --target-length or fewer --needles")
 
@@ -105,7 +105,7 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
               shard: Optional[tuple[int, int]] = None, haystack: Optional[Path] = None, device=None, dtype=None,
               batch_size: int = 1, progress: bool = True, device_map: Optional[str] = None,
               dim_statistic: str = "norms", ray_address: Optional[str] = None,
-              ray_actors: Optional[int] = None) -> Optional[dict[str, Any]]:
+              ray_actors: Optional[int] = None, context_lengths: Optional[list[int]] = None) -> Optional[dict[str, Any]]:
     """Run (or resume) a calibration into out_dir. Returns calibration.json's content, or None for a shard
     (join the shards with :func:`merge`). ``samples``/``needles`` default to the procedure's. With ``ray_address``
     ("local" for a cluster of this machine alone, or a cluster's address) the units run on Ray actors and this
@@ -116,6 +116,9 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
 
     proc = get_procedure(procedure)
     metric = proc.metrics[0] if metric is None else metric  # a registered task that calibrates
+    if context_lengths is not None and proc.name != "paired":
+        raise DPEExportError("--context-lengths applies to the paired procedure (the grid scores every prompt at the "
+                             "target length)")
     if metric not in proc.metrics:
         raise DPEExportError(f"the {proc.name} procedure scores {' or '.join(proc.metrics)}, not {metric!r}; use "
                              f"--procedure {' or '.join(p.name for p in PROCEDURES.values() if metric in p.metrics)}")
@@ -136,7 +139,7 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
         model_dir, target_length=target_length, window=window, num_freqs=ckpt.rotary_dim // 2,
         pretrain_length=pretrain_length or ckpt.require_pretraining_length(), dimension_groups=dimension_groups,
         num_groups=num_groups, top_k=top_k, samples=samples, needles=needles, seed=seed, metric=metric,
-        dim_statistic=dim_statistic, procedure=proc.name)
+        dim_statistic=dim_statistic, procedure=proc.name, context_lengths=context_lengths)
     tokenizer = loading.load_tokenizer(ckpt)  # before the weights: a model without one fails fast
     _check_prompt_fits(plan, tokenizer, haystack)
     scales.save_plan(out_dir, plan)

@@ -106,6 +106,7 @@ class CalibrationPlan:
     dim_statistic: str = "norms"  # the 2-norm score of stage 1 (dpe_export.dim_scores.STATISTICS)
     procedure: str = "grid"  # how stage 2 spends its prefills (dpe_export.calibration.procedures); plans written
     # before procedures existed are grids
+    context_lengths: Optional[list] = None  # paired: each context's length in tokens (default: all at the target)
 
     @property
     def num_groups(self) -> int:
@@ -114,10 +115,14 @@ class CalibrationPlan:
     def key(self) -> str:
         fields = asdict(self)
         fields.pop("model")  # the same model may be calibrated from another path
-        for name, old_default in (("dim_statistic", "norms"), ("procedure", "grid")):
+        for name, old_default in (("dim_statistic", "norms"), ("procedure", "grid"), ("context_lengths", None)):
             if fields[name] == old_default:  # the keys of calibrations made before the field existed stay valid
                 fields.pop(name)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+    def context_length(self, context: int) -> int:
+        """How long context ``context``'s prompts are (paired): the target length unless context_lengths says."""
+        return self.context_lengths[context] if self.context_lengths else self.target_length
 
     def cells(self) -> list[tuple[int, int]]:
         """(group, scale) in a fixed order, group-major."""
@@ -143,7 +148,7 @@ def make_plan(model_dir, *, target_length: int, window: int, num_freqs: int, pre
               dimension_groups: Optional[Sequence[int]] = None, num_groups: Optional[int] = None,
               top_k: Optional[int] = None, samples: int = DEFAULT_SAMPLES, needles: int = DEFAULT_NEEDLES,
               seed: int = DEFAULT_SEED, metric: str = "niah", dim_statistic: str = "norms",
-              procedure: str = "grid") -> CalibrationPlan:
+              procedure: str = "grid", context_lengths: Optional[Sequence[int]] = None) -> CalibrationPlan:
 
     if window < 1:
         raise DPEExportError(f"the local window must be >= 1, got {window}")
@@ -163,6 +168,11 @@ def make_plan(model_dir, *, target_length: int, window: int, num_freqs: int, pre
     if metric not in METRICS:
         raise DPEExportError(f"unknown calibration metric {metric!r}; use {' or '.join(METRICS)}")
 
+    if context_lengths is not None:
+        context_lengths = [int(n) for n in context_lengths]
+        if len(context_lengths) != samples or not all(window < n <= target_length for n in context_lengths):
+            raise DPEExportError(f"give one context length per context ({samples}), each above the window ({window}) "
+                                 f"and at most the target length ({target_length}); got {context_lengths}")
     if dim_statistic not in STATISTICS:
         raise DPEExportError(f"unknown dimension-score statistic {dim_statistic!r}; use {' or '.join(STATISTICS)}")
     return CalibrationPlan(
@@ -170,7 +180,7 @@ def make_plan(model_dir, *, target_length: int, window: int, num_freqs: int, pre
         target_length=target_length, window=window, dimension_groups_range=bounds, scales=candidates,
         reference_scale=reference_scale(target_length, pretrain_length, candidates), top_k=top_k,
         samples=samples, needles=needles, seed=seed, metric=metric, dim_statistic=dim_statistic,
-        procedure=procedure,
+        procedure=procedure, context_lengths=context_lengths,
     )
 
 
@@ -323,7 +333,7 @@ class Calibrator:
             n = self.plan.needles
             depths = [(k + 0.5) / n for k in range(n)]
             self._context = (context, self._prompt_builder().niah_queries(
-                self.plan.target_length, num_needles=n, depths=depths,
+                self.plan.context_length(context), num_needles=n, depths=depths,
                 seed=prompts.sample_seed(self.plan.seed, "calibration", n, context), num_digits=prompts.NIAH_DIGITS))
         return self._context[1]
 

@@ -435,6 +435,10 @@ def _calibrate_options(f):
             f"{p.samples} ({p.name})" for p in procedures.PROCEDURES.values()) + "."),
         opt.needles("Needles per NIAH context. Default: " + ", ".join(
             f"{p.needles} ({p.name})" for p in procedures.PROCEDURES.values()) + "."),
+        click.option("--context-lengths", callback=opt.int_list, metavar="L1,L2,...",
+                     help="paired: the length of each context in tokens, one per --samples (e.g. half the target "
+                          "length, then the target length), so the race also sees the shorter lengths the export "
+                          "serves. Default: every context at the target length."),
         opt.metric,
         opt.seed(scales.DEFAULT_SEED, "Seed of the calibration prompts (eval defaults to seed 0, so its samples are "
                                       "held out)."),
@@ -478,7 +482,9 @@ def calibrate_command(model_dir, model_source, model_revision, gguf_file, output
         model=None if merge else opt.model_spec(model_dir, model_source, required=False), output_dir=Path(output_dir),
         target_length=target_length, merge=merge, shard=shard, top_k=topk, dtype=dtype, model_revision=model_revision,
         gguf_file=gguf_file, **{**rest, "dimension_groups": None if rest["dimension_groups"] is None
-                                else tuple(rest["dimension_groups"])})
+                                else tuple(rest["dimension_groups"]),
+                                "context_lengths": None if rest["context_lengths"] is None
+                                else tuple(rest["context_lengths"])})
     setup_logging()
     if not merge:
         quiet_transformers()
