@@ -88,7 +88,8 @@ class FlashBatch:
     query_positions: torch.Tensor  # long [T]: each query's position in its request
     far_cu_seqlens_k: torch.Tensor  # int32 [R + 1]: request r's far keys are 0 .. seq_lens[r] - w - 1
     max_far_len: int
-    far_slots: torch.Tensor  # long [Nf]: block * block_size + offset of every far key, request after request
+    far_blocks: torch.Tensor  # long [Nf]: the cache block of every far key, request after request
+    far_offsets: torch.Tensor  # long [Nf]: its offset in the block
     far_positions: torch.Tensor  # long [Nf]
     window: int
 
@@ -119,7 +120,8 @@ def plan_batch(query_start_loc: list, seq_lens: list, block_table: torch.Tensor,
         query_positions=query_positions.to(device),
         far_cu_seqlens_k=torch.tensor(far_cu, dtype=torch.int32, device=device),
         max_far_len=max(far_lens, default=0),
-        far_slots=blocks * block_size + far_positions % block_size,
+        far_blocks=blocks,
+        far_offsets=far_positions % block_size,
         far_positions=far_positions,
         window=int(window),
     )
@@ -157,14 +159,14 @@ def dpe_flash_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, outpu
     out_local, lse_local = flash(q=query, k=k_cache, v=v_cache, max_seqlen_k=batch.max_seq_len,
                                  seqused_k=batch.seq_lens, block_table=block_table, window_size=[window - 1, 0],
                                  **common)
-    if batch.far_slots.numel() == 0:  # no request reaches distance w: plain RoPE only
+    if batch.far_blocks.numel() == 0:  # no request reaches distance w: plain RoPE only
         output.copy_(out_local.to(output.dtype))
         return output
 
-    flat_k = k_cache.reshape(-1, *k_cache.shape[2:])  # [num_blocks * block_size, Hkv, D]
-    flat_v = v_cache.reshape(-1, *v_cache.shape[2:])
-    k_plain = flat_k[batch.far_slots].to(query.dtype)  # [Nf, Hkv, D]
-    v_far = flat_v[batch.far_slots].to(query.dtype)
+    # One gather of the far tokens' pages (two advanced indices around a slice: [Nf, Hkv, D + Dv]); reshaping the
+    # strided views instead would copy the layer's whole cache.
+    kv_far = kv_cache[batch.far_blocks, :, batch.far_offsets].to(query.dtype)
+    k_plain, v_far = kv_far[..., :head_size], kv_far[..., head_size:]
     k_scaled = _rotate_tokens(k_plain, batch.far_positions, scales, window, False, inv_freq, rotary_dim)
     q_scaled = _rotate_tokens(query, batch.query_positions, scales, window, True, inv_freq, rotary_dim)
     if selected is None:
