@@ -232,3 +232,36 @@ def test_with_plugin_the_ways_around_dpe_are_still_refused(export, kwargs):
     text = proc.stdout + proc.stderr
     assert "SERVED" not in proc.stdout and proc.returncode != 0
     assert "This is a DPE export" in text, text[-3000:]
+
+
+@pytest.mark.parametrize("selected", [False, True])
+def test_backend_flash_path_wiring_matches_torch_path(selected, monkeypatch):
+    """The backend's GPU dispatch on CPU: DPEAttentionImpl.forward with flash forced on and the test's stand-in for
+    vllm_flash_attn (tests/test_serving_flash.py) gives the torch path's output, the batch plan built once per step
+    and shared by layers. Without CUDA the impl loads no flash (the torch path)."""
+    from test_serving_flash import Paged, _rotary, _scales, _selection, flash_stand_in
+
+    from dpe_export.serving.flash import merge_lse
+    from dpe_export.serving.vllm.backend import DPEAttentionImpl, DPEAttentionMetadata, DPELayerSpec
+
+    h, hkv, d, w = 4, 2, 16, 6
+    lens, qlens = [3 * w + 1, w + 1, 5], [1, 4, 5]
+    p = Paged(lens, h=h, hkv=hkv, d=d, bs=4, seed=11)
+    for r, n in enumerate(lens):
+        p.write(r, n)
+    query, qsl, seq_lens = p.step(qlens)
+    spec = DPELayerSpec(window=w, scales=_scales((3, 5), d), inv_freq=_rotary(d), rotary_dim=d,
+                        selected=_selection(h, d, 2) if selected else None)
+    impl = DPEAttentionImpl(h, d, d ** -0.5, hkv, dpe=spec)
+    assert impl.flash is None and not impl.uses_flash(query)  # no CUDA here
+    meta = DPEAttentionMetadata(num_actual_tokens=len(query), query_start_loc=qsl, seq_lens=seq_lens,
+                                block_table=p.block_table, slot_mapping=torch.empty(0))
+    want = impl.forward(None, query, None, None, p.cache, meta, torch.full_like(query, float("nan")))
+    calls = []
+    impl.flash, impl.merge = (lambda **kw: flash_stand_in(calls=calls, **kw)), merge_lse
+    monkeypatch.setattr(impl, "uses_flash", lambda q: True)
+    got = impl.forward(None, query, None, None, p.cache, meta, torch.full_like(query, float("nan")))
+    got2 = impl.forward(None, query, None, None, p.cache, meta, torch.full_like(query, float("nan")))
+    assert len(calls) == 4 and list(meta.flash_plans) == [(w, 4)]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got2, want, rtol=1e-9, atol=1e-9)

@@ -1,11 +1,19 @@
-"""The DPE attention backend for vLLM (CPU; torch): plain KV layout, DPE computed by the export's runtime.
+"""The DPE attention backend for vLLM: plain KV layout, DPE computed by the export's runtime.
 
 Registered under the backend name DPE_TORCH. Only the full-attention layers of a DPE model use it (models.py swaps
-it in); sliding-window layers keep the backend vLLM picks. docs/vllm-design.md explains the choices.
+it in); sliding-window layers keep the backend vLLM picks. Each layer runs one of two paths on the same cache:
+- flash (serving/flash.py): on a CUDA device in float16/bfloat16 when vllm.vllm_flash_attn imports, two
+  flash_attn_varlen_func calls merged by vLLM's merge_attn_states (unit-tested on CPU with a stand-in; not yet run
+  on a GPU); DPE_VLLM_FLASH=0 turns it off;
+- torch (serving/paged.py): everywhere else, and on the GPU for what flash cannot take (a top-K selection whose
+  doubled far head size exceeds 256).
+docs/vllm-design.md explains the choices.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import os
+from dataclasses import dataclass, field
 from typing import ClassVar, Optional
 
 import torch
@@ -19,9 +27,18 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
+from dpe_export.serving.flash import (
+    FLASH_MAX_HEAD_SIZE,
+    dpe_flash_paged_attention,
+    load_flash_varlen,
+    load_merge,
+    plan_batch,
+)
 from dpe_export.serving.paged import dpe_paged_attention, write_kv
 
 BACKEND_NAME = "DPE_TORCH"
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,6 +59,7 @@ class DPEAttentionMetadata(AttentionMetadata):
     seq_lens: list  # python ints, num_reqs
     block_table: torch.Tensor  # [num_reqs, max_blocks]
     slot_mapping: torch.Tensor
+    flash_plans: dict = field(default_factory=dict)  # (window, block_size) -> flash.FlashBatch, shared by layers
 
 
 class DPEAttentionMetadataBuilder(AttentionMetadataBuilder[DPEAttentionMetadata]):
@@ -86,6 +104,21 @@ class DPEAttentionImpl(AttentionImpl[DPEAttentionMetadata]):
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
         self.dpe = dpe
+        self.flash, self.merge = None, None
+        if os.environ.get("DPE_VLLM_FLASH", "1") != "0":
+            self.flash = load_flash_varlen()
+        if self.flash is not None:
+            far_head = 2 * head_size if dpe.selected is not None else head_size
+            if far_head > FLASH_MAX_HEAD_SIZE:
+                logger.warning("DPE attention: a top-K selection doubles the far part's head size to %d, over "
+                               "flash-attention's %d; this layer uses the torch path", far_head, FLASH_MAX_HEAD_SIZE)
+                self.flash = None
+            else:
+                self.merge = load_merge()
+
+    def uses_flash(self, query: torch.Tensor) -> bool:
+        """The flash path for this call: flash loaded, a CUDA query in half precision."""
+        return self.flash is not None and query.is_cuda and query.dtype in FLASH_DTYPES
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                            slot_mapping: torch.Tensor) -> None:
@@ -103,6 +136,19 @@ class DPEAttentionImpl(AttentionImpl[DPEAttentionMetadata]):
             return output
         n = attn_metadata.num_actual_tokens
         d = self.dpe
+        if self.uses_flash(query):
+            key = (d.window, int(kv_cache.shape[2]))
+            batch = attn_metadata.flash_plans.get(key)
+            if batch is None:
+                batch = attn_metadata.flash_plans[key] = plan_batch(
+                    attn_metadata.query_start_loc, attn_metadata.seq_lens, attn_metadata.block_table, key[1],
+                    d.window)
+            dpe_flash_paged_attention(query[:n], kv_cache, output[:n], batch=batch,
+                                      block_table=attn_metadata.block_table, head_size=self.head_size,
+                                      window=d.window, scales=d.scales, inv_freq=d.inv_freq,
+                                      rotary_dim=d.rotary_dim, scale=self.scale, selected=d.selected,
+                                      softcap=self.logits_soft_cap, flash=self.flash, merge=self.merge)
+            return output
         dpe_paged_attention(query[:n], kv_cache, output[:n], query_start_loc=attn_metadata.query_start_loc,
                             seq_lens=attn_metadata.seq_lens, block_table=attn_metadata.block_table,
                             head_size=self.head_size, window=d.window, scales=d.scales, inv_freq=d.inv_freq,
@@ -112,8 +158,9 @@ class DPEAttentionImpl(AttentionImpl[DPEAttentionMetadata]):
 
 
 class DPEAttentionBackend(AttentionBackend):
-    """DPE attention in torch over a plain paged KV cache ([blocks, Hkv, block, Dk + Dv], keys in their plain
-    rotation). vLLM writes the cache through do_kv_cache_update before calling forward."""
+    """DPE attention over a plain paged KV cache ([blocks, Hkv, block, Dk + Dv], keys in their plain rotation), in
+    flash-attention calls on a GPU or torch elsewhere. vLLM writes the cache through do_kv_cache_update before
+    calling forward."""
 
     forward_includes_kv_cache_update: bool = False
     supported_dtypes: ClassVar[list] = [torch.float16, torch.bfloat16, torch.float32]
