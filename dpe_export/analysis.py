@@ -382,7 +382,7 @@ class zeroed_heads:
         self.hooks.clear()
 
 
-def ablate(model, tokenizer, result: HeadAnalysis, spec: str, *, length: int, draws: int = 5, task: str = "passkey",
+def ablate(model, tokenizer, result: HeadAnalysis, spec: str, *, length: int, task: str, draws: int = 5,
            samples: int = 2, seed: int = 0, progress=None) -> dict[str, Any]:
     """Retrieval accuracy at `length` with no head zeroed, with the top-K heads by rho (at the first analyzed
     length) zeroed, and with K random heads zeroed in each of `draws` draws (seeded)."""

@@ -26,7 +26,7 @@ from dpe_export.calibration.selection import (
     top_k_mask,
 )
 from dpe_export.errors import DPEExportError, UsageError
-from dpe_export.evaluation import plots, prompts, results
+from dpe_export.evaluation import plots, prompts, registry, results
 from dpe_export.evaluation.plots import require_matplotlib
 from dpe_export.evaluation.prompts import resolve_lengths
 from dpe_export.evaluation.results import EvalResult
@@ -371,7 +371,7 @@ class EvalRequest:
     """Everything `dpe-export eval` was asked, as typed values."""
 
     model: str
-    task: str = "passkey"  # a registered task (ruler:sub,...); not used with harness
+    task: str = field(default_factory=registry.default_task)  # a registered task (ruler:sub,...); not with harness
     lengths: Optional[tuple] = None  # token counts or "Nx" multiples of the pretraining length
     samples: int = prompts.DEFAULT_SAMPLES
     depths: Optional[tuple] = None  # default: the task's
@@ -453,7 +453,7 @@ class AnalyzeRequest:
     gguf_file: Optional[str] = None
     ablate: Optional[str] = None  # top:K or random:K
     draws: int = 5
-    ablate_task: str = "passkey"
+    ablate_task: str = field(default_factory=lambda: registry.retrieval_task_names()[0])
     ablate_samples: int = 2  # prompts per depth (5 depths)
     ablate_length: Sequence = ("1x",)  # one item of parse_length_items: tokens or a multiple of the pretraining length
     card: bool = False  # add the result to the export's model card

@@ -16,7 +16,9 @@ STAMP="$VENV/.dpe-vllm-env"
 # The stamp holds the recipe's version and setup.cfg's hash: a changed entry point or package list reinstalls
 # dpe-export (entry points are read from the installed metadata).
 WANT="recipe-1 $(sha256sum "$ROOT/setup.cfg" | cut -c1-16)"
-if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$PY" -c "import vllm, dpe_export" >/dev/null 2>&1; then
+# dpe_export must be this checkout's (an editable install of another checkout would test other code)
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ] && "$PY" -c "import sys, vllm, dpe_export
+sys.exit(not dpe_export.__file__.startswith('$ROOT/'))" >/dev/null 2>&1; then
     echo "$PY"
     exit 0
 fi

@@ -208,7 +208,7 @@ def task(f):
 
 def retrieval_tasks() -> list[str]:
     """The registered tasks that generate answers to prompts (what analyze --ablate-task measures)."""
-    return [t.name for t in registry.registered_tasks() if isinstance(t, registry.RetrievalTask)]
+    return list(registry.retrieval_task_names())
 
 
 def metric(f):

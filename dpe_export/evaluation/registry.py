@@ -52,6 +52,16 @@ def task_names(kind: Optional[str] = None) -> tuple[str, ...]:
     return tuple(t.name for t in registered_tasks(kind))
 
 
+def default_task() -> str:
+    """What eval runs when no --task is given: the first registered task."""
+    return next(iter(_REGISTRY))
+
+
+def retrieval_task_names() -> tuple[str, ...]:
+    """The registered tasks that generate answers to prompts (what analyze --ablate-task measures), in order."""
+    return tuple(t.name for t in registered_tasks() if isinstance(t, RetrievalTask))
+
+
 def calibration_metrics() -> tuple[str, ...]:
     """The tasks a calibration can score its cells with."""
     return tuple(t.name for t in registered_tasks() if t.calibrates)
