@@ -107,6 +107,46 @@ def heldout(task_details) -> dict:
     return {(a, b, c): d for a, b, c, d in task_details}
 
 
+def against_grid(runs: list[dict]) -> list[list]:
+    """One row per run: its choice and held-out accuracy against the full grid's export, prompt by prompt."""
+    rows = []
+    for r in runs:
+        m = r["model"].replace("testbed-", "")
+        grid = json.loads((RESULTS / f"calibration-testbed-{m}-niah.json").read_text())
+        prefills = f" ({r['prefills']} prefills)" if r.get("prefills") else ""
+        row = [r["model"], r["seed"], ",".join(map(str, r["chosen"])), ",".join(map(str, grid["chosen"])),
+               f"{r['calibrate_seconds']:.0f} s{prefills}" +
+               (" *" if r.get("other_jobs_at_start") or r.get("other_jobs_at_end") else "")]
+        for task in ("passkey", "niah"):
+            g = json.loads((RESULTS / f"eval-testbed-{m}-dpe-calibrated-niah-{task}.json").read_text())
+            gd = {(d["length"], d["depth"], d["sample"]): d["correct"] for d in g["details"]}
+            pd = heldout(r["held_out"][task]["correct"])
+            for length in LENGTHS:
+                keys = [k for k in pd if k[0] == length]
+                pa = 100 * sum(pd[k] for k in keys) / len(keys)
+                ga = 100 * sum(gd[k] for k in keys) / len(keys)
+                up = sum(pd[k] and not gd[k] for k in keys)
+                down = sum(gd[k] and not pd[k] for k in keys)
+                row.append(f"{pa:.0f} / {ga:.0f} (+{up} -{down}, p={sign_test(up, down):.2f})")
+        rows.append(row)
+    return rows
+
+
+def candidate_section() -> list[str]:
+    """The two-length candidate (tie-rule-study.jsonl: contexts at 8x and 16x, best mean) against the grid."""
+    runs = [r for r in read_jsonl("tie-rule-study.jsonl")
+            if r.get("context_lengths") == "2048,4096" and r["rule"] == "best-mean"]
+    if not runs:
+        return []
+    header = ["model", "seed", "candidate chose", "grid chose", "calibration time"]
+    header += [f"{t} {n // 256}x" for t in ("pass-key", "NIAH") for n in LENGTHS]
+    return ["### The candidate next default: contexts at 8x and 16x, the best mean, against the full grid", "",
+            "`calibrate --context-lengths 2048,4096` on each testbed and seed, the scale of each group the best mean "
+            "likelihood among the finalists (no tie rule; scripts/tie_rule_study.py), on the same held-out prompts "
+            "as above. Cells: candidate / grid accuracy in %, prompts only the candidate got (+) and only the grid "
+            "(-), two-sided sign test p.", "", *table(header, against_grid(runs)), ""]
+
+
 def quality_section() -> list[str]:
     runs = read_jsonl("calibration-quality.jsonl")
     if not runs:
@@ -122,28 +162,9 @@ def quality_section() -> list[str]:
         "time: one thread (the grid: 505 s for testbed-llama on quiet cores, 2026-11-22).",
         "",
     ]
-    rows = []
-    for r in runs:
-        m = r["model"].replace("testbed-", "")
-        grid = json.loads((RESULTS / f"calibration-testbed-{m}-niah.json").read_text())
-        row = [r["model"], r["seed"], ",".join(map(str, r["chosen"])), ",".join(map(str, grid["chosen"])),
-               f"{r['calibrate_seconds']:.0f} s ({r['prefills']} prefills)" +
-               (" *" if r.get("other_jobs_at_start") or r.get("other_jobs_at_end") else "")]
-        for task in ("passkey", "niah"):
-            g = json.loads((RESULTS / f"eval-testbed-{m}-dpe-calibrated-niah-{task}.json").read_text())
-            gd = {(d["length"], d["depth"], d["sample"]): d["correct"] for d in g["details"]}
-            pd = heldout(r["held_out"][task]["correct"])
-            for length in LENGTHS:
-                keys = [k for k in pd if k[0] == length]
-                pa = 100 * sum(pd[k] for k in keys) / len(keys)
-                ga = 100 * sum(gd[k] for k in keys) / len(keys)
-                up = sum(pd[k] and not gd[k] for k in keys)
-                down = sum(gd[k] and not pd[k] for k in keys)
-                row.append(f"{pa:.0f} / {ga:.0f} (+{up} -{down}, p={sign_test(up, down):.2f})")
-        rows.append(row)
     header = ["model", "seed", "paired chose", "grid chose", "paired time"]
     header += [f"{t} {n // 256}x" for t in ("pass-key", "NIAH") for n in LENGTHS]
-    lines += table(header, rows)
+    lines += table(header, against_grid(runs))
     lines += ["", "`*`: other jobs shared the two cores during the run (its time is an overestimate).", ""]
     # seeds against each other
     by_model: dict[str, dict[int, dict]] = {}
@@ -174,6 +195,7 @@ def main() -> int:
     lines = ["## Calibration cost and decision quality", ""]
     lines += cost_section()
     lines += quality_section()
+    lines += candidate_section()
     notes = RESULTS / "calibration-cost-notes.md"
     if notes.is_file():
         lines += [notes.read_text().rstrip("\n"), ""]
