@@ -17,6 +17,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +29,8 @@ from calibration_quality import cli, held_out_scores  # noqa: E402
 from dpe_export.calibration import paired, scales  # noqa: E402
 
 def _tied(plan, done) -> list[list[int]]:
-    """Per group, the finalists tied with the best (paired.TIE_Z), best first."""
+    """Per group, the finalists within 2 standard errors of the best (the old default tie rule), best first."""
+    plan = replace(plan, tie_z=2.0)
     state, todo = paired.race(plan, list(range(plan.num_groups)), done)
     assert not todo, todo[:1]
     out = []
@@ -41,8 +43,8 @@ def _tied(plan, done) -> list[list[int]]:
 
 
 RULES = {
-    "reference": lambda plan, tied: min(tied, key=lambda s: scales.reference_distance(plan, s)),  # the default
-    "best-mean": lambda plan, tied: tied[0],  # no tie rule: the highest mean likelihood
+    "reference": lambda plan, tied: min(tied, key=lambda s: scales.reference_distance(plan, s)),  # tie_z 2
+    "best-mean": lambda plan, tied: tied[0],  # no tie rule (tie_z 0, the default since 0.3.0)
     "largest": lambda plan, tied: max(tied),  # ties to the most compressed far positions
 }
 
@@ -50,7 +52,10 @@ RULES = {
 def known_scores() -> dict:
     """Held-out results already measured, by (model, factors)."""
     known = {}
-    for path in sorted((REPO / "benchmarks" / "results").glob("calibration-quality*.jsonl")):
+    results = REPO / "benchmarks" / "results"
+    for path in [*sorted(results.glob("calibration-quality*.jsonl")), results / "tie-rule-study.jsonl"]:
+        if not path.is_file():
+            continue
         for line in path.read_text().splitlines():
             r = json.loads(line)
             known[(r["model"], tuple(r["chosen"]))] = r["held_out"]

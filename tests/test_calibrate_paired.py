@@ -358,3 +358,25 @@ def test_context_lengths_set_each_contexts_prompt_length_and_leave_other_plans_k
     res = run_cli("calibrate", str(byte_model), "-d", str(tmp_path / "grid"), "--target-length", "1024",
                   "--window", "128", "--procedure", "grid", "--context-lengths", "512,1024")
     assert res.exit_code == 1 and "--context-lengths applies to the paired procedure" in res.stderr
+
+
+def test_the_default_plan_races_at_two_lengths_and_takes_the_best_mean(byte_model, plan, tmp_path, run_cli):
+    """Since 0.3.0 a paired plan puts its first context at half the target length and has no tie rule; a plan
+    written before (tie_z 2) keeps its key, its rule and so its choice."""
+    from dataclasses import replace
+
+    best_mean = replace(plan, tie_z=0.0)
+    assert plan.key() != best_mean.key() and "tie_z" not in json.dumps(plan.key())
+    # group 0's scale 2 better by 0.01 nats per needle: within the noise the old rule allows, so it keeps the
+    # reference there; the best mean takes it (the other rows are flat: noise orders them either way)
+    done = paired.run(best_mean, needles_evaluator(gap=0.01, seed=2), tmp_path / "small", progress=False)
+    assert paired.choose(best_mean, done)[0] == 2
+    assert paired.choose(plan, done) == [plan.reference_scale] * 4  # the old rule on the same measurements
+    assert "standard errors" not in paired.build(best_mean, done)["tie_rule"]
+    cal = tmp_path / "cal"
+    res = run_cli("calibrate", str(byte_model), "-d", str(cal), "--target-length", "1024", "--window", "128",
+                  "--groups", "2", "--needles", "4", "--device", "cpu")
+    assert res.exit_code == 0, (res.stdout + res.stderr)
+    written = json.loads((cal / "plan.json").read_text())
+    assert written["context_lengths"] == [512, 1024] and written["tie_z"] == 0.0
+    assert paired.default_context_lengths(1024, 3) == [512, 1024, 1024]

@@ -16,9 +16,14 @@ length, the other groups at the reference scale); how it spends prefills is what
   at most S + ceil(S/2) + 1 prefills.
 * **Shared reference.** The setting "every group at the reference scale" is the same in every group's row; it
   is scored once per context.
-* **Ties by noise, not by equality.** Among the scales that stayed to the last round, those within TIE_Z
-  standard errors of the best (needle by needle differences) tie with it, and ties go to the reference scale:
-  a row the needles cannot rank gets the reference, not whichever scale noise put first.
+* **Two lengths.** The first context is half the target length, the second the target length: the race sees a
+  shorter length the export also serves (on the testbeds the 16x likelihood alone could not rank the groups that
+  decide pass-key at 8x; benchmarks/RESULTS.md, "Calibration cost and decision quality"), and the first round,
+  the one with every scale, costs about half.
+* **The best mean decides.** Among the scales that stayed to the last round the highest mean log-likelihood wins
+  (equal means go to the scale nearest the reference). Plans made before this default kept a tie rule (`tie_z`:
+  finalists within 2 standard errors of the best, paired needle by needle, tie with it and the reference wins);
+  their results read back with it.
 
 Every finished (setting, context) is appended as one JSON line to ``cells.jsonl`` (per shard
 ``cells.shard-I-of-N.jsonl``; shards split the groups), so a killed run resumes without recomputing anything.
@@ -42,13 +47,19 @@ METRICS = ("niah",)  # the registered task whose prompts it scores (many needles
 # a score read back from another shard's file may differ from this process's in the last bits (other threads)
 _SAME_SCORE = 1e-4
 
-# A finalist whose mean is within TIE_Z standard errors of the best (paired over needles) ties with it: on a flat
-# row the choice is then the reference scale rather than whichever scale the needles' noise put first.
-TIE_Z = 2.0
+def default_context_lengths(target_length: int, contexts: int) -> list[int]:
+    """The default plan's context lengths: the first context at half the target length, the others at it."""
+    return [target_length // 2] + [target_length] * (contexts - 1) if contexts > 1 else [target_length]
 
-TIE_RULE = (f"the highest mean log-likelihood among the scales that stayed to the last round; scales within {TIE_Z:g} "
-            "standard errors of it (differences paired needle by needle) tie with it, and ties go to the scale "
-            "nearest the reference scale (log2 distance), then the smaller")
+
+def tie_rule(plan: CalibrationPlan) -> str:
+    """How the plan's choice is made among the finalists, for calibration.json."""
+    if not plan.tie_z:
+        return ("the highest mean log-likelihood among the scales that stayed to the last round (equal means go to "
+                "the scale nearest the reference scale, log2 distance, then the smaller)")
+    return (f"the highest mean log-likelihood among the scales that stayed to the last round; scales within "
+            f"{plan.tie_z:g} standard errors of it (differences paired needle by needle) tie with it, and ties go "
+            "to the scale nearest the reference scale (log2 distance), then the smaller")
 
 Evaluate = Callable[[object, int], dict]  # (DPEParams, context) -> {"score", "needles", "found"}
 
@@ -96,7 +107,7 @@ def read_units(out_dir: Path, plan: CalibrationPlan) -> dict[tuple, dict]:
 
 
 def _ranking(plan: CalibrationPlan, group: int, candidates: list[int], done: dict, contexts: int) -> list[int]:
-    """Candidates best first by mean score over contexts 0..contexts-1 (TIE_RULE for equal means)."""
+    """Candidates best first by mean score over contexts 0..contexts-1 (equal means: nearest the reference)."""
     def mean(s):
         return sum(done[unit_key(plan.factors_for(group, s), c)]["score"] for c in range(contexts)) / contexts
 
@@ -175,7 +186,7 @@ def run(plan: CalibrationPlan, evaluate: Evaluate, out_dir: Path, shard: Optiona
 
 
 def choose(plan: CalibrationPlan, done: dict) -> list[int]:
-    """Per group, among the scales that stayed to the last round (TIE_RULE)."""
+    """Per group, among the scales that stayed to the last round (tie_rule(plan))."""
     state, todo = race(plan, list(range(plan.num_groups)), done)
     if todo:
         raise DPEExportError(f"{len(todo)} calibration results are not done yet (e.g. factors {list(todo[0][0])} on "
@@ -201,7 +212,7 @@ def _needle_scores(plan, g, s, done, contexts) -> Optional[list[float]]:
 
 
 def _ties(plan, g, best: int, s: int, done, contexts: int) -> bool:
-    """Whether scale s is within TIE_Z standard errors of the best, paired needle by needle."""
+    """Whether scale s is within plan.tie_z standard errors of the best, paired needle by needle."""
     if s == best:
         return True
     a, b = _needle_scores(plan, g, best, done, contexts), _needle_scores(plan, g, s, done, contexts)
@@ -210,7 +221,7 @@ def _ties(plan, g, best: int, s: int, done, contexts: int) -> bool:
     diffs = [x - y for x, y in zip(a, b)]
     mean = sum(diffs) / len(diffs)
     sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
-    return mean <= TIE_Z * sd / math.sqrt(len(diffs))
+    return mean <= plan.tie_z * sd / math.sqrt(len(diffs))
 
 
 def _contexts_of(plan, g, s, done) -> int:
@@ -241,7 +252,7 @@ def build(plan: CalibrationPlan, done: dict, timings: Optional[dict] = None) -> 
         plan, grid=grid, chosen=chosen, cells=units,
         samples_per_cell=plan.samples * plan.needles,
         metric=f"mean log-probability of the needle's value (nats/token), {plan.needles}-needle NIAH",
-        timings=timings or {"grid_seconds": seconds}, tie_rule=TIE_RULE,
+        timings=timings or {"grid_seconds": seconds}, tie_rule=tie_rule(plan),
         extra={"contexts": counts, "prefills": prefills,
                "found": [[sum(done[unit_key(plan.factors_for(g, s), c)]["found"] for c in range(n))
                           for s, n in zip(plan.scales, row_n)] for g, row_n in enumerate(counts)]})

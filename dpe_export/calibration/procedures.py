@@ -32,6 +32,7 @@ class Procedure:
     evaluate: Callable[..., dict]  # (calibrator, plan, unit) -> the unit's result, on a loaded model
     build: Callable[..., dict]  # (plan, results, timings) -> calibration.json
     reference: str = ""  # where the procedure comes from
+    plan_defaults: Callable[..., dict] = lambda target_length, samples: {}  # plan settings it adds by default
 
 
 PROCEDURES: dict[str, Procedure] = {}
@@ -60,12 +61,13 @@ register(Procedure(
     name="paired", title="paired needle likelihoods, successive halving",
     summary=(f"each setting prefilled once per context ({paired.DEFAULT_CONTEXTS} contexts of "
              f"{paired.DEFAULT_NEEDLES} needles, the same for every scale), scored by the log-likelihood of each "
-             "needle's value; after each context the better half of each group's scales (and the reference) stays in, "
-             "and scales within "
-             "2 standard errors of the best tie with it (ties go to the reference scale)"),
+             "needle's value, the first context at half the target length; after each context the better half of "
+             "each group's scales (and the reference) stays in, and the best mean wins"),
     samples=paired.DEFAULT_CONTEXTS, needles=paired.DEFAULT_NEEDLES, metrics=paired.METRICS, units=paired.UNITS,
     evaluate=paired.evaluate,
     build=paired.build,
+    plan_defaults=lambda target_length, samples: {
+        "context_lengths": paired.default_context_lengths(target_length, samples), "tie_z": 0.0},
 ))
 
 register(Procedure(
@@ -139,7 +141,9 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
         model_dir, target_length=target_length, window=window, num_freqs=ckpt.rotary_dim // 2,
         pretrain_length=pretrain_length or ckpt.require_pretraining_length(), dimension_groups=dimension_groups,
         num_groups=num_groups, top_k=top_k, samples=samples, needles=needles, seed=seed, metric=metric,
-        dim_statistic=dim_statistic, procedure=proc.name, context_lengths=context_lengths)
+        dim_statistic=dim_statistic, procedure=proc.name,
+        **{**proc.plan_defaults(target_length, samples or proc.samples),
+           **({} if context_lengths is None else {"context_lengths": context_lengths})})
     tokenizer = loading.load_tokenizer(ckpt)  # before the weights: a model without one fails fast
     _check_prompt_fits(plan, tokenizer, haystack)
     scales.save_plan(out_dir, plan)

@@ -106,7 +106,8 @@ class CalibrationPlan:
     dim_statistic: str = "norms"  # the 2-norm score of stage 1 (dpe_export.dim_scores.STATISTICS)
     procedure: str = "grid"  # how stage 2 spends its prefills (dpe_export.calibration.procedures); plans written
     # before procedures existed are grids
-    context_lengths: Optional[list] = None  # paired: each context's length in tokens (default: all at the target)
+    context_lengths: Optional[list] = None  # paired: each context's length in tokens (None: all at the target)
+    tie_z: float = 2.0  # paired: finalists within this many standard errors of the best tie with it (0: best mean)
 
     @property
     def num_groups(self) -> int:
@@ -115,7 +116,8 @@ class CalibrationPlan:
     def key(self) -> str:
         fields = asdict(self)
         fields.pop("model")  # the same model may be calibrated from another path
-        for name, old_default in (("dim_statistic", "norms"), ("procedure", "grid"), ("context_lengths", None)):
+        for name, old_default in (("dim_statistic", "norms"), ("procedure", "grid"), ("context_lengths", None),
+                                  ("tie_z", 2.0)):
             if fields[name] == old_default:  # the keys of calibrations made before the field existed stay valid
                 fields.pop(name)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
@@ -148,7 +150,8 @@ def make_plan(model_dir, *, target_length: int, window: int, num_freqs: int, pre
               dimension_groups: Optional[Sequence[int]] = None, num_groups: Optional[int] = None,
               top_k: Optional[int] = None, samples: int = DEFAULT_SAMPLES, needles: int = DEFAULT_NEEDLES,
               seed: int = DEFAULT_SEED, metric: str = "niah", dim_statistic: str = "norms",
-              procedure: str = "grid", context_lengths: Optional[Sequence[int]] = None) -> CalibrationPlan:
+              procedure: str = "grid", context_lengths: Optional[Sequence[int]] = None,
+              tie_z: float = 2.0) -> CalibrationPlan:
 
     if window < 1:
         raise DPEExportError(f"the local window must be >= 1, got {window}")
@@ -180,7 +183,7 @@ def make_plan(model_dir, *, target_length: int, window: int, num_freqs: int, pre
         target_length=target_length, window=window, dimension_groups_range=bounds, scales=candidates,
         reference_scale=reference_scale(target_length, pretrain_length, candidates), top_k=top_k,
         samples=samples, needles=needles, seed=seed, metric=metric, dim_statistic=dim_statistic,
-        procedure=procedure, context_lengths=context_lengths,
+        procedure=procedure, context_lengths=context_lengths, tie_z=float(tie_z),
     )
 
 

@@ -436,9 +436,9 @@ def _calibrate_options(f):
         opt.needles("Needles per NIAH context. Default: " + ", ".join(
             f"{p.needles} ({p.name})" for p in procedures.PROCEDURES.values()) + "."),
         click.option("--context-lengths", callback=opt.int_list, metavar="L1,L2,...",
-                     help="paired: the length of each context in tokens, one per --samples (e.g. half the target "
-                          "length, then the target length), so the race also sees the shorter lengths the export "
-                          "serves. Default: every context at the target length."),
+                     help="paired: the length of each context in tokens, one per --samples, so the race also "
+                          "sees the shorter lengths the export serves. Default: half the target length, then the "
+                          "target length."),
         opt.metric,
         opt.seed(scales.DEFAULT_SEED, "Seed of the calibration prompts (eval defaults to seed 0, so its samples are "
                                       "held out)."),
