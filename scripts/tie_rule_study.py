@@ -28,18 +28,10 @@ from calibration_quality import cli, held_out_scores  # noqa: E402
 
 from dpe_export.calibration import paired, scales  # noqa: E402
 
+
 def _tied(plan, done) -> list[list[int]]:
-    """Per group, the finalists within 2 standard errors of the best (the old default tie rule), best first."""
-    plan = replace(plan, tie_z=2.0)
-    state, todo = paired.race(plan, list(range(plan.num_groups)), done)
-    assert not todo, todo[:1]
-    out = []
-    for g in range(plan.num_groups):
-        alive, _ = state[g]
-        seen = min(paired._contexts_of(plan, g, s, done) for s in alive)
-        ranked = paired._ranking(plan, g, alive, done, seen)
-        out.append([s for s in ranked if paired._ties(plan, g, ranked[0], s, done, seen)])
-    return out
+    """Per group, the finalists within 2 standard errors of the best (the earlier default tie rule), best first."""
+    return paired.tied_finalists(replace(plan, tie_z=2.0), done)
 
 
 RULES = {

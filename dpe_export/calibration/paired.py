@@ -47,6 +47,7 @@ METRICS = ("niah",)  # the registered task whose prompts it scores (many needles
 # a score read back from another shard's file may differ from this process's in the last bits (other threads)
 _SAME_SCORE = 1e-4
 
+
 def default_context_lengths(target_length: int, contexts: int) -> list[int]:
     """The default plan's context lengths: the first context at half the target length, the others at it."""
     return [target_length // 2] + [target_length] * (contexts - 1) if contexts > 1 else [target_length]
@@ -185,20 +186,24 @@ def run(plan: CalibrationPlan, evaluate: Evaluate, out_dir: Path, shard: Optiona
         lambda unit: evaluate(plan.params_for_factors(list(unit[0])), unit[1])), out_dir, shard, progress)
 
 
-def choose(plan: CalibrationPlan, done: dict) -> list[int]:
-    """Per group, among the scales that stayed to the last round (tie_rule(plan))."""
+def tied_finalists(plan: CalibrationPlan, done: dict) -> list[list[int]]:
+    """Per group, the scales that stayed to the last round and tie with the best under plan.tie_z, best first."""
     state, todo = race(plan, list(range(plan.num_groups)), done)
     if todo:
         raise DPEExportError(f"{len(todo)} calibration results are not done yet (e.g. factors {list(todo[0][0])} on "
                              f"context {todo[0][1]}); run the remaining shards first")
-    chosen = []
+    tied = []
     for g in range(plan.num_groups):
         alive, _ = state[g]
         seen = min(_contexts_of(plan, g, s, done) for s in alive)
         ranked = _ranking(plan, g, alive, done, seen)
-        tied = [s for s in ranked if _ties(plan, g, ranked[0], s, done, seen)]
-        chosen.append(min(tied, key=lambda s: reference_distance(plan, s)))
-    return chosen
+        tied.append([s for s in ranked if _ties(plan, g, ranked[0], s, done, seen)])
+    return tied
+
+
+def choose(plan: CalibrationPlan, done: dict) -> list[int]:
+    """Per group, among the scales that stayed to the last round (tie_rule(plan))."""
+    return [min(tied, key=lambda s: reference_distance(plan, s)) for tied in tied_finalists(plan, done)]
 
 
 def _needle_scores(plan, g, s, done, contexts) -> Optional[list[float]]:
