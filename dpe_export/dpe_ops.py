@@ -10,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from dpe_export.modeling_templates import dpe_guards, dpe_hf_model, dpe_workarounds
+from dpe_export.modeling_templates import dpe_hf_model, dpe_workarounds
 from dpe_export.modeling_templates.dpe_params import DPEParams
 
 
@@ -29,12 +29,10 @@ def apply_dpe(model, params: DPEParams, selected: Optional[torch.Tensor] = None)
 
 
 def cache_argument(model) -> str:
-    """The name this transformers release's model forward takes the KV cache under ("past_key_values"/"cache")."""
-    params = inspect.signature(type(model).forward).parameters
-    for name in reversed(dpe_workarounds.CACHE_ARGUMENT_NAMES):
-        if name in params:
-            return name
-    raise dpe_guards.DPERuntimeError(f"{type(model).__name__}.forward takes no KV cache argument DPE knows")
+    """The name this transformers release's model forward takes the KV cache under ("past_key_values"/"cache"),
+    by the runtime's own rule (dpe_workarounds.take_cache_argument)."""
+    params = tuple(inspect.signature(type(model).forward).parameters)
+    return dpe_workarounds.take_cache_argument(type(model).__name__, params, {})
 
 
 def output_cache(outputs):
