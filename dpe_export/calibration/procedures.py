@@ -85,7 +85,7 @@ def _check_prompt_fits(plan: scales.CalibrationPlan, tokenizer, haystack) -> Non
     task = registry.get_task(plan.metric)
     need = task.min_length(PromptBuilder(tokenizer, haystack_path=haystack), plan.needles)
     what = f"a {task.pretty_name} prompt" + (f" with {plan.needles} needles" if task.uses_needles else "")
-    if min(plan.context_lengths or [plan.target_length]) < need:
+    if min(plan.context_length(c) for c in range(plan.samples)) < need:
         raise DPEExportError(f"{what} takes at least {need} tokens with this tokenizer, more than the target length "
                              f"({plan.target_length}); give a longer --target-length or fewer --needles")
 
@@ -142,7 +142,7 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
         pretrain_length=pretrain_length or ckpt.require_pretraining_length(), dimension_groups=dimension_groups,
         num_groups=num_groups, top_k=top_k, samples=samples, needles=needles, seed=seed, metric=metric,
         dim_statistic=dim_statistic, procedure=proc.name,
-        **{**proc.plan_defaults(target_length, samples or proc.samples),
+        **{**proc.plan_defaults(target_length, samples),
            **({} if context_lengths is None else {"context_lengths": context_lengths})})
     tokenizer = loading.load_tokenizer(ckpt)  # before the weights: a model without one fails fast
     _check_prompt_fits(plan, tokenizer, haystack)
