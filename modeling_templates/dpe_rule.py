@@ -48,6 +48,27 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def rotation(shift: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype):
+    """cos and sin of shift [..., R/2] * inv_freq for rotating a tensor of `dtype` (rotate_by's angles), each
+    [..., R/2]. Angles are formed in float64 (float32 where the device has none: mps) and returned in the work
+    dtype (float32 at least)."""
+    wide = torch.float32 if shift.device.type == "mps" else torch.float64
+    angle = shift.to(wide) * inv_freq.to(device=shift.device, dtype=wide)
+    work = work_dtype(dtype)
+    return angle.cos().to(work), angle.sin().to(work)
+
+
+def rotate_with(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    """Rotate x [..., D] by the angles whose cos and sin (broadcasting to [..., R/2]) are given; see rotate_by."""
+    work = cos.dtype
+    h = rotary_dim // 2
+    x1, x2 = x[..., :h].to(work), x[..., h:rotary_dim].to(work)
+    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    if rotary_dim < x.shape[-1]:
+        parts.append(x[..., rotary_dim:].to(work))
+    return torch.cat(parts, dim=-1).to(x.dtype)
+
+
 def rotate_by(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     """Rotate x [B, H, n, D] further by shift [B, n, R/2] (or per head, [B, H, n, R/2]) * inv_freq (a pure
     rotation, no attention scaling).
@@ -56,15 +77,7 @@ def rotate_by(x: torch.Tensor, shift: torch.Tensor, inv_freq: torch.Tensor, rota
     dims are left alone. Angles are formed in float64 (float32 where the device has none) and the rotation is
     done in float32, so composing it with the family's own rotation adds no more than float rounding.
     """
-    wide = torch.float32 if x.device.type == "mps" else torch.float64
-    angle = shift.to(wide) * inv_freq.to(device=x.device, dtype=wide)
-    work = work_dtype(x.dtype)
-    cos, sin = angle.cos().to(work), angle.sin().to(work)
+    cos, sin = rotation(shift.to(x.device), inv_freq, x.dtype)
     if shift.dim() == 3:  # one shift for every head
         cos, sin = cos[:, None], sin[:, None]  # [B, 1, n, R/2]
-    h = rotary_dim // 2
-    x1, x2 = x[..., :h].to(work), x[..., h:rotary_dim].to(work)
-    parts = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
-    if rotary_dim < x.shape[-1]:
-        parts.append(x[..., rotary_dim:].to(work))
-    return torch.cat(parts, dim=-1).to(x.dtype)
+    return rotate_with(x, cos, sin, rotary_dim)

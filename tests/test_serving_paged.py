@@ -171,3 +171,78 @@ def test_write_kv_skips_padding_slots():
     assert cache[1, :, 1, :D].eq(1).all() and cache[1, :, 1, D:].eq(2).all()
     assert cache[0, :, 0].ne(0).all()
     assert cache.ne(0).sum() == 2 * HKV * 2 * D
+
+
+def test_key_rotation_table_is_rotate_by_bit_for_bit():
+    """The cached cos/sin table (KeyRotations) rotates keys exactly as rotate_by does, in float32 and float64, at
+    lengths below and past its first size (the table grows), for two specs kept side by side."""
+    from dpe_export.modeling_templates.dpe_rule import dpe_delta_positions, rotate_with
+    from dpe_export.serving.paged import KeyRotations
+
+    table = KeyRotations(limit=2)
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float64):
+        for n, groups in ((100, (3, 4, 7, 16)), (5000, (3, 4, 7, 16)), (9000, (1, 2, 2, 128)), (300, (3, 4, 7, 16))):
+            scales = _scales(groups)
+            inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+            k = torch.randn(1, HKV, n, D, generator=g, dtype=dtype)
+            want = rotate_by(k, dpe_delta_positions(torch.arange(n)[None], scales, 10, query=False), inv_freq, D)
+            cos, sin = table.get(n, scales, inv_freq, 10, dtype, k.device)
+            assert torch.equal(rotate_with(k, cos, sin, D), want)
+    assert len(table.tables) == 2
+
+
+def test_paged_attention_fuzz_against_reference():
+    """A seeded search for a counterexample: random windows, scales (dividing the window or not), head counts,
+    block sizes, sequence lengths, query counts (prefill, chunks, decoding) and selections, several sequences in
+    scattered blocks per batch, against the float64 reference (partial rotary dims: the test above)."""
+    rng = torch.Generator().manual_seed(2026)
+
+    def pick(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=rng))
+
+    for trial in range(40):
+        h_kv = pick(1, 2)
+        h = h_kv * pick(1, 3)
+        d = 2 * pick(2, 8)
+        r = d
+        w, bs = pick(1, 12), pick(1, 8)
+        scales = torch.tensor([pick(1, 20) for _ in range(r // 2)], dtype=torch.long)
+        sel = None
+        if pick(0, 1):
+            sel = torch.rand(h, r // 2, generator=rng) < 0.5
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, r, 2, dtype=torch.float64) / r))
+        nseq = pick(1, 3)
+        lens = [pick(1, 70) for _ in range(nseq)]
+        qlens = [pick(1, n) for n in lens]
+        nblocks = sum(-(-n // bs) for n in lens)
+        cache = torch.zeros(nblocks, h_kv, bs, 2 * d, dtype=torch.float64)
+        perm = torch.randperm(nblocks, generator=rng)
+        rows, used, queries, wants = [], 0, [], []
+        for n, m in zip(lens, qlens):
+            nb = -(-n // bs)
+            row = perm[used : used + nb]
+            used += nb
+            rows.append(row)
+            q = torch.randn(1, h, n, d, generator=rng, dtype=torch.float64)
+            k = torch.randn(1, h_kv, n, d, generator=rng, dtype=torch.float64)
+            v = torch.randn(1, h_kv, n, d, generator=rng, dtype=torch.float64)
+            pos = torch.arange(n)[None, :, None].expand(1, n, r // 2)
+            q_rot, k_rot = rotate_by(q, pos, inv_freq, r)[0].transpose(0, 1), rotate_by(k, pos, inv_freq, r)[0]
+            t = torch.arange(n)
+            write_kv(cache, k_rot.transpose(0, 1), v[0].transpose(0, 1), row[t // bs] * bs + t % bs)
+            queries.append(q_rot[n - m :])
+            ref = reference_attention(q, k, v, torch.arange(n)[None], inv_freq, 1.0, d ** -0.5, w, scales, sel)
+            wants.append(ref[0].transpose(0, 1)[n - m :])
+        width = max(len(x) for x in rows)
+        table = torch.stack([torch.nn.functional.pad(x, (0, width - len(x))) for x in rows])
+        qsl = [0]
+        for m in qlens:
+            qsl.append(qsl[-1] + m)
+        query = torch.cat(queries)
+        out = torch.full_like(query, float("nan"))
+        dpe_paged_attention(query, cache, out, query_start_loc=qsl, seq_lens=lens, block_table=table, head_size=d,
+                            window=w, scales=scales, inv_freq=inv_freq, rotary_dim=r, scale=d ** -0.5, selected=sel)
+        for i, want in enumerate(wants):
+            torch.testing.assert_close(out[qsl[i] : qsl[i + 1]], want, rtol=1e-9, atol=1e-9,
+                                       msg=lambda m: f"trial {trial}, sequence {i}: {m}")

@@ -7,8 +7,8 @@ last of its seq_lens[r] cached tokens) takes two flash calls and one merge:
 - local part (distances 0 .. w - 1, plain RoPE): one paged call on the cache (block_table, seqused_k = seq_lens),
   causal with window_size (w - 1, 0);
 - far part (distances >= w): the keys 0 .. seq_len - w - 1 of each request are gathered from their blocks and
-  rotated on the fly by the rule's key shift (dpe_rule.dpe_delta_positions / rotate_by), the queries by the query
-  shift; one varlen call over them (cu_seqlens_k), causal with flash's bottom-right alignment, so that query i
+  rotated on the fly by the rule's key shift (cos and sin from paged.KEY_ROTATIONS, the table of rotate_by's
+  values by position), the queries by the query shift; one varlen call over them (cu_seqlens_k), causal with flash's bottom-right alignment, so that query i
   sees keys j <= i - w. The gathered keys and values are a transient buffer of at most one layer's KV (the
   batch's far keys), reused layer after layer;
 - the two outputs merged by their log-sum-exp (vLLM's merge_attn_states when vLLM is there, else merge_lse).
@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from dpe_export.modeling_templates.dpe_attention import _selection_mask
-from dpe_export.modeling_templates.dpe_rule import dpe_delta_positions, rotate_by
+from dpe_export.modeling_templates.dpe_rule import dpe_delta_positions, rotate_by, rotate_with
+from dpe_export.serving.paged import KEY_ROTATIONS
 
 FLASH_MAX_HEAD_SIZE = 256  # the largest head size flash-attention's kernels are built for
 
@@ -128,8 +129,12 @@ def plan_batch(query_start_loc: list, seq_lens: list, block_table: torch.Tensor,
 
 
 def _rotate_tokens(x: torch.Tensor, positions: torch.Tensor, scales: torch.Tensor, window: int, query: bool,
-                   inv_freq: torch.Tensor, rotary_dim: int) -> torch.Tensor:
-    """x [N, heads, D] rotated at its plain positions -> DPE's scaled rotation (the rule's query or key shift)."""
+                   inv_freq: torch.Tensor, rotary_dim: int, length: int = 0) -> torch.Tensor:
+    """x [N, heads, D] rotated at its plain positions -> DPE's scaled rotation (the rule's query or key shift).
+    Keys (positions below `length`) take the cached table of the key shift's cos and sin, by position."""
+    if not query:
+        cos, sin = KEY_ROTATIONS.get(length, scales, inv_freq, window, x.dtype, x.device)
+        return rotate_with(x, cos[positions][:, None], sin[positions][:, None], rotary_dim)
     shift = dpe_delta_positions(positions[None], scales.to(x.device), window, query=query)  # [1, N, R/2]
     return rotate_by(x.transpose(0, 1)[None], shift, inv_freq, rotary_dim)[0].transpose(0, 1)
 
@@ -167,7 +172,8 @@ def dpe_flash_paged_attention(query: torch.Tensor, kv_cache: torch.Tensor, outpu
     # strided views instead would copy the layer's whole cache.
     kv_far = kv_cache[batch.far_blocks, :, batch.far_offsets].to(query.dtype)
     k_plain, v_far = kv_far[..., :head_size], kv_far[..., head_size:]
-    k_scaled = _rotate_tokens(k_plain, batch.far_positions, scales, window, False, inv_freq, rotary_dim)
+    k_scaled = _rotate_tokens(k_plain, batch.far_positions, scales, window, False, inv_freq, rotary_dim,
+                              length=batch.max_far_len)
     q_scaled = _rotate_tokens(query, batch.query_positions, scales, window, True, inv_freq, rotary_dim)
     if selected is None:
         q_far, k_far = q_scaled, k_scaled

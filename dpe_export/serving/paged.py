@@ -4,7 +4,9 @@ The cache keeps every token's key in its plain rotation (the one the family's Ro
 in vLLM's per-layer logical layout [num_blocks, num_kv_heads, block_size, head_size + head_size_v] with the
 key in the first head_size channels and the value in the rest. A sequence's attention is a pure function of
 its cached plain keys and values and its positions (0 .. seq_len - 1, in block-table order): the scaled keys
-of the far part are made on the fly with the rule's rotation (dpe_rule.dpe_delta_positions / rotate_by), and
+of the far part are made on the fly with the rule's rotation (dpe_rule.dpe_delta_positions / rotate_by; the
+keys' cos and sin depend on the position only, so KeyRotations keeps them in a table that grows with the longest
+sequence), and
 the local and far parts are computed and merged by log-sum-exp in dpe_attention.dpe_attention. So chunked
 prefill, prefix caching (a cached block holds the same plain keys whoever computed it) and preemption
 (recomputation writes the same keys) give the same answer as one prefill.
@@ -16,7 +18,7 @@ from typing import Optional
 import torch
 
 from dpe_export.modeling_templates.dpe_attention import dpe_attention
-from dpe_export.modeling_templates.dpe_rule import dpe_delta_positions, rotate_by
+from dpe_export.modeling_templates.dpe_rule import dpe_delta_positions, rotate_by, rotate_with, rotation
 
 
 def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -41,12 +43,44 @@ def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slo
 
 
 def gather_kv(kv_cache: torch.Tensor, block_row: torch.Tensor, seq_len: int, head_size: int):
-    """One sequence's keys and values, [Hkv, seq_len, Dk] and [Hkv, seq_len, Dv], from its block-table row."""
+    """One sequence's keys and values, [Hkv, seq_len, Dk] and [Hkv, seq_len, Dv], from its block-table row.
+
+    The whole blocks are gathered first (contiguous copies), then keys and values are laid out head-major.
+    """
     block_size = kv_cache.shape[2]
     nblocks = -(-seq_len // block_size)
-    kv = kv_cache[block_row[:nblocks].to(device=kv_cache.device, dtype=torch.long)]  # [nb, Hkv, bs, C]
-    kv = kv.transpose(0, 1).reshape(kv.shape[1], nblocks * block_size, kv.shape[-1])[:, :seq_len]
-    return kv[..., :head_size], kv[..., head_size:]
+    rows = block_row[:nblocks].to(device=kv_cache.device, dtype=torch.long)
+    kv = kv_cache.index_select(0, rows)  # [nb, Hkv, bs, C]
+    hkv = kv.shape[1]
+    k = kv[..., :head_size].transpose(0, 1).reshape(hkv, nblocks * block_size, head_size)
+    v = kv[..., head_size:].transpose(0, 1).reshape(hkv, nblocks * block_size, kv.shape[-1] - head_size)
+    return k[:, :seq_len], v[:, :seq_len]
+
+
+class KeyRotations:
+    """cos and sin of the far keys' rotation (the key shift j//s - j times each frequency), [n, R/2] for positions
+    0 .. n - 1: the same values rotate_by forms, computed once per (scales, frequencies, dtype, device) and grown
+    by doubling, instead of every layer recomputing float64 sines of every key at every step."""
+
+    def __init__(self, limit: int = 8):
+        self.tables: dict = {}
+        self.limit = limit  # distinct specs kept (a model has one per layer type, or a few with selections)
+
+    def get(self, n: int, scales: torch.Tensor, inv_freq: torch.Tensor, window: int, dtype: torch.dtype,
+            device: torch.device):
+        key = (tuple(scales.tolist()), tuple(inv_freq.tolist()), window, dtype, str(device))
+        table = self.tables.get(key)
+        if table is None or table[0].shape[0] < n:
+            size = max(n, 2 * table[0].shape[0] if table is not None else 4096)
+            pos = torch.arange(size, device=device)[None]
+            shift = dpe_delta_positions(pos, scales.to(device), window, query=False)[0]  # [size, R/2]
+            if table is None and len(self.tables) >= self.limit:
+                self.tables.pop(next(iter(self.tables)))
+            table = self.tables[key] = rotation(shift, inv_freq, dtype)
+        return table[0][:n], table[1][:n]
+
+
+KEY_ROTATIONS = KeyRotations()
 
 
 def dpe_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, window: int, scales: torch.Tensor,
@@ -69,7 +103,8 @@ def dpe_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     key_pos = torch.arange(n, device=q.device)[None]  # [1, n]
     pos = key_pos[:, n - m :]
     scales = scales.to(q.device)
-    k_far = rotate_by(kh, dpe_delta_positions(key_pos, scales, window, query=False), inv_freq, rotary_dim)
+    cos, sin = KEY_ROTATIONS.get(n, scales, inv_freq, window, k.dtype, k.device)
+    k_far = rotate_with(kh, cos, sin, rotary_dim)
     q_scaled = rotate_by(qh, dpe_delta_positions(pos, scales, window, query=True), inv_freq, rotary_dim)
     out = dpe_attention(qh, q_scaled, kh, k_far, vh, window=window, scale=scale, selected=selected,
                         k_far_plain=kh if selected is not None else None, softcap=softcap)
