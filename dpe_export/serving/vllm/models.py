@@ -188,7 +188,12 @@ def dpe_model_class(name: str):
         base.__init__(self, vllm_config=vllm_config, prefix=prefix, **kwargs)
         self.dpe_layers = install_dpe_attention(self, vllm_config)
 
-    cls = type(name, (base,), {"__init__": __init__, "__module__": __name__,
+    def load_weights(self, weights):
+        # vLLM reads every *.safetensors file of a directory as weights, the export's top-K selection file
+        # (dpe_selected_dims.safetensors, read by install_dpe_attention) too: its tensor is not a weight.
+        return base.load_weights(self, ((n, w) for n, w in weights if n != SELECTED_DIMS_TENSOR))
+
+    cls = type(name, (base,), {"__init__": __init__, "load_weights": load_weights, "__module__": __name__,
                                "__doc__": f"vLLM's {base.__name__} with DPE attention in its full-attention layers."})
     cls.__qualname__ = name
     _MODEL_CLASSES[name] = cls
