@@ -478,7 +478,8 @@ def write_results_md(out_dir: Path, results: Sequence[dict[str, Any]], missing: 
     path = out_dir / "RESULTS.md"
     real = "\n".join(x for x in (embedded("gemma3-270m.md"), embedded("gemma3-270m-ruler.md"),
                                  embedded("gemma3-270m-ruler-notes.md"),
-                                 embedded("positional-heads.md"), embedded("speed.md"), embedded("serving.md")) if x)
+                                 embedded("positional-heads.md"), embedded("speed.md"), embedded("serving.md"),
+                                 embedded("vllm-cpu.md")) if x)
     calibration = "\n".join(x for x in (embedded("calibration.md"), embedded("calibration-cost.md")) if x)
     path.write_text(render(results, out_dir, missing, embedded("discussion.md"), calibration or None, real))
     return path
