@@ -151,6 +151,9 @@ def install_dpe_attention(model: torch.nn.Module, vllm_config) -> list:
         if selection is not None:
             sel = selection[idx]
             sel = None if bool(sel.all()) else sel
+        if sel is not None and sel.shape[0] != old.num_heads:  # tensor parallelism splits the heads over ranks
+            raise ValueError(f"layer {idx}: the top-K selection covers {sel.shape[0]} query heads, this rank holds "
+                             f"{old.num_heads}; a top-K export is not served with tensor parallelism")
         spec = DPELayerSpec(window=int(params.local_window_size), scales=scales, inv_freq=inv_freq,
                             rotary_dim=rotary_dim, selected=sel)
         name = old.layer_name
