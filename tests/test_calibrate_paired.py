@@ -380,3 +380,61 @@ def test_the_default_plan_races_at_two_lengths_and_takes_the_best_mean(byte_mode
     written = json.loads((cal / "plan.json").read_text())
     assert written["context_lengths"] == [512, 1024] and written["tie_z"] == 0.0
     assert paired.default_context_lengths(1024, 3) == [512, 1024, 1024]
+
+
+def test_short_wavelength_groups_take_the_largest_scale_and_keep_the_key(plan, tmp_path):
+    """A group whose every frequency turns within the pretraining length takes the largest candidate scale, whatever
+    the race found; the field is the choice's, not the race's, so the plan's key (and its cells) stay the same, and
+    a plan without it (before 0.3.1) chooses as before."""
+    from dataclasses import replace
+
+    done = paired.run(plan, scripted([]), tmp_path / "race", progress=False)
+    assert paired.choose(plan, done) == BEST
+    short = replace(plan, short_wavelength_groups=[0, 2])
+    assert short.key() == plan.key()
+    assert paired.choose(short, done) == [max(plan.scales), BEST[1], max(plan.scales), BEST[3]]
+    record = paired.build(short, done)
+    assert record["chosen"] == paired.choose(short, done) and "turns within the pretraining length" in record["tie_rule"]
+    scales.save_plan(tmp_path / "saved", short)
+    assert scales.load_plan(tmp_path / "saved").short_wavelength_groups == [0, 2]
+
+
+def test_short_wavelength_groups_come_from_the_familys_frequencies():
+    """2 pi / theta_f against L, from the family's own rotary embedding: on the Llama testbed (theta 10^4, head_dim
+    32, L 256) frequency f turns in 2 pi * 10^(f/4) tokens: f = 3 in 35, f = 7 in 353, f = 8 in 628."""
+    from pathlib import Path
+
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(Path(__file__).parent / "fixtures" / "testbed-llama")
+    assert scales.short_wavelength_groups(cfg, [0, 4, 8, 12, 16], 256) == [0]
+    assert scales.short_wavelength_groups(cfg, [0, 4, 8, 12, 16], 400) == [0, 1]
+    assert scales.short_wavelength_groups(cfg, [0, 9, 16], 256) == []
+    # grouped in one: the group's slowest frequency decides
+    assert scales.short_wavelength_groups(cfg, [0, 16], 10 ** 6) == [0]
+
+
+def test_calibrate_writes_the_short_wavelength_groups_into_its_plan(byte_model, tmp_path, run_cli):
+    """head_dim 16, theta 10^4: group 0 (f = 0..3) turns within 2 pi * 10^1.5 = 199 tokens, under L = 256."""
+    cal = tmp_path / "cal"
+    res = run_cli("calibrate", str(byte_model), "-d", str(cal), "--target-length", "1024", "--window", "128",
+                  "--groups", "2", "--needles", "4", "--device", "cpu", "--pretrain-length", "256")
+    assert res.exit_code == 0, (res.stdout + res.stderr)
+    from transformers import AutoConfig
+
+    written = json.loads((cal / "plan.json").read_text())
+    expected = scales.short_wavelength_groups(AutoConfig.from_pretrained(byte_model), written["dimension_groups_range"],
+                                              written["pretrain_length"])
+    assert expected and written["short_wavelength_groups"] == expected
+    result = json.loads((cal / "calibration.json").read_text())
+    assert all(result["chosen"][g] == max(written["scales"]) for g in expected)
+    # a plan.json written before 0.3.1 (no such field): the resumed run keeps the race's choice
+    del written["short_wavelength_groups"]
+    (cal / "plan.json").write_text(json.dumps(written))
+    plan = scales.load_plan(cal)
+    race_choice = paired.choose(plan, paired.read_units(cal, plan))
+    res = run_cli("calibrate", str(byte_model), "-d", str(cal), "--target-length", "1024", "--window", "128",
+                  "--groups", "2", "--needles", "4", "--device", "cpu", "--pretrain-length", "256")
+    assert res.exit_code == 0, (res.stdout + res.stderr)
+    assert json.loads((cal / "calibration.json").read_text())["chosen"] == race_choice
+    assert "short_wavelength_groups" not in json.loads((cal / "plan.json").read_text())

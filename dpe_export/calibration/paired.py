@@ -24,6 +24,14 @@ length, the other groups at the reference scale); how it spends prefills is what
   (equal means go to the scale nearest the reference). Plans made before this default kept a tie rule (`tie_z`:
   finalists within 2 standard errors of the best, paired needle by needle, tie with it and the reference wins);
   their results read back with it.
+* **Short wavelengths take the largest scale.** A group whose every frequency turns within the pretraining
+  length (2 pi / theta < L; plan.short_wavelength_groups, from the family's rotary frequencies) saw every angle
+  at every distance in training, and the race's likelihoods do not rank its scales consistently: on the testbed
+  Llama, group 0 is best at 128 at T/2 and behind at T in 2 of 3 seeds, so its choice followed the seed. Such a
+  group takes the largest candidate scale; on the three testbeds this made the calibration seeds agree within
+  noise on held-out prompts, and no held-out cell fell below the full grid's choice (benchmarks/RESULTS.md). The
+  race still scores these groups (their cells are the same either way); plans made before 0.3.1 have no such
+  groups and keep their choices.
 
 Every finished (setting, context) is appended as one JSON line to ``cells.jsonl`` (per shard
 ``cells.shard-I-of-N.jsonl``; shards split the groups), so a killed run resumes without recomputing anything.
@@ -56,11 +64,17 @@ def default_context_lengths(target_length: int, contexts: int) -> list[int]:
 def tie_rule(plan: CalibrationPlan) -> str:
     """How the plan's choice is made among the finalists, for calibration.json."""
     if not plan.tie_z:
-        return ("the highest mean log-likelihood among the scales that stayed to the last round (equal means go to "
+        rule = ("the highest mean log-likelihood among the scales that stayed to the last round (equal means go to "
                 "the scale nearest the reference scale, log2 distance, then the smaller)")
-    return (f"the highest mean log-likelihood among the scales that stayed to the last round; scales within "
-            f"{plan.tie_z:g} standard errors of it (differences paired needle by needle) tie with it, and ties go "
-            "to the scale nearest the reference scale (log2 distance), then the smaller")
+    else:
+        rule = (f"the highest mean log-likelihood among the scales that stayed to the last round; scales within "
+                f"{plan.tie_z:g} standard errors of it (differences paired needle by needle) tie with it, and ties "
+                "go to the scale nearest the reference scale (log2 distance), then the smaller")
+    if plan.short_wavelength_groups:
+        groups = ", ".join(map(str, plan.short_wavelength_groups))
+        rule += (f"; group(s) {groups}, whose every frequency turns within the pretraining length, take the largest "
+                 f"candidate scale ({max(plan.scales)})")
+    return rule
 
 Evaluate = Callable[[object, int], dict]  # (DPEParams, context) -> {"score", "needles", "found"}
 
@@ -202,8 +216,11 @@ def tied_finalists(plan: CalibrationPlan, done: dict) -> list[list[int]]:
 
 
 def choose(plan: CalibrationPlan, done: dict) -> list[int]:
-    """Per group, among the scales that stayed to the last round (tie_rule(plan))."""
-    return [min(tied, key=lambda s: reference_distance(plan, s)) for tied in tied_finalists(plan, done)]
+    """Per group, among the scales that stayed to the last round (tie_rule(plan)); a short-wavelength group
+    (plan.short_wavelength_groups) takes the largest candidate scale."""
+    short = set(plan.short_wavelength_groups or ())
+    return [max(plan.scales) if g in short else min(tied, key=lambda s: reference_distance(plan, s))
+            for g, tied in enumerate(tied_finalists(plan, done))]
 
 
 def _needle_scores(plan, g, s, done, contexts) -> Optional[list[float]]:

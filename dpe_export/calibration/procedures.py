@@ -4,6 +4,8 @@ model card read it. :func:`calibrate` and :func:`merge` run any of them.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,9 +146,14 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
         dim_statistic=dim_statistic, procedure=proc.name,
         **{**proc.plan_defaults(target_length, samples),
            **({} if context_lengths is None else {"context_lengths": context_lengths})})
+    if proc.name == "paired":
+        plan = dataclasses.replace(plan, short_wavelength_groups=scales.short_wavelength_groups(
+            ckpt.config, plan.dimension_groups_range, plan.pretrain_length))
     tokenizer = loading.load_tokenizer(ckpt)  # before the weights: a model without one fails fast
     _check_prompt_fits(plan, tokenizer, haystack)
     scales.save_plan(out_dir, plan)
+    # a calibration resumed from a plan.json written before short-wavelength groups existed keeps its choice rule
+    plan = dataclasses.replace(plan, short_wavelength_groups=scales.load_plan(out_dir).short_wavelength_groups)
     t0 = time.perf_counter()
     random.seed(seed)
     torch.manual_seed(seed)

@@ -108,6 +108,11 @@ class CalibrationPlan:
     # before procedures existed are grids
     context_lengths: Optional[list] = None  # paired: each context's length in tokens (None: all at the target)
     tie_z: float = 2.0  # paired: finalists within this many standard errors of the best tie with it (0: best mean)
+    # paired: the groups whose every frequency turns within the pretraining length (2 pi / theta < L); they take the
+    # largest candidate scale whatever the race says (its likelihoods do not rank them consistently across context
+    # lengths and seeds). None: the race decides every group (plans made before 0.3.1). Read by the choice only, so
+    # it is not part of the key: the race's cells are the same with and without it.
+    short_wavelength_groups: Optional[list] = None
 
     @property
     def num_groups(self) -> int:
@@ -116,6 +121,7 @@ class CalibrationPlan:
     def key(self) -> str:
         fields = asdict(self)
         fields.pop("model")  # the same model may be calibrated from another path
+        fields.pop("short_wavelength_groups")  # the choice's rule, not the race's: the cells do not depend on it
         for name, old_default in (("dim_statistic", "norms"), ("procedure", "grid"), ("context_lengths", None),
                                   ("tie_z", 2.0)):
             if fields[name] == old_default:  # the keys of calibrations made before the field existed stay valid
@@ -151,7 +157,7 @@ def make_plan(model_dir, *, target_length: int, window: int, num_freqs: int, pre
               top_k: Optional[int] = None, samples: int = DEFAULT_SAMPLES, needles: int = DEFAULT_NEEDLES,
               seed: int = DEFAULT_SEED, metric: str = "niah", dim_statistic: str = "norms",
               procedure: str = "grid", context_lengths: Optional[Sequence[int]] = None,
-              tie_z: float = 2.0) -> CalibrationPlan:
+              tie_z: float = 2.0, short_wavelength_groups: Optional[Sequence[int]] = None) -> CalibrationPlan:
 
     if window < 1:
         raise DPEExportError(f"the local window must be >= 1, got {window}")
@@ -184,7 +190,28 @@ def make_plan(model_dir, *, target_length: int, window: int, num_freqs: int, pre
         reference_scale=reference_scale(target_length, pretrain_length, candidates), top_k=top_k,
         samples=samples, needles=needles, seed=seed, metric=metric, dim_statistic=dim_statistic,
         procedure=procedure, context_lengths=context_lengths, tie_z=float(tie_z),
+        short_wavelength_groups=None if short_wavelength_groups is None else [int(g) for g in short_wavelength_groups],
     )
+
+
+def short_wavelength_groups(config, dimension_groups: Sequence[int], pretrain_length: int) -> Optional[list[int]]:
+    """The groups whose slowest frequency turns within the pretraining length (2 pi / theta_f < L for every f of
+    the group), from the frequencies of the family's rotary embedding for its full-attention layers (the ones DPE
+    applies to). None when the family's rotary embedding cannot be built from the config."""
+    from dpe_export.modeling_templates.dpe_family import _family_rotary
+
+    rotary = _family_rotary(config)
+    if rotary is None:
+        return None
+    inv_freq = getattr(rotary, "full_attention_inv_freq", None)
+    if inv_freq is None:
+        inv_freq = getattr(rotary, "inv_freq", None)
+    if inv_freq is None:
+        return None
+    wavelengths = (2 * math.pi / inv_freq.double()).tolist()
+    bounds = list(dimension_groups)
+    return [g for g in range(len(bounds) - 1)
+            if bounds[g + 1] <= len(wavelengths) and max(wavelengths[bounds[g]:bounds[g + 1]]) < pretrain_length]
 
 
 def parse_shard(text: Optional[str]) -> Optional[tuple[int, int]]:
