@@ -33,6 +33,9 @@ class Architecture:
     # Config values that make the tiny random model the tests build from this entry meaningful (e.g. a
     # full-attention layer among sliding ones). Not used outside the tests.
     test_config: tuple = ()
+    # Served by the vLLM plugin (dpe_export.serving.vllm): only families whose exports vLLM was checked to serve
+    # token for token like transformers (tests/test_vllm_plugin.py); vLLM refuses the others' exports in one line.
+    vllm: bool = False
 
     @property
     def dpe_causal_lm_class(self) -> str:
@@ -50,12 +53,14 @@ class Architecture:
         d["family"] = d.pop("model_type")
         d.pop("display_name")
         d.pop("test_config")
+        d.pop("vllm")
         d["dpe_model_type"] = self.dpe_model_type
         return d
 
 
 def family(model_type: str, name: str, *, module: Optional[str] = None, causal_lm: Optional[str] = None,
-           base: Optional[str] = None, display: Optional[str] = None, test_config: tuple = ()) -> Architecture:
+           base: Optional[str] = None, display: Optional[str] = None, test_config: tuple = (),
+           vllm: bool = False) -> Architecture:
     """A registry entry from the family's class-name stem, for the usual transformers layout
     (transformers.models.<type>.modeling_<type>: <Name>ForCausalLM, <Name>Model); irregular ones say so."""
     module = module or model_type
@@ -67,29 +72,30 @@ def family(model_type: str, name: str, *, module: Optional[str] = None, causal_l
         model_class=base or f"{name}Model",
         dpe_prefix=f"DPE{name}",
         test_config=test_config,
+        vllm=vllm,
     )
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a
     for a in (
-        family("llama", "Llama"),
-        family("mistral", "Mistral", test_config=(("sliding_window", None),)),
-        family("qwen2", "Qwen2"),
-        family("qwen3", "Qwen3"),
+        family("llama", "Llama", vllm=True),
+        family("mistral", "Mistral", test_config=(("sliding_window", None),), vllm=True),
+        family("qwen2", "Qwen2", vllm=True),
+        family("qwen3", "Qwen3", vllm=True),
         family("qwen3_moe", "Qwen3Moe", display="Qwen3-MoE",
-               test_config=(("num_experts", 4), ("num_experts_per_tok", 2), ("moe_intermediate_size", 32))),
+               test_config=(("num_experts", 4), ("num_experts_per_tok", 2), ("moe_intermediate_size", 32)), vllm=True),
         family("gemma3_text", "Gemma3", module="gemma3", base="Gemma3TextModel", display="Gemma 3",
                test_config=(("layer_types", ("sliding_attention", "full_attention")), ("sliding_window", 8),
-                            ("query_pre_attn_scalar", 24))),
+                            ("query_pre_attn_scalar", 24)), vllm=True),
         family("gemma2", "Gemma2", display="Gemma 2",
                test_config=(("sliding_window", 8), ("attn_logit_softcapping", 20.0), ("query_pre_attn_scalar", 24))),
-        family("phi3", "Phi3"),
+        family("phi3", "Phi3", vllm=True),
         family("olmo2", "Olmo2", display="OLMo 2"),
-        family("granite", "Granite", test_config=(("attention_multiplier", 0.2),)),
+        family("granite", "Granite", test_config=(("attention_multiplier", 0.2),), vllm=True),
         family("starcoder2", "Starcoder2", display="StarCoder2"),
         family("gpt_neox", "GPTNeoX", display="GPT-NeoX", test_config=(("rotary_pct", 0.5),)),
-        family("stablelm", "StableLm", display="StableLM", test_config=(("partial_rotary_factor", 0.5),)),
+        family("stablelm", "StableLm", display="StableLM", test_config=(("partial_rotary_factor", 0.5),), vllm=True),
     )
 }
 

@@ -197,6 +197,14 @@ FAMILIES = {  # family: (base checkpoint, None for a tiny random one)
     "qwen3": None,
     "gemma3_text": None,
 }
+def _registry(checked: bool) -> list:
+    from dpe_export.architectures import ARCHITECTURES
+
+    return [t for t, a in ARCHITECTURES.items() if a.vllm == checked and t != "llama" and t not in FAMILIES]
+
+
+# The other families the plugin serves, on tiny random checkpoints (chunked prefill and a prefix-cache round).
+MORE_FAMILIES = _registry(checked=True)
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +217,7 @@ def family_export(tmp_path_factory):
     def get(family):
         if family not in made:
             root = tmp_path_factory.mktemp(family)
-            base = FAMILIES[family] or _tiny_checkpoint(root / "base", family)
+            base = FAMILIES.get(family) or _tiny_checkpoint(root / "base", family)
             out = root / "export"
             subprocess.run([sys.executable, "-m", "dpe_export", "convert", "--model", str(base), "--output",
                             str(out), "--window", str(WINDOW), "--scale-factors", "128,128,64,8",
@@ -221,7 +229,7 @@ def family_export(tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(FAMILIES) + MORE_FAMILIES)
 def test_family_matches_transformers(family, family_export, tokenizer):
     """Each family's export: chunked prefill (64-token chunks), three concurrent requests, then a prefix-cache
     round, greedy tokens equal to the transformers runtime's. Gemma 3's sliding layers stay vLLM's own."""
@@ -251,6 +259,21 @@ def test_family_whole_prefill_and_preemption_match_transformers(family, family_e
                                "enable_prefix_caching": False, "max_num_seqs": len(lengths)}, tokens)
     assert got["preemptions"] > 0, "no request was preempted: the test does not test preemption"
     _assert_same(got["rounds"][0], want, f"{family}, whole prefill with preemption")
+
+
+@pytest.mark.parametrize("family", ["gemma2"])
+def test_a_family_the_plugin_does_not_serve_is_refused(family, family_export):
+    """Families not checked on vLLM (Architecture.vllm false: Gemma 2, OLMo 2, StarCoder2, GPT-NeoX) are not
+    registered: with the plugin on, vLLM falls back to the export's remote code, which refuses in one line."""
+    assert family in _registry(checked=False)
+    out, _ = family_export(family)
+    child = ("from vllm import LLM\n"
+             f"LLM(model={str(out)!r}, dtype='float32', max_model_len=1024, enforce_eager=True, "
+             "trust_remote_code=True)\nprint('SERVED')\n")
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=600, env=_env())
+    text = proc.stdout + proc.stderr
+    assert "SERVED" not in proc.stdout and proc.returncode != 0
+    assert "This is a DPE export" in text, text[-3000:]
 
 
 def test_top_k_selection_export_matches_transformers(tmp_path, tokenizer):

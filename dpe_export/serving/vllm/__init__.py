@@ -1,7 +1,7 @@
 """vLLM plugin: serve DPE exports with DPE attention (`pip install 'dpe-export[vllm]'`).
 
 vLLM calls register() (the `vllm.general_plugins` entry point `dpe`) in every process it starts. It registers:
-- for each family of dpe_export.architectures that vLLM has in tree, the architecture an export's config.json names
+- for each family of dpe_export.architectures checked on vLLM (Architecture.vllm) that vLLM has in tree, the architecture an export's config.json names
   (DPE<Family>ForCausalLM) with vLLM's ModelRegistry, pointing at dpe_export.serving.vllm.models, which subclasses
   vLLM's own model of the family and swaps DPE attention into its full-attention layers;
 - the export's model_type (dpe_<family>) with vLLM's config registry and transformers' AutoConfig, as the family's
@@ -23,8 +23,9 @@ _REGISTERED = False
 
 
 def registered_families() -> dict:
-    """{DPE architecture name: vLLM base architecture} for the families this plugin serves."""
-    return {a.dpe_causal_lm_class: a.causal_lm_class for a in ARCHITECTURES.values()}
+    """{DPE architecture name: vLLM base architecture} for the families this plugin serves (Architecture.vllm:
+    checked token for token against transformers; the other families' exports stay refused)."""
+    return {a.dpe_causal_lm_class: a.causal_lm_class for a in ARCHITECTURES.values() if a.vllm}
 
 
 def register() -> None:
@@ -34,7 +35,7 @@ def register() -> None:
         return
     supported = set(ModelRegistry.get_supported_archs())
     for arch in ARCHITECTURES.values():
-        if arch.causal_lm_class not in supported:
+        if not arch.vllm or arch.causal_lm_class not in supported:
             continue
         try:
             config_cls = dpe_config_class(arch)
