@@ -102,6 +102,23 @@ def merge(out_dir) -> dict:
     return calibration
 
 
+def _make_plan(proc, ckpt, *, target_length, window, pretrain_length, dimension_groups, num_groups, top_k, samples,
+               needles, seed, metric, dim_statistic, context_lengths) -> scales.CalibrationPlan:
+    """The plan for this procedure and model, with the procedure's plan defaults; a paired plan names the model's
+    short-wavelength groups (its choice gives them the largest scale)."""
+    plan = scales.make_plan(
+        ckpt.path, target_length=target_length, window=window, num_freqs=ckpt.rotary_dim // 2,
+        pretrain_length=pretrain_length or ckpt.require_pretraining_length(), dimension_groups=dimension_groups,
+        num_groups=num_groups, top_k=top_k, samples=samples, needles=needles, seed=seed, metric=metric,
+        dim_statistic=dim_statistic, procedure=proc.name,
+        **{**proc.plan_defaults(target_length, samples),
+           **({} if context_lengths is None else {"context_lengths": context_lengths})})
+    if proc.name == "paired":
+        plan = dataclasses.replace(plan, short_wavelength_groups=scales.short_wavelength_groups(
+            ckpt.config, plan.dimension_groups_range, plan.pretrain_length))
+    return plan
+
+
 def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_groups=None,
               num_groups: Optional[int] = None, top_k: Optional[int] = None, samples: Optional[int] = None,
               needles: Optional[int] = None, seed: int = scales.DEFAULT_SEED, metric: Optional[str] = None,
@@ -139,21 +156,13 @@ def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_
     if ray_address is None:
         evalrun.check_memory(ckpt, metric, target_length, batch_size, device, dtype, device_map)  # the longest context must fit, as eval checks
     get_architecture(ckpt.config)
-    plan = scales.make_plan(
-        model_dir, target_length=target_length, window=window, num_freqs=ckpt.rotary_dim // 2,
-        pretrain_length=pretrain_length or ckpt.require_pretraining_length(), dimension_groups=dimension_groups,
-        num_groups=num_groups, top_k=top_k, samples=samples, needles=needles, seed=seed, metric=metric,
-        dim_statistic=dim_statistic, procedure=proc.name,
-        **{**proc.plan_defaults(target_length, samples),
-           **({} if context_lengths is None else {"context_lengths": context_lengths})})
-    if proc.name == "paired":
-        plan = dataclasses.replace(plan, short_wavelength_groups=scales.short_wavelength_groups(
-            ckpt.config, plan.dimension_groups_range, plan.pretrain_length))
+    plan = _make_plan(proc, ckpt, target_length=target_length, window=window, pretrain_length=pretrain_length,
+                      dimension_groups=dimension_groups, num_groups=num_groups, top_k=top_k, samples=samples,
+                      needles=needles, seed=seed, metric=metric, dim_statistic=dim_statistic,
+                      context_lengths=context_lengths)
     tokenizer = loading.load_tokenizer(ckpt)  # before the weights: a model without one fails fast
     _check_prompt_fits(plan, tokenizer, haystack)
-    scales.save_plan(out_dir, plan)
-    # a calibration resumed from a plan.json written before short-wavelength groups existed keeps its choice rule
-    plan = dataclasses.replace(plan, short_wavelength_groups=scales.load_plan(out_dir).short_wavelength_groups)
+    plan = scales.save_plan(out_dir, plan)
     t0 = time.perf_counter()
     random.seed(seed)
     torch.manual_seed(seed)

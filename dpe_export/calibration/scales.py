@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -386,8 +386,10 @@ class Calibrator:
 PLAN_FILE = "plan.json"
 
 
-def save_plan(out_dir: Path, plan: CalibrationPlan) -> None:
-    """plan.json in out_dir; every shard must agree with the one already there."""
+def save_plan(out_dir: Path, plan: CalibrationPlan) -> CalibrationPlan:
+    """plan.json in out_dir; every shard must agree with the one already there. Returns the plan to run: this one,
+    with the stored plan's choice rule when resuming (a plan.json written before short-wavelength groups existed
+    keeps its choice)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / PLAN_FILE
     if path.is_file():
@@ -395,8 +397,9 @@ def save_plan(out_dir: Path, plan: CalibrationPlan) -> None:
         if old.key() != plan.key():
             raise DPEExportError(
                 f"{out_dir} holds a calibration with other settings (see {path}); use another --output-dir")
-        return
+        return replace(plan, short_wavelength_groups=old.short_wavelength_groups)
     write_json_atomic(path, asdict(plan))
+    return plan
 
 
 def load_plan(out_dir: Path) -> CalibrationPlan:
