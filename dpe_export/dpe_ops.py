@@ -5,12 +5,14 @@ module is not shipped with exports.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Optional
 
 import torch
 
 from dpe_export.modeling_templates import dpe_hf_model, dpe_workarounds
+from dpe_export.modeling_templates.dpe_family import _family_rotary
 from dpe_export.modeling_templates.dpe_params import DPEParams
 
 
@@ -41,3 +43,21 @@ def output_cache(outputs):
         if name in outputs:
             return outputs[name]
     return None
+
+
+def family_inv_freq(config, layer_type: str = "full_attention",
+                    pretrain_length: Optional[int] = None) -> Optional[torch.Tensor]:
+    """The family's rotary frequencies for a layer type (float32, CPU), as the export's transformers runtime uses
+    them: the family's rotary embedding built from the config at the pretraining length (dpe_hf_model.install_dpe).
+    None when that embedding cannot be built from the config."""
+    rope_config = config
+    if pretrain_length and pretrain_length != getattr(config, "max_position_embeddings", None):
+        rope_config = copy.deepcopy(config)
+        rope_config.max_position_embeddings = pretrain_length
+    rotary = _family_rotary(rope_config)
+    if rotary is None:
+        return None
+    inv = getattr(rotary, f"{layer_type}_inv_freq", None)  # one per layer type (Gemma 3)
+    if inv is None:
+        inv = rotary.inv_freq
+    return inv.detach().float().cpu()

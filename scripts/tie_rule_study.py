@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -36,16 +35,15 @@ def _tied(plan, done) -> list[list[int]]:
 
 
 def short_wavelength_groups(model: str, plan) -> list[bool]:
-    """Per group: does its slowest frequency complete a turn within the pretraining length (2 pi / theta < L)? Such
-    a group saw every angle in training at every distance, and the race's likelihoods do not rank its scales
-    consistently (llama's group 0: best at 128 at T/2, behind at T, in 2 of 3 seeds)."""
-    cfg = json.loads((REPO / "tests" / "fixtures" / f"testbed-{model.removeprefix('testbed-')}" / "config.json")
-                     .read_text())
-    base = cfg.get("rope_parameters", {}).get("rope_theta", cfg.get("rope_theta", 10000.0))
-    dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    bounds = plan.dimension_groups_range
-    slowest = [2 * math.pi * base ** (2 * (b - 1) / dim) for b in bounds[1:]]  # frequency index b - 1 of each group
-    return [w < plan.pretrain_length for w in slowest]
+    """Per group: does its slowest frequency complete a turn within the pretraining length (2 pi / theta < L)?
+    (scales.short_wavelength_groups, the rule the default choice applies since 0.3.1.) Such a group saw every
+    angle in training at every distance, and the race's likelihoods do not rank its scales consistently
+    (llama's group 0: best at 128 at T/2, behind at T, in 2 of 3 seeds)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(REPO / "tests" / "fixtures" / f"testbed-{model.removeprefix('testbed-')}")
+    short = scales.short_wavelength_groups(config, plan.dimension_groups_range, plan.pretrain_length) or []
+    return [g in short for g in range(plan.num_groups)]
 
 
 RULES = {  # (plan, group, its tied finalists best first, short-wavelength groups) -> scale

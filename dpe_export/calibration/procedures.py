@@ -4,10 +4,8 @@ model card read it. :func:`calibrate` and :func:`merge` run any of them.
 """
 from __future__ import annotations
 
-import dataclasses
-
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -35,6 +33,8 @@ class Procedure:
     build: Callable[..., dict]  # (plan, results, timings) -> calibration.json
     reference: str = ""  # where the procedure comes from
     plan_defaults: Callable[..., dict] = lambda target_length, samples: {}  # plan settings it adds by default
+    # (plan, model config) -> the plan with what the procedure reads from the model (paired: short-wavelength groups)
+    plan_for_model: Callable[..., Any] = lambda plan, config: plan
 
 
 PROCEDURES: dict[str, Procedure] = {}
@@ -70,6 +70,8 @@ register(Procedure(
     build=paired.build,
     plan_defaults=lambda target_length, samples: {
         "context_lengths": paired.default_context_lengths(target_length, samples), "tie_z": 0.0},
+    plan_for_model=lambda plan, config: replace(plan, short_wavelength_groups=scales.short_wavelength_groups(
+        config, plan.dimension_groups_range, plan.pretrain_length)),
 ))
 
 register(Procedure(
@@ -104,8 +106,7 @@ def merge(out_dir) -> dict:
 
 def _make_plan(proc, ckpt, *, target_length, window, pretrain_length, dimension_groups, num_groups, top_k, samples,
                needles, seed, metric, dim_statistic, context_lengths) -> scales.CalibrationPlan:
-    """The plan for this procedure and model, with the procedure's plan defaults; a paired plan names the model's
-    short-wavelength groups (its choice gives them the largest scale)."""
+    """The plan for this procedure and model, with the procedure's plan defaults and what it reads from the model."""
     plan = scales.make_plan(
         ckpt.path, target_length=target_length, window=window, num_freqs=ckpt.rotary_dim // 2,
         pretrain_length=pretrain_length or ckpt.require_pretraining_length(), dimension_groups=dimension_groups,
@@ -113,10 +114,7 @@ def _make_plan(proc, ckpt, *, target_length, window, pretrain_length, dimension_
         dim_statistic=dim_statistic, procedure=proc.name,
         **{**proc.plan_defaults(target_length, samples),
            **({} if context_lengths is None else {"context_lengths": context_lengths})})
-    if proc.name == "paired":
-        plan = dataclasses.replace(plan, short_wavelength_groups=scales.short_wavelength_groups(
-            ckpt.config, plan.dimension_groups_range, plan.pretrain_length))
-    return plan
+    return proc.plan_for_model(plan, ckpt.config)
 
 
 def calibrate(model_dir, out_dir, *, target_length: int, window: int, dimension_groups=None,

@@ -196,16 +196,9 @@ def make_plan(model_dir, *, target_length: int, window: int, num_freqs: int, pre
 
 def short_wavelength_groups(config, dimension_groups: Sequence[int], pretrain_length: int) -> Optional[list[int]]:
     """The groups whose slowest frequency turns within the pretraining length (2 pi / theta_f < L for every f of
-    the group), from the frequencies of the family's rotary embedding for its full-attention layers (the ones DPE
-    applies to). None when the family's rotary embedding cannot be built from the config."""
-    from dpe_export.modeling_templates.dpe_family import _family_rotary
-
-    rotary = _family_rotary(config)
-    if rotary is None:
-        return None
-    inv_freq = getattr(rotary, "full_attention_inv_freq", None)
-    if inv_freq is None:
-        inv_freq = getattr(rotary, "inv_freq", None)
+    the group), from the frequencies the export's runtime gives the full-attention layers (the ones DPE applies
+    to). None when the family's rotary embedding cannot be built from the config."""
+    inv_freq = dpe_ops.family_inv_freq(config, "full_attention", pretrain_length)
     if inv_freq is None:
         return None
     wavelengths = (2 * math.pi / inv_freq.double()).tolist()

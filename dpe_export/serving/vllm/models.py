@@ -9,7 +9,6 @@ running the DPE_TORCH backend (backend.py) with the layer's DPE parameters.
 """
 from __future__ import annotations
 
-import copy
 from typing import Optional
 
 import torch
@@ -17,7 +16,8 @@ from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.utils import PPMissingLayer
 
 from dpe_export.architectures import ARCHITECTURES, Architecture
-from dpe_export.modeling_templates.dpe_family import full_attention_layers, rotary_dim_of, _family_rotary
+from dpe_export.dpe_ops import family_inv_freq
+from dpe_export.modeling_templates.dpe_family import full_attention_layers, rotary_dim_of
 from dpe_export.modeling_templates.dpe_guards import DPEServingError
 from dpe_export.modeling_templates.dpe_params import SELECTED_DIMS_TENSOR, DPEParams
 from dpe_export.serving.vllm.backend import DPEAttentionBackend, DPELayerSpec, ensure_backend_registered
@@ -77,18 +77,11 @@ def dpe_config_class(arch: Architecture):
 # Model classes.
 
 def _inv_freq(config, params: DPEParams, layer_type: str) -> torch.Tensor:
-    """The family's rotary frequencies for this layer type, as the export's transformers runtime uses them: the
-    family's rotary embedding built from the config with the pretraining length (dpe_hf_model.install_dpe)."""
-    rope_config = copy.deepcopy(config)
-    if params.pretrain_length and params.pretrain_length != getattr(config, "max_position_embeddings", None):
-        rope_config.max_position_embeddings = params.pretrain_length
-    rotary = _family_rotary(rope_config)
-    if rotary is None:
-        raise ValueError(f"cannot build the rotary embedding of model type {config.model_type!r}")
-    inv = getattr(rotary, f"{layer_type}_inv_freq", None)
+    """The family's rotary frequencies for this layer type, as the export's transformers runtime uses them."""
+    inv = family_inv_freq(config, layer_type, params.pretrain_length)
     if inv is None:
-        inv = rotary.inv_freq
-    return inv.detach().float().cpu()
+        raise ValueError(f"cannot build the rotary embedding of model type {config.model_type!r}")
+    return inv
 
 
 def _load_selection(vllm_config, params: DPEParams) -> Optional[torch.Tensor]:
