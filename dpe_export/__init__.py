@@ -5,6 +5,6 @@ generated ``trust_remote_code`` modeling files and loads with
 ``AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)``.
 """
 
-__version__ = "0.3.1"
+__version__ = "0.3.2"
 
 __all__ = ["__version__"]

@@ -36,6 +36,12 @@ class Architecture:
     # Served by the vLLM plugin (dpe_export.serving.vllm): only families whose exports vLLM was checked to serve
     # token for token like transformers (tests/test_vllm_plugin.py); vLLM refuses the others' exports in one line.
     vllm: bool = False
+    # False where transformers' sdpa attention leaves out part of the family's attention: Gemma 2's attention logit
+    # softcapping, which sdpa dropped without a word before transformers 5.21 (5.21 stopped offering sdpa for
+    # Gemma 2). The export's classes then say they do not support sdpa, so every release loads them with eager
+    # and refuses an explicit sdpa, as 5.21 does; otherwise, on 5.0-5.20, the DPE layers would apply the softcap
+    # and the sliding layers, running transformers' sdpa, would not.
+    sdpa: bool = True
 
     @property
     def dpe_causal_lm_class(self) -> str:
@@ -60,7 +66,7 @@ class Architecture:
 
 def family(model_type: str, name: str, *, module: Optional[str] = None, causal_lm: Optional[str] = None,
            base: Optional[str] = None, display: Optional[str] = None, test_config: tuple = (),
-           vllm: bool = False) -> Architecture:
+           vllm: bool = False, sdpa: bool = True) -> Architecture:
     """A registry entry from the family's class-name stem, for the usual transformers layout
     (transformers.models.<type>.modeling_<type>: <Name>ForCausalLM, <Name>Model); irregular ones say so."""
     module = module or model_type
@@ -73,6 +79,7 @@ def family(model_type: str, name: str, *, module: Optional[str] = None, causal_l
         dpe_prefix=f"DPE{name}",
         test_config=test_config,
         vllm=vllm,
+        sdpa=sdpa,
     )
 
 
@@ -89,7 +96,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                test_config=(("layer_types", ("sliding_attention", "full_attention")), ("sliding_window", 8),
                             ("query_pre_attn_scalar", 24)), vllm=True),
         family("gemma2", "Gemma2", display="Gemma 2",
-               test_config=(("sliding_window", 8), ("attn_logit_softcapping", 20.0), ("query_pre_attn_scalar", 24))),
+               test_config=(("sliding_window", 8), ("attn_logit_softcapping", 20.0), ("query_pre_attn_scalar", 24)),
+               vllm=True, sdpa=False),
         family("phi3", "Phi3", vllm=True),
         family("olmo2", "Olmo2", display="OLMo 2"),
         family("granite", "Granite", test_config=(("attention_multiplier", 0.2),), vllm=True),

@@ -87,6 +87,22 @@ def test_below_the_window_the_export_is_the_base_model(fam):
                 assert (got - want).abs().max().item() <= 1e-5, (attn, topk)
 
 
+def test_an_export_uses_sdpa_only_where_it_computes_the_family_s_whole_attention(fam):
+    """Gemma 2's attention logit softcapping is left out by transformers' sdpa (without a word before 5.21): its
+    export loads with eager by default and refuses sdpa on every release, so its DPE and sliding layers both cap;
+    every other family loads with sdpa by default."""
+    from transformers import AutoModelForCausalLM
+
+    if fam.arch.sdpa:
+        assert fam.load(attn=None).config._attn_implementation == "sdpa"
+        return
+    assert getattr(fam.base.config, "attn_logit_softcapping", None)
+    model = AutoModelForCausalLM.from_pretrained(fam.exports[False], trust_remote_code=True)
+    assert model.config._attn_implementation == "eager"
+    with pytest.raises(ValueError, match="scaled_dot_product_attention"):
+        AutoModelForCausalLM.from_pretrained(fam.exports[False], trust_remote_code=True, attn_implementation="sdpa")
+
+
 @pytest.mark.parametrize("topk", [False, True], ids=["all-dims", "topk"])
 def test_beyond_the_window_the_export_is_the_reference(fam, topk):
     ids = torch.randint(4, 128, (1, 36), generator=torch.Generator().manual_seed(2))

@@ -2,7 +2,7 @@
 for token, on the testbed-llama export far past its window (w = 32; prompts of 100-600 tokens and pass keys at
 8x the pretraining length), with several concurrent requests of different lengths, chunked prefill on (a small
 max_num_batched_tokens) and off, prefix caching on (a second round served from the cache) and off, and
-preemption (a KV cache too small for the requests at once); on Qwen2, Mistral, Qwen3 and Gemma 3 exports in both
+preemption (a KV cache too small for the requests at once); on Qwen2, Mistral, Qwen3, Gemma 3 and Gemma 2 exports in both
 modes (chunked prefill with a prefix-cache round; whole prefill with preemption); and on a top-K selection export.
 Without the plugin, vLLM still refuses the export.
 
@@ -196,6 +196,7 @@ FAMILIES = {  # family: (base checkpoint, None for a tiny random one)
     "mistral": REPO / "tests" / "fixtures" / "testbed-mistral",
     "qwen3": None,
     "gemma3_text": None,
+    "gemma2": None,
 }
 def _registry(checked: bool) -> list:
     from dpe_export.architectures import ARCHITECTURES
@@ -232,7 +233,8 @@ def family_export(tmp_path_factory):
 @pytest.mark.parametrize("family", list(FAMILIES) + MORE_FAMILIES)
 def test_family_matches_transformers(family, family_export, tokenizer):
     """Each family's export: chunked prefill (64-token chunks), three concurrent requests, then a prefix-cache
-    round, greedy tokens equal to the transformers runtime's. Gemma 3's sliding layers stay vLLM's own."""
+    round, greedy tokens equal to the transformers runtime's. Gemma 3's and Gemma 2's sliding layers stay vLLM's
+    own."""
     out, model = family_export(family)
     prompts = [p.input_ids for p in _prompts(tokenizer, (150, 333, 520), seed=7)]
     want = _hf_greedy(model, prompts, MAX_TOKENS)
@@ -246,11 +248,11 @@ def test_family_matches_transformers(family, family_export, tokenizer):
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_whole_prefill_and_preemption_match_transformers(family, family_export, tokenizer):
     """Each family's export with chunked prefill and prefix caching off, in a KV cache (24 blocks of 32 tokens)
-    that holds two of the three requests: one is preempted as they decode and recomputed later. Gemma 3's sliding
+    that holds two of the three requests: one is preempted as they decode and recomputed later. Gemma's sliding
     layers take blocks of their own and free those that leave the window (vLLM's hybrid allocator): it gets 48
     blocks (the fewest that admit a 700-token request) and four short prompts that each generate 300 tokens."""
     out, model = family_export(family)
-    gemma = family == "gemma3_text"
+    gemma = family in ("gemma3_text", "gemma2")
     lengths, tokens = ((100, 110, 120, 130), 300) if gemma else ((330, 350, 370), 64)
     prompts = [p.input_ids for p in _prompts(tokenizer, lengths, seed=50)]
     want = _hf_greedy(model, prompts, tokens)
@@ -261,9 +263,9 @@ def test_family_whole_prefill_and_preemption_match_transformers(family, family_e
     _assert_same(got["rounds"][0], want, f"{family}, whole prefill with preemption")
 
 
-@pytest.mark.parametrize("family", ["gemma2"])
+@pytest.mark.parametrize("family", ["olmo2"])
 def test_a_family_the_plugin_does_not_serve_is_refused(family, family_export):
-    """Families not checked on vLLM (Architecture.vllm false: Gemma 2, OLMo 2, StarCoder2, GPT-NeoX) are not
+    """Families not checked on vLLM (Architecture.vllm false: OLMo 2, StarCoder2, GPT-NeoX) are not
     registered: with the plugin on, vLLM falls back to the export's remote code, which refuses in one line."""
     assert family in _registry(checked=False)
     out, _ = family_export(family)
