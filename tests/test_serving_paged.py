@@ -187,7 +187,7 @@ def test_key_rotation_table_is_rotate_by_bit_for_bit():
             inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
             k = torch.randn(1, HKV, n, D, generator=g, dtype=dtype)
             want = rotate_by(k, dpe_delta_positions(torch.arange(n)[None], scales, 10, query=False), inv_freq, D)
-            cos, sin = table.get(n, scales, inv_freq, 10, dtype, k.device)
+            cos, sin = table.get(n, scales, inv_freq, dtype, k.device)
             assert torch.equal(rotate_with(k, cos, sin, D), want)
     assert len(table.tables) == 2
 

@@ -133,7 +133,7 @@ def _rotate_tokens(x: torch.Tensor, positions: torch.Tensor, scales: torch.Tenso
     """x [N, heads, D] rotated at its plain positions -> DPE's scaled rotation (the rule's query or key shift).
     Keys (positions below `length`) take the cached table of the key shift's cos and sin, by position."""
     if not query:
-        cos, sin = KEY_ROTATIONS.get(length, scales, inv_freq, window, x.dtype, x.device)
+        cos, sin = KEY_ROTATIONS.get(length, scales, inv_freq, x.dtype, x.device)
         return rotate_with(x, cos[positions][:, None], sin[positions][:, None], rotary_dim)
     shift = dpe_delta_positions(positions[None], scales.to(x.device), window, query=query)  # [1, N, R/2]
     return rotate_by(x.transpose(0, 1)[None], shift, inv_freq, rotary_dim)[0].transpose(0, 1)

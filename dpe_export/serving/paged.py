@@ -66,14 +66,14 @@ class KeyRotations:
         self.tables: dict = {}
         self.limit = limit  # distinct specs kept (a model has one per layer type, or a few with selections)
 
-    def get(self, n: int, scales: torch.Tensor, inv_freq: torch.Tensor, window: int, dtype: torch.dtype,
-            device: torch.device):
-        key = (tuple(scales.tolist()), tuple(inv_freq.tolist()), window, dtype, str(device))
+    def get(self, n: int, scales: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, device: torch.device):
+        # the keys' shift j//s - j does not depend on the window (the queries' does): not part of the key
+        key = (tuple(scales.tolist()), tuple(inv_freq.tolist()), dtype, str(device))
         table = self.tables.get(key)
         if table is None or table[0].shape[0] < n:
             size = max(n, 2 * table[0].shape[0] if table is not None else 4096)
             pos = torch.arange(size, device=device)[None]
-            shift = dpe_delta_positions(pos, scales.to(device), window, query=False)[0]  # [size, R/2]
+            shift = dpe_delta_positions(pos, scales.to(device), 0, query=False)[0]  # [size, R/2]
             if table is None and len(self.tables) >= self.limit:
                 self.tables.pop(next(iter(self.tables)))
             table = self.tables[key] = rotation(shift, inv_freq, dtype)
@@ -103,7 +103,7 @@ def dpe_sequence_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     key_pos = torch.arange(n, device=q.device)[None]  # [1, n]
     pos = key_pos[:, n - m :]
     scales = scales.to(q.device)
-    cos, sin = KEY_ROTATIONS.get(n, scales, inv_freq, window, k.dtype, k.device)
+    cos, sin = KEY_ROTATIONS.get(n, scales, inv_freq, k.dtype, k.device)
     k_far = rotate_with(kh, cos, sin, rotary_dim)
     q_scaled = rotate_by(qh, dpe_delta_positions(pos, scales, window, query=True), inv_freq, rotary_dim)
     out = dpe_attention(qh, q_scaled, kh, k_far, vh, window=window, scale=scale, selected=selected,

@@ -22,10 +22,15 @@ from dpe_export.serving.vllm.models import dpe_config_class
 _REGISTERED = False
 
 
+def served_architectures() -> list:
+    """The families this plugin serves (Architecture.vllm: checked token for token against transformers; the
+    other families' exports stay refused)."""
+    return [a for a in ARCHITECTURES.values() if a.vllm]
+
+
 def registered_families() -> dict:
-    """{DPE architecture name: vLLM base architecture} for the families this plugin serves (Architecture.vllm:
-    checked token for token against transformers; the other families' exports stay refused)."""
-    return {a.dpe_causal_lm_class: a.causal_lm_class for a in ARCHITECTURES.values() if a.vllm}
+    """{DPE architecture name: vLLM base architecture} for the families this plugin serves."""
+    return {a.dpe_causal_lm_class: a.causal_lm_class for a in served_architectures()}
 
 
 def register() -> None:
@@ -34,8 +39,8 @@ def register() -> None:
     if _REGISTERED:
         return
     supported = set(ModelRegistry.get_supported_archs())
-    for arch in ARCHITECTURES.values():
-        if not arch.vllm or arch.causal_lm_class not in supported:
+    for arch in served_architectures():
+        if arch.causal_lm_class not in supported:
             continue
         try:
             config_cls = dpe_config_class(arch)
