@@ -46,8 +46,9 @@ if [ "$STEP" = "table" ]; then  # the measurements of the hand-set export (issue
 fi
 
 # `dpe-export calibrate` for the export's 64K target (paired procedure, the hand-set export's three groups), its
-# state committed under benchmarks/results/ so that any session resumes it; then the calibrated export, and the
-# comparison past 32K against the hand-set export, SelfExtend and YaRN (gemma_table.py --plan calibration).
+# state committed under benchmarks/results/ so that any session resumes it; then the calibrated export, the
+# comparison past 32K against the hand-set export, SelfExtend and YaRN (gemma_table.py --plan calibration), and
+# RULER at 16K and 32K in float32 (gemma_ruler.py --plan calibration).
 CAL="benchmarks/results/gemma3-270m-calibration"
 CALIBRATED="$RUNS/gemma3-270m-dpe-calibrated"
 TQDM_DISABLE=1 dpe-export calibrate --model "$BASE" --target-length 65536 --window 4096 \
@@ -57,3 +58,8 @@ if [ ! -f "$CALIBRATED/config.json" ]; then
 fi
 python3 scripts/gemma_table.py --base "$BASE" --export "$DPE" --calibrated "$CALIBRATED" --plan calibration \
     --out benchmarks/results/gemma3-270m.jsonl
+# then RULER in float32 at 16K and 32K: the calibrated export, the hand-set one, SelfExtend and YaRN (issue 35)
+python3 scripts/gemma_ruler.py --plan calibration --base "$BASE" --export "$DPE" --calibrated "$CALIBRATED" \
+    --out benchmarks/results/gemma3-270m-ruler-float32.jsonl
+python3 scripts/gemma_ruler.py --out benchmarks/results/gemma3-270m-ruler-float32.jsonl \
+    --write-section benchmarks/results/gemma3-270m-ruler-float32.md

@@ -477,7 +477,7 @@ def write_results_md(out_dir: Path, results: Sequence[dict[str, Any]], missing: 
 
     path = out_dir / "RESULTS.md"
     real = "\n".join(x for x in (embedded("gemma3-270m.md"), embedded("gemma3-270m-ruler.md"),
-                                 embedded("gemma3-270m-ruler-notes.md"),
+                                 embedded("gemma3-270m-ruler-notes.md"), embedded("gemma3-270m-ruler-float32.md"),
                                  embedded("positional-heads.md"), embedded("speed.md"), embedded("serving.md"),
                                  embedded("vllm-cpu.md")) if x)
     calibration = "\n".join(x for x in (embedded("calibration.md"), embedded("calibration-cost.md")) if x)
