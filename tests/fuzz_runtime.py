@@ -95,7 +95,7 @@ def draw(seed: int) -> Case:
     groups = [0, *cuts, rotary_half]
     scales = [rng.choice([1, 2, 3, 4, 5, 7, 8, 9, 16, 33]) for _ in range(n_groups)]
     selection = rng.choices(["none", "folded", "mixed"], [2, 1, 1])[0]
-    attn = "eager" if family == "gemma2" else rng.choice(["sdpa", "eager"])
+    attn = rng.choice(["sdpa", "eager"]) if ARCHITECTURES[family].sdpa else "eager"  # Gemma 2: eager only
     compile_mode = rng.choices(["off", "all", "decode"], [6, 1, 1])[0]
     dtype = rng.choices(["float32", "bfloat16"], [9, 1])[0]
     generate = rng.choices(["none", "beam", "assisted"], [8, 1, 1])[0]

@@ -68,8 +68,9 @@ class Family:
         return AutoModelForCausalLM.from_pretrained(self.base_dir, attn_implementation=attn).eval()
 
     def attns(self):
-        """sdpa and eager, except where the base family itself refuses sdpa (logit soft-capping)."""
-        return ["eager"] if getattr(self.base.config, "attn_logit_softcapping", None) else ["sdpa", "eager"]
+        """sdpa and eager, except where sdpa leaves out part of the family's attention (Architecture.sdpa: Gemma 2's
+        logit soft-capping)."""
+        return ["sdpa", "eager"] if self.arch.sdpa else ["eager"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -204,5 +205,5 @@ def test_calibrate_with_dimension_scores_then_eval_the_export(model_type, tmp_pa
     assert r.exit_code == 0, r.stderr
     r = run_cli("eval", "--model", tmp_path / "dpe", "--task", "passkey", "--lengths", "600", "--samples", "1",
                 "--depths", "0.5", "--device", "cpu", "--no-progress",
-                *(["--attn", "eager"] if getattr(base.config, "attn_logit_softcapping", None) else []))
+                *([] if ARCHITECTURES[model_type].sdpa else ["--attn", "eager"]))
     assert r.exit_code == 0, r.stderr
