@@ -68,10 +68,11 @@ def prefill_chunk(length: int):
 
 
 def plan_of(path: Path) -> Plan:
-    """The plan a results file belongs to (its records' dtype)."""
-    done = read_done(path)
-    dtypes = {r.get("dtype") for r in done.values()}
-    return PLANS["calibration"] if dtypes == {"float32"} else PLANS["table"]
+    """The plan a results file belongs to, as its records name it (records before plans existed: the table)."""
+    names = {r.get("plan", "table") for r in read_done(path).values()} or {"table"}
+    if len(names) > 1:
+        raise SystemExit(f"{path} mixes the plans {', '.join(sorted(names))}")
+    return PLANS[names.pop()]
 
 
 def read_done(path: Path) -> dict[tuple, dict]:
@@ -104,6 +105,8 @@ def run(args) -> None:
     if used - {dtype}:
         raise SystemExit(f"{out} holds {', '.join(sorted(map(str, used)))} records; this run would add {dtype} ones "
                          "(one dtype per results file)")
+    if out.exists() and read_done(out) and plan_of(out) is not plan:
+        raise SystemExit(f"{out} holds records of another plan than {args.plan!r} (one plan per results file)")
     dirs = {"base": args.base, "export": args.export, "calibrated": args.calibrated}
     subtasks = ruler.resolve_subtasks(plan.subtasks)
     tokenizer = load_tokenizer(args.base)
@@ -135,7 +138,8 @@ def run(args) -> None:
                     cpu = (time.process_time() - c0) / len(details)
                     with out.open("a", encoding="utf-8") as f:
                         for d in details:
-                            f.write(json.dumps({"method": method, "spec": spec, **d, "wall_s": round(wall, 1),
+                            f.write(json.dumps({"plan": args.plan, "method": method, "spec": spec, **d,
+                                                "wall_s": round(wall, 1),
                                                 "cpu_s": round(cpu, 1), "max_length": max_length,
                                                 "prefill_chunk": chunk, "dtype": dtype, "threads": args.threads,
                                                 "machine": MACHINE}) + "\n")
