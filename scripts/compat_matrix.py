@@ -218,6 +218,15 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _installed_transformers() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--releases", help="comma-separated releases (default: newest patch of every 5.x minor)")
@@ -228,6 +237,8 @@ def main(argv=None) -> int:
     ap.add_argument("-k", dest="keyword", help="pytest -k expression, to run part of the checks")
     ap.add_argument("--resume", action="store_true",
                     help="skip releases that --jsonl already records as run with the same tests, -k and code")
+    ap.add_argument("--except-installed", action="store_true",
+                    help="leave out the release this Python already has (CI: the whole suite just ran under it)")
     ap.add_argument("--table-from", type=Path, metavar="JSONL",
                     help="print the Markdown table of a --jsonl file (the last line per release) and exit")
     args = ap.parse_args(argv)
@@ -242,7 +253,12 @@ def main(argv=None) -> int:
 
     releases = available_releases()
     chosen = resolve(args.releases.split(","), releases) if args.releases else newest_per_minor(releases)
-    print(f"transformers releases to check: {', '.join(chosen)}", flush=True)
+    if args.except_installed:
+        installed = _installed_transformers()
+        if installed in chosen:
+            print(f"transformers {installed}: this Python's own release, left out (--except-installed)", flush=True)
+            chosen = [v for v in chosen if v != installed]
+    print(f"transformers releases to check: {', '.join(chosen) or 'none'}", flush=True)
     rows = []
     signature = {"tests": args.tests, "keyword": args.keyword, "code": _code_hash()}
     done = {}
