@@ -8,7 +8,6 @@ eval-testbed-*-dpe-calibrated-niah-*.json).
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,18 +17,9 @@ RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO))
 
 from dpe_export.calibration.paired import planned_units  # noqa: E402
+from dpe_export.evaluation import sign_test  # noqa: E402
 from dpe_export.evaluation.generation import PREFILL_CHUNK  # noqa: E402
 LENGTHS = (1024, 2048, 4096)
-
-
-def sign_test(up: int, down: int) -> float:
-    """Two-sided exact sign test p-value for `up` wins against `down` losses (ties dropped)."""
-    n = up + down
-    if n == 0:
-        return 1.0
-    k = min(up, down)
-    p = sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n
-    return min(1.0, 2 * p)
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import time
@@ -201,18 +200,12 @@ def resolve(plan: Plan) -> list:
     return ruler.resolve_subtasks(plan.subtasks)
 
 
-def sign_test(higher: int, lower: int) -> float:
-    """Exact two-sided sign test over the prompts whose scores differ (ties dropped)."""
-    n, k = higher + lower, min(higher, lower)
-    if n == 0:
-        return 1.0
-    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
-
-
 def paired(path: Path) -> str:
     """Prompt by prompt (the same prompts: their hashes are checked): each method against the base model (table),
     or every pair of methods (calibration)."""
     import itertools
+
+    from dpe_export.evaluation import sign_test
 
     done = read_done(path)
     plan = plan_of(path)

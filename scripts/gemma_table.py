@@ -275,6 +275,36 @@ def summary(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired(path: Path) -> list[str]:
+    """Past 32K, sample by sample (the same prompts: their answers are checked): the calibrated export, then the
+    hand-set one, against every other method measured there; exact sign test over the samples whose scores differ."""
+    from dpe_export.evaluation import sign_test
+
+    done = read_done(path)
+    lines = ["**Sample by sample past 32K** (first method against second: samples where the first scores higher, "
+             "lower; NIAH scores are the fraction of a context's 4 needles found; the sign test drops ties)", "",
+             "| task | length | methods | samples | higher | lower | same | sign test p |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows = 0
+    for task in ("passkey", "niah"):
+        for n in TABLE_LENGTHS[3:]:
+            present = [m for m in METHODS if any(k[:3] == (m, task, n) for k in done)]
+            for a in ("dpe-calibrated", "dpe"):
+                for b in (m for m in present if m != a and not (a == "dpe" and m == "dpe-calibrated")):
+                    pairs = [(rec, done[(b, task, n, i)]) for (m, t, nn, i), rec in done.items()
+                             if (m, t, nn) == (a, task, n) and (b, task, n, i) in done]
+                    if not pairs:
+                        continue
+                    if any(x["answers"] != y["answers"] for x, y in pairs):
+                        raise SystemExit(f"{a} and {b} saw other prompts ({task}, {n})")
+                    higher = sum(x["score"] > y["score"] for x, y in pairs)
+                    lower = sum(x["score"] < y["score"] for x, y in pairs)
+                    lines.append(f"| {task} | {n // K}K | {a} vs {b} | {len(pairs)} | {higher} | {lower} | "
+                                 f"{len(pairs) - higher - lower} | {sign_test(higher, lower):.2f} |")
+                    rows += 1
+    return lines + [""] if rows else []
+
+
 PLANNED = {(m, t, n): samples_wanted("table", m, t, n) for m in ("base", "dpe", "self-extend", "yarn")
            for t in ("passkey", "niah") for n in TABLE_LENGTHS}
 
@@ -284,6 +314,10 @@ def markdown(path: Path, notes: Path) -> str:
     recs = list(read_done(path).values())
     done = sum(1 for r in recs if samples_wanted("table", r["method"], r["task"], r["length"]) > r["sample"])
     planned = sum(PLANNED.values())
+    calibration_planned = sum(samples_wanted("calibration", m, t, n) for m in METHODS for t in ("passkey", "niah")
+                              for n in TABLE_LENGTHS)
+    calibration_done = sum(1 for r in recs if samples_wanted("calibration", r["method"], r["task"], r["length"])
+                           > r["sample"])
     env = recs[0] if recs else {}
     sizes = sorted({int(r.get("prefill_chunk") or 1024) for r in recs}) or [1024]
     chunks = " or ".join(f"{c:,}" for c in sizes) + (" (the records say which)" if len(sizes) > 1 else "")
@@ -311,11 +345,17 @@ def markdown(path: Path, notes: Path) -> str:
         "rotary frequencies, scale factors 1 / 2 / 8; every frequency of every global layer); SelfExtend "
         "(`self-extend:4096,2`, factor 2) and YaRN (`yarn:2`, factor 2, on the global layers), at 8K-32K only.",
         f"* Progress: {done} of {planned} planned samples (10 per cell up to 32K, 5 at 48K and 64K; baselines "
-        "8K-32K).", "",
+        "8K-32K).",
+        "* The calibration comparison (issue 35; `--calibrated DIR --plan calibration`, the same prompts and dtype): "
+        "dpe-calibrated, the export of `dpe-export calibrate`'s result for 64K (scale factors 16 / 16 / 4 on the "
+        "same groups), and the hand-set DPE export, 10 samples each at 48K and 64K (the hand-set export's first 5 "
+        "are the table's); SelfExtend with the group its own rule gives for 64K (`self-extend:4096,3`: "
+        "G = ceil((64K - W) / (32K - W)) = 3) and YaRN (`yarn:2`, 64K / 32K), 5 each; the base model's 5 are the "
+        f"table's. Progress: {calibration_done} of {calibration_planned} samples.", "",
     ]
     extra = notes.read_text().rstrip("\n").split("\n") if notes.is_file() else []
     compared = dtype_comparison(path, path.with_name(path.stem + "-bf16.jsonl"))
-    return "\n".join(head) + "\n" + summary(path) + "\n" + "\n".join(compared + extra) + "\n"
+    return "\n".join(head) + "\n" + summary(path) + "\n" + "\n".join(paired(path) + compared + extra) + "\n"
 
 
 def main() -> None:

@@ -521,3 +521,17 @@ def test_testbed_retrieves_pass_keys_at_its_training_length(testbed):
     overall = result.overall()[0]
     assert overall["samples"] == 10
     assert overall["accuracy"] >= 0.9, results.format_table(result)
+
+
+def test_the_interval_and_sign_test_helpers_the_results_tables_use():
+    from dpe_export.evaluation import bootstrap_interval, sign_test, wilson_interval
+
+    assert sign_test(0, 0) == 1.0 and sign_test(3, 3) == 1.0
+    assert sign_test(5, 0) == sign_test(0, 5) == 2 / 32  # two-sided exact: 2 * (1/2)^5
+    assert abs(sign_test(4, 1) - 2 * 6 / 32) < 1e-12
+    assert sign_test(12, 0) < 0.001 < sign_test(8, 2) < 0.2
+    lo, hi = wilson_interval(5, 5)
+    assert 0.56 < lo < 0.57 and hi == 1.0
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+    lo, hi = bootstrap_interval([0.0, 0.25, 0.5, 1.0] * 3)
+    assert 0.2 < lo < 0.44 < hi < 0.7

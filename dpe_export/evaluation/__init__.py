@@ -30,6 +30,7 @@ from dpe_export.evaluation.results import (
     bootstrap_interval,
     format_accuracy,
     format_ppl,
+    sign_test,
     wilson_interval,
 )
 from dpe_export.evaluation.run import evaluate_task, run_eval, run_harness
@@ -42,5 +43,5 @@ __all__ = [
     "NIAH_DIGITS", "PASSKEY_DIGITS", "TASKS", "EvalResult", "Task", "evaluate_task", "get_task", "register_task", "PromptBuilder", "aggregate", "bootstrap_interval",
     "eos_ids", "evaluate_niah", "evaluate_passkey", "evaluate_ppl", "format_accuracy", "format_ppl",
     "greedy_generate", "greedy_generate_shared", "make_generate_fn", "max_new_tokens_for", "run_eval", "run_harness",
-    "sample_seed", "score_answer", "score_niah", "task_haystack_seed", "wilson_interval",
+    "sample_seed", "score_answer", "score_niah", "sign_test", "task_haystack_seed", "wilson_interval",
 ]

@@ -377,6 +377,15 @@ def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, f
     return max(0.0, mid - half), min(1.0, mid + half)
 
 
+def sign_test(higher: int, lower: int) -> float:
+    """Exact two-sided sign test: the p-value of `higher` wins against `lower` losses over paired prompts (ties
+    dropped before counting)."""
+    n, k = higher + lower, min(higher, lower)
+    if n == 0:
+        return 1.0
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
 def bootstrap_interval(scores: Sequence[float], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95% percentile-bootstrap interval of a mean over samples, each a score in [0, 1] (NIAH: the fraction of one
     context's needles found; its needles are not independent, so the context is the unit resampled)."""
