@@ -258,8 +258,9 @@ def summary(path: Path) -> str:
             spec = next(r["spec"] for (t, mm, _), rs in cells.items() if t == task and mm == m for r in rs)
             lines.append(f"| {m} ({spec}) | " + " | ".join(row) + " |")
         lines.append("")
-    lines += ["**wall time per sample** (seconds, median over the samples that had the cores to themselves; "
-              "* where none did, the median of all; NIAH = one context and its 4 questions)", "",
+    lines += ["**wall time per sample** (seconds, median over the samples that had the cores to themselves; ~ where "
+              "none did: the median CPU time over the threads, which a quiet sample keeps ~98% busy; * where no "
+              "record has its CPU time either: the median wall time; NIAH = one context and its 4 questions)", "",
               "| method | task | " + " | ".join(f"{n // K}K" for n in TABLE_LENGTHS) + " |",
               "|---|---|" + "---|" * len(TABLE_LENGTHS)]
     for m in METHODS:
@@ -267,8 +268,11 @@ def summary(path: Path) -> str:
             row = []
             for n in TABLE_LENGTHS:
                 cell = cells.get((task, m, n), [])
-                c = sorted(r["seconds"] for r in cell if quiet(r)) or sorted(r["seconds"] for r in cell)
-                mark = "" if any(quiet(r) for r in cell) else "*"
+                c, mark = sorted(r["seconds"] for r in cell if quiet(r)), ""
+                if not c:
+                    c, mark = sorted(r["cpu_seconds"] / r.get("threads", 1) for r in cell if r.get("cpu_seconds")), "~"
+                if not c:
+                    c, mark = sorted(r["seconds"] for r in cell), "*"
                 row.append(f"{c[len(c) // 2]:.0f}{mark}" if c else "-")
             if any(x != "-" for x in row):
                 lines.append(f"| {m} | {task} | " + " | ".join(row) + " |")
