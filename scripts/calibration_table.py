@@ -17,7 +17,7 @@ RESULTS = REPO / "benchmarks" / "results"
 sys.path.insert(0, str(REPO))
 
 from dpe_export.calibration.paired import planned_units  # noqa: E402
-from dpe_export.evaluation import sign_test  # noqa: E402
+from dpe_export.evaluation import format_p, sign_test  # noqa: E402
 from dpe_export.evaluation.generation import PREFILL_CHUNK  # noqa: E402
 LENGTHS = (1024, 2048, 4096)
 
@@ -117,7 +117,7 @@ def against_grid(runs: list[dict]) -> list[list]:
                 ga = 100 * sum(gd[k] for k in keys) / len(keys)
                 up = sum(pd[k] and not gd[k] for k in keys)
                 down = sum(gd[k] and not pd[k] for k in keys)
-                row.append(f"{pa:.0f} / {ga:.0f} (+{up} -{down}, p={sign_test(up, down):.2f})")
+                row.append(f"{pa:.0f} / {ga:.0f} (+{up} -{down}, p={format_p(sign_test(up, down))})")
         rows.append(row)
     return rows
 
@@ -148,7 +148,7 @@ def seed_agreement(runs: list[dict]) -> list[list]:
                     pa, pb = heldout(a["held_out"][task]["correct"]), heldout(b["held_out"][task]["correct"])
                     up = sum(pa[k] and not pb[k] for k in pa)
                     down = sum(pb[k] and not pa[k] for k in pa)
-                    diffs.append(f"{task}: +{up} -{down} (p={sign_test(up, down):.2f})")
+                    diffs.append(f"{task}: +{up} -{down} (p={format_p(sign_test(up, down))})")
                 rows.append([model, f"{s1}: {','.join(map(str, a['chosen']))}",
                              f"{s2}: {','.join(map(str, b['chosen']))}", f"{same} of {len(a['chosen'])}",
                              "; ".join(diffs)])

@@ -205,7 +205,7 @@ def paired(path: Path) -> str:
     or every pair of methods (calibration)."""
     import itertools
 
-    from dpe_export.evaluation import sign_test
+    from dpe_export.evaluation import format_p, sign_test
 
     done = read_done(path)
     plan = plan_of(path)
@@ -236,7 +236,7 @@ def paired(path: Path) -> str:
             text = sum(r["generated"] == o["generated"] for o, r in pairs)
             name = b if plan is PLANS["table"] else f"{a} vs {b}"
             lines.append(f"| {length:,} | {name} | {len(pairs)} | {higher} | {lower} | {len(pairs) - higher - lower} "
-                         f"| {text} | {sign_test(higher, lower):.2f} |")
+                         f"| {text} | {format_p(sign_test(higher, lower))} |")
     return "\n".join(lines)
 
 

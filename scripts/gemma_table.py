@@ -259,7 +259,7 @@ def summary(path: Path) -> str:
             lines.append(f"| {m} ({spec}) | " + " | ".join(row) + " |")
         lines.append("")
     lines += ["**wall time per sample** (seconds, median over the samples that had the cores to themselves; ~ where "
-              "none did: the median CPU time over the threads, which a quiet sample keeps ~98% busy; * where no "
+              "none did: the median CPU time over the threads, which a quiet sample keeps ~95% busy; * where no "
               "record has its CPU time either: the median wall time; NIAH = one context and its 4 questions)", "",
               "| method | task | " + " | ".join(f"{n // K}K" for n in TABLE_LENGTHS) + " |",
               "|---|---|" + "---|" * len(TABLE_LENGTHS)]
@@ -282,7 +282,7 @@ def summary(path: Path) -> str:
 def paired(path: Path) -> list[str]:
     """Past 32K, sample by sample (the same prompts: their answers are checked): the calibrated export, then the
     hand-set one, against every other method measured there; exact sign test over the samples whose scores differ."""
-    from dpe_export.evaluation import sign_test
+    from dpe_export.evaluation import format_p, sign_test
 
     done = read_done(path)
     lines = ["**Sample by sample past 32K** (first method against second: samples where the first scores higher, "
@@ -304,7 +304,7 @@ def paired(path: Path) -> list[str]:
                     higher = sum(x["score"] > y["score"] for x, y in pairs)
                     lower = sum(x["score"] < y["score"] for x, y in pairs)
                     lines.append(f"| {task} | {n // K}K | {a} vs {b} | {len(pairs)} | {higher} | {lower} | "
-                                 f"{len(pairs) - higher - lower} | {sign_test(higher, lower):.2f} |")
+                                 f"{len(pairs) - higher - lower} | {format_p(sign_test(higher, lower))} |")
                     rows += 1
     return lines + [""] if rows else []
 

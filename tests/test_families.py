@@ -53,7 +53,9 @@ class Family:
         self.exports = {}
         for topk in (False, True):
             params = dpe_params.DPEParams(WINDOW, SCALES, self.groups, target_length=512)
-            self.exports[topk] = convert(self.base_dir, root / f"dpe-{int(topk)}", params,
+            # A folder name of its own per export: transformers names the remote-code modules after it, and one
+            # process loads every family's export (test_every_export_loads_without_dpe_export_...)
+            self.exports[topk] = convert(self.base_dir, root / f"{arch.model_type}-dpe-{int(topk)}", params,
                                          self.selected if topk else None)
 
     def load(self, topk=False, attn="sdpa"):
@@ -180,6 +182,8 @@ def test_every_export_loads_without_dpe_export_and_its_card_names_the_dpe_layers
             fams[model_type] = family(model_type, tmp_path_factory)
         except pytest.skip.Exception:  # a family this transformers release cannot build
             continue
+    if not fams:
+        pytest.skip("transformers cannot build any registered family here")
     ids = torch.randint(4, 128, (1, 20), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         want = {t: f.load(True, f.attns()[0])(ids).logits[0, -3:] for t, f in fams.items()}

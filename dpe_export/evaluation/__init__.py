@@ -29,6 +29,7 @@ from dpe_export.evaluation.results import (
     EvalResult,
     bootstrap_interval,
     format_accuracy,
+    format_p,
     format_ppl,
     sign_test,
     wilson_interval,
@@ -41,7 +42,7 @@ from dpe_export.evaluation.tasks.retrieval import aggregate
 
 __all__ = [
     "NIAH_DIGITS", "PASSKEY_DIGITS", "TASKS", "EvalResult", "Task", "evaluate_task", "get_task", "register_task", "PromptBuilder", "aggregate", "bootstrap_interval",
-    "eos_ids", "evaluate_niah", "evaluate_passkey", "evaluate_ppl", "format_accuracy", "format_ppl",
+    "eos_ids", "evaluate_niah", "evaluate_passkey", "evaluate_ppl", "format_accuracy", "format_p", "format_ppl",
     "greedy_generate", "greedy_generate_shared", "make_generate_fn", "max_new_tokens_for", "run_eval", "run_harness",
     "sample_seed", "score_answer", "score_niah", "sign_test", "task_haystack_seed", "wilson_interval",
 ]

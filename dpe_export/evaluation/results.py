@@ -386,6 +386,11 @@ def sign_test(higher: int, lower: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
+def format_p(p: float) -> str:
+    """A p-value for a table: two decimals, three below 0.01, and "<0.001" below that (never a bare 0.00)."""
+    return "<0.001" if p < 0.001 else f"{p:.3f}" if p < 0.01 else f"{p:.2f}"
+
+
 def bootstrap_interval(scores: Sequence[float], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
     """95% percentile-bootstrap interval of a mean over samples, each a score in [0, 1] (NIAH: the fraction of one
     context's needles found; its needles are not independent, so the context is the unit resampled)."""
