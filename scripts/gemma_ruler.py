@@ -205,7 +205,7 @@ def paired(path: Path) -> str:
     or every pair of methods (calibration)."""
     import itertools
 
-    from dpe_export.evaluation import format_p, sign_test
+    from dpe_export.evaluation import format_p, paired_sign_test
 
     done = read_done(path)
     plan = plan_of(path)
@@ -231,12 +231,11 @@ def paired(path: Path) -> str:
                 continue
             if any(x["prompt_sha"] != y["prompt_sha"] for x, y in pairs):
                 raise SystemExit(f"{a} and {b} at {length} saw other prompts")
-            higher = sum(r["score"] > o["score"] for o, r in pairs)
-            lower = sum(r["score"] < o["score"] for o, r in pairs)
+            higher, lower, p = paired_sign_test((r["score"], o["score"]) for o, r in pairs)
             text = sum(r["generated"] == o["generated"] for o, r in pairs)
             name = b if plan is PLANS["table"] else f"{a} vs {b}"
             lines.append(f"| {length:,} | {name} | {len(pairs)} | {higher} | {lower} | {len(pairs) - higher - lower} "
-                         f"| {text} | {format_p(sign_test(higher, lower))} |")
+                         f"| {text} | {format_p(p)} |")
     return "\n".join(lines)
 
 

@@ -282,7 +282,7 @@ def summary(path: Path) -> str:
 def paired(path: Path) -> list[str]:
     """Past 32K, sample by sample (the same prompts: their answers are checked): the calibrated export, then the
     hand-set one, against every other method measured there; exact sign test over the samples whose scores differ."""
-    from dpe_export.evaluation import format_p, sign_test
+    from dpe_export.evaluation import format_p, paired_sign_test
 
     done = read_done(path)
     lines = ["**Sample by sample past 32K** (first method against second: samples where the first scores higher, "
@@ -301,10 +301,9 @@ def paired(path: Path) -> list[str]:
                         continue
                     if any(x["answers"] != y["answers"] for x, y in pairs):
                         raise SystemExit(f"{a} and {b} saw other prompts ({task}, {n})")
-                    higher = sum(x["score"] > y["score"] for x, y in pairs)
-                    lower = sum(x["score"] < y["score"] for x, y in pairs)
+                    higher, lower, p = paired_sign_test((x["score"], y["score"]) for x, y in pairs)
                     lines.append(f"| {task} | {n // K}K | {a} vs {b} | {len(pairs)} | {higher} | {lower} | "
-                                 f"{len(pairs) - higher - lower} | {format_p(sign_test(higher, lower))} |")
+                                 f"{len(pairs) - higher - lower} | {format_p(p)} |")
                     rows += 1
     return lines + [""] if rows else []
 

@@ -524,12 +524,13 @@ def test_testbed_retrieves_pass_keys_at_its_training_length(testbed):
 
 
 def test_the_interval_and_sign_test_helpers_the_results_tables_use():
-    from dpe_export.evaluation import bootstrap_interval, format_p, sign_test, wilson_interval
+    from dpe_export.evaluation import bootstrap_interval, format_p, paired_sign_test, sign_test, wilson_interval
 
     assert sign_test(0, 0) == 1.0 and sign_test(3, 3) == 1.0
     assert sign_test(5, 0) == sign_test(0, 5) == 2 / 32  # two-sided exact: 2 * (1/2)^5
     assert abs(sign_test(4, 1) - 2 * 6 / 32) < 1e-12
     assert sign_test(12, 0) < 0.001 < sign_test(8, 2) < 0.2
+    assert paired_sign_test([(1, 0), (0.5, 0.25), (0, 1), (1, 1)]) == (2, 1, 1.0)
     assert [format_p(p) for p in (1.0, 0.0625, 0.003, 0.0004)] == ["1.00", "0.06", "0.003", "<0.001"]
     lo, hi = wilson_interval(5, 5)
     assert 0.56 < lo < 0.57 and hi == 1.0

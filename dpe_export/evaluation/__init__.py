@@ -31,6 +31,7 @@ from dpe_export.evaluation.results import (
     format_accuracy,
     format_p,
     format_ppl,
+    paired_sign_test,
     sign_test,
     wilson_interval,
 )
@@ -43,6 +44,6 @@ from dpe_export.evaluation.tasks.retrieval import aggregate
 __all__ = [
     "NIAH_DIGITS", "PASSKEY_DIGITS", "TASKS", "EvalResult", "Task", "evaluate_task", "get_task", "register_task", "PromptBuilder", "aggregate", "bootstrap_interval",
     "eos_ids", "evaluate_niah", "evaluate_passkey", "evaluate_ppl", "format_accuracy", "format_p", "format_ppl",
-    "greedy_generate", "greedy_generate_shared", "make_generate_fn", "max_new_tokens_for", "run_eval", "run_harness",
+    "greedy_generate", "greedy_generate_shared", "make_generate_fn", "max_new_tokens_for", "paired_sign_test", "run_eval", "run_harness",
     "sample_seed", "score_answer", "score_niah", "sign_test", "task_haystack_seed", "wilson_interval",
 ]

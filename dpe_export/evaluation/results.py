@@ -386,6 +386,15 @@ def sign_test(higher: int, lower: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
+def paired_sign_test(pairs: Iterable[tuple[float, float]]) -> tuple[int, int, float]:
+    """Over (first, second) score pairs of the same prompts: how often the first is higher, lower, and the sign test's
+    p-value."""
+    pairs = list(pairs)
+    higher = sum(a > b for a, b in pairs)
+    lower = sum(a < b for a, b in pairs)
+    return higher, lower, sign_test(higher, lower)
+
+
 def format_p(p: float) -> str:
     """A p-value for a table: two decimals, three below 0.01, and "<0.001" below that (never a bare 0.00)."""
     return "<0.001" if p < 0.001 else f"{p:.3f}" if p < 0.01 else f"{p:.2f}"
